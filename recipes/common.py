@@ -1,0 +1,980 @@
+"""Shared machinery of the command-line recipes: options, presets, output directory, resume.
+
+Every recipe is thin: *options → library calls → results*. This module owns everything recipes
+have in common so that each recipe file only says what it trains.
+
+Options and presets
+    A recipe declares its options as a list of :class:`Option` (``COMMON_OPTIONS`` + its own).
+    The same list serves two front ends:
+
+    * the command line: ``define_flags(options)`` creates the absl flags, and
+      ``config_from_flags(options, presets)`` reads them back after parsing;
+    * Python (quick start, benchmarks, tests): ``make_config(options, presets, preset="smoke",
+      epochs=3)`` builds the same :class:`Config` without absl.
+
+    Resolution order, lowest to highest: the option's default → ``PRESETS[preset]`` (shared) →
+    the recipe's own ``presets[preset]`` → values given explicitly (flags present on the command
+    line, or keyword overrides). An explicit flag therefore always wins over a preset, e.g.
+    ``--preset=cpu --epochs=3``. ``--preset`` defaults to ``paper`` (the paper's full schedule);
+    ``smoke`` runs in seconds on tiny models and little data; ``cpu`` is the reduced budget for a
+    2-core machine with the offline CIFAR-10 archive.
+
+Output directory (``OutputDir``)
+    ``output_dir/model/model.h5``   the trained model; load with :func:`load_model` (it enters
+                                    ``tfqkd.quantize_scope()`` so quantized models reload).
+    ``output_dir/checkpoints/``     ``BackupAndRestore`` state (weights, optimizer, epoch, step);
+                                    kept after training so a crashed finish can be resumed.
+    ``output_dir/logs/``            TensorBoard event files.
+    ``output_dir/history.csv``      one row per epoch (rewritten atomically after every epoch).
+    ``output_dir/run_config.json``  the resolved configuration of the run (written at start).
+    ``output_dir/results.json``     written LAST: its presence marks a completed run.
+
+    Every file is written to a temporary name and moved into place with ``os.replace``, so a kill
+    at any instant leaves either the old or the new complete file, never half of one.
+
+Resume and re-run policy
+    Running the same command again after a crash (even SIGKILL mid-epoch) resumes from the last
+    ``BackupAndRestore`` checkpoint: weights, optimizer state (hence the learning-rate and λ
+    schedules, which are functions of the optimizer's iteration counter), epoch and, with an
+    integer ``--save_freq``, the step inside the epoch. The run ends with the same total number of
+    epochs as an uninterrupted one; ``history.csv`` keeps one row per epoch.
+    Re-running a *completed* run (``results.json`` present) trains nothing: it prints the stored
+    result and returns it. ``--overwrite`` deletes the directory's contents and trains afresh.
+    Resuming with different training options is refused (the error lists the differing options);
+    runtime-only options (``--distribute``, ``--progress``, ...) may change between attempts.
+
+Distribution
+    ``make_strategy("none" | "mirrored" | "multi_worker", cpu_devices=N)``.
+    ``multi_worker`` builds a ``MultiWorkerMirroredStrategy`` that reads ``TF_CONFIG``; every
+    worker runs the same command, only the chief writes ``model/``, ``history.csv`` and
+    ``results.json`` — other workers write to temporary directories that are deleted afterwards,
+    as the TensorFlow multi-worker guide recommends. Create the strategy before anything else
+    touches TensorFlow (the recipes' ``run`` functions do).
+
+Typical recipe body::
+
+    cfg = common.config_from_flags(OPTIONS, PRESETS)              # or make_config(...)
+    out = common.OutputDir(cfg.output_dir, overwrite=cfg.overwrite)
+    if out.is_complete():
+        return out.report_complete()
+    strategy = common.make_strategy(cfg.distribute, cfg.cpu_devices)
+    out.attach(strategy)
+    out.start(cfg)                                                   # run_config.json + checks
+    common.set_seed(cfg.seed)
+    data = common.load_data(cfg)
+    with strategy.scope():
+        model = common.build_model(cfg.arch, cfg.width, data.info, cfg)
+        model.compile(optimizer=common.make_optimizer(cfg, data.steps_per_epoch), ...)
+    common.fit_with_resume(model, data.train, data.test, cfg.epochs, out, save_freq=cfg.save_freq)
+    out.save_model(model)
+    return common.write_results(out, cfg, {"test_accuracy": ...})
+
+Public names: ``Option``, ``Config``, ``COMMON_OPTIONS``, ``PRESETS``, ``RUNTIME_KEYS``,
+``define_flags``, ``define_common_flags``, ``config_from_flags``, ``make_config``,
+``merge_presets``, ``make_strategy``, ``is_chief``, ``set_seed``, ``OutputDir``, ``Data``,
+``load_data``, ``build_model``, ``make_lr_schedule``, ``make_optimizer``, ``fit_with_resume``,
+``evaluate_accuracy``, ``write_results``, ``versions``, ``load_model``, ``log``,
+``atomic_write_text``, ``atomic_write_json``, ``HistoryLogger``, ``EpochLogger``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import types
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Recipes are run as scripts (`python recipes/x.py`): make the repository importable without an
+# install, and make sibling recipes importable as `recipes.x` or plain `x`.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from tfqkd._keras import keras, tf  # noqa: E402  (selects Keras 2 before anything else)
+
+__all__ = [
+    "Option", "Config", "COMMON_OPTIONS", "PRESETS", "RUNTIME_KEYS", "define_flags",
+    "define_common_flags", "config_from_flags", "make_config", "merge_presets", "make_strategy",
+    "is_chief", "set_seed", "OutputDir", "Data", "load_data", "build_model", "make_lr_schedule",
+    "make_optimizer", "fit_with_resume", "evaluate_accuracy", "write_results", "versions",
+    "load_model", "log", "atomic_write_text", "atomic_write_json", "HistoryLogger", "EpochLogger",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Options, presets, configs
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One recipe option: becomes an absl flag and a :class:`Config` attribute.
+
+    ``kind`` is one of ``string``, ``integer``, ``float``, ``bool``, ``enum``, ``multi_string``.
+
+    Example:
+        >>> Option("epochs", 200, "Training epochs.", "integer").name
+        'epochs'
+    """
+
+    name: str
+    default: Any
+    help: str
+    kind: str = "string"
+    choices: Optional[Sequence[str]] = None
+
+
+class Config(types.SimpleNamespace):
+    """The resolved options of one run (attribute access; ``to_dict``; ``replace``).
+
+    Example:
+        >>> Config(epochs=3).replace(epochs=5).to_dict()
+        {'epochs': 5}
+    """
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
+
+    def replace(self, **changes: Any) -> "Config":
+        d = dict(vars(self))
+        d.update(changes)
+        return Config(**d)
+
+
+#: Options every recipe has. Defaults are the paper preset (common CIFAR practice):
+#: SGD momentum 0.9, lr 0.1 at batch 128 (the usual linear-scaling reference point of He et al.),
+#: weight decay 1e-4 (ResNet paper), cosine decay to 0 over the run, 200 epochs.
+COMMON_OPTIONS: List[Option] = [
+    Option("output_dir", None, "Directory for model/, checkpoints/, logs/, history.csv, "
+           "results.json. Default: runs/<recipe>."),
+    Option("preset", "paper", "Budget preset: smoke (seconds, tiny model, little data), cpu "
+           "(reduced offline budget on 2 cores), paper (the paper's full schedule). Explicit "
+           "flags override the preset.", "enum", ("smoke", "cpu", "paper")),
+    Option("dataset", "cifar10", "Data set name: cifar10, cifar100 or digits."),
+    Option("data_dir", None, "Offline data source (archive, folder or npz; see tfqkd.data). "
+           "Default: $TFQKD_DATA_DIR, then tfds."),
+    Option("subset", None, "Use a fixed class-balanced subset of this many training images "
+           "(default: all).", "integer"),
+    Option("test_subset", None, "Evaluate on this many test images (default: all).", "integer"),
+    Option("batch_size", 128, "Global batch size (split across replicas).", "integer"),
+    Option("epochs", 200, "Training epochs.", "integer"),
+    Option("learning_rate", 0.1, "Peak SGD learning rate (0.1 for batch 128; scale linearly "
+           "with the batch size).", "float"),
+    Option("lr_schedule", "cosine", "Learning-rate schedule: cosine (to 0), step (x0.1 at 50% "
+           "and 75% of the run) or constant.", "enum", ("cosine", "step", "constant")),
+    Option("warmup_epochs", 0, "Linear learning-rate warm-up epochs (cosine only).", "integer"),
+    Option("momentum", 0.9, "SGD momentum.", "float"),
+    Option("weight_decay", 1e-4, "Weight decay, applied by tfqkd.models as an L2 regularizer "
+           "with gradient weight_decay*w.", "float"),
+    Option("arch", "resnet", "Architecture family: resnet (ResNet20 / WideResNet20xN) or tiny "
+           "(tfqkd.models.tiny_resnet, for smoke tests).", "enum", ("resnet", "tiny")),
+    Option("seed", 0, "Random seed (weights, data order, augmentation).", "integer"),
+    Option("distribute", "none", "tf.distribute strategy: none, mirrored (all local GPUs, else "
+           "the logical CPUs) or multi_worker (MultiWorkerMirroredStrategy from TF_CONFIG).",
+           "enum", ("none", "mirrored", "multi_worker")),
+    Option("cpu_devices", 1, "Split the CPU into this many logical devices (lets "
+           "--distribute=mirrored run replicas on a CPU-only machine).", "integer"),
+    Option("save_freq", "epoch", "Checkpoint every epoch ('epoch') or every N training steps "
+           "(an integer), for resume after a crash."),
+    Option("validation_freq", 1, "Evaluate on the test split every N epochs during training "
+           "(0: only at the end).", "integer"),
+    Option("progress", "auto", "auto (Keras progress bar on a terminal, one line per epoch "
+           "otherwise), bar, line or none.", "enum", ("auto", "bar", "line", "none")),
+    Option("overwrite", False, "Delete an existing (complete or partial) run in output_dir and "
+           "train afresh.", "bool"),
+]
+
+#: Shared preset values for COMMON_OPTIONS; recipes add their own per-preset values on top.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "smoke": dict(arch="tiny", subset=500, test_subset=250, batch_size=50, epochs=2,
+                  learning_rate=0.05, save_freq="4", validation_freq=1),
+    "cpu": dict(arch="resnet", subset=10_000, test_subset=None, batch_size=128, epochs=15,
+                learning_rate=0.1),
+    "paper": dict(arch="resnet", subset=None, test_subset=None, batch_size=128, epochs=200,
+                  learning_rate=0.1),
+}
+
+#: Options that may differ between the attempts of one run without invalidating the checkpoint.
+RUNTIME_KEYS = frozenset({
+    "output_dir", "distribute", "cpu_devices", "progress", "overwrite", "validation_freq",
+    "export", "data_dir",
+})
+
+
+def merge_presets(*preset_dicts: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Merges preset tables; later tables win per preset and per key.
+
+    Example:
+        >>> merge_presets({"smoke": {"a": 1}}, {"smoke": {"b": 2}})["smoke"]
+        {'a': 1, 'b': 2}
+    """
+    out: Dict[str, Dict[str, Any]] = {}
+    for table in preset_dicts:
+        for name, values in (table or {}).items():
+            out.setdefault(name, {}).update(values)
+    return out
+
+
+def define_flags(options: Iterable[Option], flag_values=None) -> None:
+    """Creates one absl flag per option (call once, in the script's ``__main__`` block).
+
+    Example:
+        >>> from absl import flags
+        >>> fv = flags.FlagValues()
+        >>> define_flags([Option("epochs", 3, "Epochs.", "integer")], fv)
+        >>> fv(["prog", "--epochs=5"]) and fv.epochs
+        5
+    """
+    from absl import flags
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    for o in options:
+        if o.name in fv:
+            continue
+        kw = dict(flag_values=fv)
+        if o.kind == "string":
+            flags.DEFINE_string(o.name, o.default, o.help, **kw)
+        elif o.kind == "integer":
+            flags.DEFINE_integer(o.name, o.default, o.help, **kw)
+        elif o.kind == "float":
+            flags.DEFINE_float(o.name, o.default, o.help, **kw)
+        elif o.kind == "bool":
+            flags.DEFINE_bool(o.name, o.default, o.help, **kw)
+        elif o.kind == "enum":
+            flags.DEFINE_enum(o.name, o.default, list(o.choices), o.help, **kw)
+        elif o.kind == "multi_string":
+            flags.DEFINE_multi_string(o.name, o.default, o.help, **kw)
+        else:
+            raise ValueError(f"Option {o.name!r} has unknown kind {o.kind!r}.")
+
+
+def define_common_flags(flag_values=None) -> None:
+    """Defines the flags of ``COMMON_OPTIONS`` (shorthand for ``define_flags(COMMON_OPTIONS)``)."""
+    define_flags(COMMON_OPTIONS, flag_values)
+
+
+def _resolve(options, presets, preset, explicit: Mapping[str, Any]) -> Config:
+    options = list(options)
+    names = {o.name for o in options}
+    unknown = set(explicit) - names
+    if unknown:
+        raise ValueError(f"Unknown option(s) {sorted(unknown)}; known: {sorted(names)}.")
+    table = merge_presets(PRESETS, presets or {})
+    if preset not in table:
+        raise ValueError(f"Unknown preset {preset!r}; use one of {sorted(table)}.")
+    values = {o.name: o.default for o in options}
+    values.update({k: v for k, v in table[preset].items() if k in names})
+    values.update(explicit)
+    values["preset"] = preset
+    cfg = Config(**values)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    sf = getattr(cfg, "save_freq", "epoch")
+    if sf != "epoch":
+        try:
+            ok = int(sf) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"--save_freq must be 'epoch' or a positive integer, got {sf!r}.")
+    for name in ("epochs", "batch_size"):
+        if hasattr(cfg, name) and (getattr(cfg, name) is None or getattr(cfg, name) < 1):
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)!r}.")
+    if getattr(cfg, "cpu_devices", 1) < 1:
+        raise ValueError(f"--cpu_devices must be >= 1, got {cfg.cpu_devices!r}.")
+
+
+def config_from_flags(options: Iterable[Option], presets=None, flag_values=None) -> Config:
+    """Builds the run's :class:`Config` from parsed absl flags (presets under explicit flags).
+
+    A flag counts as explicit when it appears on the command line (or in a flagfile).
+    """
+    from absl import flags
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    options = list(options)
+    explicit = {o.name: fv[o.name].value for o in options
+                if o.name != "preset" and fv[o.name].present}
+    return _resolve(options, presets, fv["preset"].value, explicit)
+
+
+def make_config(options: Iterable[Option], presets=None, preset: str = "paper",
+                **overrides: Any) -> Config:
+    """Builds a :class:`Config` in Python, exactly as the command line would.
+
+    Example:
+        >>> cfg = make_config(COMMON_OPTIONS, preset="smoke", epochs=3)
+        >>> (cfg.arch, cfg.epochs, cfg.batch_size)
+        ('tiny', 3, 64)
+    """
+    return _resolve(options, presets, preset, overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Small utilities
+# --------------------------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    """Prints one timestamped line (flushed, so logs of killed runs are complete)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):  # NumPy / TF scalars
+        try:
+            return x.item()
+        except (TypeError, ValueError):
+            pass
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON, atomically (see :func:`atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def versions() -> Dict[str, str]:
+    """Versions of python, tensorflow, tf_keras, tfmot and tfqkd (for results.json)."""
+    import tfqkd
+
+    out = {"python": platform.python_version(), "tensorflow": tf.__version__,
+           "tf_keras": getattr(keras, "__version__", "?"), "tfqkd": tfqkd.__version__}
+    try:
+        import tensorflow_model_optimization as tfmot
+
+        out["tfmot"] = tfmot.__version__
+    except Exception as e:  # pragma: no cover - tfmot is a hard dependency
+        out["tfmot"] = f"unavailable ({type(e).__name__})"
+    return out
+
+
+def set_seed(seed: Optional[int]) -> None:
+    """Seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``); None: no-op."""
+    if seed is not None:
+        keras.utils.set_random_seed(int(seed))
+
+
+# --------------------------------------------------------------------------------------------
+# Distribution
+# --------------------------------------------------------------------------------------------
+
+def make_strategy(name: str = "none", cpu_devices: int = 1) -> tf.distribute.Strategy:
+    """Returns the ``tf.distribute`` strategy for ``--distribute``.
+
+    ``none``: the default (no-op) strategy. ``mirrored``: ``MirroredStrategy`` over all GPUs, or
+    over all logical CPU devices when there is no GPU. ``multi_worker``:
+    ``MultiWorkerMirroredStrategy``, which reads the cluster from ``TF_CONFIG``.
+    ``cpu_devices > 1`` splits the CPU into logical devices first; that, and creating a
+    multi-worker strategy, must happen before TensorFlow initialises its runtime, so call this
+    before building models or datasets.
+
+    Example:
+        >>> make_strategy("none").num_replicas_in_sync
+        1
+    """
+    if cpu_devices and cpu_devices > 1:
+        cpus = tf.config.list_physical_devices("CPU")
+        try:
+            tf.config.set_logical_device_configuration(
+                cpus[0], [tf.config.LogicalDeviceConfiguration()] * int(cpu_devices))
+        except RuntimeError as e:
+            existing = len(tf.config.list_logical_devices("CPU"))
+            if existing != cpu_devices:
+                raise RuntimeError(
+                    f"cpu_devices={cpu_devices} must be set before TensorFlow initialises its "
+                    f"runtime (it already has {existing} logical CPU device(s)); call "
+                    f"make_strategy first thing in the process.") from e
+    if name in (None, "none"):
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            log("warning: --distribute=multi_worker without TF_CONFIG runs as a single worker.")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"--distribute must be none, mirrored or multi_worker, got {name!r}.")
+
+
+def is_chief(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
+    """True unless this process is a non-chief worker of a multi-worker strategy.
+
+    The chief is the ``chief`` task, or worker 0 when the cluster has no ``chief`` task.
+
+    Example:
+        >>> is_chief()
+        True
+    """
+    if strategy is None and os.environ.get("TF_CONFIG"):
+        # Before the strategy exists (e.g. --overwrite handling), ask TF_CONFIG directly.
+        try:
+            tfc = json.loads(os.environ["TF_CONFIG"])
+            task = tfc.get("task", {})
+            if "chief" in tfc.get("cluster", {}):
+                return task.get("type") == "chief"
+            return task.get("type", "worker") == "worker" and int(task.get("index", 0)) == 0
+        except (ValueError, TypeError, AttributeError):
+            return True
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(strategy.extended, "_in_multi_worker_mode",
+                                       lambda: False)():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type == "chief":
+        return True
+    has_chief = "chief" in (resolver.cluster_spec().as_dict() or {})
+    return task_type in (None, "worker") and task_id in (None, 0) and not has_chief
+
+
+# --------------------------------------------------------------------------------------------
+# Output directory
+# --------------------------------------------------------------------------------------------
+
+class OutputDir:
+    """The layout and atomic writers of one run's output directory (see module docstring).
+
+    Non-chief workers of a multi-worker run write to a temporary directory instead (deleted
+    afterwards), so the shared directory only ever holds the chief's files.
+
+    Example:
+        >>> import tempfile, os
+        >>> out = OutputDir(os.path.join(tempfile.mkdtemp(), "run"))
+        >>> out.is_complete()
+        False
+        >>> _ = out.write_json("results.json", {"test_accuracy": 0.5})
+        >>> out.is_complete()
+        True
+    """
+
+    def __init__(self, path: str, *, overwrite: bool = False,
+                 strategy: Optional[tf.distribute.Strategy] = None):
+        if not path:
+            raise ValueError("output_dir must be a non-empty path (pass --output_dir=DIR).")
+        self.root = os.path.abspath(path)
+        self.strategy = strategy
+        self._started = time.time()
+        self._previous_elapsed = 0.0
+        self._attempt = 1
+        if overwrite and os.path.isdir(self.root) and self.chief:
+            log(f"--overwrite: deleting the previous run in {self.root}")
+            shutil.rmtree(self.root)
+        os.makedirs(self.root, exist_ok=True)
+
+    # Layout --------------------------------------------------------------------------------
+    model_dir = property(lambda self: os.path.join(self.root, "model"))
+    model_path = property(lambda self: os.path.join(self.root, "model", "model.h5"))
+    checkpoint_dir = property(lambda self: os.path.join(self.root, "checkpoints"))
+    log_dir = property(lambda self: os.path.join(self.root, "logs"))
+    history_path = property(lambda self: os.path.join(self.root, "history.csv"))
+    results_path = property(lambda self: os.path.join(self.root, "results.json"))
+    config_path = property(lambda self: os.path.join(self.root, "run_config.json"))
+    _state_path = property(lambda self: os.path.join(self.root, "checkpoints", "attempts.json"))
+
+    @property
+    def chief(self) -> bool:
+        return is_chief(self.strategy)
+
+    def attach(self, strategy: tf.distribute.Strategy) -> "OutputDir":
+        """Tells the directory which strategy (hence which worker role) is writing."""
+        self.strategy = strategy
+        return self
+
+    # Completion -----------------------------------------------------------------------------
+    def is_complete(self) -> bool:
+        """True when ``results.json`` exists (it is written last)."""
+        return os.path.isfile(self.results_path)
+
+    def read_results(self) -> Dict[str, Any]:
+        with open(self.results_path) as f:
+            return json.load(f)
+
+    def report_complete(self) -> Dict[str, Any]:
+        """Logs that the run is already complete and returns its stored results."""
+        res = self.read_results()
+        acc = res.get("test_accuracy")
+        log(f"{self.root} is already complete (test_accuracy={acc}); nothing to do. "
+            f"Pass --overwrite to train again.")
+        return res
+
+    # Start / resume checks ----------------------------------------------------------------------
+    def start(self, cfg: Config, runtime_keys: Iterable[str] = ()) -> None:
+        """Records the configuration; refuses to resume a run trained with other options."""
+        ignore = set(RUNTIME_KEYS) | set(runtime_keys)
+        new = _jsonable(cfg.to_dict())
+        if os.path.isfile(self.config_path):
+            with open(self.config_path) as f:
+                old = json.load(f)
+            diff = sorted(k for k in set(old) | set(new)
+                          if k not in ignore and old.get(k) != new.get(k))
+            if diff:
+                details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+                raise ValueError(
+                    f"{self.root} holds a partial run with different options ({details}). "
+                    f"Re-run with the original options to resume, pass --overwrite to discard "
+                    f"it, or choose another --output_dir.")
+        if os.path.isfile(self._state_path):
+            with open(self._state_path) as f:
+                state = json.load(f)
+            self._previous_elapsed = float(state.get("elapsed_s", 0.0))
+            self._attempt = int(state.get("attempt", 0)) + 1
+            log(f"resuming the partial run in {self.root} (attempt {self._attempt})")
+        if self.chief:
+            atomic_write_json(self.config_path, new)
+            self.record_progress()
+
+    def record_progress(self) -> None:
+        """Persists wall time spent so far (so results.json reports the total over attempts)."""
+        if self.chief:
+            atomic_write_json(self._state_path, {"attempt": self._attempt,
+                                                 "elapsed_s": self.total_elapsed()})
+
+    def elapsed(self) -> float:
+        """Seconds since this attempt started."""
+        return time.time() - self._started
+
+    def total_elapsed(self) -> float:
+        """Seconds over all attempts (previous attempts counted up to their last epoch end)."""
+        return self._previous_elapsed + self.elapsed()
+
+    # Writers -------------------------------------------------------------------------------------
+    def _writable_root(self) -> str:
+        if self.chief:
+            return self.root
+        d = tempfile.mkdtemp(prefix="tfqkd-worker-")
+        return d
+
+    def write_json(self, name: str, obj: Any) -> str:
+        """Atomically writes ``root/name`` (a worker writes to a temp dir and deletes it)."""
+        root = self._writable_root()
+        path = os.path.join(root, name)
+        atomic_write_json(path, obj)
+        if root != self.root:
+            shutil.rmtree(root, ignore_errors=True)
+        return os.path.join(self.root, name)
+
+    def write_text(self, name: str, text: str) -> str:
+        """Atomically writes text to ``root/name`` (see :meth:`write_json`)."""
+        root = self._writable_root()
+        atomic_write_text(os.path.join(root, name), text)
+        if root != self.root:
+            shutil.rmtree(root, ignore_errors=True)
+        return os.path.join(self.root, name)
+
+    def save_model(self, model: keras.Model, subdir: str = "model") -> str:
+        """Saves ``model`` to ``root/subdir/model.h5`` atomically; returns the path.
+
+        HDF5 round-trips tfmot-quantized models (``load_model`` enters ``quantize_scope``) and
+        saves in about a second, where a SavedModel takes 10+ s for ResNet20.
+        """
+        root = self._writable_root()
+        d = os.path.join(root, subdir)
+        os.makedirs(d, exist_ok=True)
+        final = os.path.join(d, "model.h5")
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-model.h5")
+        os.close(fd)
+        try:
+            model.save(tmp, save_format="h5", include_optimizer=False)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        if root != self.root:
+            shutil.rmtree(root, ignore_errors=True)
+        return os.path.join(self.root, subdir, "model.h5")
+
+
+def load_model(path: str, compile: bool = False) -> keras.Model:
+    """Loads a model saved by a recipe (a ``model.h5`` or its run/``model`` directory).
+
+    Enters ``tfqkd.quantize_scope()`` so quantized models and tfqkd layers deserialize.
+    """
+    candidates = [path, os.path.join(path, "model.h5"), os.path.join(path, "model", "model.h5")]
+    found = next((p for p in candidates if os.path.isfile(p)), None)
+    if found is None:
+        raise FileNotFoundError(
+            f"No saved model at {path!r} (looked for {candidates[1:]}); pass the output_dir of "
+            f"a completed recipe run or a model.h5 file.")
+    try:
+        import tfqkd
+
+        scope = tfqkd.quantize_scope()
+    except Exception:  # tfqkd.quantize not importable: fall back to tfmot's scope
+        import tensorflow_model_optimization as tfmot
+
+        scope = tfmot.quantization.keras.quantize_scope()
+    with scope:
+        return keras.models.load_model(found, compile=compile)
+
+
+# --------------------------------------------------------------------------------------------
+# Data, models, optimizers
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Data:
+    """Train/test pipelines of a run plus their facts."""
+
+    train: tf.data.Dataset
+    test: tf.data.Dataset
+    info: Any
+    steps_per_epoch: int
+    num_train: int
+    num_test: int
+
+
+def _count(ds: tf.data.Dataset) -> int:
+    n = int(ds.cardinality())
+    if n < 0:
+        n = sum(1 for _ in ds)
+    return n
+
+
+def load_data(cfg: Config, *, augment: Optional[bool] = None) -> Data:
+    """Loads ``cfg.dataset`` train/test pipelines via ``tfqkd.data.load_dataset``.
+
+    Training batches drop the remainder (stable batch-norm statistics and equal replica shares);
+    test batches keep every image.
+    """
+    from tfqkd import data as tdata
+
+    info = tdata.dataset_info(cfg.dataset)
+    common_kw = dict(data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed)
+    train = tdata.load_dataset(cfg.dataset, "train", augment=augment, subset=cfg.subset,
+                               drop_remainder=True, **common_kw)
+    test = tdata.load_dataset(cfg.dataset, "test", subset=getattr(cfg, "test_subset", None),
+                              **common_kw)
+    steps = _count(train)
+    if steps == 0:
+        raise ValueError(
+            f"The training set of {cfg.dataset!r} (subset={cfg.subset}) has fewer images than "
+            f"one batch (batch_size={cfg.batch_size}); lower --batch_size or raise --subset.")
+    num_train = steps * cfg.batch_size
+    num_test = sum(int(y.shape[0]) for _, y in test)
+    return Data(train, test, info, steps, num_train, num_test)
+
+
+def _info_get(info: Any, key: str) -> Any:
+    return info[key] if isinstance(info, Mapping) else getattr(info, key)
+
+
+def build_model(arch: str, width: float, info: Any, cfg: Config, *,
+                seed: Optional[int] = None) -> keras.Model:
+    """Builds a float model of ``arch`` (``resnet``: ResNet20/WRN20xwidth; ``tiny``)."""
+    from tfqkd import models
+
+    num_classes = int(_info_get(info, "num_classes"))
+    shape = tuple(_info_get(info, "input_shape"))
+    seed = cfg.seed if seed is None else seed
+    if arch == "resnet":
+        return models.wide_resnet20(width, num_classes, shape, weight_decay=cfg.weight_decay,
+                                    seed=seed)
+    if arch == "tiny":
+        return models.tiny_resnet(num_classes, shape, width=width,
+                                  weight_decay=cfg.weight_decay, seed=seed)
+    raise ValueError(f"--arch must be resnet or tiny, got {arch!r}.")
+
+
+def make_lr_schedule(cfg: Config, steps_per_epoch: int, epochs: Optional[int] = None):
+    """The learning-rate schedule as a function of the optimizer's iteration counter.
+
+    Because it reads the iteration counter (restored from checkpoints), a resumed run continues
+    the schedule exactly where it stopped.
+    """
+    epochs = cfg.epochs if epochs is None else epochs
+    total = max(1, int(epochs * steps_per_epoch))
+    lr = float(cfg.learning_rate)
+    if cfg.lr_schedule == "constant":
+        return lr
+    if cfg.lr_schedule == "step":
+        b = [int(0.5 * total), int(0.75 * total)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(b, [lr, lr * 0.1, lr * 0.01])
+    if cfg.lr_schedule == "cosine":
+        warm = int(getattr(cfg, "warmup_epochs", 0) or 0) * steps_per_epoch
+        if warm:
+            return keras.optimizers.schedules.CosineDecay(
+                0.0, max(1, total - warm), warmup_target=lr, warmup_steps=warm)
+        return keras.optimizers.schedules.CosineDecay(lr, total)
+    raise ValueError(f"--lr_schedule must be cosine, step or constant, got {cfg.lr_schedule!r}.")
+
+
+def make_optimizer(cfg: Config, steps_per_epoch: int, epochs: Optional[int] = None):
+    """SGD with ``cfg.momentum`` and the ``cfg.lr_schedule`` schedule (weight decay lives in the
+    models' L2 regularizers)."""
+    return keras.optimizers.SGD(make_lr_schedule(cfg, steps_per_epoch, epochs),
+                                momentum=cfg.momentum)
+
+
+# --------------------------------------------------------------------------------------------
+# Training with resume
+# --------------------------------------------------------------------------------------------
+
+def _current_lr(model) -> Optional[float]:
+    opt = getattr(model, "optimizer", None)
+    if opt is None:
+        return None
+    lr = opt.learning_rate
+    try:
+        if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+            return float(lr(opt.iterations))
+        return float(keras.backend.get_value(lr))
+    except Exception:
+        return None
+
+
+def _extra_state(model) -> Dict[str, Any]:
+    """Values read from the model at epoch end: lr, optimizer iterations, λ and τ."""
+    out: Dict[str, Any] = {}
+    opt = getattr(model, "optimizer", None)
+    if opt is not None:
+        out["iterations"] = int(keras.backend.get_value(opt.iterations))
+    lr = _current_lr(model)
+    if lr is not None:
+        out["lr"] = lr
+    for attr, key in (("coefficient", "end_coefficient"), ("temperature", "end_temperature")):
+        v = getattr(model, attr, None)
+        if isinstance(v, tf.Variable):
+            out[key] = float(v.numpy())
+    return out
+
+
+class HistoryLogger(keras.callbacks.Callback):
+    """Keeps ``history.csv``: one row per epoch, rewritten atomically after every epoch.
+
+    On resume it drops rows of epochs that are being re-run (a kill after the checkpoint but
+    before the row, or the reverse, never leaves a duplicate or a gap). Columns: ``epoch``
+    (0-based), every Keras log, plus ``lr``, ``iterations`` (optimizer steps so far),
+    ``end_coefficient`` / ``end_temperature`` (λ, τ at epoch end, when the model has them),
+    ``epoch_time_s``.
+    """
+
+    def __init__(self, path: str, *, write: bool = True):
+        super().__init__()
+        self.path = path
+        self.write = write
+        self.rows: List[Dict[str, Any]] = []
+        self._t0 = time.time()
+        self._trimmed = False
+
+    def on_train_begin(self, logs=None):
+        self.rows = []
+        if os.path.isfile(self.path):
+            with open(self.path, newline="") as f:
+                self.rows = list(csv.DictReader(f))
+        self._trimmed = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.time()
+        if not self._trimmed:
+            self.rows = [r for r in self.rows if int(float(r["epoch"])) < epoch]
+            self._trimmed = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        row: Dict[str, Any] = {"epoch": epoch}
+        for k, v in (logs or {}).items():
+            row[k] = float(v) if hasattr(v, "__float__") else v
+        row.update(_extra_state(self.model))
+        row["epoch_time_s"] = round(time.time() - self._t0, 3)
+        self.rows.append(row)
+        if self.write:
+            keys: List[str] = []
+            for r in self.rows:
+                keys.extend(k for k in r if k not in keys)
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=keys, restval="")
+            w.writeheader()
+            w.writerows(self.rows)
+            atomic_write_text(self.path, buf.getvalue())
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Prints one concise line per epoch (used when stdout is not a terminal)."""
+
+    def __init__(self, epochs: int, name: str = "", *, on_end: Optional[Callable] = None):
+        super().__init__()
+        self.epochs = epochs
+        self.name = name
+        self._t0 = time.time()
+        self._first = True
+        self._on_end = on_end
+
+    def on_train_begin(self, logs=None):
+        self._first = True
+        state = getattr(self.model, "_training_state", None)
+        if state is not None:
+            try:
+                e = int(keras.backend.get_value(state._ckpt_saved_epoch))
+                b = int(keras.backend.get_value(state._ckpt_saved_batch))
+            except Exception:
+                e = b = -1
+            if e >= 0:
+                log(f"{self.name}: restored checkpoint (epoch {e + 1}, step {b + 1}); resuming")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.time()
+        if self._first and epoch > 0:
+            log(f"{self.name}: resuming at epoch {epoch + 1}/{self.epochs}")
+        self._first = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        parts = [f"{self.name} epoch {epoch + 1}/{self.epochs}", f"{time.time() - self._t0:.1f}s"]
+        for k, v in (logs or {}).items():
+            parts.append(f"{k}={float(v):.4g}")
+        st = _extra_state(self.model)
+        if "lr" in st:
+            parts.append(f"lr={st['lr']:.4g}")
+        if "end_coefficient" in st and "coefficient" not in (logs or {}):
+            parts.append(f"lambda={st['end_coefficient']:.4g}")
+        log(" ".join(parts))
+
+
+class _ProgressRecorder(keras.callbacks.Callback):
+    def __init__(self, out: OutputDir):
+        super().__init__()
+        self.out = out
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.out.record_progress()
+
+
+def fit_with_resume(
+    model: keras.Model,
+    train_ds: tf.data.Dataset,
+    val_ds: Optional[tf.data.Dataset],
+    epochs: int,
+    output_dir: OutputDir,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    *,
+    save_freq: Any = "epoch",
+    progress: str = "auto",
+    validation_freq: int = 1,
+    name: str = "",
+) -> List[Dict[str, Any]]:
+    """``model.fit`` wired for crash-safe, resumable training; returns the full history rows.
+
+    Adds, in this order: ``BackupAndRestore(output_dir/checkpoints/backup)`` (resume state:
+    weights, optimizer, epoch, step; kept after training), ``TensorBoard(output_dir/logs)``, the
+    caller's callbacks (e.g. a ``CoefficientScheduler``), :class:`HistoryLogger` (history.csv,
+    chief only), and a progress display: the Keras bar if ``progress`` is ``bar`` (or ``auto``
+    and stdout is a terminal), else one :class:`EpochLogger` line per epoch (chief only).
+
+    Example (a second call after a kill continues where the first stopped)::
+
+        fit_with_resume(model, data.train, data.test, 30, OutputDir("runs/x"), save_freq=50)
+    """
+    chief = output_dir.chief
+    sf = save_freq if save_freq == "epoch" else int(save_freq)
+    opt = getattr(model, "optimizer", None)
+    # Build the optimizer before BackupAndRestore restores, so slot variables (momentum) restore
+    # immediately instead of being silently re-initialised.
+    if opt is not None and not getattr(opt, "_built", True) and model.trainable_variables:
+        with model.distribute_strategy.scope():
+            opt.build(model.trainable_variables)
+    cbs: List[keras.callbacks.Callback] = [
+        keras.callbacks.BackupAndRestore(
+            os.path.join(output_dir.checkpoint_dir, "backup"), save_freq=sf,
+            delete_checkpoint=False),
+        keras.callbacks.TensorBoard(output_dir.log_dir, write_graph=False, profile_batch=0,
+                                    update_freq="epoch"),
+        *callbacks,
+    ]
+    history = HistoryLogger(output_dir.history_path, write=chief)
+    cbs.append(history)
+    cbs.append(_ProgressRecorder(output_dir))
+    if progress == "auto":
+        progress = "bar" if sys.stdout.isatty() else "line"
+    verbose = 1 if (progress == "bar" and chief) else 0
+    if progress in ("line", "bar") and chief:
+        logger = EpochLogger(epochs, name or model.name)
+        if progress == "line":
+            cbs.append(logger)
+    fit_kw: Dict[str, Any] = {}
+    if val_ds is not None and validation_freq and validation_freq > 0:
+        fit_kw = dict(validation_data=val_ds, validation_freq=int(validation_freq))
+    model.fit(train_ds, epochs=epochs, callbacks=cbs, verbose=verbose, **fit_kw)
+    return history.rows
+
+
+def evaluate_accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
+    """Top-1 accuracy of a logits model on ``(images, labels)`` batches, in inference mode.
+
+    Runs the model locally (no collectives), so every worker of a multi-worker run computes the
+    same figure on the full test set.
+    """
+    @tf.function
+    def correct(x, y):
+        pred = tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32)
+        return tf.reduce_sum(tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.int64))
+
+    hits = total = 0
+    for x, y in dataset:
+        hits += int(correct(x, y))
+        total += int(y.shape[0])
+    if total == 0:
+        raise ValueError("evaluate_accuracy got an empty data set.")
+    return hits / total
+
+
+def write_results(out: OutputDir, cfg: Config, metrics: Mapping[str, Any],
+                  extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Writes ``results.json`` (last file of a run: marks completion) and returns its content.
+
+    Keys: the ``metrics`` (e.g. ``test_accuracy``), ``flags`` (the resolved config),
+    ``versions``, ``wall_time_s`` (this attempt), ``total_wall_time_s`` (all attempts),
+    ``attempts``, ``completed_at`` (UTC, ISO 8601), ``output_dir``, plus ``extra``.
+    """
+    res: Dict[str, Any] = dict(metrics)
+    res.update(extra or {})
+    res.update(
+        flags=cfg.to_dict(),
+        versions=versions(),
+        wall_time_s=round(out.elapsed(), 3),
+        total_wall_time_s=round(out.total_elapsed(), 3),
+        attempts=out._attempt,
+        completed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        output_dir=out.root,
+    )
+    out.record_progress()
+    out.write_json("results.json", res)
+    return res
