@@ -1,0 +1,718 @@
+"""Knowledge distillation as a Keras model: ``Distiller(student, teacher).fit(...)``.
+
+The loss is the paper's Eq. (3),
+
+    L = (1 - lambda) * H(y, p_S) + lambda * s * soft(p_T, p_S),   p = softmax(z / tau),
+
+with the hard term ``H(y, p_S)`` the loss given to :meth:`Distiller.compile` (on the student's raw
+logits, i.e. at temperature 1, as in Hinton et al.), the soft term one of :mod:`tfqkd.losses`
+(``"kl"`` by default; ``"ce"`` is literally the ``H(p_T, p_S)`` of Eq. 3, same gradient) and
+``s = tau**2`` when ``temperature_squared=True`` else 1.
+
+**Why ``temperature_squared=False`` is the default.** The gradient of the soft term with respect to
+the student's logits scales like ``1 / tau**2``; Hinton et al. multiply by ``tau**2`` so that the
+balance between the hard and soft terms does not change when ``tau`` does. The paper this toolkit
+reproduces writes Eq. (3) without that factor and tunes ``lambda`` and ``tau`` against it, so the
+default follows the paper: results and tuned values carry over. At ``tau = 1`` the two agree. Turn
+it on when you sweep ``tau > 1`` and want ``lambda`` to keep its meaning.
+
+``distiller.coefficient`` (lambda) and ``distiller.temperature`` (tau) are non-trainable
+``tf.Variable``s read inside the compiled step, so callbacks
+(:class:`tfqkd.callbacks.CoefficientScheduler`, :class:`~tfqkd.callbacks.TemperatureScheduler`)
+change them between steps without retracing.
+
+The teacher is not a tracked sub-model: its weights are not in ``distiller.weights``, not trained,
+not in the Distiller's checkpoints (rebuild or reload it when you resume). ``distiller.student`` is
+the product to save and export; the Distiller itself never is.
+
+Example:
+    >>> import numpy as np
+    >>> import tfqkd
+    >>> from tfqkd import keras
+    >>> teacher = tfqkd.models.tiny_resnet(10, width=2, seed=0)
+    >>> student = tfqkd.models.tiny_resnet(10, seed=1)
+    >>> d = tfqkd.Distiller(student, teacher, temperature=2.0, coefficient=0.5)
+    >>> d.compile(keras.optimizers.SGD(0.01), metrics=["accuracy"])
+    >>> x = np.random.rand(32, 8, 8, 1).astype("float32"); y = np.arange(32) % 10
+    >>> h = d.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    >>> sorted(h.history)
+    ['accuracy', 'coefficient', 'hard_loss', 'loss', 'soft_loss', 'temperature']
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from tfqkd import losses as _losses
+from tfqkd._keras import keras, tf
+
+__all__ = ["Distiller", "precompute_teacher_logits"]
+
+TeacherArg = Union[keras.Model, Sequence[keras.Model], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (shared with the schedulers, which validate the values they set)
+# --------------------------------------------------------------------------------------------
+def check_temperature(value: Any, what: str = "temperature") -> float:
+    """Returns ``value`` as a float, or raises a ``ValueError`` if it is not a number > 0."""
+    try:
+        tau = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number > 0, got {value!r}.") from None
+    if not np.isfinite(tau) or tau <= 0:
+        raise ValueError(
+            f"{what} (tau) must be > 0, got {value!r}: the logits are divided by it. "
+            "Use 1.0 for plain softmax, larger values (e.g. 2-8) for softer targets."
+        )
+    return tau
+
+
+def check_coefficient(value: Any, what: str = "coefficient") -> float:
+    """Returns ``value`` as a float, or raises a ``ValueError`` if it is not in [0, 1]."""
+    try:
+        lam = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}.") from None
+    if not (0.0 <= lam <= 1.0):
+        raise ValueError(
+            f"{what} (lambda) must be in [0, 1], got {value!r}: the loss is "
+            "(1 - lambda) * hard + lambda * soft. 0 trains on the labels only, 1 on the teacher only."
+        )
+    return lam
+
+
+def _model_name(model) -> str:
+    return getattr(model, "name", type(model).__name__)
+
+
+def _num_classes(model) -> Optional[int]:
+    """The static size of the model's last output axis, or None when Keras cannot tell yet."""
+    try:
+        shape = model.output_shape
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    if isinstance(shape, list):  # multi-output model: not a classifier we can check
+        return None
+    return None if not shape or shape[-1] is None else int(shape[-1])
+
+
+def _is_softmax(fn) -> bool:
+    if fn is None:
+        return False
+    if fn is keras.activations.softmax or fn is tf.nn.softmax:
+        return True
+    name = getattr(fn, "__name__", None) or getattr(fn, "name", None)
+    return isinstance(name, str) and name in ("softmax", "log_softmax")
+
+
+def _final_softmax_layer(model) -> Optional[str]:
+    """Name of the layer that makes ``model`` end in a softmax, else None.
+
+    Looks through nested models (the last layer of a Sequential inside a functional model) and the
+    wrappers tfmot puts around layers (``QuantizeWrapperV2.layer``, ``QuantizeAwareActivation``).
+    """
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return None
+    last = layers[-1]
+    seen = 0
+    while last is not None and seen < 8:  # unwrap wrappers / nested models
+        seen += 1
+        if isinstance(last, keras.layers.Softmax):
+            return last.name
+        act = getattr(last, "activation", None)
+        # tfmot replaces `activation` by a QuantizeAwareActivation holding the original one.
+        inner_act = getattr(act, "activation", None)
+        if _is_softmax(act) or _is_softmax(inner_act):
+            return last.name
+        if isinstance(last, keras.Model) and last.layers:
+            last = last.layers[-1]
+        elif getattr(last, "layer", None) is not None:  # keras.layers.Wrapper / QuantizeWrapper
+            last = last.layer
+        else:
+            return None
+    return None
+
+
+def _check_model(model, role: str) -> None:
+    if not isinstance(model, keras.Model):
+        hint = ""
+        if type(model).__module__.startswith("keras"):
+            hint = (" It looks like a Keras 3 model; tfqkd uses Keras 2: build it with "
+                    "`from tfqkd import keras`.")
+        raise TypeError(f"The {role} must be a tf_keras Model, got {type(model).__name__}.{hint}")
+    if not model.built:
+        raise ValueError(
+            f"The {role} {_model_name(model)!r} is not built, so its weights do not exist yet. "
+            f"Build it first: call `{role}.build((None, *input_shape))`, call it on a batch "
+            "(`model(x[:1])`), or create it as a functional model with a `keras.Input`."
+        )
+    layer = _final_softmax_layer(model)
+    if layer is not None:
+        raise ValueError(
+            f"The {role} {_model_name(model)!r} ends in a softmax (layer {layer!r}), but "
+            "distillation needs logits: the losses soften them as softmax(logits / tau) and "
+            "softmax outputs cannot be re-tempered. Strip the softmax, e.g. "
+            f"`{role} = keras.Model({role}.inputs, {role}.layers[-1].input)` for a separate Softmax "
+            "/ Activation layer, or rebuild the last Dense layer with `activation=None` and copy "
+            "the weights (`new.set_weights(old.get_weights())`)."
+        )
+
+
+def _as_teacher_list(teacher: TeacherArg) -> Tuple[keras.Model, ...]:
+    if teacher is None:
+        return ()
+    if isinstance(teacher, keras.Model):
+        return (teacher,)
+    if isinstance(teacher, (list, tuple)):
+        if len(teacher) == 0:
+            raise ValueError(
+                "teacher is an empty list: give one model, a non-empty list of models (an "
+                "ensemble: their softened probabilities are averaged), or None when the soft "
+                "targets come from precomputed teacher logits or a subclass's "
+                "teacher_probabilities()."
+            )
+        return tuple(teacher)
+    raise TypeError(
+        f"teacher must be a Keras model, a list of models or None, got {type(teacher).__name__}."
+    )
+
+
+def _rank(t) -> Optional[int]:
+    shape = getattr(t, "shape", None)
+    return None if shape is None else shape.rank if hasattr(shape, "rank") else len(shape)
+
+
+class _CurrentValue(keras.metrics.Metric):
+    """Reports the latest value given to it (not an average): lambda and tau in the logs.
+
+    A metric rather than a plain tensor in the step's outputs because Keras sums per-replica
+    outputs under ``MirroredStrategy`` (it would report 2 * lambda on two devices); metric results
+    are aggregated by Keras and read once. ONLY_FIRST_REPLICA: every replica holds the same value.
+    """
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.value = self.add_weight(
+            name="value", initializer="zeros",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+
+    def update_state(self, value, sample_weight=None):
+        del sample_weight
+        return self.value.assign(tf.cast(value, self.dtype))
+
+    def result(self):
+        return tf.identity(self.value)
+
+    def reset_state(self):
+        # Keep the value across epochs: it is a setting, not an accumulation.
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Distiller
+# --------------------------------------------------------------------------------------------
+@keras.utils.register_keras_serializable(package="tfqkd")
+class Distiller(keras.Model):
+    """Trains ``student`` on ``(1 - lambda) * hard + lambda * soft`` with ``teacher``'s soft targets.
+
+    Args:
+        student: The model to train; outputs logits (no softmax). Must be built.
+        teacher: A model outputting logits, a list of such models (an ensemble: the soft targets
+            are the average of the teachers' softened probabilities, paper section 4.6), or
+            ``None`` when every batch carries precomputed teacher logits (see
+            :func:`precompute_teacher_logits`) or a subclass overrides
+            :meth:`teacher_probabilities`. Teachers run with ``training=False`` and no gradient;
+            they are not tracked: not trained, not in the Distiller's weights or checkpoints.
+        temperature: Initial tau > 0 (``distiller.temperature``, a non-trainable variable).
+        coefficient: Initial lambda in [0, 1] (``distiller.coefficient``).
+        soft_loss: ``"kl"`` (default), ``"ce"``, ``"cosine"`` or a callable
+            ``fn(teacher_probs, student_logits, temperature) -> (B,)`` (see :mod:`tfqkd.losses`).
+        temperature_squared: Multiply the soft term by tau**2 (Hinton et al.). Default ``False``,
+            the paper's Eq. (3); see the module docstring for why.
+        name: Model name.
+
+    Data: each element is ``(x, y)``, ``(x, y, teacher_logits)`` (rank >= 2: skips the teacher
+    forward; shape (B, C), or (B, K, C) for a K-teacher ensemble), ``(x, y, sample_weight)`` (rank
+    1), ``(x, y, teacher_logits, sample_weight)`` or a dict with keys ``"x"``, ``"y"`` and
+    optionally ``"teacher_logits"``, ``"sample_weight"``.
+
+    Logs: ``loss`` (the minimised total, with regularization losses), ``hard_loss`` and
+    ``soft_loss`` (per-example means of the unweighted terms: no lambda, no tau**2),
+    ``coefficient``, ``temperature`` and the compiled metrics computed on the student's logits.
+    ``evaluate`` measures the student: ``loss`` is then the hard loss plus regularization (what
+    ``student.evaluate`` reports with the same compile), ``hard_loss`` and, when a teacher or
+    precomputed logits are available, ``soft_loss``.
+
+    Example:
+        >>> import tfqkd
+        >>> from tfqkd import keras
+        >>> d = tfqkd.Distiller(tfqkd.models.tiny_resnet(seed=1),
+        ...                     [tfqkd.models.tiny_resnet(width=2, seed=s) for s in (2, 3)],
+        ...                     temperature=4.0, coefficient=0.5, soft_loss="ce")
+        >>> d.compile(keras.optimizers.Adam(1e-3))
+        >>> float(d.coefficient.numpy()), float(d.temperature.numpy()), len(d.teachers)
+        (0.5, 4.0, 2)
+    """
+
+    #: ``train_step`` wraps the soft targets in ``tf.stop_gradient``. A subclass whose soft targets
+    #: should carry gradient (to its own trainable weights) sets this to False.
+    stop_teacher_gradient: bool = True
+
+    def __init__(
+        self,
+        student: keras.Model,
+        teacher: TeacherArg = None,
+        *,
+        temperature: float = 1.0,
+        coefficient: float = 0.5,
+        soft_loss: Union[str, Callable] = "kl",
+        temperature_squared: bool = False,
+        name: str = "distiller",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        _check_model(student, "student")
+        teachers = _as_teacher_list(teacher)
+        for i, t in enumerate(teachers):
+            _check_model(t, "teacher" if len(teachers) == 1 else f"teacher[{i}]")
+        tau = check_temperature(temperature)
+        lam = check_coefficient(coefficient)
+        n_student = _num_classes(student)
+        for i, t in enumerate(teachers):
+            n_teacher = _num_classes(t)
+            if n_student is not None and n_teacher is not None and n_student != n_teacher:
+                raise ValueError(
+                    f"The teacher {_model_name(t)!r} outputs {n_teacher} classes but the student "
+                    f"{_model_name(student)!r} outputs {n_student}: distillation compares "
+                    "probabilities class by class, so both must predict the same classes. Use a "
+                    "teacher trained on the same data set (same num_classes)."
+                )
+        if not isinstance(temperature_squared, bool):
+            raise ValueError(f"temperature_squared must be True or False, got {temperature_squared!r}.")
+
+        self.student = student
+        # Not tracked (object.__setattr__ bypasses Keras' attribute tracking): the teacher's
+        # weights must not appear in `trainable_variables` (the optimizer would build slots for
+        # them, BackupAndRestore would rebuild them) nor in the Distiller's checkpoints.
+        object.__setattr__(self, "_teacher_arg", teacher)
+        object.__setattr__(self, "_teachers", teachers)
+        self._soft_loss_id = soft_loss
+        self.soft_loss_fn = _losses.get(soft_loss)
+        self.temperature_squared = temperature_squared
+        self.coefficient = self.add_weight(
+            name="coefficient", shape=(), dtype=tf.float32, trainable=False,
+            initializer=keras.initializers.Constant(lam),
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+        self.temperature = self.add_weight(
+            name="temperature", shape=(), dtype=tf.float32, trainable=False,
+            initializer=keras.initializers.Constant(tau),
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+        self._loss_tracker = keras.metrics.Mean(name="loss")
+        self._hard_tracker = keras.metrics.Mean(name="hard_loss")
+        self._soft_tracker = keras.metrics.Mean(name="soft_loss")
+        self._coefficient_tracker = _CurrentValue("coefficient")
+        self._temperature_tracker = _CurrentValue("temperature")
+        self.hard_loss_fn: Optional[Callable] = None
+        # The student exists, so the Distiller's variables do: mark it built so that
+        # BackupAndRestore, save_weights and summary() work before the first fit().
+        self.built = True
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def teacher(self) -> TeacherArg:
+        """The teacher as given: a model, a list of models, or None."""
+        return self._teacher_arg
+
+    @property
+    def teachers(self) -> Tuple[keras.Model, ...]:
+        """The teachers as a tuple (empty when the soft targets come from elsewhere)."""
+        return self._teachers
+
+    @property
+    def metrics(self) -> List[keras.metrics.Metric]:
+        metrics = [
+            self._loss_tracker, self._hard_tracker, self._soft_tracker,
+            self._coefficient_tracker, self._temperature_tracker,
+        ]
+        if self.compiled_metrics is not None:
+            metrics += self.compiled_metrics.metrics
+        return metrics
+
+    # ---- compile ---------------------------------------------------------------------------
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, weighted_metrics=None,
+                **kwargs):
+        """Configures training; ``loss`` is the HARD loss on the student's logits.
+
+        Args:
+            optimizer: Any Keras optimizer (trains the student's trainable weights only).
+            loss: Hard loss ``H(y, p_S)``: ``None`` (default) for sparse categorical cross-entropy
+                from logits, a ``keras.losses.Loss`` (its per-example values are used, so that the
+                loss scales with the global batch size under ``tf.distribute``), a function
+                ``fn(y_true, y_pred) -> (B,)``, or a name. The names ``"sparse_categorical_crossentropy"``
+                and ``"categorical_crossentropy"`` mean ``from_logits=True`` here, since the student
+                outputs logits.
+            metrics, weighted_metrics: Metrics of the student, as for ``Model.compile``.
+            **kwargs: Passed to ``Model.compile`` (``run_eagerly``, ``jit_compile``,
+                ``steps_per_execution``...); ``loss_weights`` is not supported.
+
+        Example:
+            >>> import tfqkd
+            >>> d = tfqkd.Distiller(tfqkd.models.tiny_resnet(seed=1), tfqkd.models.tiny_resnet(seed=2))
+            >>> d.compile("sgd", loss=tfqkd.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        """
+        if kwargs.get("loss_weights") is not None:
+            raise ValueError("Distiller.compile does not support loss_weights; weight the hard and "
+                             "soft terms with the coefficient (lambda).")
+        kwargs.pop("loss_weights", None)
+        super().compile(optimizer=optimizer, metrics=metrics, weighted_metrics=weighted_metrics,
+                        **kwargs)
+        self.hard_loss_fn = self._resolve_hard_loss(loss)
+        self._hard_loss_id = loss
+
+    @staticmethod
+    def _resolve_hard_loss(loss) -> Callable:
+        if loss is None:
+            return keras.losses.SparseCategoricalCrossentropy(from_logits=True).call
+        if isinstance(loss, str):
+            key = loss.lower()
+            if key in ("sparse_categorical_crossentropy", "sparsecategoricalcrossentropy"):
+                return keras.losses.SparseCategoricalCrossentropy(from_logits=True).call
+            if key in ("categorical_crossentropy", "categoricalcrossentropy"):
+                return keras.losses.CategoricalCrossentropy(from_logits=True).call
+            loss = keras.losses.get(loss)
+        if isinstance(loss, keras.losses.Loss):
+            # Loss.call gives the per-example values, before the Loss's own reduction.
+            return loss.call
+        if callable(loss):
+            return loss
+        raise ValueError(
+            f"loss must be None, a keras.losses.Loss, a function fn(y_true, y_pred) -> (B,) or a "
+            f"loss name, got {loss!r}."
+        )
+
+    # ---- soft targets ----------------------------------------------------------------------
+    def soften(self, logits) -> tf.Tensor:
+        """``softmax(logits / tau)`` in float32; (B, K, C) ensemble logits are averaged over K.
+
+        Example:
+            >>> import tfqkd, numpy as np
+            >>> d = tfqkd.Distiller(tfqkd.models.tiny_resnet(seed=1), temperature=2.0)
+            >>> float(d.soften(np.zeros((1, 10), "float32")).numpy().sum().round(5))
+            1.0
+        """
+        logits = tf.cast(logits, tf.float32)
+        probs = tf.nn.softmax(logits / self.temperature, axis=-1)
+        if logits.shape.rank == 3:
+            probs = tf.reduce_mean(probs, axis=1)
+        return probs
+
+    def teacher_probabilities(self, x) -> tf.Tensor:
+        """Soft targets ``(B, classes)`` for inputs ``x``: the teachers' averaged softened outputs.
+
+        Override this in a subclass to take soft targets from elsewhere (SPEQ: the student itself
+        at stochastic precision). It is called outside the gradient tape; the result is wrapped in
+        ``tf.stop_gradient`` when :attr:`stop_teacher_gradient` is True.
+
+        Example:
+            >>> import tfqkd, numpy as np
+            >>> d = tfqkd.Distiller(tfqkd.models.tiny_resnet(seed=1), tfqkd.models.tiny_resnet(seed=2))
+            >>> d.teacher_probabilities(np.zeros((3, 8, 8, 1), "float32")).shape
+            TensorShape([3, 10])
+        """
+        if not self._teachers:
+            raise ValueError(
+                "This Distiller has no teacher: pass `teacher=` (a model or a list), feed batches "
+                "(x, y, teacher_logits) (see tfqkd.distiller.precompute_teacher_logits), or "
+                "override teacher_probabilities() in a subclass."
+            )
+        probs = [self.soften(t(x, training=False)) for t in self._teachers]
+        return probs[0] if len(probs) == 1 else tf.add_n(probs) / float(len(probs))
+
+    def _has_teacher_source(self, teacher_logits) -> bool:
+        overridden = type(self).teacher_probabilities is not Distiller.teacher_probabilities
+        return teacher_logits is not None or bool(self._teachers) or overridden
+
+    def _soft_targets(self, x, teacher_logits) -> tf.Tensor:
+        if teacher_logits is not None:
+            probs = self.soften(teacher_logits)
+        else:
+            probs = self.teacher_probabilities(x)
+        if self.stop_teacher_gradient:
+            probs = tf.stop_gradient(probs)
+        return probs
+
+    # ---- data ------------------------------------------------------------------------------
+    @staticmethod
+    def unpack_data(data) -> Tuple[Any, Any, Any, Any]:
+        """Splits a batch into ``(x, y, sample_weight, teacher_logits)`` (missing parts None).
+
+        Example:
+            >>> Distiller.unpack_data({"x": 1, "y": 2, "teacher_logits": 3})
+            (1, 2, None, 3)
+        """
+        if isinstance(data, dict) and "x" in data:
+            return data["x"], data.get("y"), data.get("sample_weight"), data.get("teacher_logits")
+        if isinstance(data, list):
+            data = tuple(data)
+        if not isinstance(data, tuple):
+            return data, None, None, None
+        if len(data) == 1:
+            return data[0], None, None, None
+        if len(data) == 2:
+            return data[0], data[1], None, None
+        if len(data) == 3:
+            third = data[2]
+            rank = _rank(third)
+            if rank is not None and rank >= 2:
+                return data[0], data[1], None, third
+            return data[0], data[1], third, None
+        if len(data) == 4:
+            return data[0], data[1], data[3], data[2]
+        raise ValueError(
+            f"A Distiller batch has 2 to 4 elements (x, y[, teacher_logits][, sample_weight]) or "
+            f"is a dict with keys x, y[, teacher_logits, sample_weight]; got {len(data)} elements."
+        )
+
+    # ---- the loss --------------------------------------------------------------------------
+    def _per_example_hard(self, y, student_logits) -> tf.Tensor:
+        if self.hard_loss_fn is None:
+            raise RuntimeError("Call distiller.compile(optimizer, ...) before fit/evaluate.")
+        if y is None:
+            raise ValueError("The Distiller needs labels y: feed (x, y) or (x, y, teacher_logits).")
+        hard = self.hard_loss_fn(y, tf.cast(student_logits, tf.float32))
+        hard = tf.cast(hard, tf.float32)
+        if hard.shape.rank is not None and hard.shape.rank > 1:
+            hard = tf.reduce_mean(hard, axis=list(range(1, hard.shape.rank)))
+        return hard
+
+    def _check_classes(self, student_logits, probs) -> None:
+        n_s, n_t = student_logits.shape[-1], probs.shape[-1]
+        if n_s is not None and n_t is not None and n_s != n_t:
+            raise ValueError(
+                f"The soft targets have {n_t} classes but the student outputs {n_s}: teacher and "
+                "student must predict the same classes."
+            )
+
+    def _soft_scale(self) -> tf.Tensor:
+        if self.temperature_squared:
+            return tf.square(self.temperature)
+        return tf.constant(1.0, tf.float32)
+
+    def _global_batch_size(self, per_example) -> tf.Tensor:
+        """The number of examples in this step over ALL replicas (exact for a short last batch)."""
+        local = tf.shape(per_example)[0]
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or ctx.num_replicas_in_sync == 1:
+            return local
+        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(local, tf.float32))
+        return tf.cast(tf.round(total), tf.int32)
+
+    def compute_distillation_loss(self, y, student_logits, teacher_probs, sample_weight=None):
+        """Per-example hard, soft and total losses and the scalar to minimise on this replica.
+
+        Returns:
+            ``(loss, hard, soft, total, reg)``: ``loss`` is ``sum(total * sample_weight) /
+            global_batch_size`` plus the student's regularization losses divided by the number of
+            replicas, so that summing the replicas' gradients (what optimizers do under
+            ``tf.distribute``) gives the gradient of the global-batch mean.
+        """
+        hard = self._per_example_hard(y, student_logits)
+        soft = tf.cast(self.soft_loss_fn(teacher_probs, student_logits, self.temperature),
+                       tf.float32)
+        lam = self.coefficient
+        total = (1.0 - lam) * hard + lam * self._soft_scale() * soft
+        loss = tf.nn.compute_average_loss(
+            total, sample_weight=sample_weight, global_batch_size=self._global_batch_size(total))
+        reg = self._regularization()
+        if self.student.losses:
+            loss += tf.nn.scale_regularization_loss(reg)
+        return loss, hard, soft, total, reg
+
+    def _regularization(self) -> tf.Tensor:
+        if not self.student.losses:
+            return tf.constant(0.0, tf.float32)
+        return tf.add_n([tf.cast(r, tf.float32) for r in self.student.losses])
+
+    def _check_variables(self) -> List[tf.Operation]:
+        # Callbacks or user code may assign the variables; fail loudly instead of training on NaN.
+        return [
+            tf.debugging.assert_greater(
+                self.temperature, 0.0,
+                message="distiller.temperature must be > 0 (set by a callback or user code)"),
+            tf.debugging.assert_less_equal(
+                tf.abs(self.coefficient - 0.5), 0.5,
+                message="distiller.coefficient must be in [0, 1] (set by a callback or user code)"),
+        ]
+
+    def _update_trackers(self, hard, soft, total, reg, sample_weight):
+        self._hard_tracker.update_state(hard, sample_weight=sample_weight)
+        if soft is not None:
+            self._soft_tracker.update_state(soft, sample_weight=sample_weight)
+        # Mean of (total_i + reg): the global mean of the per-example totals plus the
+        # regularization, the same number as the minimised loss summed over replicas.
+        self._loss_tracker.update_state(total + reg, sample_weight=sample_weight)
+
+    # ---- steps -----------------------------------------------------------------------------
+    def train_step(self, data):
+        x, y, sample_weight, teacher_logits = self.unpack_data(data)
+        if not self._has_teacher_source(teacher_logits):
+            self.teacher_probabilities(x)  # raises the explanatory error
+        with tf.control_dependencies(self._check_variables()):
+            teacher_probs = self._soft_targets(x, teacher_logits)
+        with tf.GradientTape() as tape:
+            student_logits = self.student(x, training=True)
+            self._check_classes(student_logits, teacher_probs)
+            loss, hard, soft, total, reg = self.compute_distillation_loss(
+                y, student_logits, teacher_probs, sample_weight)
+        self.optimizer.minimize(loss, self.student.trainable_variables, tape=tape)
+        self._update_trackers(hard, soft, total, tf.stop_gradient(reg), sample_weight)
+        self._coefficient_tracker.update_state(self.coefficient)
+        self._temperature_tracker.update_state(self.temperature)
+        self.compiled_metrics.update_state(y, student_logits, sample_weight)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        x, y, sample_weight, teacher_logits = self.unpack_data(data)
+        student_logits = self.student(x, training=False)
+        hard = self._per_example_hard(y, student_logits)
+        soft = None
+        if self._has_teacher_source(teacher_logits):
+            teacher_probs = self._soft_targets(x, teacher_logits)
+            self._check_classes(student_logits, teacher_probs)
+            soft = tf.cast(self.soft_loss_fn(teacher_probs, student_logits, self.temperature),
+                           tf.float32)
+        self._update_trackers(hard, soft, hard, self._regularization(), sample_weight)
+        self.compiled_metrics.update_state(y, student_logits, sample_weight)
+        results = {"loss": self._loss_tracker.result(), "hard_loss": self._hard_tracker.result()}
+        if soft is not None:
+            results["soft_loss"] = self._soft_tracker.result()
+        results.update({m.name: m.result() for m in self.compiled_metrics.metrics})
+        return results
+
+    def call(self, inputs, training=None):
+        """The student's logits (``predict`` on a Distiller predicts with the student)."""
+        return self.student(inputs, training=training)
+
+    # ---- config ----------------------------------------------------------------------------
+    def get_config(self) -> Dict[str, Any]:
+        """Hyper-parameters plus the serialized student and teacher(s).
+
+        ``temperature`` and ``coefficient`` are the CURRENT values of the variables.
+        """
+        teacher = self._teacher_arg
+        if isinstance(teacher, (list, tuple)):
+            teacher_cfg = [keras.utils.serialize_keras_object(t) for t in teacher]
+        elif teacher is None:
+            teacher_cfg = None
+        else:
+            teacher_cfg = keras.utils.serialize_keras_object(teacher)
+        soft = self._soft_loss_id if isinstance(self._soft_loss_id, str) else \
+            _losses.serialize(self.soft_loss_fn)
+        return {
+            "name": self.name,
+            "student": keras.utils.serialize_keras_object(self.student),
+            "teacher": teacher_cfg,
+            "temperature": float(self.temperature.numpy()),
+            "coefficient": float(self.coefficient.numpy()),
+            "soft_loss": soft,
+            "temperature_squared": self.temperature_squared,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["student"] = keras.utils.deserialize_keras_object(
+            config["student"], custom_objects=custom_objects)
+        teacher = config.get("teacher")
+        if isinstance(teacher, list):
+            config["teacher"] = [keras.utils.deserialize_keras_object(t, custom_objects=custom_objects)
+                                 for t in teacher]
+        elif teacher is not None:
+            config["teacher"] = keras.utils.deserialize_keras_object(
+                teacher, custom_objects=custom_objects)
+        return cls(**config)
+
+
+# --------------------------------------------------------------------------------------------
+# Precomputed teacher outputs
+# --------------------------------------------------------------------------------------------
+def precompute_teacher_logits(
+    teacher: Union[keras.Model, Sequence[keras.Model]],
+    dataset: tf.data.Dataset,
+    *,
+    batch_size: Optional[int] = None,
+    shuffle: bool = False,
+    seed: Optional[int] = None,
+) -> tf.data.Dataset:
+    """Runs the teacher(s) once over ``dataset`` and returns batches ``(x, y, teacher_logits)``.
+
+    For data WITHOUT random augmentation the teacher's outputs are the same every epoch, so one
+    teacher pass per data set replaces one per step; the Distiller recognises the third element
+    and skips the teacher. The examples and logits are held in memory (CIFAR-10's train split:
+    about 0.6 GB of float32 images).
+
+    Args:
+        teacher: A model or a list of models (logits stacked to (B, K, C); the Distiller averages
+            their softened probabilities, exactly as with live teachers).
+        dataset: Batched ``(x, y)`` (or ``(x, y, sample_weight)``) elements, e.g. from
+            ``tfqkd.data.load_dataset(..., augment=False)``. Read exactly once.
+        batch_size: Batch size of the result; default: that of the first batch of ``dataset``.
+        shuffle: Reshuffle the examples each epoch (order within the cached set).
+        seed: Shuffle seed.
+
+    Returns:
+        A batched dataset of ``(x, y, teacher_logits)`` (plus ``sample_weight`` if present).
+
+    Example:
+        >>> import numpy as np, tfqkd
+        >>> from tfqkd._keras import tf
+        >>> x = np.random.rand(10, 8, 8, 1).astype("float32"); y = np.arange(10) % 10
+        >>> ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+        >>> out = precompute_teacher_logits(tfqkd.models.tiny_resnet(seed=0), ds)
+        >>> [tuple(t.shape) for t in next(iter(out))]
+        [(4, 8, 8, 1), (4,), (4, 10)]
+    """
+    teachers = _as_teacher_list(teacher)
+    if not teachers:
+        raise ValueError("precompute_teacher_logits needs a teacher model or a list of models.")
+    for i, t in enumerate(teachers):
+        _check_model(t, "teacher" if len(teachers) == 1 else f"teacher[{i}]")
+
+    @tf.function(reduce_retracing=True)
+    def forward(x):
+        outs = [tf.cast(t(x, training=False), tf.float32) for t in teachers]
+        return outs[0] if len(outs) == 1 else tf.stack(outs, axis=1)
+
+    parts: List[List[np.ndarray]] = []
+    first_batch = None
+    for element in dataset:
+        x, y, sw, given = Distiller.unpack_data(element)
+        if given is not None:
+            raise ValueError("dataset already carries teacher logits (a third element of rank >= 2).")
+        if y is None:
+            raise ValueError("dataset must yield (x, y) batches: the labels are needed for the hard loss.")
+        logits = forward(x)
+        row = [x, y, logits] + ([sw] if sw is not None else [])
+        row = [tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else np.asarray(t), r)
+               for r in row]
+        if first_batch is None:
+            first_batch = int(logits.shape[0])
+        parts.append(row)
+    if not parts:
+        raise ValueError("dataset is empty: nothing to run the teacher on.")
+    columns = [
+        tf.nest.map_structure(lambda *arrays: np.concatenate(arrays, axis=0), *[p[i] for p in parts])
+        for i in range(len(parts[0]))
+    ]
+    out = tf.data.Dataset.from_tensor_slices(tuple(columns))
+    if shuffle:
+        n = int(columns[2].shape[0])
+        out = out.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    return out.batch(batch_size or first_batch).prefetch(tf.data.AUTOTUNE)
