@@ -1,0 +1,527 @@
+"""Tests of tfqkd.data: digits, the offline CIFAR-10 archive, folder/npz/tfds sources, errors.
+
+The CIFAR-10 archive is decoded once per test session (``cifar10_arrays``); every other CIFAR test
+re-installs those arrays in the loader's memory and forbids decoding, so a second decode fails the
+test instead of silently costing 10 s.
+"""
+
+import io
+import os
+import sys
+import tarfile
+import types
+
+import numpy as np
+import pytest
+
+from tfqkd import data
+from tfqkd._keras import tf
+
+DIGITS = data.dataset_info("digits")
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_env(monkeypatch, tmp_path_factory):
+    """No test sees the user's data/cache/tfds folders."""
+    monkeypatch.delenv("TFQKD_DATA_DIR", raising=False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path_factory.getbasetemp() / "no_tfds_here"))
+    monkeypatch.setenv("TFQKD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tfqkd_cache"))
+
+
+def _batches(ds):
+    return [(x.numpy(), y.numpy()) for x, y in ds]
+
+
+def _unnormalise(images, info):
+    return images * np.asarray(info.std, np.float32) + np.asarray(info.mean, np.float32)
+
+
+def _assert_are_shifted_crops(augmented, originals, info, padding, flip):
+    """Every augmented image is some pad-and-crop (and maybe mirror) of its original."""
+    h, w = info.input_shape[:2]
+    raw = originals.astype(np.float32) / 255.0
+    padded = np.pad(raw, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
+    aug = _unnormalise(augmented, info)
+    changed = 0
+    for i in range(len(aug)):
+        best = np.inf
+        for dy in range(2 * padding + 1):
+            for dx in range(2 * padding + 1):
+                crop = padded[i, dy:dy + h, dx:dx + w]
+                for candidate in ([crop, crop[:, ::-1]] if flip else [crop]):
+                    best = min(best, float(np.abs(candidate - aug[i]).max()))
+        assert best < 1e-4, f"image {i} is not a shifted crop of its original (error {best})"
+        changed += not np.allclose(aug[i], raw[i], atol=1e-4)
+    assert changed > len(aug) // 2, "augmentation left most images unchanged"
+
+
+# ------------------------------------------------------------------------------------------------
+# digits
+
+
+def test_digits_info_and_arrays():
+    assert DIGITS.num_classes == 10 and DIGITS.input_shape == (8, 8, 1)
+    assert (DIGITS.train_size, DIGITS.test_size) == (1437, 360)
+    x, y = data.load_arrays("digits", "train")
+    xt, yt = data.load_arrays("digits", "test")
+    assert x.shape == (1437, 8, 8, 1) and x.dtype == np.uint8 and y.dtype == np.int64
+    assert xt.shape == (360, 8, 8, 1) and yt.shape == (360,)
+    assert x.max() == 255 and x.min() == 0
+    # Stratified split: every class in both splits in about the same proportion.
+    assert np.bincount(yt, minlength=10).min() >= 35 and np.bincount(y, minlength=10).min() >= 139
+    # The split is fixed: train and test are disjoint images of the 1,797.
+    train_rows = {r.tobytes() + bytes([l]) for r, l in zip(x, y)}
+    assert sum(r.tobytes() + bytes([l]) in train_rows for r, l in zip(xt, yt)) < 10
+    with pytest.raises(ValueError, match="read-only"):
+        x[0, 0, 0, 0] = 1
+
+
+def test_digits_batches_shapes_dtypes_and_labels():
+    ds = data.load_dataset("digits", "train", batch_size=64, seed=0)
+    batches = _batches(ds)
+    assert sum(len(y) for _, y in batches) == 1437
+    x, y = batches[0]
+    assert x.shape == (64, 8, 8, 1) and x.dtype == np.float32 and y.dtype == np.int32
+    assert all(0 <= y.min() and y.max() < 10 for _, y in batches)
+    assert batches[-1][0].shape[0] == 1437 % 64
+    dropped = _batches(data.load_dataset("digits", "train", batch_size=64, drop_remainder=True))
+    assert len(dropped) == 1437 // 64 and all(len(y) == 64 for _, y in dropped)
+
+
+def test_digits_normalisation_of_training_split():
+    (x, _), = _batches(data.load_dataset(
+        "digits", "train", batch_size=5000, augment=False, shuffle=False))
+    np.testing.assert_allclose(x.mean(axis=(0, 1, 2)), [0.0], atol=1e-5)
+    np.testing.assert_allclose(x.std(axis=(0, 1, 2)), [1.0], atol=1e-5)
+    raw, _ = data.load_arrays("digits", "train")
+    np.testing.assert_allclose(_unnormalise(x, DIGITS), raw / 255.0, atol=1e-5)
+
+
+def test_split_defaults_test_split_is_ordered_and_unaugmented():
+    xt, yt = data.load_arrays("digits", "test")
+    (x, y), = _batches(data.load_dataset("digits", "test", batch_size=1000))
+    np.testing.assert_array_equal(y, yt)
+    np.testing.assert_allclose(_unnormalise(x, DIGITS), xt / 255.0, atol=1e-5)
+
+
+def test_train_split_shuffles_by_default():
+    _, y_raw = data.load_arrays("digits", "train")
+    (_, y), = _batches(data.load_dataset("digits", "train", batch_size=5000, seed=0))
+    assert not np.array_equal(y, y_raw)
+    np.testing.assert_array_equal(np.sort(y), np.sort(y_raw))
+
+
+def test_digits_augmentation_keeps_shapes_and_labels_and_only_shifts():
+    plain = _batches(data.load_dataset("digits", "train", batch_size=500, augment=False, seed=1))
+    aug = _batches(data.load_dataset(
+        "digits", "train", batch_size=500, augment=True, shuffle=False, seed=1))
+    raw, y_raw = data.load_arrays("digits", "train")
+    assert [b[0].shape for b in aug] == [b[0].shape for b in plain]
+    np.testing.assert_array_equal(np.concatenate([y for _, y in aug]), y_raw)
+    # Digits are padded by one pixel and cropped, never mirrored.
+    _assert_are_shifted_crops(aug[0][0], raw[:500], DIGITS, padding=1, flip=False)
+    with pytest.raises(AssertionError):  # the check itself can fail: mirrored digits are not crops
+        _assert_are_shifted_crops(aug[0][0][:, :, ::-1], raw[:500], DIGITS, padding=1, flip=False)
+
+
+def test_same_seed_same_batches_different_seed_different():
+    def first_two_epochs(seed):
+        ds = data.load_dataset("digits", "train", batch_size=128, seed=seed)
+        return [next(iter(ds)) for _ in range(2)]
+
+    a, b, c = first_two_epochs(7), first_two_epochs(7), first_two_epochs(8)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+    assert not np.array_equal(a[0][1].numpy(), c[0][1].numpy())
+    # Each epoch reshuffles and draws new crops, reproducibly.
+    assert not np.array_equal(a[0][1].numpy(), a[1][1].numpy())
+    # Same order, different augmentation: seeds also drive the crops, not just the order.
+    ua = data.load_dataset("digits", "train", batch_size=256, shuffle=False, augment=True, seed=1)
+    ub = data.load_dataset("digits", "train", batch_size=256, shuffle=False, augment=True, seed=2)
+    assert not np.array_equal(next(iter(ua))[0].numpy(), next(iter(ub))[0].numpy())
+
+
+def test_subset_is_class_balanced_and_deterministic():
+    def labels(seed):
+        ds = data.load_dataset("digits", "train", batch_size=1000, subset=100, seed=seed,
+                               shuffle=False, augment=False)
+        return _batches(ds)[0]
+
+    x1, y1 = labels(0)
+    x2, y2 = labels(0)
+    x3, _ = labels(1)
+    assert len(y1) == 100
+    np.testing.assert_array_equal(np.bincount(y1, minlength=10), np.full(10, 10))
+    np.testing.assert_array_equal(x1, x2)
+    assert not np.array_equal(x1, x3)
+
+
+@pytest.mark.parametrize("subset, match", [
+    (105, "divisible by the 10 classes.*100 or 110"),
+    (5000, "at most 1390"),
+    (5, "between 10 and 1390"),
+    (True, "integer"),
+])
+def test_bad_subset(subset, match):
+    with pytest.raises(ValueError, match=match):
+        data.load_dataset("digits", "train", subset=subset)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(name="mnist"), "cifar10, cifar100, digits"),
+    (dict(split="validation"), "train, test"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+    (dict(batch_size=2.5), "batch_size"),
+    (dict(augment="yes"), "augment must be"),
+    (dict(seed=1.5), "seed must be"),
+])
+def test_bad_arguments(kwargs, match):
+    args = dict(name="digits", split="train")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        data.load_dataset(args.pop("name"), args.pop("split"), **args)
+
+
+def test_dataset_info_unknown_name_lists_known():
+    with pytest.raises(ValueError, match="cifar10, cifar100, digits"):
+        data.dataset_info("imagenet")
+    with pytest.raises(ValueError, match="train, test"):
+        data.load_arrays("digits", "val")
+
+
+def test_cifar_info_without_data():
+    c10, c100 = data.dataset_info("cifar10"), data.dataset_info("cifar100")
+    assert c10.class_names == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                               "horse", "ship", "truck")
+    assert len(c100.class_names) == len(set(c100.class_names)) == 100 == c100.num_classes
+    assert list(c100.class_names) == sorted(c100.class_names)
+    assert c10.input_shape == c100.input_shape == (32, 32, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Missing data
+
+
+def test_missing_data_lists_every_source_and_never_touches_tfds(monkeypatch):
+    # tfds must not even be imported (let alone download) without prepared data or download=True.
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    with pytest.raises(data.DataNotFoundError) as e:
+        data.load_dataset("cifar10", "train")
+    msg = str(e.value)
+    assert isinstance(e.value, FileNotFoundError)
+    for needle in ("data_dir", "TFQKD_DATA_DIR", "cifar10-jpg.tar.gz", "cifar10.npz",
+                   "train/<class>/*.jpg", "tensorflow-datasets", "no_tfds_here", "download=True"):
+        assert needle in msg, f"{needle!r} missing from the error:\n{msg}"
+
+
+def test_missing_explicit_path_is_a_clear_error(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere" / "cifar10-jpg.tar.gz"
+    with pytest.raises(data.DataNotFoundError, match="does not exist") as e:
+        data.load_arrays("cifar10", "test", data_dir=missing)
+    assert str(missing) in str(e.value) and "TFQKD_DATA_DIR" in str(e.value)
+    monkeypatch.setenv("TFQKD_DATA_DIR", str(missing))
+    with pytest.raises(data.DataNotFoundError, match="TFQKD_DATA_DIR=.*does not exist"):
+        data.load_dataset("cifar10", "test")
+
+
+def test_empty_folder_lists_what_was_looked_for(tmp_path):
+    with pytest.raises(data.DataNotFoundError) as e:
+        data.load_arrays("cifar100", "train", data_dir=tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "cifar100.npz" in msg and "cifar100-jpg.tar.gz" in msg
+
+
+def test_unrecognised_file_is_rejected(tmp_path):
+    bogus = tmp_path / "cifar10.zip"
+    bogus.write_bytes(b"PK")
+    with pytest.raises(ValueError, match="neither a .npz nor"):
+        data.load_arrays("cifar10", "train", data_dir=bogus)
+
+
+# ------------------------------------------------------------------------------------------------
+# npz, folder, archive and tfds sources on small synthetic data
+
+
+def _fake_cifar(n_train, n_test, classes, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "x_train": rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+        "y_train": np.arange(n_train) % classes,
+        "x_test": rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+        "y_test": (np.arange(n_test) % classes).reshape(-1, 1),  # keras-style (N, 1) labels
+    }
+
+
+def test_npz_source_file_and_folder(tmp_path, monkeypatch):
+    arrays = _fake_cifar(200, 100, 100)
+    np.savez(tmp_path / "cifar100.npz", **arrays)
+    for source in (tmp_path, tmp_path / "cifar100.npz"):
+        x, y = data.load_arrays("cifar100", "test", data_dir=source)
+        np.testing.assert_array_equal(x, arrays["x_test"])
+        np.testing.assert_array_equal(y, arrays["y_test"].ravel())
+        assert y.dtype == np.int64
+    monkeypatch.setenv("TFQKD_DATA_DIR", str(tmp_path))
+    batches = _batches(data.load_dataset("cifar100", "train", batch_size=64, subset=100, seed=0))
+    assert [b[0].shape for b in batches] == [(64, 32, 32, 3), (36, 32, 32, 3)]
+    np.testing.assert_array_equal(np.bincount(np.concatenate([y for _, y in batches])), np.ones(100))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(x_train=np.zeros((4, 3, 32, 32), np.uint8)), r"NCHW.*transpose"),
+    (dict(x_test=np.zeros((100, 32, 32, 3), np.float32)), "uint8"),
+    (dict(y_train=np.full(200, 10)), r"labels in \[10, 10\].*0\.\.9"),
+    (dict(y_test=np.zeros(5, np.int64)), "100 images but y_test 5 labels"),
+])
+def test_malformed_npz(tmp_path, change, match):
+    arrays = _fake_cifar(200, 100, 10)
+    arrays.update(change)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=match):
+        data.load_arrays("cifar10", "train", data_dir=tmp_path / "bad.npz")
+    del arrays["x_test"]
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match="lacks the arrays"):
+        data.load_arrays("cifar10", "train", data_dir=tmp_path / "bad.npz")
+
+
+@pytest.fixture
+def small_jpeg_tree(tmp_path):
+    """train/<class>/*.jpg (3 per class) and test/<class>/*.jpg (1 per class), 32x32 RGB."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tree"
+    blobs = {}
+    for split, per_class in (("train", 3), ("test", 1)):
+        for c, cls in enumerate(data.dataset_info("cifar10").class_names):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                blob = tf.io.encode_jpeg(img, quality=90).numpy()
+                (root / split / cls / f"{i:04d}.jpg").write_bytes(blob)
+                blobs[f"{split}/{cls}/{i:04d}.jpg"] = (c, blob)
+    return root, blobs
+
+
+def _expected(blobs, split):
+    items = sorted((c, path) for path, (c, _) in blobs.items() if path.startswith(split + "/"))
+    x = np.stack([tf.io.decode_jpeg(blobs[p][1], channels=3).numpy() for _, p in items])
+    return x, np.array([c for c, _ in items])
+
+
+def test_folder_and_archive_sources_decode_with_tf_and_cache(small_jpeg_tree, tmp_path, monkeypatch):
+    root, blobs = small_jpeg_tree
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TFQKD_CACHE_DIR", str(cache))
+    want_x, want_y = _expected(blobs, "train")
+
+    x, y = data.load_arrays("cifar10", "train", data_dir=root)
+    np.testing.assert_array_equal(x, want_x)
+    np.testing.assert_array_equal(y, want_y)
+
+    archive = tmp_path / "cifar10-jpg.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root / "train", arcname="train")
+        tar.add(root / "test", arcname="test")
+    data._MEMO.clear()
+    for source in (archive, tmp_path):  # the archive itself, then the folder holding it
+        x, y = data.load_arrays("cifar10", "train", data_dir=source)
+        np.testing.assert_array_equal(x, want_x)
+        np.testing.assert_array_equal(y, want_y)
+    xt, yt = data.load_arrays("cifar10", "test", data_dir=archive)
+    np.testing.assert_array_equal(yt, np.arange(10))
+    np.testing.assert_array_equal(xt, _expected(blobs, "test")[0])
+    assert len(list(cache.glob("cifar10-*.npz"))) == 2  # the folder's and the archive's
+    assert not list(cache.glob("*.tmp"))
+
+    # A second process (empty memory) reads the cache instead of decoding.
+    data._MEMO.clear()
+    monkeypatch.setattr(data, "_decode", _forbidden_decode)
+    x2, _ = data.load_arrays("cifar10", "train", data_dir=archive)
+    np.testing.assert_array_equal(x2, want_x)
+
+    # A changed archive (new mtime) is decoded again into a new cache entry.
+    monkeypatch.undo()
+    monkeypatch.setenv("TFQKD_CACHE_DIR", str(cache))
+    os.utime(archive, (1_000_000_000, 1_000_000_000))
+    data._MEMO.clear()
+    data.load_arrays("cifar10", "train", data_dir=archive)
+    assert len(list(cache.glob("cifar10-*.npz"))) == 3
+
+
+def _forbidden_decode(*args, **kwargs):
+    raise AssertionError("decoded JPEGs although a cache should have been used")
+
+
+def test_unwritable_cache_warns_but_loads(small_jpeg_tree, tmp_path, monkeypatch):
+    root, blobs = small_jpeg_tree
+    blocker = tmp_path / "file_not_dir"
+    blocker.write_text("")
+    monkeypatch.setenv("TFQKD_CACHE_DIR", str(blocker / "cache"))
+    data._MEMO.clear()
+    with pytest.warns(UserWarning, match="TFQKD_CACHE_DIR"):
+        _, y = data.load_arrays("cifar10", "test", data_dir=root)
+    np.testing.assert_array_equal(y, np.arange(10))
+
+
+def test_wrong_classes_in_archive_and_folder(small_jpeg_tree, tmp_path):
+    root, _ = small_jpeg_tree
+    archive = tmp_path / "some.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root / "train", arcname="train")
+    with pytest.raises(ValueError, match="'airplane'.*not a cifar100 class"):
+        data.load_arrays("cifar100", "train", data_dir=archive)
+    # CIFAR-10 folders in a folder asked for CIFAR-100: not found, with the reason.
+    with pytest.raises(data.DataNotFoundError, match="not usable for cifar100"):
+        data.load_arrays("cifar100", "train", data_dir=root)
+
+
+def test_archive_with_missing_split_and_corrupt_jpeg(tmp_path):
+    archive = tmp_path / "a.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, payload in (("train/cat/0.jpg", b"not a jpeg"), ("test/cat/0.jpg", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ValueError, match="cannot decode the train images"):
+        data.load_arrays("cifar10", "train", data_dir=archive)
+    only_train = tmp_path / "b.tar"
+    with tarfile.open(only_train, "w") as tar:
+        info = tarfile.TarInfo("train/cat/0.jpg")
+        payload = tf.io.encode_jpeg(np.zeros((32, 32, 3), np.uint8)).numpy()
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    with pytest.raises(ValueError, match="no test/<class>/"):
+        data.load_arrays("cifar10", "train", data_dir=only_train)
+    truncated = tmp_path / "c.tar.gz"
+    truncated.write_bytes(archive.read_bytes()[:40])
+    with pytest.raises(ValueError, match="Cannot read .* as a tar archive"):
+        data.load_arrays("cifar10", "train", data_dir=truncated)
+
+
+def test_tfds_source_is_used_only_when_prepared_or_download_requested(tmp_path, monkeypatch):
+    calls = []
+    fake = _fake_cifar(20, 10, 10)
+
+    def fake_load_tfds(name, root, download):
+        calls.append((name, root, download))
+        return data._validate_arrays(name, fake, "fake tfds")
+
+    monkeypatch.setattr(data, "_load_tfds", fake_load_tfds)
+    prepared = tmp_path / "tfds"
+    (prepared / "cifar10" / "3.0.2").mkdir(parents=True)
+    (prepared / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
+
+    data.load_arrays("cifar10", "train", data_dir=prepared)
+    assert calls[-1] == ("cifar10", prepared, False)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(prepared))
+    x, _ = data.load_arrays("cifar10", "test")
+    assert calls[-1] == ("cifar10", prepared, False) and len(x) == 10
+    with pytest.raises(data.DataNotFoundError):  # prepared cifar10 is not cifar100
+        data.load_arrays("cifar100", "test")
+    assert len(calls) == 2
+    data.load_arrays("cifar100", "test", download=True)
+    assert calls[-1] == ("cifar100", None, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real offline CIFAR-10 archive
+
+
+@pytest.fixture(scope="session")
+def cifar10_arrays(cifar10_archive, tmp_path_factory):
+    """Decodes the archive once per session, into a session cache folder."""
+    cache = tmp_path_factory.mktemp("cifar10_cache")
+    previous = os.environ.get("TFQKD_CACHE_DIR")
+    os.environ["TFQKD_CACHE_DIR"] = str(cache)
+    try:
+        data._MEMO.clear()
+        arrays = {s: data.load_arrays("cifar10", s, data_dir=cifar10_archive) for s in data.SPLITS}
+    finally:
+        if previous is None:
+            os.environ.pop("TFQKD_CACHE_DIR")
+        else:
+            os.environ["TFQKD_CACHE_DIR"] = previous
+    return types.SimpleNamespace(archive=cifar10_archive, cache=cache, arrays=arrays,
+                                 memo=dict(data._MEMO))
+
+
+@pytest.fixture
+def cifar10(cifar10_arrays, monkeypatch):
+    """The decoded arrays back in memory, the session cache in use, and decoding forbidden."""
+    data._MEMO.clear()
+    data._MEMO.update(cifar10_arrays.memo)
+    monkeypatch.setenv("TFQKD_CACHE_DIR", str(cifar10_arrays.cache))
+    monkeypatch.setattr(data, "_decode", _forbidden_decode)
+    return cifar10_arrays
+
+
+def test_cifar10_archive_contents(cifar10):
+    (x, y), (xt, yt) = cifar10.arrays["train"], cifar10.arrays["test"]
+    assert x.shape == (50_000, 32, 32, 3) and xt.shape == (10_000, 32, 32, 3)
+    assert x.dtype == np.uint8 and y.dtype == np.int64
+    np.testing.assert_array_equal(np.bincount(y), np.full(10, 5000))
+    np.testing.assert_array_equal(np.bincount(yt), np.full(10, 1000))
+    assert list(cifar10.cache.glob("cifar10-*.npz")), "decoded arrays were not cached"
+
+
+def test_cifar10_disk_cache_gives_the_same_arrays(cifar10):
+    data._MEMO.clear()  # as in a new process: only the disk cache is left
+    x, y = data.load_arrays("cifar10", "test", data_dir=cifar10.archive)
+    np.testing.assert_array_equal(x, cifar10.arrays["test"][0])
+    np.testing.assert_array_equal(y, cifar10.arrays["test"][1])
+
+
+@pytest.mark.parametrize("how", ["folder", "archive", "env"])
+def test_cifar10_sources(cifar10, how, monkeypatch):
+    data_dir = {"folder": cifar10.archive.parent, "archive": cifar10.archive, "env": None}[how]
+    if how == "env":
+        monkeypatch.setenv("TFQKD_DATA_DIR", str(cifar10.archive.parent))
+    ds = data.load_dataset("cifar10", "train", data_dir=data_dir, batch_size=32, seed=0)
+    x, y = next(iter(ds))
+    assert x.shape == (32, 32, 32, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
+    assert 0 <= int(tf.reduce_min(y)) and int(tf.reduce_max(y)) < 10
+
+
+def test_cifar10_normalisation_and_augmentation(cifar10):
+    info = data.dataset_info("cifar10")
+    # The test split is sorted by class: a class-balanced subset gives representative statistics.
+    ds = data.load_dataset("cifar10", "test", data_dir=cifar10.archive, batch_size=3000,
+                           subset=3000, seed=0)
+    x, y = next(iter(ds))
+    x = x.numpy()
+    assert np.abs(x.mean(axis=(0, 1, 2))).max() < 0.05
+    assert np.abs(x.std(axis=(0, 1, 2)) - 1).max() < 0.05
+    np.testing.assert_array_equal(np.bincount(y.numpy()), np.full(10, 300))
+
+    (x, y), = _batches(data.load_dataset("cifar10", "test", data_dir=cifar10.archive,
+                                         batch_size=64).take(1))
+    np.testing.assert_array_equal(y, cifar10.arrays["test"][1][:64])
+    np.testing.assert_allclose(_unnormalise(x, info), cifar10.arrays["test"][0][:64] / 255.0,
+                               atol=1e-5)
+
+    aug = data.load_dataset("cifar10", "test", data_dir=cifar10.archive, batch_size=64,
+                            augment=True, seed=3)
+    xa, ya = next(iter(aug))
+    np.testing.assert_array_equal(ya.numpy(), cifar10.arrays["test"][1][:64])
+    _assert_are_shifted_crops(xa.numpy(), cifar10.arrays["test"][0][:64], info, padding=4, flip=True)
+
+
+def test_cifar10_same_seed_same_first_batch(cifar10):
+    def first(seed):
+        x, y = next(iter(data.load_dataset("cifar10", "train", data_dir=cifar10.archive,
+                                           batch_size=16, seed=seed)))
+        return x.numpy(), y.numpy()
+
+    a, b, c = first(5), first(5), first(6)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_cifar10_subset(cifar10):
+    ds = data.load_dataset("cifar10", "train", data_dir=cifar10.archive, batch_size=1000,
+                           subset=500, seed=0)
+    y = np.concatenate([y.numpy() for _, y in ds])
+    np.testing.assert_array_equal(np.bincount(y), np.full(10, 50))
+    with pytest.raises(ValueError, match="at most 50000"):
+        data.load_dataset("cifar10", "train", data_dir=cifar10.archive, subset=60_000)
