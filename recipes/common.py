@@ -110,6 +110,7 @@ __all__ = [
     "is_chief", "set_seed", "OutputDir", "Data", "load_data", "build_model", "make_lr_schedule",
     "make_optimizer", "fit_with_resume", "evaluate_accuracy", "write_results", "versions",
     "load_model", "log", "atomic_write_text", "atomic_write_json", "HistoryLogger", "EpochLogger",
+    "ScalarSummaries", "quiet_logs",
 ]
 
 
@@ -333,12 +334,34 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def quiet_logs() -> None:
+    """Silences TensorFlow/absl INFO chatter and Keras' HDF5 'legacy format' warning.
+
+    Recipes print their own concise lines; absl's ``app.run`` would otherwise route TensorFlow's
+    per-checkpoint INFO messages to stderr.
+    """
+    import logging
+    import warnings
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    tf.get_logger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*HDF5 file via `model.save\\(\\)`.*")
+    warnings.filterwarnings("ignore", message=".*saving your model as an HDF5 file.*")
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; honour the umask instead
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -613,6 +636,7 @@ class OutputDir:
         final = os.path.join(d, "model.h5")
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-model.h5")
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         try:
             model.save(tmp, save_format="h5", include_optimizer=False)
             os.replace(tmp, final)
@@ -869,6 +893,61 @@ class EpochLogger(keras.callbacks.Callback):
         log(" ".join(parts))
 
 
+class ScalarSummaries(keras.callbacks.Callback):
+    """Writes every epoch log (and lr, λ, τ) as TensorBoard scalars under ``log_dir``.
+
+    TensorFlow 2.21 no longer ships the ``tensorboard`` package that Keras' ``TensorBoard``
+    callback (``tf.summary.scalar``) needs, so this writes the same event records with the
+    core op ``tf.summary.write`` and the ``scalars`` plugin tag: TensorBoard shows them as usual.
+    ``train/`` holds training logs, ``validation/`` the ``val_*`` ones; the step is the epoch.
+    """
+
+    def __init__(self, log_dir: str, *, write: bool = True):
+        super().__init__()
+        self.log_dir = log_dir
+        self.write = write
+        self._writers: Dict[str, Any] = {}
+        from tensorflow.core.framework import summary_pb2
+
+        self._meta = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+    def _writer(self, sub: str):
+        if sub not in self._writers:
+            self._writers[sub] = tf.summary.create_file_writer(os.path.join(self.log_dir, sub))
+        return self._writers[sub]
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.write:
+            return
+        values = dict(logs or {})
+        values.update({k: v for k, v in _extra_state(self.model).items() if k != "iterations"})
+        groups: Dict[str, Dict[str, float]] = {"train": {}, "validation": {}}
+        for k, v in values.items():
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                continue
+            if k.startswith("val_"):
+                groups["validation"][k[4:]] = v
+            else:
+                groups["train"][k] = v
+        for sub, vals in groups.items():
+            if not vals:
+                continue
+            w = self._writer(sub)
+            with w.as_default():
+                for k, v in vals.items():
+                    tf.summary.write("epoch_" + k, tf.constant(v, tf.float32), step=epoch,
+                                     metadata=self._meta)
+            w.flush()
+
+    def on_train_end(self, logs=None):
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}
+
+
 class _ProgressRecorder(keras.callbacks.Callback):
     def __init__(self, out: OutputDir):
         super().__init__()
@@ -894,7 +973,7 @@ def fit_with_resume(
     """``model.fit`` wired for crash-safe, resumable training; returns the full history rows.
 
     Adds, in this order: ``BackupAndRestore(output_dir/checkpoints/backup)`` (resume state:
-    weights, optimizer, epoch, step; kept after training), ``TensorBoard(output_dir/logs)``, the
+    weights, optimizer, epoch, step; kept after training), ``ScalarSummaries(output_dir/logs)`` (TensorBoard scalars), the
     caller's callbacks (e.g. a ``CoefficientScheduler``), :class:`HistoryLogger` (history.csv,
     chief only), and a progress display: the Keras bar if ``progress`` is ``bar`` (or ``auto``
     and stdout is a terminal), else one :class:`EpochLogger` line per epoch (chief only).
@@ -915,8 +994,7 @@ def fit_with_resume(
         keras.callbacks.BackupAndRestore(
             os.path.join(output_dir.checkpoint_dir, "backup"), save_freq=sf,
             delete_checkpoint=False),
-        keras.callbacks.TensorBoard(output_dir.log_dir, write_graph=False, profile_batch=0,
-                                    update_freq="epoch"),
+        ScalarSummaries(output_dir.log_dir, write=chief),
         *callbacks,
     ]
     history = HistoryLogger(output_dir.history_path, write=chief)

@@ -1,0 +1,139 @@
+"""Trains the float ResNet20 student: hard labels, or KD from a saved teacher (paper §4.4).
+
+The paper compares two ways of pretraining the float student that is later quantized:
+with hard labels only (no ``--teacher``), or with knowledge distillation from a float teacher
+(``--teacher=runs/teacher``), loss ``(1 - λ)·H(y, p_S) + λ·H(p_T, p_S)`` at temperature τ.
+
+Defaults: the paper preset (see recipes/common.py and docs/recipes.md); KD with τ = 2 and
+constant λ = 0.5 when a teacher is given.
+
+Examples::
+
+    python recipes/train_student.py --output_dir=runs/student_hard
+    python recipes/train_student.py --teacher=runs/teacher_x2 --temperature=2 --coefficient=0.5 \\
+        --output_dir=runs/student_kd
+    python recipes/train_student.py --preset=smoke --dataset=digits --output_dir=/tmp/s
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recipes import common  # noqa: E402
+from recipes.common import Option  # noqa: E402
+from recipes.train_teacher import compile_classifier  # noqa: E402
+
+from tfqkd._keras import keras, tf  # noqa: E402
+
+#: Options shared by every recipe that distils (student, quantize_distill, and others').
+KD_OPTIONS = [
+    Option("temperature", 2.0, "KD temperature τ > 0 (softens teacher and student).", "float"),
+    Option("coefficient", 0.5, "KD coefficient λ in [0, 1]: weight of the soft loss "
+           "(λ = 0.5 is the paper's starting point).", "float"),
+    Option("soft_loss", "kl", "Soft loss: kl, ce (the paper's H(p_T, p_S); same gradient as kl) "
+           "or cosine.", "enum", ("kl", "ce", "cosine")),
+]
+
+OPTIONS = common.COMMON_OPTIONS + KD_OPTIONS + [
+    Option("width", 1.0, "Student width multiplier (1 = ResNet20).", "float"),
+    Option("teacher", None, "Saved teacher (a train_teacher output_dir or model.h5): train with "
+           "KD. Absent: hard labels only."),
+]
+
+PRESETS = {
+    "smoke": dict(width=1.0),
+    "cpu": dict(epochs=15),
+    "paper": dict(epochs=200),
+}
+
+
+def make_config(preset: str = "paper", **overrides) -> common.Config:
+    """This recipe's configuration in Python.
+
+    Example:
+        >>> make_config("smoke", dataset="digits", teacher=None).width
+        1.0
+    """
+    return common.make_config(OPTIONS, PRESETS, preset, **overrides)
+
+
+def load_teachers(paths, strategy) -> list:
+    """Loads saved teacher models (frozen) inside ``strategy``'s scope."""
+    if isinstance(paths, str):
+        paths = [paths]
+    teachers = []
+    with strategy.scope():
+        for p in paths:
+            t = common.load_model(p)
+            t.trainable = False
+            teachers.append(t)
+    return teachers
+
+
+def make_distiller(student, teachers, cfg: common.Config):
+    """A compiled-ready ``tfqkd.Distiller`` from ``cfg``'s τ, λ and soft loss."""
+    import tfqkd
+
+    return tfqkd.Distiller(student, teachers if len(teachers) > 1 else teachers[0],
+                           temperature=cfg.temperature, coefficient=cfg.coefficient,
+                           soft_loss=cfg.soft_loss)
+
+
+def compile_distiller(distiller, cfg: common.Config, steps_per_epoch: int) -> None:
+    distiller.compile(optimizer=common.make_optimizer(cfg, steps_per_epoch),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+
+
+def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
+    """Trains the float student described by ``cfg``; returns the content of results.json."""
+    out = common.OutputDir(cfg.output_dir or "runs/train_student", overwrite=cfg.overwrite)
+    if out.is_complete():
+        return out.report_complete()
+    strategy = strategy or common.make_strategy(cfg.distribute, cfg.cpu_devices)
+    out.attach(strategy)
+    out.start(cfg)
+    common.set_seed(cfg.seed)
+    data = common.load_data(cfg)
+    extra = {}
+    with strategy.scope():
+        student = common.build_model(cfg.arch, cfg.width, data.info, cfg)
+        if cfg.teacher:
+            teachers = load_teachers(cfg.teacher, strategy)
+            model = make_distiller(student, teachers, cfg)
+            compile_distiller(model, cfg, data.steps_per_epoch)
+            mode = f"KD from {cfg.teacher} (τ={cfg.temperature:g}, λ={cfg.coefficient:g})"
+        else:
+            model = student
+            compile_classifier(model, cfg, data.steps_per_epoch)
+            mode = "hard labels"
+    if cfg.teacher:
+        extra["teacher_accuracy"] = common.evaluate_accuracy(teachers[0], data.test)
+    common.log(f"student {student.name}: {student.count_params():,} parameters, {mode}, "
+               f"{data.num_train} training images, {cfg.epochs} epochs")
+    common.fit_with_resume(model, data.train, data.test, cfg.epochs, out, save_freq=cfg.save_freq,
+                           progress=cfg.progress, validation_freq=cfg.validation_freq,
+                           name="student")
+    acc = common.evaluate_accuracy(student, data.test)
+    out.save_model(student)
+    res = common.write_results(out, cfg, {"test_accuracy": acc},
+                               {"model": student.name, "parameters": student.count_params(),
+                                "mode": "kd" if cfg.teacher else "hard",
+                                "num_train": data.num_train, "num_test": data.num_test, **extra})
+    common.log(f"student test accuracy {acc:.4f} -> {out.root}")
+    return res
+
+
+def main(argv):
+    del argv
+    common.quiet_logs()
+    run(common.config_from_flags(OPTIONS, PRESETS))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    common.define_flags(OPTIONS)
+    app.run(main)
