@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Tuple
 
 from tfqkd._keras import keras
@@ -79,7 +80,12 @@ def cifar_resnet(
         >>> m.output_shape
         (None, 10)
     """
-    if int(num_classes) != num_classes or num_classes < 2:
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, numbers.Real)
+        or int(num_classes) != num_classes
+        or num_classes < 2
+    ):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
