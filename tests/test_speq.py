@@ -10,6 +10,7 @@ import pytest
 
 from tfqkd._keras import keras, tf
 from tfqkd import speq
+from tfqkd.quantizers import ActivationQuantizer
 from tfqkd.speq import StochasticPrecisionQuantizer, stochastic_precision
 
 # Activations spread over [0, 4]: the 2-bit grid of the range [0, 4] is far from float and from 8 bits.
@@ -19,9 +20,7 @@ _X = np.linspace(0.0, 4.0, 64, dtype="float32").reshape(4, 16)
 def _built(q, name="act"):
     layer = keras.layers.Layer()
     weights = q.build((None, 16), name, layer)
-    # A realistic range for ReLU outputs instead of tfmot's initial [-6, 6].
-    weights["min_var"].assign(0.0)
-    weights["max_var"].assign(4.0)
+    weights["clip"].assign(4.0)  # as if trained: activations clipped to [0, 4]
     return layer, weights
 
 
@@ -32,8 +31,10 @@ def test_quantizer_student_pass_is_deterministic_target_bits():
     a, b = q(_X, False, w).numpy(), q(_X, False, w).numpy()
     np.testing.assert_array_equal(a, b)
     assert len(np.unique(a)) == 4  # 2 bits: four levels, nothing else
-    expected = tf.quantization.fake_quant_with_min_max_vars(_X, 0.0, 4.0, num_bits=2).numpy()
+    # Exactly the toolkit's ActivationQuantizer: same graph, so the same export.
+    expected = ActivationQuantizer(2, clip="fixed", clip_value=4.0)(_X, False, {}).numpy()
     np.testing.assert_array_equal(a, expected)
+    assert isinstance(q, ActivationQuantizer)
 
 
 def test_quantizer_teacher_draws_precision_per_call_and_per_layer():
@@ -67,7 +68,7 @@ def test_quantizer_probability_zero_teacher_equals_student_and_one_is_high():
         np.testing.assert_array_equal(q0(_X, False, w0).numpy(), student)
         eight = q1(_X, False, w1).numpy()
     assert len(np.unique(eight)) > 16  # 8 bits: many levels
-    np.testing.assert_allclose(eight, _X, atol=4.0 / 255)
+    np.testing.assert_allclose(eight, _X, atol=0.5 * 4.0 / 255 + 1e-6)
 
 
 def test_quantizer_in_tf_function_draws_afresh_without_retracing_and_tensor_flag():
@@ -93,7 +94,8 @@ def test_quantizer_in_tf_function_draws_afresh_without_retracing_and_tensor_flag
 
 
 def test_quantizer_config_round_trip_and_registration():
-    q = StochasticPrecisionQuantizer(bits=4, high_bits=None, probability=0.25, ema_decay=0.9)
+    q = StochasticPrecisionQuantizer(bits=4, high_bits=None, probability=0.25, clip="pact",
+                                     clip_value=3.0, ema_decay=0.9)
     config = q.get_config()
     assert StochasticPrecisionQuantizer.from_config(config) == q
     serialized = keras.utils.serialize_keras_object(q)
@@ -106,11 +108,13 @@ def test_quantizer_config_round_trip_and_registration():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(bits=1), "bits"),
-        (dict(bits=2, high_bits=1), "high_bits"),
+        (dict(bits=0), "bits"),
+        (dict(bits=2, high_bits=16), "high_bits"),
         (dict(bits=4, high_bits=2), "high_bits"),
         (dict(probability=1.5), "probability"),
+        (dict(probability="0.5"), "probability"),
         (dict(ema_decay=1.0), "ema_decay"),
+        (dict(clip="minmax"), "clip"),
     ],
 )
 def test_quantizer_rejects_bad_arguments(kwargs, match):

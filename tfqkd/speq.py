@@ -11,8 +11,8 @@ loss rather than the KL divergence.
 The pieces:
 
 * :class:`StochasticPrecisionQuantizer`: a tfmot ``Quantizer`` for activations. In a *student* pass
-  it quantizes deterministically at the target bit-width (the same fake-quant op the exported
-  model uses). Inside :func:`stochastic_precision` each instance draws its own Bernoulli(p) on every
+  it quantizes deterministically at the target bit-width: it then is exactly
+  :class:`tfqkd.quantizers.ActivationQuantizer` (same graph, same variables, same export). Inside :func:`stochastic_precision` each instance draws its own Bernoulli(p) on every
   forward pass and, when it comes up, uses ``high_bits`` (8 bits, or float for ``None``) instead.
   Both precisions share one pair of range variables, so the teacher adds no weights.
 * :func:`speq_quantize`: builds a SPEQ-ready QAT model from a float model with
@@ -31,14 +31,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 from typing import Any, Dict, Iterator, Optional, Union
 
-import tensorflow as tf
-import tensorflow_model_optimization as tfmot
-from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
-
-from tfqkd._keras import keras
+from tfqkd._keras import keras, tf
+from tfqkd.distiller import Distiller
+from tfqkd.quantizers import ActivationQuantizer, check_bits
 
 __all__ = [
     "StochasticPrecisionQuantizer",
@@ -48,8 +47,6 @@ __all__ = [
     "speq_quantize",
     "SPEQ",
 ]
-
-_MIN_BITS, _MAX_BITS = 2, 16  # the range tf.quantization.fake_quant_* accepts
 
 # --------------------------------------------------------------------------------------------
 # Precision mode: a trace-time switch with an optional run-time (tensor) flag.
@@ -123,39 +120,28 @@ def stochastic_precision_enabled() -> FlagLike:
 # --------------------------------------------------------------------------------------------
 # The quantizer.
 # --------------------------------------------------------------------------------------------
-def _check_bits(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not _MIN_BITS <= value <= _MAX_BITS:
-        extra = " or None (float)" if allow_none else ""
-        raise ValueError(
-            f"{name} must be an integer in [{_MIN_BITS}, {_MAX_BITS}]{extra}, got {value!r}. "
-            "Activations of 1 bit are not supported by the fake-quant op; use 2 or more."
-        )
-
-
 @keras.utils.register_keras_serializable(package="tfqkd")
-class StochasticPrecisionQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
+class StochasticPrecisionQuantizer(ActivationQuantizer):
     """Activation quantizer whose precision is switched per layer and per forward pass.
 
-    Outside :func:`stochastic_precision` (the student pass, inference, export) it is an
-    asymmetric uniform ``bits``-bit fake quantizer whose range ``[min, max]`` is an exponential
-    moving average of the batch range during training (tfmot's ``MovingAverageQuantizer``
-    arithmetic, so TFLite reads the range from the graph). Inside the context (the teacher
-    pass) it draws ``u ~ U(0, 1)`` on every call and uses ``high_bits`` (same range) or no
-    quantization at all (``high_bits=None``) when ``u < probability``. The draw is a graph op, so
-    a traced step draws afresh on every execution without retracing; each quantizer instance
-    (one per layer) draws independently.
+    Outside :func:`stochastic_precision` (the student pass, inference, export) it IS
+    :class:`tfqkd.quantizers.ActivationQuantizer`: unsigned uniform ``bits``-bit on ``[0, c]``
+    with the same clip rules (``"ema"``, ``"fixed"``, ``"pact"``), the same variables and the
+    same graph, so everything that handles an ``ActivationQuantizer`` (export included) handles
+    this one. Inside the context (the teacher pass) it draws ``u ~ U(0, 1)`` on every call and,
+    when ``u < probability``, uses ``high_bits`` on the same ``[0, c]`` or, for
+    ``high_bits=None``, leaves the activation unquantized (float). The draw is a graph op, so a
+    traced step draws afresh on every execution without retracing; each instance (one per
+    quantized activation) draws independently. Both precisions share the clip variable: the
+    teacher adds no weights.
 
     Args:
-        bits: Target activation bit-width of the student, 2..16.
-        high_bits: The teacher's alternative precision: an integer > ``bits`` or ``None`` for
-            float (unquantized) activations.
+        bits: The student's activation bit-width, 1..8.
+        high_bits: The teacher's alternative precision: an integer in ``bits..8`` or ``None`` for
+            float activations. ``high_bits == bits`` makes the quantizer deterministic.
         probability: Chance, per layer and per teacher forward pass, of the high precision;
             0 makes the teacher identical to the student.
-        ema_decay: Decay of the moving average of the activation range (tfmot uses 0.999, which
-            is very slow for short fine-tuning runs).
-        narrow_range: Passed to the fake-quant op (``[1, 2^b − 1]`` instead of ``[0, 2^b − 1]``).
+        clip, clip_value, ema_decay: As for :class:`~tfqkd.quantizers.ActivationQuantizer`.
 
     Example:
         >>> from tfqkd.speq import StochasticPrecisionQuantizer
@@ -169,72 +155,54 @@ class StochasticPrecisionQuantizer(tfmot.quantization.keras.quantizers.Quantizer
         bits: int = 2,
         high_bits: Optional[int] = 8,
         probability: float = 0.5,
+        clip: str = "ema",
+        clip_value: float = 6.0,
         ema_decay: float = 0.99,
-        narrow_range: bool = False,
     ):
-        _check_bits("bits", bits)
-        _check_bits("high_bits", high_bits, allow_none=True)
-        if high_bits is not None and high_bits < bits:
+        super().__init__(bits, clip=clip, clip_value=clip_value, ema_decay=ema_decay)
+        if high_bits is not None:
+            high_bits = check_bits(high_bits, "high_bits")
+            if high_bits < self.bits:
+                raise ValueError(
+                    f"high_bits ({high_bits}) must be >= bits ({self.bits}): it is the teacher's "
+                    "higher precision. Use high_bits=None for float activations."
+                )
+        if isinstance(probability, bool) or not isinstance(probability, numbers.Real) or \
+                not 0.0 <= float(probability) <= 1.0:
             raise ValueError(
-                f"high_bits ({high_bits}) must be >= bits ({bits}): the teacher's alternative "
-                "precision is the higher one. Use high_bits=None for float activations."
+                f"probability must be a number in [0, 1] (the per-layer chance of the teacher's "
+                f"high precision), got {probability!r}."
             )
-        if isinstance(probability, bool) or not 0.0 <= float(probability) <= 1.0:
-            raise ValueError(f"probability must be in [0, 1], got {probability!r}.")
-        if not 0.0 < float(ema_decay) < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}.")
-        self.bits = int(bits)
-        self.high_bits = None if high_bits is None else int(high_bits)
+        self.high_bits = high_bits
         self.probability = float(probability)
-        self.ema_decay = float(ema_decay)
-        self.narrow_range = bool(narrow_range)
+        self._high = None if high_bits is None else ActivationQuantizer(
+            high_bits, clip=clip, clip_value=clip_value, ema_decay=ema_decay)
 
     @property
     def is_stochastic(self) -> bool:
         """Whether a teacher pass can differ from the student pass at all."""
         return self.probability > 0.0 and self.high_bits != self.bits
 
-    def build(self, tensor_shape, name: str, layer) -> Dict[str, tf.Variable]:
-        # One range shared by both precisions: the teacher adds no variables.
-        min_var = layer.add_weight(
-            name + "_min", shape=None, initializer=keras.initializers.Constant(-6.0),
-            trainable=False,
-        )
-        max_var = layer.add_weight(
-            name + "_max", shape=None, initializer=keras.initializers.Constant(6.0),
-            trainable=False,
-        )
-        return {"min_var": min_var, "max_var": max_var}
-
     def __call__(self, inputs, training, weights, **kwargs):
         inputs = tf.convert_to_tensor(inputs)
-        low = quant_ops.MovingAvgQuantize(
-            inputs, weights["min_var"], weights["max_var"], ema_decay=self.ema_decay,
-            is_training=training, num_bits=self.bits, narrow_range=self.narrow_range,
-        )
+        low = super().__call__(inputs, training, weights, **kwargs)
         flag = stochastic_precision_enabled()
         if flag is False or not self.is_stochastic:
-            return low  # student pass: exactly the graph that is exported
-        if self.high_bits is None:
-            high = inputs
+            return low  # student pass: exactly ActivationQuantizer's graph
+        if self._high is None:
+            high = tf.cast(inputs, low.dtype)
         else:
-            high = tf.quantization.fake_quant_with_min_max_vars(
-                inputs, tf.identity(weights["min_var"]), tf.identity(weights["max_var"]),
-                num_bits=self.high_bits, narrow_range=self.narrow_range,
-            )
+            # training=False: read the clip the student pass maintains, never update it twice.
+            high = self._high(inputs, False, weights)
         use_high = tf.random.uniform([], dtype=tf.float32) < self.probability
         if flag is not True:
             use_high = tf.logical_and(tf.cast(flag, tf.bool), use_high)
         return tf.where(use_high, high, low)
 
     def get_config(self) -> Dict[str, Any]:
-        return {
-            "bits": self.bits,
-            "high_bits": self.high_bits,
-            "probability": self.probability,
-            "ema_decay": self.ema_decay,
-            "narrow_range": self.narrow_range,
-        }
+        config = super().get_config()
+        config.update(high_bits=self.high_bits, probability=self.probability)
+        return config
 
     def __eq__(self, other) -> bool:
         return isinstance(other, StochasticPrecisionQuantizer) and (
@@ -247,5 +215,245 @@ class StochasticPrecisionQuantizer(tfmot.quantization.keras.quantizers.Quantizer
     def __repr__(self) -> str:
         return (
             f"StochasticPrecisionQuantizer(bits={self.bits}, high_bits={self.high_bits}, "
-            f"probability={self.probability})"
+            f"probability={self.probability}, clip={self.clip!r})"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Building a SPEQ model.
+# --------------------------------------------------------------------------------------------
+def _collect(obj, found: Dict[int, StochasticPrecisionQuantizer], depth: int = 0) -> None:
+    if depth > 3 or obj is None:
+        return
+    if isinstance(obj, StochasticPrecisionQuantizer):
+        found.setdefault(id(obj), obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _collect(item, found, depth + 1)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _collect(item, found, depth + 1)
+    elif hasattr(obj, "quantizer"):  # tfmot's QuantizeAwareActivation
+        _collect(obj.quantizer, found, depth + 1)
+
+
+def stochastic_quantizers(model: keras.Model) -> list:
+    """The :class:`StochasticPrecisionQuantizer` instances in ``model`` (one per quantized tensor).
+
+    Looks into tfmot's wrappers: output quantizers, quantize-aware activations, input
+    ``QuantizeLayer``\\ s and weight quantizers.
+
+    Example:
+        >>> import tfqkd
+        >>> stochastic_quantizers(tfqkd.models.tiny_resnet(seed=0))  # a float model has none
+        []
+    """
+    found: Dict[int, StochasticPrecisionQuantizer] = {}
+    modules = [model] + [m for m in model.submodules if isinstance(m, keras.layers.Layer)]
+    for module in modules:
+        for name, value in vars(module).items():
+            if name.startswith("_obj_") or name in ("_self_setattr_tracking",):
+                continue
+            _collect(value, found)
+    return list(found.values())
+
+
+def speq_quantize(
+    model: keras.Model,
+    weight_bits: int = 2,
+    activation_bits: int = 2,
+    *,
+    high_bits: Optional[int] = 8,
+    probability: float = 0.5,
+    ema_decay: float = 0.99,
+    **quantize_kwargs,
+) -> keras.Model:
+    """Quantizes a float model for SPEQ: weights as usual, activations stochastic-precision.
+
+    Calls :func:`tfqkd.quantize_model` with ``activation_quantizer=`` a factory of
+    :class:`StochasticPrecisionQuantizer`\\ s, so every quantized activation (at
+    ``activation_bits``, or ``first_last_bits`` for the first and last layers) can switch to
+    ``high_bits`` in the teacher pass. Quantized activations already at or above ``high_bits``
+    stay deterministic.
+
+    Args:
+        model: A float functional ``tf_keras`` model outputting logits.
+        weight_bits: Weight bit-width of the quantized layers.
+        activation_bits: The student's activation bit-width (2..16).
+        high_bits: The teacher's alternative activation precision (> ``activation_bits``), or
+            ``None`` for float.
+        probability: Per-layer, per-teacher-pass chance of ``high_bits``.
+        ema_decay: Decay of the activation-range moving averages.
+        **quantize_kwargs: Passed to :func:`tfqkd.quantize_model` (``first_last_bits``,
+            ``per_channel``, ``step``, ...).
+
+    Returns:
+        The QAT model; its weights are the student's and the teacher's.
+
+    Example:
+        >>> import tfqkd
+        >>> from tfqkd.speq import speq_quantize, stochastic_quantizers
+        >>> q = speq_quantize(tfqkd.models.tiny_resnet(seed=0), 4, 4, probability=0.5)
+        >>> len(stochastic_quantizers(q)) > 0
+        True
+    """
+    from tfqkd.quantize import quantize_model  # lazy: tfqkd.quantize pulls in the whole scheme
+
+    if activation_bits is None:
+        raise ValueError(
+            "activation_bits is None, but SPEQ's teacher varies the activation precision: give "
+            "the student's activation bit-width, e.g. activation_bits=2."
+        )
+    # Validate once here so that a bad value is reported before the model is rewritten.
+    StochasticPrecisionQuantizer(activation_bits, high_bits, probability, ema_decay=ema_decay)
+
+    def factory(bits: int) -> StochasticPrecisionQuantizer:
+        bits = int(bits)
+        high = high_bits
+        if high is not None and bits >= high:
+            high = bits  # already at (or above) the teacher's precision: deterministic
+        return StochasticPrecisionQuantizer(bits, high, probability, ema_decay=ema_decay)
+
+    if "activation_quantizer" in quantize_kwargs:
+        raise ValueError(
+            "speq_quantize sets activation_quantizer itself (stochastic precision); call "
+            "tfqkd.quantize_model directly to use another activation quantizer."
+        )
+    return quantize_model(
+        model, weight_bits=weight_bits, activation_bits=activation_bits,
+        activation_quantizer=factory, **quantize_kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The self-distilling model.
+# --------------------------------------------------------------------------------------------
+_TEACHER_BN = ("inference", "batch")
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class SPEQ(Distiller):
+    """Self-distillation of a quantized model from itself at stochastic activation precision.
+
+    One training step runs the network twice with the SAME weights:
+
+    1. teacher pass, without gradient: inside :func:`stochastic_precision` every
+       :class:`StochasticPrecisionQuantizer` draws its own precision; the softened output
+       ``p_T = softmax(z_T / tau)`` is the soft target (averaged over ``teacher_passes`` passes);
+    2. student pass, with gradient, at the target precision;
+
+    and minimises ``(1 − λ)·H(y, p_S) + λ·cosine_distance(p_T, p_S)`` (the soft loss is
+    configurable). Everything else is :class:`tfqkd.Distiller`: ``coefficient`` and
+    ``temperature`` variables for the schedulers, the logged metrics, the distribution-correct
+    loss, ``evaluate`` (the soft loss there is against a fresh stochastic teacher).
+
+    **Batch normalisation.** ``teacher_bn="inference"`` (default) runs the teacher with
+    ``training=False``: batch norm uses its moving statistics and nothing is updated (neither the
+    moving statistics nor the activation ranges), so only the student pass changes state, once
+    per step, as in plain training. This is right when fine-tuning from a trained float model (the
+    usual SPEQ set-up). From scratch the moving statistics lag for the first few hundred steps and
+    the teacher is poor then; ``teacher_bn="batch"`` runs the teacher with ``training=True`` (batch
+    statistics, like the student) and restores every non-trainable variable of the student
+    afterwards, so the teacher still leaves no trace.
+
+    Args:
+        student: A model built with :func:`speq_quantize` (it must contain
+            :class:`StochasticPrecisionQuantizer`\\ s).
+        temperature: Initial tau > 0.
+        coefficient: Initial lambda in [0, 1].
+        soft_loss: ``"cosine"`` (SPEQ's choice), or any :func:`tfqkd.losses.get` identifier.
+        teacher_passes: Stochastic teacher passes averaged per step (the paper uses 1).
+        teacher_bn: ``"inference"`` or ``"batch"`` (see above).
+        temperature_squared: As for :class:`tfqkd.Distiller`.
+        name: Model name.
+
+    Example:
+        >>> import numpy as np, tfqkd
+        >>> from tfqkd.speq import SPEQ, speq_quantize
+        >>> student = speq_quantize(tfqkd.models.tiny_resnet(seed=0), 4, 4)
+        >>> model = SPEQ(student, temperature=2.0, coefficient=0.5)
+        >>> model.compile(tfqkd.keras.optimizers.SGD(0.01), metrics=["accuracy"])
+        >>> x = np.random.rand(32, 8, 8, 1).astype("float32"); y = np.arange(32) % 10
+        >>> sorted(model.fit(x, y, batch_size=16, verbose=0).history)
+        ['accuracy', 'coefficient', 'hard_loss', 'loss', 'soft_loss', 'temperature']
+    """
+
+    def __init__(
+        self,
+        student: keras.Model,
+        *,
+        temperature: float = 1.0,
+        coefficient: float = 0.5,
+        soft_loss: Any = "cosine",
+        teacher_passes: int = 1,
+        teacher_bn: str = "inference",
+        temperature_squared: bool = False,
+        name: str = "speq",
+        **kwargs,
+    ):
+        kwargs.pop("teacher", None)  # configs of the base class carry teacher=None
+        super().__init__(
+            student, None, temperature=temperature, coefficient=coefficient,
+            soft_loss=soft_loss, temperature_squared=temperature_squared, name=name, **kwargs,
+        )
+        if not stochastic_quantizers(student):
+            raise ValueError(
+                f"The student {student.name!r} has no StochasticPrecisionQuantizer, so SPEQ's "
+                "teacher would be the student itself. Build it with "
+                "tfqkd.speq.speq_quantize(float_model, weight_bits, activation_bits), or "
+                "tfqkd.quantize_model(..., activation_quantizer=lambda b: "
+                "StochasticPrecisionQuantizer(b))."
+            )
+        if isinstance(teacher_passes, bool) or not isinstance(teacher_passes, int) or \
+                teacher_passes < 1:
+            raise ValueError(f"teacher_passes must be an integer >= 1, got {teacher_passes!r}.")
+        if teacher_bn not in _TEACHER_BN:
+            raise ValueError(
+                f"teacher_bn must be one of {_TEACHER_BN}, got {teacher_bn!r}: 'inference' runs "
+                "the teacher with moving batch-norm statistics, 'batch' with batch statistics."
+            )
+        self.teacher_passes = teacher_passes
+        self.teacher_bn = teacher_bn
+
+    def teacher_logits(self, x) -> tf.Tensor:
+        """One stochastic-precision pass of the shared network (no state changes).
+
+        Example:
+            >>> import numpy as np, tfqkd
+            >>> from tfqkd.speq import SPEQ, speq_quantize
+            >>> m = SPEQ(speq_quantize(tfqkd.models.tiny_resnet(seed=0), 4, 4))
+            >>> m.teacher_logits(np.zeros((2, 8, 8, 1), "float32")).shape
+            TensorShape([2, 10])
+        """
+        if self.teacher_bn == "inference":
+            with stochastic_precision(True):
+                return self.student(x, training=False)
+        state = self.student.non_trainable_variables
+        saved = [tf.identity(v) for v in state]
+        with tf.control_dependencies(saved):
+            with stochastic_precision(True):
+                logits = self.student(x, training=True)
+        with tf.control_dependencies([logits]):
+            restored = [v.assign(s) for v, s in zip(state, saved)]
+        with tf.control_dependencies(restored):
+            return tf.identity(logits)
+
+    def teacher_probabilities(self, x) -> tf.Tensor:
+        """``softmax(z_T / tau)`` averaged over ``teacher_passes`` stochastic passes."""
+        probs = [self.soften(self.teacher_logits(x)) for _ in range(self.teacher_passes)]
+        probs = probs[0] if len(probs) == 1 else tf.add_n(probs) / float(len(probs))
+        return tf.stop_gradient(probs)
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.pop("teacher", None)
+        config.update(teacher_passes=self.teacher_passes, teacher_bn=self.teacher_bn)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config.pop("teacher", None)
+        config["student"] = keras.utils.deserialize_keras_object(
+            config["student"], custom_objects=custom_objects)
+        return cls(**config)
