@@ -423,6 +423,19 @@ def test_tfds_source_is_used_only_when_prepared_or_download_requested(tmp_path, 
     assert calls[-1] == ("cifar100", None, True)
 
 
+def test_tfds_source_end_to_end_with_mock_data(tmp_path):
+    # tfds' own mock replaces the prepared files: this runs the real tfds.load call path offline.
+    import tensorflow_datasets as tfds  # a hard dependency of tfqkd
+    prepared = tmp_path / "tfds"
+    (prepared / "cifar10" / "3.0.2").mkdir(parents=True)
+    (prepared / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
+    with tfds.testing.mock_data(num_examples=20):
+        x, y = data.load_arrays("cifar10", "train", data_dir=prepared)
+        assert x.shape == (20, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int64
+        ds = data.load_dataset("cifar100", "test", batch_size=8, download=True)
+        assert [int(b[1].shape[0]) for b in ds] == [8, 8, 4]
+
+
 # ------------------------------------------------------------------------------------------------
 # The real offline CIFAR-10 archive
 

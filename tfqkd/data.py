@@ -484,11 +484,14 @@ def _load_tfds(name: str, root: Optional[pathlib.Path], download: bool) -> Dict[
 
     arrays = {}
     for split in SPLITS:
-        x, y = tfds.as_numpy(tfds.load(
-            name, split=split, data_dir=None if root is None else str(root), batch_size=-1,
-            as_supervised=True, download=download,
-        ))
-        arrays[f"x_{split}"], arrays[f"y_{split}"] = x, y
+        ds = tfds.load(
+            name, split=split, data_dir=None if root is None else str(root), as_supervised=True,
+            download=download,
+        )
+        # Fixed-size batches rather than batch_size=-1: same result, bounded temporaries.
+        batches = list(tfds.as_numpy(ds.batch(4096)))
+        arrays[f"x_{split}"] = np.concatenate([x for x, _ in batches])
+        arrays[f"y_{split}"] = np.concatenate([y for _, y in batches])
     return _remember(key, _validate_arrays(name, arrays, f"tensorflow-datasets {name!r}"))
 
 
