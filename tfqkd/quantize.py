@@ -1,0 +1,570 @@
+"""Model-level quantization: the tfqkd ``QuantizeScheme``, its registry, and ``quantize_model``.
+
+tfqkd extends tfmot the way tfmot is meant to be extended (like its own ``default_8bit``
+package): a :class:`TfqkdQuantizeScheme` bundles a layout transform
+(:class:`TfqkdQuantizeLayoutTransform`) and a registry (:class:`TfqkdQuantizeRegistry`) that
+hands out the :mod:`tfqkd.quantize_configs` per layer; :func:`quantize_model` annotates the
+layers to quantize and calls ``tfmot.quantization.keras.quantize_apply`` with that scheme. The
+result is an ordinary tfmot QAT model (layers wrapped in ``QuantizeWrapperV2``).
+
+What gets quantized:
+
+* ``Conv2D``, ``DepthwiseConv2D`` and ``Dense`` kernels: ``weight_bits``-bit symmetric (Eq. 1/2),
+  except the first weighted layer(s) and the classifier, found by graph position (weighted
+  layers with no weighted layer before / after them), which use ``first_last_bits``.
+  Biases stay float.
+* With ``activation_bits``: the outputs of ``ReLU`` / ``Activation("relu")`` layers and fused
+  ReLU activations, unsigned ``activation_bits``-bit (:class:`~tfqkd.quantizers.ActivationQuantizer`).
+* Nothing else: ``BatchNormalization`` stays a separate float layer (no Conv+BN folding during
+  training as tfmot's default scheme does: the quantizer sees the conv kernel itself, and the
+  exporter folds BN afterwards — per-channel levels survive because BN scales each output
+  channel), and ``Add``, pooling, ``Flatten``, ``Dropout``… pass through untouched (with
+  ``activation_bits`` their inputs are already quantized ReLU outputs, or BN outputs which the
+  integer exporter requantizes at 8 bits anyway).
+* Any other layer with weights (``Conv1D``, ``LSTM``, ``Embedding``, ``Conv2DTranspose``…)
+  raises a ``ValueError`` naming it: no layer is silently left float.
+
+Example:
+    >>> import tfqkd
+    >>> model = tfqkd.models.tiny_resnet(10, seed=0)
+    >>> qmodel = tfqkd.quantize_model(model, weight_bits=2)
+    >>> kernels = quantized_weights(qmodel)
+    >>> len(set(kernels["stage1_block1_conv1"].ravel().tolist())) <= 3
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import numbers
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
+
+import numpy as np
+import tensorflow_model_optimization as tfmot
+
+from tfqkd._keras import keras, tf
+from tfqkd.quantize_configs import (
+    ActivationQuantizeConfig,
+    Conv2DQuantizeConfig,
+    DenseQuantizeConfig,
+    DepthwiseConv2DQuantizeConfig,
+    KernelQuantizeConfig,
+    is_quantizable_relu_layer,
+    is_relu_activation,
+)
+from tfqkd.quantizers import (
+    CLIP_KINDS,
+    STEP_KINDS,
+    ActivationQuantizer,
+    SymmetricQuantizer,
+    check_bits,
+    l2_optimal_step,
+)
+
+__all__ = [
+    "quantize_model",
+    "quantize_scope",
+    "quantized_weights",
+    "quantization_info",
+    "first_and_last_layers",
+    "TfqkdQuantizeScheme",
+    "TfqkdQuantizeRegistry",
+    "TfqkdQuantizeLayoutTransform",
+    "SUPPORTED_WEIGHT_LAYERS",
+]
+
+_tfmot_q = tfmot.quantization.keras
+
+#: Layer classes whose kernels tfqkd quantizes, with their config class and channel axes.
+SUPPORTED_WEIGHT_LAYERS: Dict[type, Tuple[type, Any]] = {
+    keras.layers.Conv2D: (Conv2DQuantizeConfig, -1),
+    keras.layers.DepthwiseConv2D: (DepthwiseConv2DQuantizeConfig, (2, 3)),
+    keras.layers.Dense: (DenseQuantizeConfig, -1),
+}
+
+#: Layers that have weights but stay float by design (normalisation: folded at export).
+_FLOAT_BY_DESIGN: Tuple[type, ...] = tuple(
+    cls for cls in (
+        keras.layers.BatchNormalization,
+        getattr(keras.layers, "LayerNormalization", None),
+        getattr(keras.layers, "GroupNormalization", None),
+        getattr(keras.layers, "Normalization", None),
+    ) if cls is not None
+)
+
+
+def _is_weight_layer(layer) -> bool:
+    # Exact types: Conv2DTranspose / SeparableConv2D subclass Conv2D but have other kernels.
+    return type(layer) in SUPPORTED_WEIGHT_LAYERS
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------
+def _check_optional_bits(bits, name):
+    return None if bits is None else check_bits(bits, name)
+
+
+def _check_options(weight_bits, activation_bits, first_last_bits, per_channel, step,
+                   activation_clip, activation_quantizer):
+    weight_bits = check_bits(weight_bits, "weight_bits")
+    activation_bits = _check_optional_bits(activation_bits, "activation_bits")
+    first_last_bits = _check_optional_bits(first_last_bits, "first_last_bits")
+    if not isinstance(per_channel, (bool, np.bool_)):
+        raise ValueError(f"per_channel must be True or False, got {per_channel!r}.")
+    if step not in STEP_KINDS:
+        raise ValueError(f"step must be one of {STEP_KINDS}, got {step!r}.")
+    if activation_clip not in CLIP_KINDS:
+        raise ValueError(f"activation_clip must be one of {CLIP_KINDS}, got {activation_clip!r}.")
+    if activation_quantizer is not None:
+        if not callable(activation_quantizer):
+            raise ValueError(
+                "activation_quantizer must be a callable bits -> tfmot Quantizer, got "
+                f"{activation_quantizer!r}.")
+        if activation_bits is None:
+            raise ValueError(
+                "activation_quantizer was given but activation_bits=None, so no activation would "
+                "be quantized; pass activation_bits (e.g. 4) as well.")
+    return weight_bits, activation_bits, first_last_bits, bool(per_channel)
+
+
+# --------------------------------------------------------------------------------------------
+# graph position of the weighted layers
+# --------------------------------------------------------------------------------------------
+def _parents(model: keras.Model) -> Dict[str, Set[str]]:
+    """Layer name -> names of the layers feeding it, in this model's own graph."""
+    parents: Dict[str, Set[str]] = {layer.name: set() for layer in model.layers}
+    if getattr(model, "_is_graph_network", False):
+        for nodes in model._nodes_by_depth.values():  # this model's nodes only
+            for node in nodes:
+                for parent in tf.nest.flatten(node.inbound_layers):
+                    parents.setdefault(node.layer.name, set()).add(parent.name)
+    else:  # a Sequential model without a known input: its layers are a chain
+        layers = model.layers
+        for prev, layer in zip(layers, layers[1:]):
+            parents[layer.name].add(prev.name)
+    return parents
+
+
+def first_and_last_layers(model: keras.Model) -> Tuple[List[str], List[str]]:
+    """Names of the first and the last quantizable weighted layers, by graph position.
+
+    "First" are the Conv2D/DepthwiseConv2D/Dense layers with no such layer on any path from
+    the input (the stem convolution); "last" those with none on any path to an output (the
+    classifier). Layer names play no role.
+
+    Example:
+        >>> import tfqkd
+        >>> first_and_last_layers(tfqkd.models.tiny_resnet(seed=0))
+        (['stem_conv'], ['classifier'])
+    """
+    parents = _parents(model)
+    children: Dict[str, Set[str]] = {name: set() for name in parents}
+    for name, ps in parents.items():
+        for p in ps:
+            children.setdefault(p, set()).add(name)
+    weighted = {layer.name for layer in model.layers if _is_weight_layer(layer)}
+
+    def reaches_weighted(start: str, edges: Mapping[str, Set[str]]) -> bool:
+        seen, stack = set(), list(edges.get(start, ()))
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in weighted:
+                return True
+            stack.extend(edges.get(name, ()))
+        return False
+
+    order = [layer.name for layer in model.layers if layer.name in weighted]
+    first = [n for n in order if not reaches_weighted(n, parents)]
+    last = [n for n in order if not reaches_weighted(n, children)]
+    return first, last
+
+
+def _check_layers(model: keras.Model) -> None:
+    """Raises on layers tfqkd cannot quantize that would otherwise silently stay float."""
+    problems = []
+    for layer in model.layers:
+        if isinstance(layer, _tfmot_q.QuantizeWrapperV2) or isinstance(
+                layer, tfmot.quantization.keras.QuantizeWrapper):
+            raise ValueError(
+                f"the model is already quantized (layer {layer.name!r} is a QuantizeWrapper); "
+                "pass the float model to quantize_model.")
+        if isinstance(layer, keras.Model):
+            raise ValueError(
+                f"layer {layer.name!r} is a nested model ({type(layer).__name__}); tfmot cannot "
+                "quantize models inside models: rebuild it as one flat Functional or Sequential "
+                "model.")
+        if _is_weight_layer(layer) or isinstance(layer, _FLOAT_BY_DESIGN) or not layer.weights:
+            continue
+        problems.append(f"{layer.name!r} ({type(layer).__name__})")
+    if problems:
+        supported = ", ".join(cls.__name__ for cls in SUPPORTED_WEIGHT_LAYERS)
+        raise ValueError(
+            f"cannot quantize the weights of layer(s) {', '.join(problems)}: tfqkd quantizes "
+            f"{supported} kernels (BatchNormalization stays float). Replace these layers with "
+            "supported ones, or quantize the model without them.")
+
+
+# --------------------------------------------------------------------------------------------
+# the scheme: registry + layout transform
+# --------------------------------------------------------------------------------------------
+class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
+    """Hands out the tfqkd ``QuantizeConfig`` of each supported layer.
+
+    Args:
+        weight_bits: Bit-width of the kernels.
+        activation_bits: Bit-width of ReLU outputs, ``None`` to keep activations float.
+        per_channel: One step per output channel.
+        step: ``"l2"``, ``"std"`` or ``"learned"`` (see :class:`~tfqkd.quantizers.SymmetricQuantizer`).
+        activation_clip: ``"ema"``, ``"fixed"`` or ``"pact"`` (see :class:`~tfqkd.quantizers.ActivationQuantizer`).
+        activation_quantizer: Optional ``bits -> Quantizer`` replacing the default activation
+            quantizer.
+        layer_bits: Per-layer-name weight bit-width overrides (first/last layers).
+
+    Example:
+        >>> reg = TfqkdQuantizeRegistry(weight_bits=2, layer_bits={"stem": 8})
+        >>> reg.get_quantize_config(keras.layers.Dense(3, name="stem")).weight_quantizer.bits
+        8
+    """
+
+    def __init__(
+        self,
+        weight_bits: int = 2,
+        activation_bits: Optional[int] = None,
+        per_channel: bool = False,
+        step: str = "l2",
+        activation_clip: str = "ema",
+        activation_quantizer: Optional[Callable[[int], Any]] = None,
+        layer_bits: Optional[Mapping[str, int]] = None,
+    ):
+        self.weight_bits, self.activation_bits, _, self.per_channel = _check_options(
+            weight_bits, activation_bits, None, per_channel, step, activation_clip,
+            activation_quantizer)
+        self.step = step
+        self.activation_clip = activation_clip
+        self.activation_quantizer = activation_quantizer
+        self.layer_bits = {k: check_bits(v, f"bits of layer {k!r}") for k, v in (layer_bits or {}).items()}
+
+    def _make_activation_quantizer(self):
+        if self.activation_bits is None:
+            return None
+        if self.activation_quantizer is not None:
+            quantizer = self.activation_quantizer(self.activation_bits)
+            if not isinstance(quantizer, _tfmot_q.quantizers.Quantizer):
+                raise ValueError(
+                    "activation_quantizer(bits) must return a "
+                    "tfmot.quantization.keras.quantizers.Quantizer, got "
+                    f"{type(quantizer).__name__}.")
+            return quantizer
+        return ActivationQuantizer(self.activation_bits, clip=self.activation_clip)
+
+    def supports(self, layer) -> bool:
+        """Whether this registry quantizes ``layer``."""
+        if _is_weight_layer(layer):
+            return True
+        return self.activation_bits is not None and is_quantizable_relu_layer(layer)
+
+    def get_quantize_config(self, layer):
+        """The config for ``layer`` (a fresh object per layer)."""
+        if _is_weight_layer(layer):
+            config_cls, axis = SUPPORTED_WEIGHT_LAYERS[type(layer)]
+            bits = self.layer_bits.get(layer.name, self.weight_bits)
+            weight_q = SymmetricQuantizer(bits, step=self.step, per_channel=self.per_channel, axis=axis)
+            return config_cls(weight_q, self._make_activation_quantizer())
+        if self.supports(layer):
+            return ActivationQuantizeConfig(self._make_activation_quantizer())
+        raise ValueError(
+            f"layer {layer.name!r} ({type(layer).__name__}) is not quantized by tfqkd; supported: "
+            f"{', '.join(c.__name__ for c in SUPPORTED_WEIGHT_LAYERS)} (+ ReLU with activation_bits).")
+
+
+class TfqkdQuantizeLayoutTransform(_tfmot_q.QuantizeLayoutTransform):
+    """tfqkd's layout transforms: deliberately none of tfmot's default ones.
+
+    tfmot's default 8-bit scheme folds Conv+BN and inserts an input quantizer to mimic the
+    TFLite kernels. tfqkd keeps the Keras graph as it is: the weight quantizer must see the
+    convolution kernel itself (Eq. 1/2 is defined on it) and BN stays float; the exporter folds
+    BN afterwards. ``transforms`` (tfmot ``Transform`` objects) can be added by subclasses and
+    are applied with tfmot's ``ModelTransformer``.
+
+    Example:
+        >>> TfqkdQuantizeLayoutTransform().transforms
+        []
+    """
+
+    def __init__(self, transforms: Optional[List[Any]] = None):
+        self.transforms = list(transforms or [])
+
+    def apply(self, model, layer_quantize_map):
+        if not self.transforms:
+            return model, layer_quantize_map
+        return _tfmot_q.graph_transformations.model_transformer.ModelTransformer(
+            model, self.transforms, set(layer_quantize_map.keys()), layer_quantize_map
+        ).transform()
+
+
+class TfqkdQuantizeScheme(_tfmot_q.QuantizeScheme):
+    """The tfqkd ``QuantizeScheme``: pass it to ``tfmot.quantization.keras.quantize_apply``.
+
+    Takes the :class:`TfqkdQuantizeRegistry` arguments. :func:`quantize_model` builds it for
+    you; use it directly to quantize a model annotated by hand
+    (``tfmot.quantization.keras.quantize_annotate_layer``).
+
+    Example:
+        >>> scheme = TfqkdQuantizeScheme(weight_bits=4)
+        >>> scheme.get_quantize_registry().weight_bits
+        4
+    """
+
+    def __init__(self, **registry_kwargs):
+        self._registry = TfqkdQuantizeRegistry(**registry_kwargs)
+
+    def get_layout_transformer(self):
+        return TfqkdQuantizeLayoutTransform()
+
+    def get_quantize_registry(self):
+        return self._registry
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def quantize_model(
+    model: keras.Model,
+    weight_bits: int = 2,
+    activation_bits: Optional[int] = None,
+    first_last_bits: Optional[int] = 8,
+    per_channel: bool = False,
+    step: str = "l2",
+    activation_clip: str = "ema",
+    activation_quantizer: Optional[Callable[[int], Any]] = None,
+) -> keras.Model:
+    """Returns a quantization-aware-training copy of ``model`` (tfmot ``QuantizeWrapperV2`` layers).
+
+    The copy starts from ``model``'s weights (the float shadow weights) and is ready for
+    ``compile``/``fit``; ``model`` itself is not changed.
+
+    Args:
+        model: A built Functional or Sequential ``tf_keras`` model.
+        weight_bits: Kernel bit-width in 1..8 (2 = ternary, the paper's setting).
+        activation_bits: ReLU-output bit-width in 1..8, or ``None`` (float activations, the
+            paper's W2A32).
+        first_last_bits: Bit-width of the first weighted layer and the classifier (found by graph
+            position); ``None`` quantizes them with ``weight_bits`` like the rest.
+        per_channel: One step per output channel (else one per kernel).
+        step: Step-size rule: ``"l2"`` (default), ``"std"`` or ``"learned"`` (LSQ).
+        activation_clip: Clip rule of the default activation quantizer: ``"ema"``, ``"fixed"``
+            (at 6.0) or ``"pact"``.
+        activation_quantizer: Optional callable ``bits -> tfmot Quantizer`` used instead of
+            :class:`~tfqkd.quantizers.ActivationQuantizer` for every quantized activation (it
+            must be Keras-serialisable to save the model).
+
+    Returns:
+        The QAT model, named like ``model``; layer ``x`` becomes ``quant_x``.
+
+    Raises:
+        ValueError: on a bad bit-width / step / clip / per_channel, on a model that is already
+            quantized, nested, or has weighted layers tfqkd cannot quantize (named).
+
+    Example:
+        >>> import tfqkd
+        >>> q = quantize_model(tfqkd.models.tiny_resnet(seed=0), weight_bits=2, activation_bits=4)
+        >>> q.get_layer("quant_stem_relu").__class__.__name__
+        'QuantizeWrapperV2'
+    """
+    weight_bits, activation_bits, first_last_bits, per_channel = _check_options(
+        weight_bits, activation_bits, first_last_bits, per_channel, step, activation_clip,
+        activation_quantizer)
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"model must be a tf_keras Model (build it with `from tfqkd import keras`), got "
+            f"{type(model).__module__}.{type(model).__name__}.")
+    if not (isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False)):
+        raise ValueError(
+            f"model must be a Functional or Sequential model, got a subclassed "
+            f"{type(model).__name__}; tfmot can only rewrite graph models.")
+    if not model.built:
+        raise ValueError("model is not built: call model.build(input_shape) or give it an Input.")
+    _check_layers(model)
+
+    layer_bits: Dict[str, int] = {}
+    if first_last_bits is not None:
+        first, last = first_and_last_layers(model)
+        layer_bits = {name: first_last_bits for name in first + last}
+
+    registry_kwargs = dict(
+        weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel,
+        step=step, activation_clip=activation_clip, activation_quantizer=activation_quantizer,
+        layer_bits=layer_bits)
+    scheme = TfqkdQuantizeScheme(**registry_kwargs)
+    registry = scheme.get_quantize_registry()
+
+    if activation_bits is not None:
+        for layer in model.layers:
+            act = getattr(layer, "activation", None)
+            float_act = (
+                (type(layer) is keras.layers.Activation and not is_relu_activation(act))
+                or (_is_weight_layer(layer) and act is not None and not is_relu_activation(act)
+                    and getattr(act, "__name__", "") != "linear")
+                or (isinstance(layer, (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.PReLU,
+                                       keras.layers.ELU)) and not is_quantizable_relu_layer(layer))
+            )
+            if float_act:
+                warnings.warn(
+                    f"activation of layer {layer.name!r} ({type(layer).__name__}) is not a plain "
+                    "ReLU, so it stays float; only ReLU outputs are quantized to activation_bits.",
+                    stacklevel=2)
+
+    def annotate(layer):
+        if registry.supports(layer):
+            return _tfmot_q.quantize_annotate_layer(layer)
+        return layer  # pass-through (shared with `model` here; quantize_apply copies it)
+
+    with quantize_scope():
+        annotated = keras.models.clone_model(model, clone_function=annotate)
+        qmodel = _tfmot_q.quantize_apply(annotated, scheme=scheme)
+
+    wrapped = {layer.layer.name for layer in qmodel.layers
+               if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper)}
+    missing = [layer.name for layer in model.layers if _is_weight_layer(layer) and layer.name not in wrapped]
+    if missing:  # pragma: no cover - guards against tfmot changing its cloning
+        raise RuntimeError(f"layers {missing} were not wrapped for quantization.")
+    _init_learned_steps(qmodel)
+    return qmodel
+
+
+def _weight_vars(model: keras.Model) -> Iterator[Tuple[Any, Any, Any, Any]]:
+    """Yields (wrapper, float weight, quantizer, quantizer vars) of every quantized weight."""
+    for layer in _walk_layers(model):
+        if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper):
+            for weight, quantizer, qvars in getattr(layer, "_weight_vars", []):
+                yield layer, weight, quantizer, qvars
+
+
+def _walk_layers(model) -> Iterator[keras.layers.Layer]:
+    for layer in getattr(model, "layers", []):
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _walk_layers(layer)
+
+
+def _init_learned_steps(qmodel: keras.Model) -> None:
+    for _, weight, quantizer, qvars in _weight_vars(qmodel):
+        if isinstance(quantizer, SymmetricQuantizer) and quantizer.step == "learned" and "step" in qvars:
+            axis = quantizer.axis if quantizer.per_channel else None
+            qvars["step"].assign(tf.reshape(l2_optimal_step(weight, quantizer.bits, axis=axis),
+                                            qvars["step"].shape))
+
+
+def _key(wrapper, weight, n_weights: int) -> str:
+    if n_weights == 1:
+        return wrapper.layer.name
+    return f"{wrapper.layer.name}/{weight.name.split(':')[0].split('/')[-1]}"
+
+
+def quantized_weights(model: keras.Model) -> Dict[str, np.ndarray]:
+    """``{inner layer name: the kernel the forward pass uses, Q(w)}`` of a quantized model.
+
+    Computed by calling each wrapper's weight quantizer on its float weight in inference mode,
+    exactly as ``QuantizeWrapperV2.call`` does. Layers with several quantized weights are keyed
+    ``"layer/weight"``. Nested models (e.g. a ``Distiller``'s student) are searched too.
+
+    Example:
+        >>> import tfqkd
+        >>> q = quantize_model(tfqkd.models.tiny_resnet(seed=0), weight_bits=2)
+        >>> sorted(quantized_weights(q))[:2]
+        ['classifier', 'stage1_block1_conv1']
+    """
+    out: Dict[str, np.ndarray] = {}
+    entries = list(_weight_vars(model))
+    counts: Dict[int, int] = {}
+    for wrapper, *_ in entries:
+        counts[id(wrapper)] = counts.get(id(wrapper), 0) + 1
+    for wrapper, weight, quantizer, qvars in entries:
+        key = _key(wrapper, weight, counts[id(wrapper)])
+        if key in out:
+            raise ValueError(
+                f"two quantized layers are named {key!r} (a model containing two quantized "
+                "models?); pass the quantized model itself, e.g. distiller.student.")
+        out[key] = np.asarray(quantizer(tf.convert_to_tensor(weight), False, qvars))
+    return out
+
+
+def quantization_info(model: keras.Model) -> Dict[str, Dict[str, Any]]:
+    """Per quantized weight: ``bits``, ``step`` (Δ, NumPy), ``per_channel``, ``axis`` and ``levels``.
+
+    ``levels`` are the integers ``Q(w) / Δ`` (int8), what a packed export stores. Only
+    :class:`~tfqkd.quantizers.SymmetricQuantizer` weights are listed.
+
+    Example:
+        >>> import tfqkd
+        >>> info = quantization_info(quantize_model(tfqkd.models.tiny_resnet(seed=0)))
+        >>> info["stem_conv"]["bits"], info["stage1_block1_conv1"]["bits"]
+        (8, 2)
+    """
+    out: Dict[str, Dict[str, Any]] = {}
+    entries = list(_weight_vars(model))
+    counts: Dict[int, int] = {}
+    for wrapper, *_ in entries:
+        counts[id(wrapper)] = counts.get(id(wrapper), 0) + 1
+    for wrapper, weight, quantizer, qvars in entries:
+        if not isinstance(quantizer, SymmetricQuantizer):
+            continue
+        w = tf.convert_to_tensor(weight)
+        step = quantizer.compute_step(w, qvars)
+        q = quantizer(w, False, qvars)
+        levels = np.rint(np.asarray(q) / np.asarray(step)).astype(np.int8)
+        out[_key(wrapper, weight, counts[id(wrapper)])] = {
+            "bits": quantizer.bits, "step": np.asarray(step), "per_channel": quantizer.per_channel,
+            "axis": quantizer.axis if quantizer.per_channel else None, "levels": levels,
+        }
+    return out
+
+
+#: tfqkd modules that define Keras-serialisable objects; importing them registers those objects.
+_SERIALISABLE_MODULES = ("quantizers", "quantize_configs", "losses", "distiller", "callbacks", "speq", "qkd")
+
+
+def _tfqkd_custom_objects() -> Dict[str, Any]:
+    for mod in _SERIALISABLE_MODULES:
+        try:
+            importlib.import_module(f"tfqkd.{mod}")
+        except ModuleNotFoundError as err:  # a module not written (yet): nothing of it was saved
+            if err.name != f"tfqkd.{mod}":
+                raise
+    objects = {}
+    for key, obj in keras.utils.get_custom_objects().items():
+        if key.startswith("tfqkd>"):
+            objects[key] = obj
+            objects[key.split(">", 1)[1]] = obj
+    return objects
+
+
+def quantize_scope(*custom_objects: Mapping[str, Any]):
+    """Context manager under which ``keras.models.load_model`` understands tfqkd models.
+
+    It is tfmot's ``quantize_scope`` plus every tfqkd Keras object (quantizers, configs and the
+    objects of the other tfqkd modules). Extra ``{name: object}`` dicts may be passed.
+
+    Save quantized models in the TensorFlow SavedModel format (``model.save("dir")``, a path
+    without extension): it restores variables by object, and is the tested format. ``.h5``
+    works except with ``step="learned"`` (tfmot's wrapper orders a learned step variable
+    differently before and after loading), and the ``.keras`` zip format fails for every tfmot
+    ``QuantizeWrapperV2`` model in tfmot 0.8 (the wrapper lists the kernel twice when saving).
+
+    Example:
+        >>> import os, tempfile, tfqkd
+        >>> q = quantize_model(tfqkd.models.tiny_resnet(seed=0))
+        >>> path = os.path.join(tempfile.mkdtemp(), "q_savedmodel")
+        >>> q.save(path)
+        >>> with quantize_scope():
+        ...     loaded = keras.models.load_model(path)
+        >>> loaded.count_params() == q.count_params()
+        True
+    """
+    return _tfmot_q.quantize_scope(_tfqkd_custom_objects(), *custom_objects)

@@ -1,0 +1,237 @@
+"""tfmot ``QuantizeConfig``s of tfqkd: which tensors of a layer get which quantizer.
+
+* :class:`KernelQuantizeConfig` (and its per-layer-type subclasses :class:`Conv2DQuantizeConfig`,
+  :class:`DepthwiseConv2DQuantizeConfig`, :class:`DenseQuantizeConfig`): the kernel gets a
+  :class:`~tfqkd.quantizers.SymmetricQuantizer`; a fused ReLU activation gets the activation
+  quantizer when one is given. Biases stay float (TFLite stores them as int32 anyway).
+* :class:`ActivationQuantizeConfig`: the output of a ``ReLU`` / ``Activation("relu")`` layer gets
+  the activation quantizer.
+
+They are registered with Keras (package ``tfqkd``) so that saved quantized models load back.
+The scheme and registry that hand them out live in :mod:`tfqkd.quantize`.
+
+Example:
+    >>> from tfqkd._keras import keras
+    >>> from tfqkd.quantizers import SymmetricQuantizer
+    >>> cfg = Conv2DQuantizeConfig(SymmetricQuantizer(2))
+    >>> layer = keras.layers.Conv2D(4, 3)
+    >>> layer.build((None, 8, 8, 1))
+    >>> [q.bits for _, q in cfg.get_weights_and_quantizers(layer)]
+    [2]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import tensorflow_model_optimization as tfmot
+
+from tfqkd._keras import keras
+from tfqkd.quantizers import SymmetricQuantizer
+
+__all__ = [
+    "KernelQuantizeConfig",
+    "Conv2DQuantizeConfig",
+    "DepthwiseConv2DQuantizeConfig",
+    "DenseQuantizeConfig",
+    "ActivationQuantizeConfig",
+    "is_relu_activation",
+    "is_quantizable_relu_layer",
+]
+
+_serialize = keras.utils.legacy.serialize_keras_object
+_deserialize = keras.utils.legacy.deserialize_keras_object
+
+#: Activation functions whose output is non-negative, hence fit an unsigned activation quantizer.
+_RELU_NAMES = frozenset({"relu", "relu6"})
+
+
+def is_relu_activation(fn: Any) -> bool:
+    """Whether ``fn`` (an activation function) is ReLU or ReLU6.
+
+    Example:
+        >>> is_relu_activation(keras.activations.relu), is_relu_activation(keras.activations.tanh)
+        (True, False)
+    """
+    return getattr(fn, "__name__", None) in _RELU_NAMES
+
+
+def is_quantizable_relu_layer(layer: keras.layers.Layer) -> bool:
+    """Whether ``layer`` is a ReLU-like layer whose output is in ``[0, ∞)`` (or ``[0, max]``).
+
+    ``ReLU`` with a negative slope or a threshold and other activations are not: an unsigned
+    quantizer would change what they compute.
+
+    Example:
+        >>> is_quantizable_relu_layer(keras.layers.ReLU()), is_quantizable_relu_layer(keras.layers.LeakyReLU())
+        (True, False)
+    """
+    if type(layer) is keras.layers.ReLU:
+        return float(layer.negative_slope) == 0.0 and float(layer.threshold) == 0.0
+    if type(layer) is keras.layers.Activation:
+        return is_relu_activation(layer.activation)
+    return False
+
+
+def _deserialize_quantizer(config):
+    if config is None or isinstance(config, tfmot.quantization.keras.quantizers.Quantizer):
+        return config
+    return _deserialize(config, module_objects=globals(), printable_module_name="quantizer")
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class KernelQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
+    """Quantizes a layer's kernel(s) with ``weight_quantizer`` (and a fused ReLU's output).
+
+    Args:
+        weight_quantizer: The quantizer of the kernel (a :class:`SymmetricQuantizer` or any tfmot
+            ``Quantizer``).
+        activation_quantizer: Optional quantizer for the output of the layer's own ReLU
+            activation (``Conv2D(..., activation="relu")``); other fused activations stay float.
+        weight_attrs: Names of the layer attributes holding the kernels.
+
+    Example:
+        >>> cfg = DenseQuantizeConfig(SymmetricQuantizer(4))
+        >>> DenseQuantizeConfig.from_config(cfg.get_config()).weight_quantizer.bits
+        4
+    """
+
+    weight_attrs_default: Sequence[str] = ("kernel",)
+
+    def __init__(
+        self,
+        weight_quantizer,
+        activation_quantizer=None,
+        weight_attrs: Optional[Sequence[str]] = None,
+    ):
+        self.weight_quantizer = _deserialize_quantizer(weight_quantizer)
+        self.activation_quantizer = _deserialize_quantizer(activation_quantizer)
+        self.weight_attrs = list(weight_attrs or self.weight_attrs_default)
+
+    def _quantizes_activation(self, layer) -> bool:
+        return self.activation_quantizer is not None and is_relu_activation(
+            getattr(layer, "activation", None))
+
+    def get_weights_and_quantizers(self, layer) -> List:
+        return [(getattr(layer, attr), self.weight_quantizer) for attr in self.weight_attrs]
+
+    def get_activations_and_quantizers(self, layer) -> List:
+        if self._quantizes_activation(layer):
+            return [(layer.activation, self.activation_quantizer)]
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights) -> None:
+        if len(quantize_weights) != len(self.weight_attrs):
+            raise ValueError(
+                f"layer {layer.name!r} expects {len(self.weight_attrs)} quantized weights "
+                f"({self.weight_attrs}), got {len(quantize_weights)}.")
+        for attr, weight in zip(self.weight_attrs, quantize_weights):
+            current = getattr(layer, attr)
+            if current.shape != weight.shape:
+                raise ValueError(
+                    f"quantized {attr} of layer {layer.name!r} has shape {weight.shape}, the "
+                    f"layer's is {current.shape}.")
+            setattr(layer, attr, weight)
+
+    def set_quantize_activations(self, layer, quantize_activations) -> None:
+        # Called with what get_activations_and_quantizers returned: nothing, or the activation.
+        if quantize_activations:
+            layer.activation = quantize_activations[0]
+
+    def get_output_quantizers(self, layer) -> List:
+        return []
+
+    def get_config(self) -> Dict[str, Any]:
+        return {
+            "weight_quantizer": _serialize(self.weight_quantizer),
+            "activation_quantizer": (
+                None if self.activation_quantizer is None else _serialize(self.activation_quantizer)),
+            "weight_attrs": list(self.weight_attrs),
+        }
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class Conv2DQuantizeConfig(KernelQuantizeConfig):
+    """Config for ``Conv2D``: quantizes ``kernel`` ``(h, w, in, out)``; channel axis -1.
+
+    Example:
+        >>> Conv2DQuantizeConfig(SymmetricQuantizer(2)).weight_attrs
+        ['kernel']
+    """
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class DenseQuantizeConfig(KernelQuantizeConfig):
+    """Config for ``Dense``: quantizes ``kernel`` ``(in, out)``; channel axis -1.
+
+    Example:
+        >>> DenseQuantizeConfig(SymmetricQuantizer(8)).weight_quantizer.bits
+        8
+    """
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class DepthwiseConv2DQuantizeConfig(KernelQuantizeConfig):
+    """Config for ``DepthwiseConv2D``: quantizes ``depthwise_kernel`` ``(h, w, in, mult)``.
+
+    Its output channels are the ``in × mult`` pairs, so per-channel steps use axes ``(2, 3)``.
+
+    Example:
+        >>> DepthwiseConv2DQuantizeConfig(SymmetricQuantizer(2, axis=(2, 3))).weight_attrs
+        ['depthwise_kernel']
+    """
+
+    weight_attrs_default = ("depthwise_kernel",)
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class ActivationQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
+    """Config for ``ReLU`` / ``Activation("relu")`` layers: their output is quantized.
+
+    Example:
+        >>> from tfqkd.quantizers import ActivationQuantizer
+        >>> cfg = ActivationQuantizeConfig(ActivationQuantizer(4))
+        >>> cfg.get_output_quantizers(keras.layers.ReLU())[0].bits
+        4
+    """
+
+    def __init__(self, activation_quantizer):
+        self.activation_quantizer = _deserialize_quantizer(activation_quantizer)
+
+    def get_weights_and_quantizers(self, layer) -> List:
+        return []
+
+    def get_activations_and_quantizers(self, layer) -> List:
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights) -> None:
+        pass
+
+    def set_quantize_activations(self, layer, quantize_activations) -> None:
+        pass
+
+    def get_output_quantizers(self, layer) -> List:
+        return [self.activation_quantizer]
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"activation_quantizer": _serialize(self.activation_quantizer)}
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
