@@ -1,0 +1,556 @@
+"""Distiller: the loss formula, gradients vs. plain training, ensembles, precomputed teacher outputs,
+frozen teacher, checkpoints, tf.distribute equality (subprocess), errors, 2-bit end to end."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import tfqkd
+from tfqkd import models
+from tfqkd._keras import keras, tf
+from tfqkd.distiller import Distiller, precompute_teacher_logits
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+#: Most tests run the steps eagerly: the code is the same, and tracing a tf.function for each of
+#: the many small Distillers would dominate the run time. Graph mode is covered by the
+#: no-retracing test, one formula test, the MirroredStrategy test and the end-to-end test.
+EAGER = {"run_eagerly": True}
+
+
+def _data(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8, 8, 1)).astype("float32")
+    y = (np.arange(n) % NUM_CLASSES).astype("int32")
+    return x, y
+
+
+def _student(seed=1, weight_decay=1e-3):
+    return models.tiny_resnet(NUM_CLASSES, weight_decay=weight_decay, seed=seed)
+
+
+def _teacher(seed=2, width=2):
+    return models.tiny_resnet(NUM_CLASSES, width=width, seed=seed)
+
+
+def _compile(model, *args, **kwargs):
+    model.compile(*args, **EAGER, **kwargs)
+
+
+def _clone(model):
+    twin = keras.models.clone_model(model)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _softmax(z, tau=1.0):
+    z = np.asarray(z, np.float64) / tau
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _weights(model):
+    return [v.numpy().copy() for v in model.weights]
+
+
+def _assert_same_update(before, after_a, after_b, atol=1e-6):
+    """The two one-step updates (hence gradients, for plain SGD) agree."""
+    for w0, wa, wb in zip(before, after_a, after_b):
+        np.testing.assert_allclose(wa - w0, wb - w0, atol=atol, rtol=1e-4)
+    # ... and the step did something, so the comparison is not vacuous.
+    assert any(not np.allclose(w0, wa) for w0, wa in zip(before, after_a))
+
+
+# ------------------------------------------------------------------------------------------
+# The loss and its gradients
+# ------------------------------------------------------------------------------------------
+def test_lambda_zero_equals_hard_label_training():
+    x, y = _data()
+    student, teacher = _student(), _teacher()
+    plain = _clone(student)
+    before = _weights(student)
+    d = Distiller(student, teacher, temperature=3.0, coefficient=0.0)
+    _compile(d, keras.optimizers.SGD(1.0))  # lr 1: the update IS minus the gradient
+    logs = d.train_on_batch(x, y, return_dict=True)
+    _compile(plain, keras.optimizers.SGD(1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    plain_loss = plain.train_on_batch(x, y)
+    _assert_same_update(before, _weights(student), _weights(plain))
+    np.testing.assert_allclose(logs["loss"], plain_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("soft_loss", ["kl", "ce"])
+def test_lambda_one_tau_one_equals_training_on_teacher_probabilities(soft_loss):
+    x, y = _data()
+    student, teacher = _student(), _teacher()
+    plain = _clone(student)
+    before = _weights(student)
+    p_t = tf.nn.softmax(teacher(x, training=False)).numpy()
+    d = Distiller(student, teacher, temperature=1.0, coefficient=1.0, soft_loss=soft_loss)
+    _compile(d, keras.optimizers.SGD(1.0))
+    d.train_on_batch(x, y)
+    _compile(plain, keras.optimizers.SGD(1.0),
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    plain.train_on_batch(x, p_t)
+    _assert_same_update(before, _weights(student), _weights(plain))
+
+
+@pytest.mark.parametrize("soft_loss,squared,eager", [
+    ("kl", False, False), ("kl", True, True), ("ce", False, True), ("cosine", False, True),
+    ("cosine", True, True)])
+def test_reported_losses_match_numpy(soft_loss, squared, eager):
+    x, y = _data(seed=3)
+    student, teacher = _student(), _teacher()
+    tau, lam = 2.5, 0.3
+    d = Distiller(student, teacher, temperature=tau, coefficient=lam, soft_loss=soft_loss,
+                  temperature_squared=squared)
+    d.compile(keras.optimizers.SGD(0.1), run_eagerly=eager)
+    # The step's forward pass is student(x, training=True) before the update; batch norm in
+    # training mode uses batch statistics, so this call reproduces it.
+    z_s = student(x, training=True).numpy()
+    z_t = teacher(x, training=False).numpy()
+    reg = float(tf.add_n(student.losses))
+    logs = d.train_on_batch(x, y, return_dict=True)
+
+    p_t, p_s = _softmax(z_t, tau), _softmax(z_s, tau)
+    if soft_loss == "kl":
+        soft = (p_t * (np.log(p_t) - np.log(p_s))).sum(-1)
+    elif soft_loss == "ce":
+        soft = -(p_t * np.log(p_s)).sum(-1)
+    else:
+        soft = 1 - (p_t * p_s).sum(-1) / np.linalg.norm(p_t, axis=-1) / np.linalg.norm(p_s, axis=-1)
+    hard = -np.log(_softmax(z_s)[np.arange(len(y)), y])
+    scale = tau**2 if squared else 1.0
+    np.testing.assert_allclose(logs["soft_loss"], soft.mean(), rtol=1e-5)
+    np.testing.assert_allclose(logs["hard_loss"], hard.mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        logs["loss"], ((1 - lam) * hard + lam * scale * soft).mean() + reg, rtol=1e-5)
+    np.testing.assert_allclose(logs["coefficient"], lam)
+    np.testing.assert_allclose(logs["temperature"], tau)
+
+
+def test_sample_weights_scale_per_example_losses():
+    x, y = _data()
+    sw = np.linspace(0.0, 2.0, len(y)).astype("float32")
+    student, teacher = _student(weight_decay=0.0), _teacher()
+    plain = _clone(student)
+    before = _weights(student)
+    d = Distiller(student, teacher, coefficient=0.0)
+    _compile(d, keras.optimizers.SGD(1.0))
+    d.fit(tf.data.Dataset.from_tensor_slices((x, y, sw)).batch(len(y)), verbose=0)
+    _compile(plain, keras.optimizers.SGD(1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    plain.fit(x, y, sample_weight=sw, batch_size=len(y), verbose=0)
+    _assert_same_update(before, _weights(student), _weights(plain))
+
+
+def test_evaluate_measures_the_student():
+    x, y = _data()
+    student, teacher = _student(), _teacher()
+    d = Distiller(student, teacher, temperature=2.0, coefficient=0.7)
+    _compile(d, keras.optimizers.SGD(0.1), metrics=["accuracy"])
+    res = d.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
+    _compile(student, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    metrics=["accuracy"])
+    ref = student.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
+    np.testing.assert_allclose(res["loss"], ref["loss"], rtol=1e-5)
+    np.testing.assert_allclose(res["accuracy"], ref["accuracy"])
+    z_s, z_t = student(x, training=False).numpy(), teacher(x, training=False).numpy()
+    p_t, p_s = _softmax(z_t, 2.0), _softmax(z_s, 2.0)
+    np.testing.assert_allclose(
+        res["soft_loss"], (p_t * (np.log(p_t) - np.log(p_s))).sum(-1).mean(), rtol=1e-5)
+    # Without any teacher there is no soft loss to report, but evaluation still works.
+    alone = Distiller(student, None)
+    _compile(alone, keras.optimizers.SGD(0.1), metrics=["accuracy"])
+    res2 = alone.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
+    assert "soft_loss" not in res2
+    np.testing.assert_allclose(res2["loss"], ref["loss"], rtol=1e-5)
+
+
+def test_fit_logs_every_quantity_each_epoch():
+    x, y = _data(32)
+    d = Distiller(_student(), _teacher(), temperature=4.0, coefficient=0.25)
+    _compile(d, keras.optimizers.Adam(1e-3), metrics=["accuracy"])
+    h = d.fit(x, y, batch_size=8, epochs=2, validation_data=(x, y), verbose=0)
+    for key in ("loss", "hard_loss", "soft_loss", "coefficient", "temperature", "accuracy",
+                "val_loss", "val_hard_loss", "val_soft_loss", "val_accuracy"):
+        assert len(h.history[key]) == 2, key
+    assert h.history["coefficient"] == pytest.approx([0.25, 0.25])
+    assert h.history["temperature"] == pytest.approx([4.0, 4.0])
+
+
+def test_variables_change_without_retracing():
+    x, y = _data()
+    d = Distiller(_student(), _teacher(), temperature=1.0, coefficient=0.5)
+    d.compile(keras.optimizers.SGD(0.01))
+    d.train_on_batch(x, y)
+    fn = d.train_function
+    traces = fn.experimental_get_tracing_count()
+    d.coefficient.assign(0.1)
+    d.temperature.assign(3.0)
+    logs = d.train_on_batch(x, y, return_dict=True)
+    assert d.train_function is fn and fn.experimental_get_tracing_count() == traces
+    assert logs["coefficient"] == pytest.approx(0.1) and logs["temperature"] == pytest.approx(3.0)
+    assert not d.coefficient.trainable and not d.temperature.trainable
+
+
+# ------------------------------------------------------------------------------------------
+# Teachers: frozen, ensembles, precomputed outputs, subclass soft targets
+# ------------------------------------------------------------------------------------------
+def test_teacher_frozen_student_trained():
+    x, y = _data(32)
+    student, teacher = _student(), _teacher()
+    t0, s0 = _weights(teacher), _weights(student)
+    d = Distiller(student, teacher, temperature=2.0)
+    assert {id(v) for v in d.trainable_variables} == {id(v) for v in student.trainable_variables}
+    _compile(d, keras.optimizers.Adam(1e-2))
+    d.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    for a, b in zip(t0, _weights(teacher)):
+        np.testing.assert_array_equal(a, b)  # including batch-norm moving statistics
+    assert any(not np.allclose(a, b) for a, b in zip(s0, _weights(student)))
+    assert d.student is student and d.teacher is teacher
+
+
+def test_ensemble_is_average_of_softened_probabilities():
+    x, _ = _data()
+    teachers = [_teacher(seed=s) for s in (2, 3, 4)]
+    tau = 3.0
+    d = Distiller(_student(), teachers, temperature=tau)
+    expected = np.mean([_softmax(t(x, training=False).numpy(), tau) for t in teachers], axis=0)
+    np.testing.assert_allclose(d.teacher_probabilities(x).numpy(), expected, atol=1e-6)
+    # Not the softmax of averaged logits (the test would be vacuous if they coincided).
+    avg_logits = np.mean([t(x, training=False).numpy() for t in teachers], axis=0)
+    assert not np.allclose(_softmax(avg_logits, tau), expected, atol=1e-4)
+
+
+def test_precomputed_teacher_logits_train_like_a_live_teacher():
+    x, y = _data(16)
+    teachers = [_teacher(seed=2), _teacher(seed=3)]
+    s_live = _student()
+    s_pre = _clone(s_live)
+    before = _weights(s_live)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    pre = precompute_teacher_logits(teachers, ds)
+    xb, yb, zb = next(iter(pre))
+    assert zb.shape == (16, 2, NUM_CLASSES)
+    np.testing.assert_allclose(zb[:, 1].numpy(), teachers[1](x, training=False).numpy(), atol=1e-5)
+
+    live = Distiller(s_live, teachers, temperature=2.0, coefficient=0.6)
+    _compile(live, keras.optimizers.SGD(1.0))
+    live.fit(ds, verbose=0)
+    # No teacher at all: the soft targets can only come from the third element.
+    offline = Distiller(s_pre, None, temperature=2.0, coefficient=0.6)
+    _compile(offline, keras.optimizers.SGD(1.0))
+    offline.fit(pre, verbose=0)
+    _assert_same_update(before, _weights(s_live), _weights(s_pre), atol=1e-5)
+
+
+def test_precomputed_dict_batches_and_shuffle():
+    x, y = _data(12)
+    teacher = _teacher()
+    z = teacher(x, training=False).numpy()
+    d = Distiller(_student(), None, temperature=1.5)
+    _compile(d, keras.optimizers.SGD(0.1))
+    ds = tf.data.Dataset.from_tensor_slices({"x": x, "y": y, "teacher_logits": z}).batch(6)
+    h = d.fit(ds, epochs=1, verbose=0)
+    assert np.isfinite(h.history["soft_loss"][0])
+    pre = precompute_teacher_logits(teacher, tf.data.Dataset.from_tensor_slices((x, y)).batch(5),
+                                    batch_size=4, shuffle=True, seed=0)
+    got = list(pre)
+    assert [int(b[0].shape[0]) for b in got] == [4, 4, 4]
+    # Shuffled, yet each example keeps its own logits.
+    for xb, _, zb in got:
+        np.testing.assert_allclose(zb.numpy(), teacher(xb, training=False).numpy(), atol=1e-5)
+
+
+def test_subclass_overrides_soft_targets():
+    class UniformTargets(Distiller):
+        def teacher_probabilities(self, x):
+            batch = tf.shape(x)[0]
+            return tf.fill([batch, NUM_CLASSES], 1.0 / NUM_CLASSES)
+
+    x, y = _data()
+    d = UniformTargets(_student(), None, coefficient=1.0, soft_loss="ce")
+    _compile(d, keras.optimizers.SGD(0.1))
+    logs = d.train_on_batch(x, y, return_dict=True)
+    z_s = d.student(x, training=True).numpy()  # weights changed, so only a loose sanity check
+    assert logs["soft_loss"] >= np.log(NUM_CLASSES) - 1e-4  # CE with uniform targets >= log C
+    assert np.isfinite(z_s).all()
+
+
+# ------------------------------------------------------------------------------------------
+# Saving, checkpoints, config
+# ------------------------------------------------------------------------------------------
+def test_save_weights_and_checkpoint_resume(tmp_path):
+    x, y = _data(16)
+    d = Distiller(_student(), _teacher(), temperature=2.0, coefficient=0.4)
+    _compile(d, keras.optimizers.Adam(1e-2))
+    d.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    d.coefficient.assign(0.2)
+    d.save_weights(str(tmp_path / "w"))
+    ckpt = tf.train.Checkpoint(model=d)
+    path = ckpt.save(str(tmp_path / "ckpt" / "c"))
+
+    for restore in ("save_weights", "checkpoint"):
+        d2 = Distiller(_student(seed=9), _teacher(), temperature=1.0, coefficient=0.5)
+        _compile(d2, keras.optimizers.Adam(1e-2))
+        if restore == "save_weights":
+            d2.load_weights(str(tmp_path / "w"))
+        else:
+            tf.train.Checkpoint(model=d2).restore(path)
+        # Restoring the optimizer slots is deferred until they are built: one step does it.
+        for a, b in zip(d.student.weights, d2.student.weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        assert float(d2.coefficient.numpy()) == pytest.approx(0.2)
+        assert int(d2.optimizer.iterations.numpy()) == 2
+        d2.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        assert int(d2.optimizer.iterations.numpy()) == 4
+
+
+def test_student_is_the_product(tmp_path):
+    x, _ = _data(4)
+    d = Distiller(_student(), _teacher())
+    path = str(tmp_path / "student.keras")
+    d.student.save(path)
+    back = keras.models.load_model(path)
+    np.testing.assert_allclose(back(x).numpy(), d.student(x).numpy(), atol=1e-6)
+    np.testing.assert_allclose(d.predict(x, verbose=0), d.student(x).numpy(), atol=1e-6)
+
+
+def test_get_config_round_trip():
+    d = Distiller(_student(), [_teacher(seed=2), _teacher(seed=3)], temperature=3.0,
+                  coefficient=0.25, soft_loss="cosine", temperature_squared=True)
+    cfg = d.get_config()
+    assert {k: cfg[k] for k in ("temperature", "coefficient", "soft_loss", "temperature_squared")} \
+        == {"temperature": 3.0, "coefficient": 0.25, "soft_loss": "cosine",
+            "temperature_squared": True}
+    d2 = Distiller.from_config(cfg)
+    assert len(d2.teachers) == 2 and d2.soft_loss_fn is tfqkd.losses.cosine_distance
+    assert float(d2.temperature.numpy()) == 3.0 and d2.temperature_squared
+    assert d2.student.count_params() == d.student.count_params()
+    # The registered name resolves to the class.
+    assert keras.utils.get_registered_object("tfqkd>Distiller") is Distiller
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan"), "hot"])
+def test_bad_temperature(tau):
+    with pytest.raises(ValueError, match=r"temperature"):
+        Distiller(_student(), _teacher(), temperature=tau)
+
+
+@pytest.mark.parametrize("lam", [-0.1, 1.5, float("inf")])
+def test_bad_coefficient(lam):
+    with pytest.raises(ValueError, match=r"coefficient.*\[0, 1\]"):
+        Distiller(_student(), _teacher(), coefficient=lam)
+
+
+def test_class_count_mismatch():
+    with pytest.raises(ValueError, match=r"outputs 100 classes but the student .* outputs 10"):
+        Distiller(_student(), models.tiny_resnet(100, seed=3))
+
+
+def test_class_count_mismatch_in_precomputed_logits():
+    x, y = _data(8)
+    d = Distiller(_student(), None)
+    _compile(d, keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match="soft targets have 7 classes but the student outputs 10"):
+        d.fit(tf.data.Dataset.from_tensors((x, y, np.zeros((8, 7), "float32"))), verbose=0)
+
+
+def _softmax_teachers():
+    inp = keras.Input((8, 8, 1))
+    flat = keras.layers.Flatten()(inp)
+    dense_softmax = keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="fc")(flat))
+    logits = keras.layers.Dense(10, name="fc")(flat)
+    layer = keras.Model(inp, keras.layers.Softmax(name="probs")(logits))
+    act = keras.Model(inp, keras.layers.Activation("softmax", name="act")(logits))
+    seq = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                            keras.layers.Dense(10, activation="softmax", name="seqfc")])
+    nested = keras.Model(inp, seq(inp))
+    return {"fc": dense_softmax, "probs": layer, "act": act, "seqfc": nested}
+
+
+@pytest.mark.parametrize("layer_name", ["fc", "probs", "act", "seqfc"])
+def test_teacher_ending_in_softmax(layer_name):
+    teacher = _softmax_teachers()[layer_name]
+    with pytest.raises(ValueError, match=rf"ends in a softmax \(layer '{layer_name}'\).*logits"):
+        Distiller(_student(), teacher)
+
+
+def test_the_suggested_softmax_fix_works():
+    teacher = _softmax_teachers()["probs"]
+    stripped = keras.Model(teacher.inputs, teacher.layers[-1].input)
+    Distiller(_student(), stripped)  # no error
+
+
+def test_student_not_built():
+    unbuilt = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(10)])
+    with pytest.raises(ValueError, match=r"student .* is not built.*build"):
+        Distiller(unbuilt, _teacher())
+    with pytest.raises(ValueError, match=r"teacher .* is not built"):
+        Distiller(_student(), keras.Sequential([keras.layers.Dense(10)]))
+
+
+def test_empty_teacher_list():
+    with pytest.raises(ValueError, match="empty list"):
+        Distiller(_student(), [])
+
+
+def test_no_teacher_source_at_fit():
+    x, y = _data(8)
+    d = Distiller(_student(), None)
+    _compile(d, keras.optimizers.SGD(0.1))
+    with pytest.raises(ValueError, match="no teacher.*precompute_teacher_logits"):
+        d.train_on_batch(x, y)
+
+
+def test_bad_soft_loss_and_bad_variable_values():
+    with pytest.raises(ValueError, match="Unknown soft loss 'l2'"):
+        Distiller(_student(), _teacher(), soft_loss="l2")
+    x, y = _data(8)
+    d = Distiller(_student(), _teacher())
+    _compile(d, keras.optimizers.SGD(0.1))
+    d.coefficient.assign(1.5)  # e.g. a buggy custom callback
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"coefficient must be in \[0, 1\]"):
+        d.train_on_batch(x, y)
+    d.coefficient.assign(0.5)
+    d.temperature.assign(0.0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="temperature must be > 0"):
+        d.train_on_batch(x, y)
+
+
+# ------------------------------------------------------------------------------------------
+# tf.distribute: two logical CPUs must give the single-device step (needs a fresh process)
+# ------------------------------------------------------------------------------------------
+MIRRORED_SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    from tfqkd._keras import keras, tf
+    # Must happen before anything initialises the devices.
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    import numpy as np
+    from tfqkd.distiller import Distiller
+
+    def convnet(seed, width):
+        # No batch norm: under MirroredStrategy each replica normalises with ITS half of the
+        # batch (BN is not synchronised), which legitimately differs from one device. Everything
+        # else (conv, L2 regularisation, dense) must match exactly.
+        init = lambda k: keras.initializers.GlorotUniform(seed=seed * 10 + k)
+        inp = keras.Input((8, 8, 1))
+        h = keras.layers.Conv2D(width, 3, activation="relu", kernel_initializer=init(1),
+                                kernel_regularizer=keras.regularizers.l2(1e-3))(inp)
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        out = keras.layers.Dense(10, kernel_initializer=init(2),
+                                 kernel_regularizer=keras.regularizers.l2(1e-3))(h)
+        return keras.Model(inp, out)
+
+    rng = np.random.default_rng(0)
+    # 16 + 7 examples in batches of 16: the second, short batch splits 4 + 3 over the two
+    # replicas; only an exact global batch size (7, not 2 * 4) reproduces the single device.
+    x = rng.normal(size=(23, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 10, size=23).astype("int32")
+    teacher = convnet(2, 8)  # created outside any strategy scope, as users do
+
+    def run(strategy):
+        with strategy.scope():
+            student = convnet(1, 4)
+            d = Distiller(student, teacher, temperature=2.0, coefficient=0.3)
+            d.compile(keras.optimizers.SGD(0.5), metrics=["accuracy"])
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+        first = d.fit(ds.take(1), epochs=1, verbose=0).history
+        w1 = [v.numpy() for v in student.weights]
+        d.fit(ds, epochs=1, verbose=0)
+        return first, w1, [v.numpy() for v in student.weights]
+
+    one = run(tf.distribute.get_strategy())
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert mirrored.num_replicas_in_sync == 2
+    two = run(mirrored)
+    out = {
+        "logs_one": {k: float(v[0]) for k, v in one[0].items()},
+        "logs_two": {k: float(v[0]) for k, v in two[0].items()},
+        "max_w_diff_step1": max(float(np.abs(a - b).max()) for a, b in zip(one[1], two[1])),
+        "max_w_diff_end": max(float(np.abs(a - b).max()) for a, b in zip(one[2], two[2])),
+        "max_update": max(float(np.abs(a - b).max()) for a, b in zip(one[1], one[2])),
+    }
+    print(json.dumps(out))
+""")
+
+
+def test_mirrored_strategy_matches_single_device(tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, two = out["logs_one"], out["logs_two"]
+    assert set(one) == set(two) == {"loss", "hard_loss", "soft_loss", "coefficient",
+                                    "temperature", "accuracy"}
+    for key in one:
+        assert two[key] == pytest.approx(one[key], abs=1e-5), key
+    assert two["coefficient"] == pytest.approx(0.3)  # not summed over replicas
+    assert out["max_w_diff_step1"] < 1e-5
+    assert out["max_w_diff_end"] < 1e-5
+    assert out["max_update"] > 1e-3  # the steps moved the weights: the comparison means something
+
+
+# ------------------------------------------------------------------------------------------
+# End to end: a 2-bit quantized student distilled from a float teacher on digits
+# ------------------------------------------------------------------------------------------
+def _digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.images.astype("float32") / 16.0 - 0.5)[..., None]
+    return x, data.target.astype("int32")
+
+
+def test_two_bit_student_end_to_end(tmp_path):
+    from tfqkd.quantize import quantize_model, quantize_scope
+
+    x, y = _digits()
+    x_train, y_train, x_test, y_test = x[:1200], y[:1200], x[1200:], y[1200:]
+    teacher = models.tiny_resnet(10, width=2, seed=0)
+    teacher.compile(keras.optimizers.Adam(3e-3),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    metrics=["accuracy"])
+    teacher.fit(x_train, y_train, batch_size=64, epochs=3, verbose=0)
+    t_weights = _weights(teacher)
+
+    student = quantize_model(models.tiny_resnet(10, seed=1), weight_bits=2)
+    d = Distiller(student, teacher, temperature=2.0, coefficient=0.5)
+    d.compile(keras.optimizers.Adam(3e-3), metrics=["accuracy"])
+    from tfqkd.callbacks import CoefficientScheduler
+
+    before = d.evaluate(x_test, y_test, verbose=0, return_dict=True)
+    h = d.fit(x_train, y_train, batch_size=64, epochs=3, verbose=0,
+              callbacks=[CoefficientScheduler("linear", 0.5, 0.0)])
+    after = d.evaluate(x_test, y_test, verbose=0, return_dict=True)
+    assert h.history["loss"][-1] < h.history["loss"][0]
+    assert after["accuracy"] > max(0.5, before["accuracy"])
+    assert h.history["coefficient"][-1] == 0.0
+    for a, b in zip(t_weights, _weights(teacher)):
+        np.testing.assert_array_equal(a, b)
+
+    path = str(tmp_path / "student.keras")
+    d.student.save(path)
+    with quantize_scope():
+        back = keras.models.load_model(path)
+    np.testing.assert_allclose(back.predict(x_test, verbose=0), d.student.predict(x_test, verbose=0),
+                               atol=1e-5)
