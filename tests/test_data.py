@@ -261,6 +261,12 @@ def test_npz_source_file_and_folder(tmp_path, monkeypatch):
         np.testing.assert_array_equal(x, arrays["x_test"])
         np.testing.assert_array_equal(y, arrays["y_test"].ravel())
         assert y.dtype == np.int64
+    # A rewritten file is read again, not served from memory.
+    newer = _fake_cifar(200, 100, 100, seed=1)
+    np.savez(tmp_path / "cifar100.npz", **newer)
+    os.utime(tmp_path / "cifar100.npz", (2_000_000_000, 2_000_000_000))
+    x, _ = data.load_arrays("cifar100", "test", data_dir=tmp_path)
+    np.testing.assert_array_equal(x, newer["x_test"])
     monkeypatch.setenv("TFQKD_DATA_DIR", str(tmp_path))
     batches = _batches(data.load_dataset("cifar100", "train", batch_size=64, subset=100, seed=0))
     assert [b[0].shape for b in batches] == [(64, 32, 32, 3), (36, 32, 32, 3)]

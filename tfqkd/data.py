@@ -478,6 +478,13 @@ def _load_images(name: str, path: pathlib.Path, kind: str) -> Dict[str, np.ndarr
     return _remember(key, arrays)
 
 
+def _load_npz_source(name: str, path: pathlib.Path) -> Dict[str, np.ndarray]:
+    key = f"npz-{name}-{_source_key(name, path)}"
+    if key not in _MEMO:
+        _remember(key, _load_npz(name, path))
+    return _MEMO[key]
+
+
 def _load_tfds(name: str, root: Optional[pathlib.Path], download: bool) -> Dict[str, np.ndarray]:
     key = f"tfds-{name}-{root}"
     if key in _MEMO:
@@ -501,7 +508,7 @@ def _try_path(name: str, path: pathlib.Path, origin: str, tried: List[str]) -> O
     """Loads from one user-given path, or records what was looked for and returns ``None``."""
     if path.is_file():
         if path.name.lower().endswith(".npz"):
-            return _load_npz(name, path)
+            return _load_npz_source(name, path)
         if _is_archive(path):
             return _load_images(name, path, "archive")
         raise ValueError(
@@ -510,7 +517,7 @@ def _try_path(name: str, path: pathlib.Path, origin: str, tried: List[str]) -> O
         )
     npz = path / f"{name}.npz"
     if npz.is_file():
-        return _load_npz(name, npz)
+        return _load_npz_source(name, npz)
     for suffix in _ARCHIVE_SUFFIXES:
         archive = path / f"{name}-jpg{suffix}"
         if archive.is_file():
