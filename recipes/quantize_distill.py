@@ -1,0 +1,187 @@
+"""The paper's Algorithm 1: quantize a float student, retrain it with KD, optionally export.
+
+1. Load the float student (``--student``, a train_student output_dir or model.h5; absent: a fresh
+   float ResNet20, said so in the log).
+2. Quantize it: weights to ``--weight_bits`` (2 = ternary), activations to ``--activation_bits``
+   (absent: float activations), first and last layers to ``--first_last_bits``
+   (``tfqkd.quantize_model``).
+3. Retrain with ``L = (1 - λ)·H(y, p_S) + λ·H(p_T, p_S)`` from one or more teachers
+   (``--teacher`` repeated: an ensemble averaging the softened probabilities), temperature
+   ``--temperature``, λ from ``--coefficient`` following ``--coefficient_schedule``: ``constant``,
+   ``linear`` (the paper's coefficient reducing, CR: λ → ``--coefficient_end`` = 0 over the run),
+   ``cosine`` or ``step``. Without ``--teacher`` it retrains with hard labels only (the baseline).
+4. Save the quantized student (``model/model.h5``: reload with ``common.load_model`` or inside
+   ``tfqkd.quantize_scope()``) and, with ``--export=int8`` (or ``int4``, ``dynamic``,
+   ``float``), a TFLite file ``model/model_<mode>.tflite`` plus its parity report.
+
+Defaults: the paper preset with a 10x lower peak learning rate (0.01) than training from scratch,
+since retraining starts from a converged float model (see docs/recipes.md).
+
+Examples::
+
+    python recipes/quantize_distill.py --student=runs/student --teacher=runs/teacher_x2 \\
+        --coefficient_schedule=linear --output_dir=runs/q2_kd_cr
+    python recipes/quantize_distill.py --student=runs/student --output_dir=runs/q2_hard
+    python recipes/quantize_distill.py --preset=smoke --dataset=cifar10 \\
+        --data_dir=../shared/data --output_dir=/tmp/q --export=int8
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recipes import common  # noqa: E402
+from recipes.common import Option  # noqa: E402
+from recipes.train_student import (KD_OPTIONS, compile_distiller, load_teachers,  # noqa: E402
+                                   make_distiller)
+from recipes.train_teacher import compile_classifier  # noqa: E402
+
+from tfqkd._keras import keras, tf  # noqa: E402
+
+QUANT_OPTIONS = [
+    Option("weight_bits", 2, "Weight bit-width of the hidden layers (1 = binary, 2 = ternary).",
+           "integer"),
+    Option("activation_bits", None, "Activation bit-width (absent: float activations).",
+           "integer"),
+    Option("first_last_bits", 8, "Bit-width of the first and last layers' weights.", "integer"),
+    Option("step", "l2", "Quantization step: l2 (L2-error minimising) or std.", "enum",
+           ("l2", "std")),
+    Option("per_channel", False, "One step size per output channel.", "bool"),
+]
+
+OPTIONS = common.COMMON_OPTIONS + KD_OPTIONS + QUANT_OPTIONS + [
+    Option("student", None, "Float student to quantize (train_student output_dir or model.h5). "
+           "Absent: start from a fresh float ResNet20 (of --width)."),
+    Option("width", 1.0, "Width of the fresh float student when --student is absent.", "float"),
+    Option("teacher", None, "Teacher model (output_dir or model.h5); repeat for an ensemble. "
+           "Absent: hard labels only (the baseline).", "multi_string"),
+    Option("coefficient_schedule", "constant", "λ schedule: constant, linear (CR: "
+           "--coefficient -> --coefficient_end over training), cosine or step.", "enum",
+           ("constant", "linear", "cosine", "step")),
+    Option("coefficient_end", 0.0, "Final λ of non-constant schedules (CR: 0).", "float"),
+    Option("export", "none", "Export the quantized student to TFLite at the end: none, int8, "
+           "int4, dynamic or float.", "enum", ("none", "int8", "int4", "dynamic", "float")),
+]
+
+PRESETS = {
+    "smoke": dict(learning_rate=0.02),
+    "cpu": dict(epochs=10, learning_rate=0.01),
+    "paper": dict(epochs=200, learning_rate=0.01),
+}
+
+
+def make_config(preset: str = "paper", **overrides) -> common.Config:
+    """This recipe's configuration in Python.
+
+    Example:
+        >>> make_config("smoke", teacher=["runs/t"], coefficient_schedule="linear").weight_bits
+        2
+    """
+    return common.make_config(OPTIONS, PRESETS, preset, **overrides)
+
+
+def quantize(model: keras.Model, cfg: common.Config) -> keras.Model:
+    """``tfqkd.quantize_model`` with the bit-widths and step estimator of ``cfg``."""
+    import tfqkd
+
+    return tfqkd.quantize_model(model, weight_bits=cfg.weight_bits,
+                                activation_bits=cfg.activation_bits,
+                                first_last_bits=cfg.first_last_bits,
+                                per_channel=cfg.per_channel, step=cfg.step)
+
+
+def _teachers_of(cfg) -> list:
+    t = cfg.teacher
+    if not t:
+        return []
+    return [t] if isinstance(t, str) else list(t)
+
+
+def export(model: keras.Model, out: common.OutputDir, data: common.Data, mode: str) -> dict:
+    """Exports ``model`` to ``model/model_<mode>.tflite`` and verifies it on the test split."""
+    from tfqkd import export as texport
+
+    path = os.path.join(out.model_dir, f"model_{mode}.tflite")
+    info = texport.export_tflite(model, path, representative_data=data.train, mode=mode)
+    report = texport.verify_tflite(path, model, data.test)
+    rep = report.to_dict()
+    rep.pop("layers", None)
+    common.log(f"TFLite {mode}: {info['bytes']:,} bytes, top-1 {report.tflite_top1:.4f} "
+               f"(Keras {report.keras_top1:.4f}), agreement {report.top1_agreement:.4f}")
+    return {"export": {k: v for k, v in info.items()}, "parity": rep}
+
+
+def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
+    """Runs Algorithm 1 as configured by ``cfg``; returns the content of results.json."""
+    out = common.OutputDir(cfg.output_dir or "runs/quantize_distill", overwrite=cfg.overwrite)
+    if out.is_complete():
+        return out.report_complete()
+    strategy = strategy or common.make_strategy(cfg.distribute, cfg.cpu_devices)
+    out.attach(strategy)
+    out.start(cfg)
+    common.set_seed(cfg.seed)
+    data = common.load_data(cfg)
+    teacher_paths = _teachers_of(cfg)
+    extra: dict = {}
+    with strategy.scope():
+        if cfg.student:
+            float_student = common.load_model(cfg.student)
+            origin = f"float student {cfg.student}"
+        else:
+            float_student = common.build_model(cfg.arch, cfg.width, data.info, cfg)
+            origin = f"a fresh float {float_student.name} (no --student given)"
+            common.log(f"no --student: starting from {origin}")
+        student = quantize(float_student, cfg)
+        if teacher_paths:
+            teachers = load_teachers(teacher_paths, strategy)
+            model = make_distiller(student, teachers, cfg)
+            compile_distiller(model, cfg, data.steps_per_epoch)
+        else:
+            model = student
+            compile_classifier(model, cfg, data.steps_per_epoch)
+    callbacks = []
+    if teacher_paths:
+        from tfqkd.callbacks import CoefficientScheduler
+
+        end = cfg.coefficient if cfg.coefficient_schedule == "constant" else cfg.coefficient_end
+        callbacks.append(CoefficientScheduler(cfg.coefficient_schedule, start=cfg.coefficient,
+                                              end=end))
+        extra["teacher_accuracy"] = [common.evaluate_accuracy(t, data.test) for t in teachers]
+        mode = (f"KD from {len(teachers)} teacher(s), τ={cfg.temperature:g}, λ {cfg.coefficient:g}"
+                f" {cfg.coefficient_schedule}" + (f" -> {end:g}" if end != cfg.coefficient else ""))
+    else:
+        mode = "hard labels only"
+    if cfg.student:
+        extra["float_student_accuracy"] = common.evaluate_accuracy(float_student, data.test)
+    common.log(f"quantize_distill: {origin} -> W{cfg.weight_bits}"
+               f"A{cfg.activation_bits or 'float'} (first/last {cfg.first_last_bits} bits), "
+               f"{mode}, {data.num_train} training images, {cfg.epochs} epochs")
+    common.fit_with_resume(model, data.train, data.test, cfg.epochs, out, callbacks,
+                           save_freq=cfg.save_freq, progress=cfg.progress,
+                           validation_freq=cfg.validation_freq, name="quantized")
+    acc = common.evaluate_accuracy(student, data.test)
+    out.save_model(student)
+    if cfg.export != "none" and out.chief:
+        extra.update(export(student, out, data, cfg.export))
+    res = common.write_results(
+        out, cfg, {"test_accuracy": acc},
+        {"model": student.name, "mode": "kd" if teacher_paths else "hard",
+         "num_train": data.num_train, "num_test": data.num_test, **extra})
+    common.log(f"quantized student test accuracy {acc:.4f} -> {out.root}")
+    return res
+
+
+def main(argv):
+    del argv
+    common.quiet_logs()
+    run(common.config_from_flags(OPTIONS, PRESETS))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    common.define_flags(OPTIONS)
+    app.run(main)
