@@ -1,0 +1,319 @@
+"""Hyper-parameter sweeps for quantized distillation: an exhaustive grid or a keras-tuner search.
+
+Both modes train trials with :func:`tfqkd.tuning.run_trial_config`, write one CSV row per finished
+trial (hyper-parameters, accuracies, wall time) and draw the paper's figures from the CSV.
+
+Grid (the paper's Figures 1 and 2: student accuracy vs teacher width for several τ, with and
+without coefficient reducing)::
+
+    python recipes/sweep.py --mode=grid --temperatures=1,2,5,10 --teachers=1,1.5,2 \\
+        --schedules=constant,linear --coefficient=0.5 --output_dir=runs/sweep
+    python recipes/sweep.py --preset=smoke --dataset=digits --output_dir=/tmp/sweep   # < 1 min
+
+``--teachers`` takes widths (a WRN20xN teacher is trained once per width and cached in
+``output_dir/teachers/``) or saved teachers (``model.h5`` files or ``recipes/train_teacher.py``
+output directories). Interrupt a grid and run the same command again: the configurations already
+in ``trials.csv`` are skipped. ``--plot_only`` redraws the figures from the CSV.
+
+Search (keras-tuner; the objective is the validation accuracy, measured on the test split of the
+built-in data sets since they have no separate validation split)::
+
+    python recipes/sweep.py --mode=search --oracle=bayesian --max_trials=20 --output_dir=runs/s
+
+A search resumes from ``output_dir/tuner/`` like any keras-tuner project (finished trials are not
+redone). Run the same command in several processes with keras-tuner's variables
+(``KERASTUNER_TUNER_ID=chief|tuner0|..., KERASTUNER_ORACLE_IP, KERASTUNER_ORACLE_PORT``) to
+distribute the trials; ``tools/distributed_tuning_demo.py`` does that on localhost.
+
+Outputs in ``output_dir``: ``trials.csv``, ``baseline.csv`` (hard-label quantized student),
+``accuracy_vs_teacher.{png,svg}`` (Figure 1), ``cr_comparison.{png,svg}`` (Figure 2),
+``heatmap.{png,svg}`` (τ × teacher), ``teachers/``, ``tuner/`` (search mode), ``results.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recipes import common  # noqa: E402
+from recipes.common import Option  # noqa: E402
+
+from tfqkd import tuning  # noqa: E402
+
+OPTIONS = common.COMMON_OPTIONS + [
+    Option("mode", "grid", "grid: every combination of the lists below; search: a keras-tuner "
+           "search over them.", "enum", ("grid", "search")),
+    Option("oracle", "random", "Search algorithm (--mode=search).", "enum",
+           ("random", "bayesian", "hyperband")),
+    Option("max_trials", 10, "Trials of a random or Bayesian search (Hyperband decides its "
+           "own from --epochs, the maximum epochs per trial).", "integer"),
+    Option("temperatures", "1,2,5,10", "Comma-separated temperatures τ."),
+    Option("teachers", "1,1.5,2", "Comma-separated teacher widths (trained once, cached in "
+           "output_dir/teachers/) or saved teacher paths."),
+    Option("schedules", "constant,linear", "Comma-separated λ schedules: constant, linear "
+           "(coefficient reducing: λ linear to 0)."),
+    Option("coefficient", "0.5", "λ (the start value of a linear schedule); a comma-separated "
+           "list makes it a searched / gridded dimension."),
+    Option("weight_bits", "2", "Comma-separated weight bit-widths of the student."),
+    Option("activation_bits", None, "Activation bit-width of the student (default: float "
+           "activations).", "integer"),
+    Option("teacher_epochs", None, "Epochs to train each teacher (default: --epochs).",
+           "integer"),
+    Option("baseline", True, "Also train the quantized student on hard labels (the figures' "
+           "horizontal line).", "bool"),
+    Option("objective", "val_accuracy", "Search objective: val_accuracy or test_accuracy.",
+           "enum", ("val_accuracy", "test_accuracy")),
+    Option("plot_only", False, "Only redraw the figures from output_dir/trials.csv.", "bool"),
+]
+
+#: Sweep presets on top of common.PRESETS. smoke: a 2x2 grid (2 τ x 2 teacher widths) of tiny
+#: models on the built-in digits set, well under a minute on 2 CPU cores.
+PRESETS = {
+    "smoke": dict(dataset="digits", temperatures="1,4", teachers="1,2", schedules="constant",
+                  subset=500, test_subset=None, batch_size=50, epochs=2, learning_rate=0.05,
+                  teacher_epochs=3, max_trials=3),
+    "cpu": dict(epochs=15, temperatures="1,2,5,10", teachers="1,1.5,2"),
+    "paper": dict(epochs=200, temperatures="1,2,5,10", teachers="1,1.2,1.5,1.7,2,3,4,5,10"),
+}
+
+#: Options that do not change which trials a sweep holds.
+RUNTIME_KEYS = frozenset(common.RUNTIME_KEYS | {"plot_only", "mode", "oracle", "max_trials"})
+
+
+def make_config(preset: str = "paper", **overrides: Any) -> common.Config:
+    """This recipe's configuration in Python (same resolution as the command line).
+
+    Example:
+        >>> cfg = make_config("smoke", output_dir="/tmp/sweep")
+        >>> cfg.temperatures, cfg.teachers, cfg.dataset
+        ('1,4', '1,2', 'digits')
+    """
+    return common.make_config(OPTIONS, PRESETS, preset, **overrides)
+
+
+def parse_list(text: Any, cast: Callable[[str], Any] = str, what: str = "list") -> List[Any]:
+    """``"1, 2,5"`` → ``[1.0, 2.0, 5.0]`` with ``cast=float`` (lists and numbers pass through).
+
+    Example:
+        >>> parse_list("1,1.5, 2", float)
+        [1.0, 1.5, 2.0]
+    """
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"--{what} needs at least one value, got {text!r}.")
+    try:
+        return [cast(t) for t in items]
+    except ValueError as e:
+        raise ValueError(f"--{what}: cannot read {text!r} ({e}).") from None
+
+
+def output_root(cfg: common.Config) -> str:
+    return os.path.abspath(cfg.output_dir or "runs/sweep")
+
+
+def _paths(cfg: common.Config) -> Dict[str, str]:
+    root = output_root(cfg)
+    return {
+        "root": root,
+        "csv": os.path.join(root, "trials.csv"),
+        "baseline_csv": os.path.join(root, "baseline.csv"),
+        "teachers": os.path.join(root, "teachers"),
+        "tuner": os.path.join(root, "tuner"),
+        "results": os.path.join(root, "results.json"),
+    }
+
+
+def load_trial_data(cfg: common.Config) -> tuning.TrialData:
+    """The sweep's data, loaded as every recipe loads it (``common.load_data``)."""
+    data = common.load_data(cfg)
+    info = data.info
+    return tuning.TrialData(
+        train=data.train, validation=data.test, test=data.test,
+        num_classes=int(common._info_get(info, "num_classes")),
+        input_shape=tuple(int(d) for d in common._info_get(info, "input_shape")),
+        name=cfg.dataset,
+    )
+
+
+def trial_settings(cfg: common.Config) -> Dict[str, Any]:
+    """Arguments of ``run_trial_config`` that come from the shared recipe options."""
+
+    def student_builder(num_classes, input_shape, width=1, seed=None):
+        info = {"num_classes": num_classes, "input_shape": tuple(input_shape)}
+        return common.build_model(cfg.arch, width, info, cfg, seed=seed)
+
+    def optimizer(steps_per_epoch, epochs):
+        return common.make_optimizer(cfg, steps_per_epoch, epochs)
+
+    return dict(student_builder=student_builder, optimizer=optimizer, seed=cfg.seed)
+
+
+def make_teacher_pool(cfg: common.Config) -> tuning.TeacherPool:
+    """Teachers by width (trained once into output_dir/teachers/) or by saved path."""
+    settings = trial_settings(cfg)
+    return tuning.TeacherPool(
+        builder=settings["student_builder"], cache_dir=_paths(cfg)["teachers"],
+        epochs=cfg.teacher_epochs or cfg.epochs, optimizer=settings["optimizer"], seed=cfg.seed,
+        loader=common.load_model,
+    )
+
+
+def _teacher_keys(cfg: common.Config) -> List[str]:
+    keys = []
+    for t in parse_list(cfg.teachers, str, "teachers"):
+        path = os.path.expanduser(t)
+        keys.append(os.path.abspath(path) if os.path.exists(path) else t)
+    return keys
+
+
+def grid(cfg: common.Config) -> List[Dict[str, Any]]:
+    """The grid's trial configs."""
+    coefficients = parse_list(cfg.coefficient, float, "coefficient")
+    configs = []
+    for coefficient in coefficients:
+        configs += tuning.grid_configs(
+            temperatures=parse_list(cfg.temperatures, float, "temperatures"),
+            teachers=_teacher_keys(cfg),
+            schedules=parse_list(cfg.schedules, str, "schedules"),
+            coefficient=coefficient,
+            weight_bits=parse_list(cfg.weight_bits, int, "weight_bits"),
+            activation_bits=cfg.activation_bits,
+            epochs=cfg.epochs,
+        )
+    return configs
+
+
+def search_space(cfg: common.Config) -> tuning.DistillationSearchSpace:
+    """The search space of ``--mode=search`` (the same lists as the grid)."""
+    return tuning.DistillationSearchSpace(
+        temperatures=parse_list(cfg.temperatures, float, "temperatures"),
+        teachers=_teacher_keys(cfg),
+        schedules=parse_list(cfg.schedules, str, "schedules"),
+        coefficients=parse_list(cfg.coefficient, float, "coefficient"),
+        weight_bits=parse_list(cfg.weight_bits, int, "weight_bits"),
+        activation_bits=cfg.activation_bits,
+        epochs=cfg.epochs,
+    )
+
+
+def build_tuner(cfg: common.Config) -> tuning.DistillationTuner:
+    """The keras-tuner project of ``--mode=search`` (resumes from ``output_dir/tuner``)."""
+    paths = _paths(cfg)
+    settings = trial_settings(cfg)
+    oracle = tuning.make_oracle(cfg.oracle, objective=cfg.objective, max_trials=cfg.max_trials,
+                                max_epochs=cfg.epochs, seed=cfg.seed + 1)
+    return tuning.DistillationTuner(
+        oracle, search_space=search_space(cfg), teachers=make_teacher_pool(cfg),
+        student_builder=settings["student_builder"], epochs=cfg.epochs,
+        csv_path=paths["csv"], log=common.log,
+        trial_kwargs={"optimizer": settings["optimizer"], "seed": cfg.seed},
+        directory=paths["tuner"], project_name=f"search_{cfg.oracle}",
+        overwrite=bool(cfg.overwrite),
+    )
+
+
+def _baselines(cfg, data, paths) -> None:
+    """Trains the hard-label quantized student once per weight bit-width (skipped if done)."""
+    configs = [tuning.normalize_config({"teacher": "none", "weight_bits": b,
+                                        "activation_bits": cfg.activation_bits,
+                                        "epochs": cfg.epochs, "coefficient": 0.0})
+               for b in parse_list(cfg.weight_bits, int, "weight_bits")]
+    settings = trial_settings(cfg)
+    tuning.run_grid(configs, data, paths["baseline_csv"], log=common.log, **settings)
+
+
+def draw(cfg: common.Config) -> Dict[str, List[str]]:
+    """Redraws every figure from ``trials.csv`` (and ``baseline.csv``)."""
+    paths = _paths(cfg)
+    baseline_csv = paths["baseline_csv"] if os.path.exists(paths["baseline_csv"]) else None
+    figures = tuning.plot_results(paths["csv"], paths["root"], baseline_csv=baseline_csv)
+    for name, files in figures.items():
+        common.log(f"figure {name}: {', '.join(os.path.basename(f) for f in files)}")
+    return figures
+
+
+def _summary(cfg, paths, figures, elapsed) -> Dict[str, Any]:
+    rows = tuning.read_results(paths["csv"])
+    metric = "test_accuracy" if cfg.mode == "grid" else cfg.objective
+    best = max(rows, key=lambda r: r[metric]) if rows else None
+    baseline = tuning.read_results(paths["baseline_csv"])
+    result = {
+        "mode": cfg.mode, "trials": len(rows), "best_metric": metric,
+        "best": {k: best[k] for k in tuning.HYPERPARAMETERS + tuning.METRICS if k in best}
+        if best else None,
+        "baseline_test_accuracy": baseline[0]["test_accuracy"] if baseline else None,
+        "figures": figures, "csv": paths["csv"], "wall_time_s": elapsed,
+    }
+    common.atomic_write_json(paths["results"], result)
+    return result
+
+
+def run(cfg: common.Config) -> Dict[str, Any]:
+    """Runs (or continues) the sweep described by ``cfg``; returns the content of results.json."""
+    start = time.time()
+    paths = _paths(cfg)
+    if cfg.overwrite and not cfg.plot_only and os.path.isdir(paths["root"]):
+        import shutil
+
+        common.log(f"--overwrite: deleting the previous sweep in {paths['root']}")
+        shutil.rmtree(paths["root"])
+        cfg = cfg.replace(overwrite=False)
+    os.makedirs(paths["root"], exist_ok=True)
+    if cfg.plot_only:
+        figures = draw(cfg)
+        return _summary(cfg, paths, figures, time.time() - start)
+    common.atomic_write_json(os.path.join(paths["root"], f"run_config_{cfg.mode}.json"),
+                             cfg.to_dict())
+    common.set_seed(cfg.seed)
+    if cfg.mode == "grid":
+        data = load_trial_data(cfg)
+        if cfg.baseline:
+            _baselines(cfg, data, paths)
+        configs = grid(cfg)
+        common.log(f"grid of {len(configs)} trials -> {paths['csv']}")
+        tuning.run_grid(configs, data, paths["csv"], teachers=make_teacher_pool(cfg),
+                        log=common.log, **trial_settings(cfg))
+    else:
+        tuner = build_tuner(cfg)
+        from keras_tuner.src.distribute import utils as dist_utils
+
+        if dist_utils.is_chief_oracle():
+            # The chief only serves the oracle; workers train.
+            tuner.search()
+            return {"mode": "search", "role": "chief"}
+        data = load_trial_data(cfg)
+        if cfg.baseline and not dist_utils.has_chief_oracle():
+            _baselines(cfg, data, paths)
+        remaining = tuner.remaining_trials
+        common.log(f"{cfg.oracle} search, {remaining if remaining is not None else 'Hyperband'} "
+                   f"trial(s) to run -> {tuner.project_dir}")
+        tuner.search(data, verbose=0)
+        if dist_utils.has_chief_oracle():
+            return {"mode": "search", "role": "worker", "trials_run": tuner.run_trial_calls}
+        best = tuner.get_best_hyperparameters(1)
+        if best:
+            common.log(f"best hyper-parameters: {best[0].values}")
+    figures = draw(cfg) if os.path.exists(paths["csv"]) else {}
+    result = _summary(cfg, paths, figures, time.time() - start)
+    common.log(f"sweep done: {result['trials']} trials, best {result['best_metric']} "
+               f"{result['best'] and result['best'].get(result['best_metric'])}")
+    return result
+
+
+def main(argv):
+    del argv
+    run(common.config_from_flags(OPTIONS, PRESETS))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    common.define_flags(OPTIONS)
+    app.run(main)
