@@ -425,7 +425,7 @@ def quantize_model(
             return _tfmot_q.quantize_annotate_layer(layer)
         return layer  # pass-through (shared with `model` here; quantize_apply copies it)
 
-    with quantize_scope():
+    with _tfmot_q.quantize_scope(_tfqkd_custom_objects(import_all=False)):
         annotated = keras.models.clone_model(model, clone_function=annotate)
         qmodel = _tfmot_q.quantize_apply(annotated, scheme=scheme)
 
@@ -530,13 +530,17 @@ def quantization_info(model: keras.Model) -> Dict[str, Dict[str, Any]]:
 _SERIALISABLE_MODULES = ("quantizers", "quantize_configs", "losses", "distiller", "callbacks", "speq", "qkd")
 
 
-def _tfqkd_custom_objects() -> Dict[str, Any]:
-    for mod in _SERIALISABLE_MODULES:
-        try:
-            importlib.import_module(f"tfqkd.{mod}")
-        except ModuleNotFoundError as err:  # a module not written (yet): nothing of it was saved
-            if err.name != f"tfqkd.{mod}":
-                raise
+def _tfqkd_custom_objects(import_all: bool = True) -> Dict[str, Any]:
+    if import_all:
+        for mod in _SERIALISABLE_MODULES:
+            try:
+                importlib.import_module(f"tfqkd.{mod}")
+            except ModuleNotFoundError as err:  # a module not installed: nothing of it was saved
+                if err.name != f"tfqkd.{mod}":
+                    raise
+            except Exception as err:  # noqa: BLE001 - one broken module must not block loading
+                warnings.warn(f"quantize_scope: could not import tfqkd.{mod} ({err!r}); objects "
+                              "it defines cannot be loaded.", stacklevel=3)
     objects = {}
     for key, obj in keras.utils.get_custom_objects().items():
         if key.startswith("tfqkd>"):
