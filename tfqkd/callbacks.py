@@ -38,6 +38,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
+from tensorflow.core.framework import summary_pb2
+
 from tfqkd._keras import keras, tf
 from tfqkd.distiller import check_coefficient, check_temperature
 
@@ -76,6 +78,18 @@ def schedule_value(schedule: Schedule, progress: float, start: float, end: float
         return float(start + (end - start) * passed / len(boundaries))
     raise ValueError(f"Unknown schedule {schedule!r}: use one of {_NAMES} or a callable "
                      "f(progress in [0, 1]) -> value.")
+
+
+def _write_scalar(tag: str, value: float, step: int) -> None:
+    """A TensorBoard scalar summary written with core TF ops.
+
+    ``tf.summary.scalar`` lives in the ``tensorboard`` package, which TensorFlow 2.21 no longer
+    installs; ``tf.summary.write`` with the scalar plugin's metadata writes the same record.
+    """
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"
+    tf.summary.write(tag, tf.constant(value, tf.float32), step=step,
+                     metadata=metadata.SerializeToString())
 
 
 class _VariableScheduler(keras.callbacks.Callback):
@@ -174,7 +188,8 @@ class _VariableScheduler(keras.callbacks.Callback):
 
     # ---- hooks ---------------------------------------------------------------------------
     def _apply(self) -> None:
-        value = self.value_at(self.progress())
+        step = self._iterations()
+        value = self.value_at(self.progress(step))
         self._variable().assign(value)
         self.current = value
 
@@ -202,8 +217,8 @@ class _VariableScheduler(keras.callbacks.Callback):
         # The Keras TensorBoard callback keeps its train writer as the default during fit and
         # decides (record_if) which steps to record; write where and when it would.
         if tf.summary.should_record_summaries():
-            step = self._iterations()
-            tf.summary.scalar(f"batch_{self.log_name}", self.current, step=step)
+            # Logged at the step that used the value: the counter has moved past it by now.
+            _write_scalar(f"batch_{self.log_name}", self.current, max(0, self._iterations() - 1))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None and self.current is not None:
