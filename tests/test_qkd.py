@@ -107,7 +107,8 @@ def test_costudying_step_is_two_independent_distillation_steps(separate_teacher_
     exp_s = [v.numpy() - lr * g.numpy() for v, g in zip(s.trainable_variables, gs)]
     t_lr = 0.03 if separate_teacher_optimizer else lr
     exp_t = [v.numpy() - t_lr * g.numpy() for v, g in zip(t.trainable_variables, gt)]
-    cs = CoStudying(s, t, temperature=tau, student_coefficient=lam_s, teacher_coefficient=lam_t)
+    cs = CoStudying(s, t, temperature=tau, student_coefficient=lam_s, teacher_coefficient=lam_t,
+                    temperature_squared=True)
     cs.compile(
         optimizer=keras.optimizers.SGD(lr),
         teacher_optimizer=keras.optimizers.SGD(t_lr) if separate_teacher_optimizer else None,
@@ -163,3 +164,170 @@ def test_costudying_rejects_class_mismatch_and_same_model():
     cs = CoStudying(s, tfqkd.models.tiny_resnet(10, seed=1))
     with pytest.raises(ValueError, match="loss="):
         cs.compile(optimizer="sgd", loss="mse")
+
+
+# -- the pipeline ------------------------------------------------------------------------------------
+class _Snapshots(keras.callbacks.Callback):
+    """Both models' weights (incl. BN statistics) when a phase's fit starts and ends."""
+
+    def __init__(self, phase, student, teacher, store):
+        super().__init__()
+        self.phase, self.student, self.teacher, self.store = phase, student, teacher, store
+
+    def on_train_begin(self, logs=None):
+        self.store[self.phase] = {"begin": (_weights(self.student), _weights(self.teacher))}
+
+    def on_train_end(self, logs=None):
+        self.store[self.phase]["end"] = (_weights(self.student), _weights(self.teacher))
+
+
+def _any_changed(before, after):
+    return any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_w4a4_student_runs_three_phases_and_exports_int8(digits, tmp_path):
+    train, test = digits
+    train = train.take(2)  # 2 steps per epoch: the point is the wiring, not accuracy
+    student = tfqkd.quantize_model(tfqkd.models.tiny_resnet(10, seed=0), weight_bits=4,
+                                   activation_bits=4)
+    teacher = tfqkd.models.tiny_resnet(10, width=2, seed=1)
+    snaps = {}
+    out = tmp_path / "qkd"
+    results = run_qkd(
+        student, teacher, train, None, ss_epochs=1, cs_epochs=1, tu_epochs=1, output_dir=str(out),
+        temperature=2.0, tu_coefficient_schedule="linear",
+        callbacks=lambda phase: [_Snapshots(phase, student, teacher, snaps)],
+    )
+    assert sorted(results) == ["cs", "ss", "tu"]
+    # SS: the student alone; CS: both; TU: the student only (teacher weights and BN stats frozen)
+    assert _any_changed(snaps["ss"]["begin"][0], snaps["ss"]["end"][0])
+    assert not _any_changed(snaps["ss"]["begin"][1], snaps["ss"]["end"][1])
+    assert _any_changed(snaps["cs"]["begin"][0], snaps["cs"]["end"][0])
+    assert _any_changed(snaps["cs"]["begin"][1], snaps["cs"]["end"][1])
+    assert _any_changed(snaps["tu"]["begin"][0], snaps["tu"]["end"][0])
+    assert not _any_changed(snaps["tu"]["begin"][1], snaps["tu"]["end"][1])
+    # CS starts where SS ended, TU where CS ended (the same model objects are trained in place)
+    assert not _any_changed(snaps["ss"]["end"][0], snaps["cs"]["begin"][0])
+    assert not _any_changed(snaps["cs"]["end"][1], snaps["tu"]["begin"][1])
+    assert results["tu"]["logs"]["coefficient"] < 0.5  # CR ran in tutoring
+
+    state = read_phase_state(str(out))
+    assert state["current"] == "done"
+    assert [state["phases"][p]["status"] for p in ("ss", "cs", "tu")] == ["done"] * 3
+    assert [e["phase"] + ":" + e["event"] for e in state["events"]] == [
+        "ss:start", "ss:done", "cs:start", "cs:done", "tu:start", "tu:done"]
+
+    # A second call on the finished directory trains nothing and restores the final weights
+    fresh_s = tfqkd.quantize_model(tfqkd.models.tiny_resnet(10, seed=5), weight_bits=4,
+                                   activation_bits=4)
+    fresh_t = tfqkd.models.tiny_resnet(10, width=2, seed=6)
+    again = run_qkd(fresh_s, fresh_t, train, None, ss_epochs=1, cs_epochs=1, tu_epochs=1,
+                    output_dir=str(out))
+    assert all(again[p]["skipped_now"] for p in again)
+    assert not _any_changed(snaps["tu"]["end"][0], _weights(fresh_s))
+    assert not _any_changed(snaps["tu"]["end"][1], _weights(fresh_t))
+    with pytest.raises(ValueError, match="ss_epochs=1"):
+        run_qkd(fresh_s, fresh_t, train, None, ss_epochs=2, cs_epochs=1, tu_epochs=1,
+                output_dir=str(out))
+
+    from tfqkd.export import export_tflite
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = tmp_path / "student_int8.tflite"
+    export_tflite(student, str(path), representative_data=train, mode="int8")
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]
+    outp = interpreter.get_output_details()[0]
+    x, _ = next(iter(test))
+    x = x[:16].numpy()
+    preds = []
+    for image in x:
+        value = image[None]
+        if inp["dtype"] != np.float32:
+            scale, zero = inp["quantization"]
+            value = np.round(value / scale + zero).astype(inp["dtype"])
+        interpreter.set_tensor(inp["index"], value)
+        interpreter.invoke()
+        preds.append(np.argmax(interpreter.get_tensor(outp["index"])[0]))
+    keras_preds = np.argmax(student(x, training=False).numpy(), axis=-1)
+    # int8 rounding may flip near-ties; most predictions agree with the Keras student
+    assert np.mean(np.array(preds) == keras_preds) >= 0.75
+    assert any(d["dtype"] == np.int8 for d in interpreter.get_tensor_details())
+
+
+def test_run_qkd_rejects_bad_arguments(digits):
+    train, _ = digits
+    s = tfqkd.models.tiny_resnet(10, seed=0)
+    t = tfqkd.models.tiny_resnet(10, seed=1)
+    with pytest.raises(ValueError, match="cs_epochs"):
+        run_qkd(s, t, train, ss_epochs=1, cs_epochs=-1, tu_epochs=1)
+    with pytest.raises(ValueError, match="tu_coefficient_schedule"):
+        run_qkd(s, t, train, ss_epochs=1, cs_epochs=1, tu_epochs=1, tu_coefficient_schedule="exp")
+    with pytest.raises(ValueError, match="class-count mismatch"):
+        run_qkd(s, tfqkd.models.tiny_resnet(3, seed=1), train, ss_epochs=1, cs_epochs=1,
+                tu_epochs=1)
+    with pytest.raises(ValueError, match="train_ds"):
+        run_qkd(s, t, None, ss_epochs=1, cs_epochs=1, tu_epochs=1)
+
+
+# -- the recipe: SIGKILL during co-studying, restart resumes inside co-studying ----------------------
+def test_recipe_killed_in_co_studying_resumes_in_co_studying(tmp_path):
+    out = tmp_path / "run"
+    cs_epochs = 25
+    cmd = [
+        sys.executable, str(REPO / "recipes" / "qkd.py"), "--preset=smoke", "--dataset=digits",
+        f"--output_dir={out}", "--subset=100", "--test_subset=50", "--batch_size=50",
+        "--ss_epochs=1", f"--cs_epochs={cs_epochs}", "--tu_epochs=1", "--validation_freq=0",
+        "--progress=line", "--save_freq=epoch",
+    ]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+    log1 = open(tmp_path / "attempt1.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log1, stderr=subprocess.STDOUT, env=env)
+    killed_state = None
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            state = read_phase_state(str(out)) if (out / "qkd_state.json").exists() else None
+            if (state and state["current"] == "cs" and state["phases"]["cs"]["epochs_done"] >= 1
+                    and (out / "checkpoints" / "cs" / "chief" / "checkpoint").exists()):
+                proc.send_signal(signal.SIGKILL)
+                killed_state = state
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and killed_state is None:
+            proc.kill()
+        proc.wait()
+        log1.close()
+    assert killed_state is not None, (tmp_path / "attempt1.log").read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL
+    assert killed_state["phases"]["ss"]["status"] == "done"
+    assert killed_state["phases"]["cs"]["status"] == "running"
+    assert not (out / "results.json").exists()
+    assert (out / "checkpoints" / "cs").is_dir()
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    state = read_phase_state(str(out))
+    events = [(e["phase"], e["event"], e.get("epoch")) for e in state["events"]]
+    # SS ran once, in the first attempt; the second attempt resumed inside CS at epoch >= 1
+    assert [e for e in events if e[0] == "ss"] == [("ss", "start", 0), ("ss", "done", None)]
+    cs_events = [e for e in events if e[0] == "cs"]
+    assert cs_events[0] == ("cs", "start", 0)
+    assert cs_events[1][:2] == ("cs", "resume") and cs_events[1][2] >= 1
+    assert cs_events[-1] == ("cs", "done", None) and len(cs_events) == 3
+    assert "self-studying epoch" not in second.stdout  # no SS epoch in the second attempt
+    assert "co-studying: resuming at epoch" in second.stdout
+    # one history row per epoch, no duplicates from the re-run epoch
+    import csv
+
+    with open(out / "history_cs.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(cs_epochs))
+    with open(out / "history_ss.csv") as f:
+        assert len(list(csv.DictReader(f))) == 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["attempts"] == 2
+    assert sorted(results["phases"]) == ["cs", "ss", "tu"]
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    assert (out / "model" / "model.h5").exists() and (out / "teacher" / "model.h5").exists()

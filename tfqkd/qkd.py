@@ -32,6 +32,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import math
 import os
@@ -142,7 +144,9 @@ class CoStudying(keras.Model):
             teacher's loss.
         soft_loss: ``"kl"``, ``"ce"``, ``"cosine"`` or a callable
             ``fn(target_probs, logits, temperature) -> (batch,)`` (see :func:`tfqkd.losses.get`).
-        temperature_squared: Multiply the soft losses by τ² (default ``True``).
+        temperature_squared: Multiply the soft losses by τ². Default ``False``, the convention of
+            :class:`tfqkd.Distiller` (the paper's Eq. 3 has no τ² and λ, τ are tuned against it),
+            so that λ and τ mean the same thing in co-studying and tutoring.
         teacher_temperature: Optional separate τt for the teacher's soft loss.
 
     Example:
@@ -168,7 +172,7 @@ class CoStudying(keras.Model):
         student_coefficient: float = 0.5,
         teacher_coefficient: float = 0.5,
         soft_loss: Union[str, Callable] = "kl",
-        temperature_squared: bool = True,
+        temperature_squared: bool = False,
         teacher_temperature: Optional[float] = None,
         **kwargs,
     ):
@@ -192,21 +196,18 @@ class CoStudying(keras.Model):
         self.soft_loss = soft_loss
         self._soft_loss_fn = _resolve_soft_loss(soft_loss)
         self.temperature_squared = bool(temperature_squared)
-        self.temperature = tf.Variable(
-            _check_temperature(temperature), trainable=False, dtype=tf.float32, name="temperature"
+        # add_weight (not tf.Variable) so that, under tf.distribute, a scheduler's assignment from
+        # a callback is taken from the first replica instead of being summed over replicas.
+        self.temperature = self._scalar("temperature", _check_temperature(temperature))
+        self.coefficient = self._scalar(
+            "coefficient", _check_coefficient(student_coefficient, "student_coefficient")
         )
-        self.coefficient = tf.Variable(
-            _check_coefficient(student_coefficient, "student_coefficient"), trainable=False,
-            dtype=tf.float32, name="coefficient",
-        )
-        self.teacher_coefficient = tf.Variable(
-            _check_coefficient(teacher_coefficient, "teacher_coefficient"), trainable=False,
-            dtype=tf.float32, name="teacher_coefficient",
+        self.teacher_coefficient = self._scalar(
+            "teacher_coefficient", _check_coefficient(teacher_coefficient, "teacher_coefficient")
         )
         self.teacher_temperature = (
-            None if teacher_temperature is None else tf.Variable(
-                _check_temperature(teacher_temperature, "teacher_temperature"), trainable=False,
-                dtype=tf.float32, name="teacher_temperature",
+            None if teacher_temperature is None else self._scalar(
+                "teacher_temperature", _check_temperature(teacher_temperature, "teacher_temperature")
             )
         )
         self.teacher_optimizer = None
@@ -216,6 +217,16 @@ class CoStudying(keras.Model):
             for name in ("loss", "student_loss", "teacher_loss", "student_accuracy",
                          "teacher_accuracy")
         }
+        # Both models exist, so all variables do: BackupAndRestore (which builds the optimizer of
+        # a built model before restoring) and save_weights work before the first fit().
+        self.built = True
+
+    def _scalar(self, name: str, value: float) -> tf.Variable:
+        return self.add_weight(
+            name=name, shape=(), dtype=tf.float32, trainable=False,
+            initializer=keras.initializers.Constant(value),
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
 
     # -- Keras plumbing --------------------------------------------------------------------------
     @property
@@ -397,12 +408,17 @@ def _quantize_scope():
 # The three-phase pipeline
 # ---------------------------------------------------------------------------------------------
 def _atomic_write_json(path: str, payload: Mapping[str, Any]) -> None:
+    _atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -455,35 +471,57 @@ def _accuracy(model: keras.Model, dataset, steps: Optional[int]) -> Optional[flo
     """Top-1 accuracy of a logits model on ``(images, labels)`` batches (inference mode)."""
     if dataset is None:
         return None
+    @tf.function(reduce_retracing=True)
+    def hits(x, y):
+        return tf.reduce_sum(CoStudying._correct(y, model(x, training=False)))
+
     correct, total = 0.0, 0.0
     batches = dataset.take(steps) if steps else dataset
     for batch in batches:
         x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
-        logits = model(x, training=False)
-        correct += float(tf.reduce_sum(CoStudying._correct(tf.convert_to_tensor(y), logits)))
-        total += float(tf.shape(logits)[0])
+        correct += float(hits(x, tf.convert_to_tensor(y)))
+        total += float(tf.shape(y)[0])
     if total == 0:
         raise ValueError("the validation data set is empty; pass val_ds=None to skip evaluation.")
     return correct / total
 
 
-class _PhaseTracker(keras.callbacks.Callback):
-    """Records phase starts/resumes and finished epochs in the phase-state file.
+#: Per phase: the validation log keys of the student's and the teacher's accuracy.
+_VAL_KEYS = {
+    "ss": ("val_accuracy", None),
+    "cs": ("val_student_accuracy", "val_teacher_accuracy"),
+    "tu": ("val_accuracy", None),
+}
 
-    Placed after ``BackupAndRestore`` in the callback list so that ``epochs_done`` is written
-    only once the backup of that epoch exists: the state never claims more than can be restored.
+
+class _PhaseTracker(keras.callbacks.Callback):
+    """Records phase starts/resumes and finished epochs in the phase-state file and the history.
+
+    Placed after ``BackupAndRestore`` in the callback list so that, with ``save_freq="epoch"``,
+    ``epochs_done`` is written only once the backup of that epoch exists. (With an integer
+    ``save_freq`` the backup is taken every N steps and may lag ``epochs_done``; a resume starts
+    from the backup, whatever ``epochs_done`` says.)
+    ``history_<phase>.csv`` is rewritten atomically after every epoch; on resume the rows of the
+    epochs being re-run are dropped first, so the file never holds duplicates or gaps.
     """
 
     def __init__(self, run: "_QKDRun", phase: str):
         super().__init__()
         self._run, self._phase, self._seen_first = run, phase, False
+        self._rows: List[Dict[str, Any]] = []
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._seen_first:
             self._seen_first = True
             self._run.event(self._phase, "resume" if epoch > 0 else "start", epoch=int(epoch))
+            self._rows = [r for r in self._run.read_history(self._phase)
+                          if int(float(r["epoch"])) < epoch]
 
     def on_epoch_end(self, epoch, logs=None):
+        row: Dict[str, Any] = {"epoch": int(epoch)}
+        row.update({k: float(v) for k, v in (logs or {}).items()})
+        self._rows.append(row)
+        self._run.write_history(self._phase, self._rows)
         self._run.update_phase(self._phase, epochs_done=int(epoch) + 1)
 
 
@@ -541,6 +579,26 @@ class _QKDRun:
     def update_phase(self, phase: str, **fields) -> None:
         self.state["phases"][phase].update(fields)
         self.save()
+
+    def history_path(self, phase: str) -> str:
+        return os.path.join(self.output_dir, f"history_{phase}.csv")
+
+    def read_history(self, phase: str) -> List[Dict[str, str]]:
+        path = self.history_path(phase)
+        if not os.path.exists(path):
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def write_history(self, phase: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        keys: List[str] = []
+        for row in rows:
+            keys.extend(k for k in row if k not in keys)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=keys, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_write_text(self.history_path(phase), buffer.getvalue())
 
     def done(self, phase: str) -> bool:
         return self.state["phases"][phase]["status"] == "done"
@@ -608,13 +666,16 @@ def run_qkd(
     student_coefficient: float = 0.5,
     teacher_coefficient: float = 0.5,
     tu_coefficient: float = 0.5,
-    tu_coefficient_reducing: bool = False,
+    tu_coefficient_schedule: str = "constant",
+    tu_coefficient_end: float = 0.0,
     soft_loss: Union[str, Callable] = "kl",
-    temperature_squared: bool = True,
+    temperature_squared: bool = False,
     optimizer: Optional[Callable[[str], Any]] = None,
     teacher_optimizer: Optional[Callable[[], Any]] = None,
     steps_per_epoch: Optional[int] = None,
     validation_steps: Optional[int] = None,
+    save_freq: Union[str, int] = "epoch",
+    validation_freq: int = 1,
     callbacks: Union[None, Sequence[keras.callbacks.Callback],
                      Mapping[str, Sequence[keras.callbacks.Callback]],
                      Callable[[str], Sequence[keras.callbacks.Callback]]] = None,
@@ -626,9 +687,10 @@ def run_qkd(
     * **SS** (``ss_epochs``): the student alone, cross-entropy on the labels.
     * **CS** (``cs_epochs``): :class:`CoStudying` with ``temperature``, ``student_coefficient``
       and ``teacher_coefficient``; the teacher is trained too.
-    * **TU** (``tu_epochs``): :class:`tfqkd.Distiller` from the now fixed teacher with
-      ``tu_coefficient`` (linearly reduced to 0 over the phase by
-      :class:`tfqkd.callbacks.CoefficientScheduler` when ``tu_coefficient_reducing``).
+    * **TU** (``tu_epochs``): :class:`tfqkd.Distiller` from the now fixed teacher with λ =
+      ``tu_coefficient``, or, with ``tu_coefficient_schedule="linear"`` (the toolkit's coefficient
+      reducing, CR), λ moved from ``tu_coefficient`` to ``tu_coefficient_end`` over the phase by
+      :class:`tfqkd.callbacks.CoefficientScheduler` (also ``"cosine"``, ``"step"``).
 
     A budget of 0 skips that phase. The models are trained in place: afterwards ``student`` is the
     QKD student (export it) and ``teacher`` the co-studied teacher.
@@ -655,6 +717,9 @@ def run_qkd(
             Nesterov momentum 0.9.
         teacher_optimizer: Optional ``fn() -> optimizer`` for the teacher in CS.
         steps_per_epoch, validation_steps: Passed to ``fit`` (and bound the evaluation).
+        validation_freq: Validate on ``val_ds`` every this many epochs (``fit``'s argument).
+        save_freq: ``BackupAndRestore`` frequency: ``"epoch"`` or every N training steps (then a
+            kill mid-epoch resumes at that step).
         callbacks: Extra callbacks: one list for all phases, a ``{phase: list}`` mapping, or
             ``fn(phase) -> list`` (called once per phase, so stateful callbacks are fresh).
         strategy: Optional ``tf.distribute`` strategy; the models must have been built inside its
@@ -682,8 +747,14 @@ def run_qkd(
     _check_temperature(temperature)
     for name, value in (("student_coefficient", student_coefficient),
                         ("teacher_coefficient", teacher_coefficient),
-                        ("tu_coefficient", tu_coefficient)):
+                        ("tu_coefficient", tu_coefficient),
+                        ("tu_coefficient_end", tu_coefficient_end)):
         _check_coefficient(value, name)
+    if tu_coefficient_schedule not in ("constant", "linear", "cosine", "step"):
+        raise ValueError(
+            f"tu_coefficient_schedule must be constant, linear (coefficient reducing), cosine or "
+            f"step, got {tu_coefficient_schedule!r}."
+        )
     if train_ds is None:
         raise ValueError("train_ds is missing: pass a tf.data.Dataset of (images, labels) batches.")
     s_classes, t_classes = _num_classes(student, "student"), _num_classes(teacher, "teacher")
@@ -702,9 +773,11 @@ def run_qkd(
         run.restore_weights(finished[-1], student, teacher)
 
     results: Dict[str, Dict[str, Any]] = {}
+    teacher_accuracy: Optional[float] = None  # the teacher's, as of the last finished phase
     for phase in PHASES:
         if run.done(phase):
             results[phase] = dict(run.state["phases"][phase]["result"] or {}, skipped_now=True)
+            teacher_accuracy = results[phase].get("teacher_accuracy")
             continue
         run.state["current"] = phase
         run.update_phase(phase, status="running")
@@ -716,36 +789,53 @@ def run_qkd(
                     phase, student, teacher, make_optimizer, teacher_optimizer,
                     temperature=temperature, student_coefficient=student_coefficient,
                     teacher_coefficient=teacher_coefficient, tu_coefficient=tu_coefficient,
-                    tu_coefficient_reducing=tu_coefficient_reducing, soft_loss=soft_loss,
+                    tu_coefficient_schedule=tu_coefficient_schedule,
+                    tu_coefficient_end=tu_coefficient_end, soft_loss=soft_loss,
                     temperature_squared=temperature_squared,
                 )
             phase_callbacks = list(extra) + _phase_callbacks(callbacks, phase)
             if output_dir is not None:
-                phase_callbacks += [
-                    keras.callbacks.BackupAndRestore(run.backup_dir(phase)),
-                    _PhaseTracker(run, phase),
-                    keras.callbacks.CSVLogger(
-                        os.path.join(output_dir, f"history_{phase}.csv"), append=True
+                # First in the list: the restore happens before any other callback starts, and
+                # the backup of an epoch is written before the tracker records that epoch.
+                # The backup is kept when fit returns (a kill before the phase is marked done
+                # then resumes with zero epochs left); it is deleted once the phase is done.
+                phase_callbacks = [
+                    keras.callbacks.BackupAndRestore(
+                        run.backup_dir(phase), save_freq=save_freq, delete_checkpoint=False
                     ),
-                ]
+                    _PhaseTracker(run, phase),
+                ] + phase_callbacks
             history = model.fit(
-                train_ds, validation_data=val_ds, epochs=budgets[phase],
+                train_ds, validation_data=val_ds, validation_freq=validation_freq,
+                epochs=budgets[phase],
                 steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
                 callbacks=phase_callbacks, verbose=verbose,
             )
             logs = {k: float(v[-1]) for k, v in history.history.items() if v}
+        # The last epoch's validation logs already hold the accuracies after the phase; only
+        # what fit did not measure is evaluated (the teacher is unchanged outside co-studying).
+        student_acc = logs.get(_VAL_KEYS[phase][0])
+        if student_acc is None:
+            student_acc = _accuracy(student, val_ds, validation_steps)
+        teacher_acc = logs.get(_VAL_KEYS[phase][1]) if _VAL_KEYS[phase][1] else None
+        if teacher_acc is None:
+            teacher_acc = teacher_accuracy if teacher_accuracy is not None else _accuracy(
+                teacher, val_ds, validation_steps)
+        teacher_accuracy = teacher_acc
         result = {
             "phase": _PHASE_NAMES[phase],
             "epochs": budgets[phase],
             "epochs_done": budgets[phase],
             "seconds": round(time.time() - started, 3),
-            "student_accuracy": _accuracy(student, val_ds, validation_steps),
-            "teacher_accuracy": _accuracy(teacher, val_ds, validation_steps),
+            "student_accuracy": student_acc,
+            "teacher_accuracy": teacher_acc,
             "logs": logs,
         }
         run.save_weights(phase, student, teacher)
         run.update_phase(phase, status="done", epochs_done=budgets[phase], result=result)
         run.event(phase, "done")
+        if output_dir is not None:
+            shutil.rmtree(run.backup_dir(phase), ignore_errors=True)
         results[phase] = result
     run.state["current"] = "done"
     run.save()
@@ -754,17 +844,23 @@ def run_qkd(
 
 def _build_phase(phase, student, teacher, make_optimizer, teacher_optimizer, *, temperature,
                  student_coefficient, teacher_coefficient, tu_coefficient,
-                 tu_coefficient_reducing, soft_loss, temperature_squared):
+                 tu_coefficient_schedule, tu_coefficient_end, soft_loss, temperature_squared):
     """The model ``fit`` trains in ``phase``, compiled, plus the phase's own callbacks."""
     extra: List[keras.callbacks.Callback] = []
     if phase == "ss":
         student.trainable = True
-        student.compile(
+        # A functional view of the student shares its layers but owns the SS optimizer, so the
+        # optimizer does not stay attached to (and in every later checkpoint of) the student.
+        if getattr(student, "_is_graph_network", False):
+            model = keras.Model(student.inputs, student.outputs, name="self_studying")
+        else:
+            model = student
+        model.compile(
             optimizer=make_optimizer("ss"),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         )
-        return student, extra
+        return model, extra
     if phase == "cs":
         student.trainable = True
         teacher.trainable = True  # a teacher frozen for plain KD must learn again here
@@ -791,8 +887,10 @@ def _build_phase(phase, student, teacher, make_optimizer, teacher_optimizer, *, 
         optimizer=make_optimizer("tu"),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
-    if tu_coefficient_reducing:
+    if tu_coefficient_schedule != "constant":
         from tfqkd.callbacks import CoefficientScheduler
 
-        extra.append(CoefficientScheduler(start=tu_coefficient, end=0.0))
+        extra.append(CoefficientScheduler(
+            tu_coefficient_schedule, start=tu_coefficient, end=tu_coefficient_end
+        ))
     return model, extra
