@@ -1,0 +1,280 @@
+"""Tests of tfqkd.quantizers: Eq. (1)/(2) properties, step estimators, tfmot quantizers."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from tfqkd._keras import keras, tf
+from tfqkd.quantizers import (
+    GAUSSIAN_STEP_RATIO,
+    ActivationQuantizer,
+    SymmetricQuantizer,
+    l2_optimal_step,
+    max_level,
+    num_levels,
+    std_step,
+    symmetric_quantize,
+)
+
+PROPS = settings(max_examples=40, deadline=None)
+
+finite = st.floats(-4.0, 4.0, allow_nan=False, allow_infinity=False, width=32)
+weights = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9),
+                     elements=finite)
+bits_st = st.integers(1, 8)
+steps_st = st.floats(0.015625, 2.0, allow_nan=False, width=32)
+
+
+def _q(w, bits, step):
+    return symmetric_quantize(w, bits, step).numpy()
+
+
+def _err(w, bits, step):
+    return float(np.sum((np.asarray(w, np.float64) - _q(w, bits, step).astype(np.float64)) ** 2))
+
+
+# -- Eq. (1)/(2) ---------------------------------------------------------------------------
+@PROPS
+@given(weights, bits_st, steps_st)
+def test_values_are_integer_multiples_of_step_within_range(w, bits, step):
+    q = _q(w, bits, step)
+    n = q / np.float32(step)
+    assert np.allclose(n, np.round(n), atol=1e-4)
+    k = max_level(bits)
+    assert np.all(np.abs(np.round(n)) <= k)
+    levels = set(np.round(n).astype(int).ravel().tolist())
+    assert len(levels) <= num_levels(bits)
+    if bits == 1:
+        assert levels <= {-1, 1}
+    if bits == 2:
+        assert levels <= {-1, 0, 1}
+    if bits > 1:
+        assert len(levels) <= 2 ** bits - 1
+
+
+@PROPS
+@given(weights, bits_st, steps_st)
+def test_symmetric(w, bits, step):
+    if bits == 1:
+        # sign(0) := +1 breaks symmetry exactly at 0, by design (two levels); TensorFlow's CPU
+        # kernels flush subnormals to zero, so they count as 0 here too.
+        w = w[np.abs(w) >= np.finfo(np.float32).tiny]
+    np.testing.assert_array_equal(_q(-w, bits, step), -_q(w, bits, step))
+
+
+@PROPS
+@given(weights, bits_st, steps_st)
+def test_idempotent_for_fixed_step(w, bits, step):
+    q = _q(w, bits, step)
+    np.testing.assert_allclose(_q(q, bits, step), q, rtol=0, atol=1e-6 * step)
+
+
+def test_one_bit_maps_zero_to_plus_step_and_two_bit_is_ternary():
+    np.testing.assert_array_equal(_q([0.0, -0.0, 3.0, -1e-9], 1, 0.5), [0.5, 0.5, 0.5, -0.5])
+    np.testing.assert_allclose(_q([-2.0, -0.74, -0.76, 0.2, 0.26, 9.0], 2, 0.5),
+                               [-0.5, -0.5, -0.5, 0.0, 0.5, 0.5])
+    # Eq. (2) at 3 bits: M = 7 levels, clipped at (M - 1) / 2 = 3
+    np.testing.assert_allclose(_q([0.74, 1.26, 10.0, -10.0], 3, 0.5), [0.5, 1.5, 1.5, -1.5])
+
+
+def test_per_channel_step_broadcasts_on_last_axis():
+    w = np.array([[0.3, 0.3], [-0.9, 0.9]], np.float32)
+    q = _q(w, 3, np.array([0.3, 0.9], np.float32))
+    np.testing.assert_allclose(q, [[0.3, 0.0], [-0.9, 0.9]], atol=1e-6)
+
+
+# -- step estimators -----------------------------------------------------------------------
+@PROPS
+@given(weights, bits_st)
+def test_l2_step_error_not_above_std_step_error(w, bits):
+    assert _err(w, bits, l2_optimal_step(w, bits)) <= _err(w, bits, std_step(w, bits)) * (1 + 1e-6) + 1e-12
+
+
+@PROPS
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 4)),
+                  elements=finite), bits_st)
+def test_per_channel_l2_error_not_above_std_error_in_every_channel(w, bits):
+    l2, sd = l2_optimal_step(w, bits, axis=-1).numpy(), std_step(w, bits, axis=-1).numpy()
+    assert l2.shape == sd.shape == (w.shape[-1],)
+    for c in range(w.shape[-1]):
+        assert _err(w[..., c], bits, l2[c]) <= _err(w[..., c], bits, sd[c]) * (1 + 1e-6) + 1e-12
+
+
+def _np_errors(w, bits, steps):
+    """Independent NumPy Eq. (2) error for many steps at once (brute-force reference)."""
+    a, d = np.abs(w.astype(np.float64))[None], np.asarray(steps, np.float64)[:, None]
+    n = np.ones_like(a / d) if bits == 1 else np.minimum(np.floor(a / d + 0.5), max_level(bits))
+    return np.sum((a - d * n) ** 2, axis=1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_l2_step_is_near_the_brute_force_optimum(bits):
+    w = np.random.default_rng(bits).laplace(size=2000).astype(np.float32)
+    best = _np_errors(w, bits, np.geomspace(0.002, 3.0, 3000)).min()
+    assert _err(w, bits, l2_optimal_step(w, bits)) <= best * (1.005 if bits <= 3 else 1.15)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_gaussian_ratio_table_is_the_gaussian_l2_optimum(bits):
+    w = np.random.default_rng(0).normal(0.0, 0.5, size=400_000).astype(np.float32)
+    step = float(std_step(w, bits))
+    assert step == pytest.approx(GAUSSIAN_STEP_RATIO[bits] * 0.5, rel=0.01)
+    e = _err(w, bits, step)
+    assert e <= _err(w, bits, step * 1.05) and e <= _err(w, bits, step * 0.95)
+
+
+def test_one_bit_l2_step_is_mean_abs():
+    w = np.array([[1.0, -3.0], [0.5, 0.5]], np.float32)
+    assert float(l2_optimal_step(w, 1)) == pytest.approx(1.25)
+    np.testing.assert_allclose(l2_optimal_step(w, 1, axis=-1), [0.75, 1.75])
+
+
+def test_depthwise_axes_give_one_step_per_output_channel():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 3, 4, 2)).astype(np.float32) * np.arange(1, 9).reshape(1, 1, 4, 2)
+    step = l2_optimal_step(w, 2, axis=(2, 3)).numpy()
+    assert step.shape == (4, 2)
+    q = _q(w, 2, step)
+    for i in range(4):
+        for m in range(2):
+            assert len(np.unique(q[:, :, i, m])) <= 3
+            np.testing.assert_allclose(step[i, m], l2_optimal_step(w[:, :, i, m], 2), rtol=1e-5)
+    assert l2_optimal_step(w, 2, axis=2).shape == (4, 1)
+
+
+def test_all_zero_tensor_gives_finite_step_and_zeros():
+    w = np.zeros((3, 4), np.float32)
+    for fn in (l2_optimal_step, std_step):
+        step = fn(w, 2, axis=-1).numpy()
+        assert np.all(np.isfinite(step)) and np.all(step > 0)
+        np.testing.assert_array_equal(_q(w, 2, step), 0.0)
+
+
+# -- SymmetricQuantizer --------------------------------------------------------------------
+def _holder():
+    return keras.layers.Layer()
+
+
+@pytest.mark.parametrize("step", ["l2", "std"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_straight_through_gradient_is_all_ones(step, per_channel):
+    q = SymmetricQuantizer(2, step=step, per_channel=per_channel)
+    w = tf.Variable(np.random.default_rng(1).normal(size=(3, 3, 2, 4)).astype(np.float32))
+    qvars = q.build(w.shape, "kernel", _holder())
+    with tf.GradientTape() as tape:
+        out = q(w, True, qvars)
+        total = tf.reduce_sum(out)
+    np.testing.assert_array_equal(tape.gradient(total, w).numpy(), np.ones(w.shape, np.float32))
+    # forward: ternary per tensor / per output channel
+    out = out.numpy()
+    chans = [out[..., c] for c in range(4)] if per_channel else [out]
+    assert all(len(np.unique(c)) <= 3 for c in chans)
+    if not per_channel:
+        assert len(np.unique(out)) > 1
+
+
+@PROPS
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 6)), elements=finite),
+       st.integers(2, 8))
+def test_quantizer_forward_equals_eq2_with_l2_step(w, bits):
+    q = SymmetricQuantizer(bits, "l2")
+    expected = _q(w, bits, l2_optimal_step(w, bits))
+    np.testing.assert_allclose(q(tf.constant(w), True, {}).numpy(), expected, atol=1e-6)
+
+
+def test_learned_step_gets_lsq_gradient_and_quantizes():
+    q = SymmetricQuantizer(2, step="learned", per_channel=True)
+    holder = _holder()
+    w = tf.Variable(np.random.default_rng(2).normal(size=(5, 3)).astype(np.float32))
+    qvars = q.build(w.shape, "kernel", holder)
+    assert qvars["step"].shape == (3,) and qvars["step"] in holder.trainable_weights
+    # uninitialised (0): falls back to the L2 step
+    np.testing.assert_allclose(q(w, True, qvars), _q(w.numpy(), 2, l2_optimal_step(w, 2, axis=-1)), atol=1e-6)
+    qvars["step"].assign([0.5, 1.0, 2.0])
+    with tf.GradientTape() as tape:
+        out = q(w, True, qvars)
+        loss = tf.reduce_sum(out ** 2)
+    gs, gw = tape.gradient(loss, [qvars["step"], w])
+    assert np.all(np.isfinite(gs.numpy())) and np.any(gs.numpy() != 0)
+    assert np.all(np.isfinite(gw.numpy()))
+    n = out.numpy() / np.array([0.5, 1.0, 2.0])
+    assert set(np.round(n).astype(int).ravel().tolist()) <= {-1, 0, 1}
+    np.testing.assert_allclose(n, np.round(n), atol=1e-5)
+
+
+def test_quantizer_config_round_trip():
+    q = SymmetricQuantizer(3, "std", per_channel=True, axis=(2, 3), l2_iterations=2)
+    again = keras.utils.legacy.deserialize_keras_object(keras.utils.legacy.serialize_keras_object(q))
+    assert again == q and again.axis == (2, 3)
+    a = ActivationQuantizer(4, clip="pact", clip_value=3.0, ema_decay=0.9)
+    assert ActivationQuantizer.from_config(a.get_config()) == a
+
+
+@pytest.mark.parametrize("bad", [0, 9, -1, 2.5, "2", None, True])
+def test_bad_bits_raise_with_value_and_range(bad):
+    for make in (lambda: SymmetricQuantizer(bad), lambda: ActivationQuantizer(bad),
+                 lambda: symmetric_quantize([1.0], bad, 1.0), lambda: l2_optimal_step([1.0], bad)):
+        with pytest.raises(ValueError, match=r"1\.\.8") as info:
+            make()
+        assert repr(bad) in str(info.value)
+
+
+def test_bad_step_kind_and_per_channel_raise():
+    with pytest.raises(ValueError, match="'lsq'"):
+        SymmetricQuantizer(2, step="lsq")
+    with pytest.raises(ValueError, match="per_channel"):
+        SymmetricQuantizer(2, per_channel="yes")
+    with pytest.raises(ValueError, match="output-channel"):
+        SymmetricQuantizer(2, per_channel=True).build(tf.TensorShape([7]), "bias", _holder())
+    with pytest.raises(ValueError, match="output-channel"):
+        l2_optimal_step(np.ones(5, np.float32), 2, axis=0)
+    with pytest.raises(ValueError, match="out of range"):
+        std_step(np.ones((2, 3), np.float32), 2, axis=4)
+    with pytest.raises(ValueError, match="clip"):
+        ActivationQuantizer(4, clip="max")
+
+
+# -- ActivationQuantizer -------------------------------------------------------------------
+@PROPS
+@given(hnp.arrays(np.float32, st.integers(1, 40), elements=st.floats(-3, 12, width=32)),
+       bits_st, st.floats(0.125, 10.0, width=32))
+def test_activation_outputs_on_unsigned_grid(x, bits, clip):
+    q = ActivationQuantizer(bits, clip="fixed", clip_value=clip)
+    out = q(tf.constant(x), False, {}).numpy()
+    scale = np.float32(clip) / (2 ** bits - 1)
+    n = out / scale
+    assert np.all(out >= 0) and np.all(out <= np.float32(clip) * (1 + 1e-6))
+    np.testing.assert_allclose(n, np.round(n), atol=1e-3)
+    assert len(np.unique(np.round(n))) <= 2 ** bits
+
+
+def test_activation_ema_tracks_running_max_and_straight_through_in_range():
+    q = ActivationQuantizer(2, clip="ema", clip_value=6.0, ema_decay=0.5)
+    holder = _holder()
+    qvars = q.build(None, "post_activation", holder)
+    # before training, the fixed clip_value is used
+    np.testing.assert_allclose(q(tf.constant([7.0, 2.0]), False, qvars), [6.0, 2.0])
+    x = tf.Variable([0.3, 1.0, 2.0, 4.0, -1.0])
+    with tf.GradientTape() as tape:
+        out = q(x, True, qvars)  # first batch sets the clip to its max, 4
+        total = tf.reduce_sum(out)
+    assert float(qvars["clip"]) == pytest.approx(4.0)
+    np.testing.assert_allclose(out, np.round(np.array([0.3, 1, 2, 4, 0]) / (4 / 3)) * (4 / 3), atol=1e-6)
+    np.testing.assert_array_equal(tape.gradient(total, x), [1.0, 1.0, 1.0, 1.0, 0.0])
+    q(tf.constant([8.0]), True, qvars)
+    assert float(qvars["clip"]) == pytest.approx(0.5 * 4.0 + 0.5 * 8.0)
+    out = q(tf.constant([100.0]), False, qvars).numpy()
+    np.testing.assert_allclose(out, [6.0])  # clipped at the tracked value, 6 = 0.5·4 + 0.5·8
+
+
+def test_activation_pact_learns_clip():
+    q = ActivationQuantizer(4, clip="pact", clip_value=2.0)
+    holder = _holder()
+    qvars = q.build(None, "post_activation", holder)
+    assert qvars["clip"] in holder.trainable_weights
+    x = tf.constant([0.5, 1.0, 3.0, 5.0])
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(q(x, True, qvars))
+    assert float(tape.gradient(total, qvars["clip"])) == pytest.approx(2.0)  # two inputs >= α
