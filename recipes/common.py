@@ -166,8 +166,9 @@ COMMON_OPTIONS: List[Option] = [
     Option("data_dir", None, "Offline data source (archive, folder or npz; see tfqkd.data). "
            "Default: $TFQKD_DATA_DIR, then tfds."),
     Option("subset", None, "Use a fixed class-balanced subset of this many training images "
-           "(default: all).", "integer"),
-    Option("test_subset", None, "Evaluate on this many test images (default: all).", "integer"),
+           "(a multiple of the class count; absent or 0: all).", "integer"),
+    Option("test_subset", None, "Evaluate on this many test images (class-balanced; absent or "
+           "0: all).", "integer"),
     Option("batch_size", 128, "Global batch size (split across replicas).", "integer"),
     Option("epochs", 200, "Training epochs.", "integer"),
     Option("learning_rate", 0.1, "Peak SGD learning rate (0.1 for batch 128; scale linearly "
@@ -278,6 +279,9 @@ def _resolve(options, presets, preset, explicit: Mapping[str, Any]) -> Config:
     values.update({k: v for k, v in table[preset].items() if k in names})
     values.update(explicit)
     values["preset"] = preset
+    for key in ("subset", "test_subset"):  # 0 on the command line means "all" (None)
+        if key in values and values[key] == 0:
+            values[key] = None
     cfg = Config(**values)
     _validate(cfg)
     return cfg

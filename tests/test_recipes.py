@@ -1,0 +1,274 @@
+"""Command-line recipes: quick start, CIFAR-10 smoke run, kill/resume, mirrored and multi-worker.
+
+Recipes run as subprocesses (as users run them) except the quick start, which runs in-process to
+save a TensorFlow start-up. Everything uses the smoke preset: tiny models, few steps.
+"""
+
+import csv
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+sys.path.insert(0, str(REPO))
+
+from recipes import common  # noqa: E402
+
+#: Every complete output directory holds these.
+OUTPUT_FILES = ("model/model.h5", "history.csv", "results.json", "run_config.json")
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env.pop("TF_CONFIG", None)
+    env.update(extra)
+    return env
+
+
+def _run(script, *args, timeout=240, env=None):
+    cmd = [sys.executable, str(RECIPES / script), *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or _env())
+    assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p.stdout
+
+
+def _history(run_dir):
+    with open(pathlib.Path(run_dir) / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _assert_complete(run_dir):
+    run_dir = pathlib.Path(run_dir)
+    for name in OUTPUT_FILES:
+        assert (run_dir / name).is_file(), f"{run_dir / name} missing"
+    assert (run_dir / "checkpoints" / "backup").is_dir()
+    assert any((run_dir / "logs").rglob("events.out.tfevents*")), "no TensorBoard events"
+    leftovers = [p for p in run_dir.rglob(".tmp-*")]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+    res = json.loads((run_dir / "results.json").read_text())
+    for key in ("test_accuracy", "flags", "versions", "wall_time_s"):
+        assert key in res
+    assert set(res["versions"]) == {"python", "tensorflow", "tf_keras", "tfmot", "tfqkd"}
+    assert 0.0 <= res["test_accuracy"] <= 1.0
+    return res
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A float tiny teacher on digits, trained in-process for two epochs."""
+    from recipes import train_teacher
+
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = train_teacher.make_config("smoke", dataset="digits", subset=None, test_subset=None,
+                                    epochs=2, output_dir=str(out), progress="none")
+    res = train_teacher.run(cfg)
+    assert res["test_accuracy"] > 0.2  # 10 classes: well above chance after 2 epochs
+    return out
+
+
+def test_presets_and_explicit_flags_override():
+    from absl import flags
+
+    from recipes import quantize_distill
+
+    fv = flags.FlagValues()
+    common.define_flags(quantize_distill.OPTIONS, fv)
+    fv(["prog", "--preset=cpu", "--epochs=3", "--teacher=a", "--teacher=b"])
+    cfg = common.config_from_flags(quantize_distill.OPTIONS, quantize_distill.PRESETS, fv)
+    assert cfg.epochs == 3  # explicit flag beats the preset's 10
+    assert cfg.subset == 10_000 and cfg.learning_rate == 0.01  # from the cpu preset
+    assert cfg.teacher == ["a", "b"]
+    paper = quantize_distill.make_config("paper")
+    assert (paper.epochs, paper.batch_size, paper.momentum, paper.weight_decay) == \
+        (200, 128, 0.9, 1e-4)
+    with pytest.raises(ValueError, match="save_freq"):
+        quantize_distill.make_config("smoke", save_freq="often")
+    with pytest.raises(ValueError, match="preset"):
+        quantize_distill.make_config("huge")
+
+
+def test_resume_refuses_changed_options_and_completed_run_is_reported(teacher_dir, capsys):
+    from recipes import train_teacher
+
+    cfg = common.Config(**json.loads((teacher_dir / "run_config.json").read_text()))
+    res = train_teacher.run(cfg)  # complete: nothing trained, stored result returned
+    assert res == json.loads((teacher_dir / "results.json").read_text())
+    assert "already complete" in capsys.readouterr().out
+    (teacher_dir / "results.json").rename(teacher_dir / "results.json.bak")
+    try:
+        with pytest.raises(ValueError, match="learning_rate"):
+            train_teacher.run(cfg.replace(learning_rate=0.5))
+    finally:
+        (teacher_dir / "results.json.bak").rename(teacher_dir / "results.json")
+
+
+def test_quickstart_prints_table_and_writes_tflite(tmp_path, capsys):
+    from recipes import quickstart
+
+    summary = quickstart.run(str(tmp_path / "qs"), epochs=1)
+    out = capsys.readouterr().out
+    for row in ("float teacher", "float student", "2-bit student, hard labels",
+                "2-bit student, KD + CR", "int8 TFLite"):
+        assert row in out
+    last = json.loads(out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(summary))
+    tflite = pathlib.Path(summary["tflite_path"])
+    assert tflite.is_file() and tflite.suffix == ".tflite"
+    assert summary["tflite_bytes"] == tflite.stat().st_size
+    assert 0.0 <= summary["tflite_keras_agreement"] <= 1.0
+    for stage in ("teacher", "student", "q2_hard", "q2_kd_cr"):
+        _assert_complete(tmp_path / "qs" / stage)
+    # The 2-bit KD + CR stage really ran the CR schedule from 0.5 down.
+    rows = _history(tmp_path / "qs" / "q2_kd_cr")
+    assert float(rows[-1]["end_coefficient"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_quantize_distill_smoke_on_cifar10_archive(tmp_path, cifar10_archive):
+    out = tmp_path / "q"
+    log = _run("quantize_distill.py", "--preset=smoke", "--dataset=cifar10",
+               f"--data_dir={cifar10_archive.parent}", f"--output_dir={out}")
+    assert "no --student" in log  # a fresh float ResNet, said so in the log
+    res = _assert_complete(out)
+    assert res["mode"] == "hard" and res["num_train"] == 500
+    assert res["flags"]["dataset"] == "cifar10"
+    model = common.load_model(str(out))
+    assert any("quantize" in type(layer).__name__.lower() for layer in model.layers)
+
+
+def _wait_for(predicate, proc, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _checkpoint_number(ckpt_file):
+    try:
+        text = ckpt_file.read_text()
+    except OSError:
+        return -1
+    for line in text.splitlines():
+        if line.startswith("model_checkpoint_path:"):
+            return int(line.split('"')[1].rsplit("-", 1)[1])
+    return -1
+
+
+def test_sigkill_mid_epoch_then_rerun_resumes(tmp_path, teacher_dir):
+    out = tmp_path / "kd"
+    # digits: 1,437 training images, batch 50 -> 28 steps per epoch (remainder dropped); a
+    # checkpoint every 7 steps lands 3 times inside an epoch and once at its last step.
+    epochs, steps, save_freq = 5, 1437 // 50, 7
+    args = ["--preset=smoke", "--dataset=digits", "--subset=0", f"--epochs={epochs}",
+            f"--teacher={teacher_dir}", "--coefficient_schedule=linear",
+            f"--save_freq={save_freq}", "--validation_freq=0", "--progress=line",
+            f"--output_dir={out}"]
+    cmd = [sys.executable, str(RECIPES / "quantize_distill.py"), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env())
+    ckpt = out / "checkpoints" / "backup" / "chief" / "checkpoint"
+    try:
+        # Wait for the first epoch's row (its last-step checkpoint is written before the row),
+        # then for the next checkpoint, which is mid-way through the second epoch: kill there.
+        assert _wait_for(lambda: (out / "history.csv").is_file() and len(_history(out)) >= 1,
+                         proc, 180), "no epoch completed"
+        first = _checkpoint_number(ckpt)
+        assert first >= 1
+        assert _wait_for(lambda: _checkpoint_number(ckpt) > first, proc, 60)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        first_log = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL, first_log[-2000:]
+    assert not (out / "results.json").exists(), "the run finished before it was killed"
+    done_before = len(_history(out))
+    assert 1 <= done_before < epochs
+
+    log = _run("quantize_distill.py", *args)
+    assert "resuming" in log
+    assert f"epoch {done_before + 1}, step" in log  # restored mid-epoch, after the first one
+    assert f"epoch 1/{epochs} " not in log  # the first epoch was not trained again
+    assert f"epoch {epochs}/{epochs} " in log
+    res = _assert_complete(out)
+    assert res["attempts"] == 2
+
+    rows = _history(out)
+    assert [int(r["epoch"]) for r in rows] == list(range(epochs))  # each epoch exactly once
+    total = epochs * steps
+    for e, r in enumerate(rows):
+        # The optimizer's step count (hence the lr and λ schedules) continued across the kill.
+        assert int(r["iterations"]) == (e + 1) * steps
+        # λ set before the last step of the epoch: linear 0.5 -> 0 over steps 0..total-1.
+        expected = 0.5 * (1 - ((e + 1) * steps - 1) / (total - 1))
+        assert float(r["end_coefficient"]) == pytest.approx(expected, abs=1e-5)
+    assert float(rows[-1]["end_coefficient"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _kd_args(teacher_dir, out, *extra):
+    return ["--preset=smoke", "--dataset=digits", "--epochs=1", f"--teacher={teacher_dir}",
+            "--coefficient_schedule=linear", "--validation_freq=0", f"--output_dir={out}", *extra]
+
+
+def test_mirrored_and_multi_worker_match_single_process_outputs(tmp_path, teacher_dir):
+    single = tmp_path / "single"
+    _run("quantize_distill.py", *_kd_args(teacher_dir, single))
+    keys = set(_assert_complete(single))
+
+    mirrored = tmp_path / "mirrored"
+    log = _run("quantize_distill.py",
+               *_kd_args(teacher_dir, mirrored, "--distribute=mirrored", "--cpu_devices=2"))
+    res = _assert_complete(mirrored)
+    assert set(res) == keys
+    assert res["flags"]["distribute"] == "mirrored"
+
+    out = tmp_path / "multi"
+    ports = _free_ports(2)
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    procs = []
+    for i in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        cmd = [sys.executable, str(RECIPES / "quantize_distill.py"),
+               *_kd_args(teacher_dir, out, "--distribute=multi_worker")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, env=_env(TF_CONFIG=tf_config)))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    for p, text in zip(procs, logs):
+        assert p.returncode == 0, text[-4000:]
+    res = _assert_complete(out)
+    assert set(res) == keys
+    assert res["flags"]["distribute"] == "multi_worker"
+    # Only the chief wrote: no worker temp directories remain in the shared output directory.
+    assert not list(out.rglob("workertemp_*"))
+    # Both workers evaluated the same synchronised model.
+    accs = {line.rsplit("accuracy ", 1)[1].split()[0] for text in logs
+            for line in text.splitlines() if "quantized student test accuracy" in line}
+    assert len(accs) == 1, logs
+    assert log  # mirrored run printed its log
