@@ -522,35 +522,35 @@ def _digits():
 
 
 def test_two_bit_student_end_to_end(tmp_path):
+    from tfqkd.callbacks import CoefficientScheduler
     from tfqkd.quantize import quantize_model, quantize_scope
 
     x, y = _digits()
-    x_train, y_train, x_test, y_test = x[:1200], y[:1200], x[1200:], y[1200:]
+    x_train, y_train, x_test, y_test = x[:1000], y[:1000], x[1000:1400], y[1000:1400]
     teacher = models.tiny_resnet(10, width=2, seed=0)
     teacher.compile(keras.optimizers.Adam(3e-3),
-                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                    metrics=["accuracy"])
-    teacher.fit(x_train, y_train, batch_size=64, epochs=3, verbose=0)
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    teacher.fit(x_train, y_train, batch_size=50, epochs=2, verbose=0)
     t_weights = _weights(teacher)
 
     student = quantize_model(models.tiny_resnet(10, seed=1), weight_bits=2)
     d = Distiller(student, teacher, temperature=2.0, coefficient=0.5)
     d.compile(keras.optimizers.Adam(3e-3), metrics=["accuracy"])
-    from tfqkd.callbacks import CoefficientScheduler
-
-    before = d.evaluate(x_test, y_test, verbose=0, return_dict=True)
-    h = d.fit(x_train, y_train, batch_size=64, epochs=3, verbose=0,
+    before = d.evaluate(x_test, y_test, batch_size=200, verbose=0, return_dict=True)
+    h = d.fit(x_train, y_train, batch_size=50, epochs=3, verbose=0,
               callbacks=[CoefficientScheduler("linear", 0.5, 0.0)])
-    after = d.evaluate(x_test, y_test, verbose=0, return_dict=True)
-    assert h.history["loss"][-1] < h.history["loss"][0]
-    assert after["accuracy"] > max(0.5, before["accuracy"])
+    after = d.evaluate(x_test, y_test, batch_size=200, verbose=0, return_dict=True)
+    # (The total loss may rise while lambda moves weight from the soft to the larger hard term.)
+    assert h.history["hard_loss"][-1] < h.history["hard_loss"][0]
+    assert after["accuracy"] > max(0.5, before["accuracy"] + 0.3), (before, after)
     assert h.history["coefficient"][-1] == 0.0
     for a, b in zip(t_weights, _weights(teacher)):
         np.testing.assert_array_equal(a, b)
 
-    path = str(tmp_path / "student.keras")
-    d.student.save(path)
+    # The student is the product: it saves and reloads on its own (HDF5, as the recipes do).
+    path = str(tmp_path / "student.h5")
+    d.student.save(path, save_format="h5", include_optimizer=False)
     with quantize_scope():
-        back = keras.models.load_model(path)
+        back = keras.models.load_model(path, compile=False)
     np.testing.assert_allclose(back.predict(x_test, verbose=0), d.student.predict(x_test, verbose=0),
                                atol=1e-5)
