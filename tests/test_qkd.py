@@ -166,6 +166,71 @@ def test_costudying_rejects_class_mismatch_and_same_model():
         cs.compile(optimizer="sgd", loss="mse")
 
 
+MIRRORED_SCRIPT = """
+import json, os
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+from tfqkd._keras import keras, tf
+cpu = tf.config.list_physical_devices("CPU")[0]  # before anything initialises the devices
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+import numpy as np
+from tfqkd.qkd import CoStudying
+
+def net(seed, width):
+    # no batch norm: replicas normalise with their own half-batch, legitimately different
+    init = lambda k: keras.initializers.GlorotUniform(seed=seed * 10 + k)
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(width, 3, activation="relu", kernel_initializer=init(1),
+                            kernel_regularizer=keras.regularizers.l2(1e-3))(inp)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    out = keras.layers.Dense(10, kernel_initializer=init(2),
+                             kernel_regularizer=keras.regularizers.l2(1e-3))(h)
+    return keras.Model(inp, out)
+
+rng = np.random.default_rng(0)
+# 16 + 7 examples: the short batch splits 4 + 3 over two replicas (global size 7, not 2 x 4)
+x = rng.normal(size=(23, 8, 8, 1)).astype("float32")
+y = rng.integers(0, 10, size=23).astype("int32")
+
+def run(strategy):
+    with strategy.scope():
+        s, t = net(1, 4), net(2, 8)
+        cs = CoStudying(s, t, temperature=2.0, student_coefficient=0.3, teacher_coefficient=0.6)
+        cs.compile(keras.optimizers.SGD(0.5))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    logs = cs.fit(ds, epochs=1, verbose=0).history
+    return {k: float(v[0]) for k, v in logs.items()}, [v.numpy() for v in s.weights + t.weights]
+
+one = run(tf.distribute.get_strategy())
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+assert mirrored.num_replicas_in_sync == 2
+two = run(mirrored)
+x0 = [v.numpy() for v in net(1, 4).weights + net(2, 8).weights]
+print(json.dumps({
+    "logs_one": one[0], "logs_two": two[0],
+    "max_w_diff": max(float(np.abs(a - b).max()) for a, b in zip(one[1], two[1])),
+    "max_update": max(float(np.abs(a - b).max()) for a, b in zip(one[1], x0)),
+}))
+"""
+
+
+def test_costudying_under_mirrored_strategy_matches_single_device(tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key, value in out["logs_one"].items():
+        assert out["logs_two"][key] == pytest.approx(value, abs=1e-5), key
+    assert out["logs_two"]["coefficient"] == pytest.approx(0.3)  # not summed over replicas
+    assert out["max_w_diff"] < 1e-5
+    assert out["max_update"] > 1e-3  # the weights moved: the comparison means something
+
+
 # -- the pipeline ------------------------------------------------------------------------------------
 class _Snapshots(keras.callbacks.Callback):
     """Both models' weights (incl. BN statistics) when a phase's fit starts and ends."""

@@ -94,6 +94,31 @@ def _num_classes(model: keras.Model, role: str) -> int:
     return int(shape[-1])
 
 
+class _CurrentValue(keras.metrics.Metric):
+    """Reports the latest value given to it (λ, τ in the logs), not an average.
+
+    A metric rather than a tensor in the step's outputs: Keras sums per-replica step outputs
+    under ``MirroredStrategy`` (two replicas would report 2λ), while metric results are read once.
+    """
+
+    def __init__(self, name: str, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.value = self.add_weight(
+            name="value", initializer="zeros",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+
+    def update_state(self, value, sample_weight=None):
+        del sample_weight
+        return self.value.assign(tf.cast(value, self.dtype))
+
+    def result(self):
+        return tf.identity(self.value)
+
+    def reset_state(self):
+        pass  # a setting, not an accumulation: keep it across epochs
+
+
 @keras.utils.register_keras_serializable(package="tfqkd")
 class CoStudying(keras.Model):
     """QKD's co-studying phase: a quantized student and a float teacher that teach each other.
@@ -119,7 +144,8 @@ class CoStudying(keras.Model):
     learning rate); it is then built eagerly so that checkpoints restore its slots.
 
     **Distribution.** Per-example losses are averaged with :func:`tf.nn.compute_average_loss` over
-    the *global* batch and regularization losses are scaled with
+    the *global* batch (its size summed over the replicas, exact for a short last batch) and
+    regularization losses are scaled with
     :func:`tf.nn.scale_regularization_loss`, so summing gradients over replicas gives the same
     update as one device with the whole batch.
 
@@ -217,6 +243,8 @@ class CoStudying(keras.Model):
             for name in ("loss", "student_loss", "teacher_loss", "student_accuracy",
                          "teacher_accuracy")
         }
+        for name in ("coefficient", "teacher_coefficient", "temperature"):
+            self._trackers[name] = _CurrentValue(name)
         # Both models exist, so all variables do: BackupAndRestore (which builds the optimizer of
         # a built model before restoring) and save_weights work before the first fit().
         self.built = True
@@ -319,11 +347,25 @@ class CoStudying(keras.Model):
         t["loss"].update_state(s_total + t_total, sample_weight)
         t["student_accuracy"].update_state(self._correct(y, s_logits), sample_weight)
         t["teacher_accuracy"].update_state(self._correct(y, t_logits), sample_weight)
-        logs = {name: m.result() for name, m in t.items()}
-        logs["coefficient"] = tf.identity(self.coefficient)
-        logs["teacher_coefficient"] = tf.identity(self.teacher_coefficient)
-        logs["temperature"] = tf.identity(self.temperature)
-        return logs
+        t["coefficient"].update_state(self.coefficient)
+        t["teacher_coefficient"].update_state(self.teacher_coefficient)
+        t["temperature"].update_state(self.temperature)
+        return {name: m.result() for name, m in t.items()}
+
+    @staticmethod
+    def _global_batch_size(per_example) -> tf.Tensor:
+        """Examples in this step over ALL replicas.
+
+        ``compute_average_loss``'s default (local batch x replicas) is wrong for a short last
+        batch split unevenly (7 examples as 4 + 3 is not 2 x 4), so the replicas' counts are
+        summed instead.
+        """
+        local = tf.shape(per_example)[0]
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or ctx.num_replicas_in_sync == 1:
+            return local
+        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(local, tf.float32))
+        return tf.cast(tf.round(total), tf.int32)
 
     def train_step(self, data):
         x, y, sample_weight = self._unpack(data)
@@ -335,8 +377,11 @@ class CoStudying(keras.Model):
             )
             # Global-batch averages: correct under tf.distribute (gradients are summed over
             # replicas, so each replica divides by the global batch size).
-            s_loss = tf.nn.compute_average_loss(s_ex, sample_weight=sample_weight)
-            t_loss = tf.nn.compute_average_loss(t_ex, sample_weight=sample_weight)
+            global_batch = self._global_batch_size(s_ex)
+            s_loss = tf.nn.compute_average_loss(
+                s_ex, sample_weight=sample_weight, global_batch_size=global_batch)
+            t_loss = tf.nn.compute_average_loss(
+                t_ex, sample_weight=sample_weight, global_batch_size=global_batch)
             s_loss += tf.nn.scale_regularization_loss(s_reg)
             t_loss += tf.nn.scale_regularization_loss(t_reg)
             # The stop-gradients make the two objectives independent: d(total)/d(student vars)
