@@ -172,6 +172,36 @@ def test_evaluate_measures_the_student():
     np.testing.assert_allclose(res2["loss"], ref["loss"], rtol=1e-5)
 
 
+def test_hard_loss_choices():
+    x, y = _data(8)
+    student = _student(weight_decay=0.0)
+    z = student(x, training=True).numpy()
+    ref = -np.log(_softmax(z)[np.arange(8), y]).mean()
+    for loss in (None, "sparse_categorical_crossentropy",
+                 keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                 lambda yt, yp: keras.losses.sparse_categorical_crossentropy(yt, yp, True)):
+        d = Distiller(_clone(student), _teacher())
+        _compile(d, keras.optimizers.SGD(0.0), loss=loss)
+        got = d.train_on_batch(x, y, return_dict=True)["hard_loss"]
+        np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=repr(loss))
+    d = Distiller(_clone(student), _teacher())
+    _compile(d, keras.optimizers.SGD(0.0), loss="categorical_crossentropy")  # means from logits
+    got = d.train_on_batch(x, np.eye(NUM_CLASSES, dtype="float32")[y], return_dict=True)
+    np.testing.assert_allclose(got["hard_loss"], ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="loss_weights"):
+        d.compile("sgd", loss_weights=[1.0])
+    with pytest.raises(ValueError, match="Could not interpret loss|loss must be"):
+        d.compile("sgd", loss=42)
+
+
+def test_only_student_and_schedule_variables_are_weights():
+    student = _student()
+    d = Distiller(student, [_teacher(seed=2), _teacher(seed=3)])
+    assert {id(v) for v in d.weights} == \
+        {id(v) for v in student.weights} | {id(d.coefficient), id(d.temperature)}
+    assert d.count_params() == student.count_params() + 2
+
+
 def test_fit_logs_every_quantity_each_epoch():
     x, y = _data(32)
     d = Distiller(_student(), _teacher(), temperature=4.0, coefficient=0.25)

@@ -314,11 +314,16 @@ class Distiller(keras.Model):
             initializer=keras.initializers.Constant(tau),
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
         )
-        self._loss_tracker = keras.metrics.Mean(name="loss")
-        self._hard_tracker = keras.metrics.Mean(name="hard_loss")
-        self._soft_tracker = keras.metrics.Mean(name="soft_loss")
-        self._coefficient_tracker = _CurrentValue("coefficient")
-        self._temperature_tracker = _CurrentValue("temperature")
+        # Metrics are not tracked either: their running totals are not model weights (they would
+        # show up in count_params(), summary() and every checkpoint). `metrics` lists them.
+        for attr, metric in (
+            ("_loss_tracker", keras.metrics.Mean(name="loss")),
+            ("_hard_tracker", keras.metrics.Mean(name="hard_loss")),
+            ("_soft_tracker", keras.metrics.Mean(name="soft_loss")),
+            ("_coefficient_tracker", _CurrentValue("coefficient")),
+            ("_temperature_tracker", _CurrentValue("temperature")),
+        ):
+            object.__setattr__(self, attr, metric)
         self.hard_loss_fn: Optional[Callable] = None
         # The student exists, so the Distiller's variables do: mark it built so that
         # BackupAndRestore, save_weights and summary() work before the first fit().
