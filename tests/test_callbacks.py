@@ -6,6 +6,8 @@ import glob
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tfqkd import models
 from tfqkd._keras import keras, tf
@@ -125,6 +127,20 @@ def test_schedule_shapes():
     assert steps == pytest.approx([0.6, 0.6, 0.3, 0.3, 0.0, 0.0])
     assert schedule_value(lambda p: p**2, 0.5, 0, 0) == 0.25
     assert schedule_value("linear", 1.7, 0.5, 0.0) == 0.0  # progress clipped
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sampled_from(["linear", "cosine", "step"]), st.floats(0, 1), st.floats(0, 1),
+       st.lists(st.floats(0, 1), min_size=2, max_size=10))
+def test_schedules_are_monotone_between_start_and_end(name, start, end, progresses):
+    values = [schedule_value(name, p, start, end, boundaries=(0.3, 0.7))
+              for p in sorted(progresses)]
+    lo, hi = min(start, end), max(start, end)
+    assert all(lo - 1e-12 <= v <= hi + 1e-12 for v in values)
+    diffs = np.diff(values) * (1 if end >= start else -1)
+    assert np.all(diffs >= -1e-12)
+    assert schedule_value(name, 0.0, start, end, boundaries=(0.3, 0.7)) == start
+    assert schedule_value(name, 1.0, start, end, boundaries=(0.3, 0.7)) == end
 
 
 def test_callable_schedule_and_explicit_total_steps():

@@ -16,6 +16,9 @@ lambda 0.5 -> 0 over the whole training), ``"cosine"`` (half cosine from ``start
 ``"step"`` (equal jumps from ``start`` to ``end`` at the fractions ``boundaries``) or any callable
 ``f(progress in [0, 1]) -> value``.
 
+With ``compile(steps_per_execution=k)`` Keras calls batch hooks once per k steps, so the value
+changes every k steps (still resume-safe: it is computed from the counter).
+
 The current value is added to the epoch and batch ``logs`` (so History, CSVLogger and TensorBoard
 callbacks placed AFTER the scheduler record it; the Distiller also logs both values itself) and,
 per step, written as a ``tf.summary`` scalar when a summary writer is active (e.g. inside

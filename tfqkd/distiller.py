@@ -108,16 +108,25 @@ def _is_softmax(fn) -> bool:
     return isinstance(name, str) and name in ("softmax", "log_softmax")
 
 
+def _output_layer(model):
+    """The layer producing a model's (first) output: for functional models the one recorded in
+    the output tensor's history (``layers[-1]`` is not always it), else the last layer."""
+    outputs = getattr(model, "outputs", None)
+    if outputs:
+        history = getattr(outputs[0], "_keras_history", None)
+        if history is not None and getattr(history, "layer", None) is not None:
+            return history.layer
+    layers = getattr(model, "layers", None)
+    return layers[-1] if layers else None
+
+
 def _final_softmax_layer(model) -> Optional[str]:
     """Name of the layer that makes ``model`` end in a softmax, else None.
 
     Looks through nested models (the last layer of a Sequential inside a functional model) and the
     wrappers tfmot puts around layers (``QuantizeWrapperV2.layer``, ``QuantizeAwareActivation``).
     """
-    layers = getattr(model, "layers", None)
-    if not layers:
-        return None
-    last = layers[-1]
+    last = _output_layer(model)
     seen = 0
     while last is not None and seen < 8:  # unwrap wrappers / nested models
         seen += 1
@@ -128,8 +137,8 @@ def _final_softmax_layer(model) -> Optional[str]:
         inner_act = getattr(act, "activation", None)
         if _is_softmax(act) or _is_softmax(inner_act):
             return last.name
-        if isinstance(last, keras.Model) and last.layers:
-            last = last.layers[-1]
+        if isinstance(last, keras.Model):
+            last = _output_layer(last)
         elif getattr(last, "layer", None) is not None:  # keras.layers.Wrapper / QuantizeWrapper
             last = last.layer
         else:
