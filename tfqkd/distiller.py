@@ -540,6 +540,7 @@ class Distiller(keras.Model):
         hard = self._per_example_hard(y, student_logits)
         soft = tf.cast(self.soft_loss_fn(teacher_probs, student_logits, self.temperature),
                        tf.float32)
+        sample_weight = self._flat_weights(sample_weight)
         lam = self.coefficient
         total = (1.0 - lam) * hard + lam * self._soft_scale() * soft
         loss = tf.nn.compute_average_loss(
@@ -565,7 +566,18 @@ class Distiller(keras.Model):
                 message="distiller.coefficient must be in [0, 1] (set by a callback or user code)"),
         ]
 
+    @staticmethod
+    def _flat_weights(sample_weight):
+        # (B, 1) weights would broadcast against (B,) losses into (B, B).
+        if sample_weight is None:
+            return None
+        sample_weight = tf.cast(sample_weight, tf.float32)
+        if sample_weight.shape.rank == 2 and sample_weight.shape[-1] == 1:
+            sample_weight = tf.squeeze(sample_weight, axis=-1)
+        return sample_weight
+
     def _update_trackers(self, hard, soft, total, reg, sample_weight):
+        sample_weight = self._flat_weights(sample_weight)
         self._hard_tracker.update_state(hard, sample_weight=sample_weight)
         if soft is not None:
             self._soft_tracker.update_state(soft, sample_weight=sample_weight)
