@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -120,3 +119,147 @@ def test_quantizer_config_round_trip_and_registration():
 def test_quantizer_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         StochasticPrecisionQuantizer(**kwargs)
+
+
+# ---------------------------------------------------------------- the SPEQ model
+def _digits(n_train=600):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images[..., None] / 16.0).astype("float32")
+    y = d.target.astype("int32")
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def _speq_student(bits=2, **kwargs):
+    import tfqkd
+
+    return speq.speq_quantize(tfqkd.models.tiny_resnet(10, seed=0), bits, bits, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def student():
+    """A W2A2 SPEQ student (float teacher alternative, p=0.5), shared by the read-only tests."""
+    return _speq_student(high_bits=None, probability=0.5)
+
+
+def test_teacher_shares_the_students_variables_and_adds_none(student):
+    model = speq.SPEQ(student, temperature=2.0)
+    assert len(speq.stochastic_quantizers(student)) >= 3  # one per quantized ReLU
+    before = [id(v) for v in student.weights]
+    x = _digits()[0][:8]
+    model.teacher_logits(x)
+    model.teacher_probabilities(x)
+    assert [id(v) for v in student.weights] == before  # the teacher pass created nothing
+    assert {id(v) for v in model.trainable_variables} == {id(v) for v in student.trainable_variables}
+    metric_vars = {id(v) for m in model.metrics for v in m.variables}  # loss trackers
+    extra = {id(v) for v in model.weights} - set(before) - metric_vars
+    assert extra == {id(model.coefficient), id(model.temperature)}  # SPEQ's own two scalars only
+
+
+def test_teacher_passes_differ_student_pass_deterministic_probability_zero_equal(student):
+    x = _digits()[0][:32]
+    model = speq.SPEQ(student)
+    s1, s2 = model.student(x, training=False).numpy(), model.student(x, training=False).numpy()
+    np.testing.assert_array_equal(s1, s2)
+    teachers = [model.teacher_logits(x).numpy() for _ in range(6)]
+    assert any(not np.allclose(teachers[0], t) for t in teachers[1:])
+    assert any(not np.allclose(s1, t) for t in teachers)
+    # Probability 0: the teacher is the student, bit for bit.
+    model0 = speq.SPEQ(_speq_student(high_bits=None, probability=0.0))
+    np.testing.assert_array_equal(model0.teacher_logits(x).numpy(),
+                                  model0.student(x, training=False).numpy())
+
+
+@pytest.mark.parametrize("teacher_bn", ["inference", "batch"])
+def test_teacher_pass_leaves_batch_norm_and_clip_state_untouched(student, teacher_bn):
+    x = _digits()[0][:32]
+    model = speq.SPEQ(student, teacher_bn=teacher_bn, teacher_passes=2)
+    state = lambda: [v.numpy().copy() for v in student.non_trainable_variables]  # noqa: E731
+    before = state()
+    tf.function(model.teacher_probabilities)(x)
+    for a, b in zip(before, state()):
+        np.testing.assert_array_equal(a, b)
+    student(x, training=True)  # the check can fail: a training pass does move the state
+    assert any(not np.array_equal(a, b) for a, b in zip(before, state()))
+
+
+def test_speq_rejects_bad_arguments(student):
+    import tfqkd
+
+    plain = tfqkd.quantize_model(tfqkd.models.tiny_resnet(10, seed=0), 2, 2)
+    with pytest.raises(ValueError, match="speq_quantize"):
+        speq.SPEQ(plain)
+    with pytest.raises(ValueError, match="teacher_bn"):
+        speq.SPEQ(student, teacher_bn="train")
+    with pytest.raises(ValueError, match="teacher_passes"):
+        speq.SPEQ(student, teacher_passes=0)
+    with pytest.raises(ValueError, match="tau|temperature"):
+        speq.SPEQ(student, temperature=0.0)
+    with pytest.raises(ValueError, match="activation_bits"):
+        speq.speq_quantize(tfqkd.models.tiny_resnet(10, seed=0), 2, None)
+
+
+def test_w4a4_speq_trains_with_scheduler_saves_and_exports_int8(tmp_path):
+    import tfqkd
+    from tfqkd.callbacks import CoefficientScheduler
+    from tfqkd.export import export_tflite, verify_tflite
+
+    x, y, xt, yt = _digits(500)
+    # Built and trained under a (one-device) MirroredStrategy: replica context, mirrored
+    # variables. docs/speq.md reports the two-replica run.
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        student = _speq_student(bits=4, high_bits=8, probability=0.5)
+        model = speq.SPEQ(student, temperature=2.0, coefficient=0.5)
+        model.compile(keras.optimizers.Adam(3e-3), metrics=["accuracy"])
+    n_weights = len(student.weights)
+    hist = model.fit(x, y, batch_size=50, epochs=8, verbose=0,
+                     callbacks=[CoefficientScheduler("linear", 0.5, 0.0)]).history
+    assert len(student.weights) == n_weights
+    assert hist["coefficient"][0] < 0.5 and hist["coefficient"][-1] == pytest.approx(0.0, abs=1e-6)
+    assert all(np.isfinite(hist["soft_loss"])) and max(hist["soft_loss"]) > 0
+    assert hist["hard_loss"][-1] < hist["hard_loss"][0]
+    acc = float(np.mean(student.predict(xt, verbose=0).argmax(-1) == yt))
+    assert acc > 0.5, acc  # chance is 0.1
+
+    # The student saves and reloads with its stochastic quantizers (registered, serialisable).
+    path = str(tmp_path / "student.h5")
+    student.save(path, save_format="h5", include_optimizer=False)
+    with tfqkd.quantize_scope():
+        again = keras.models.load_model(path, compile=False)
+    np.testing.assert_allclose(again(xt[:16], training=False), student(xt[:16], training=False),
+                               rtol=1e-5, atol=1e-5)
+    assert len(speq.stochastic_quantizers(again)) == len(speq.stochastic_quantizers(student))
+
+    # Student mode is a plain ActivationQuantizer graph: int8 TFLite export like any tfqkd model.
+    # (The int8 file computes 8-bit activations, so A4 agrees closely with Keras but not exactly.)
+    info = export_tflite(student, str(tmp_path / "speq.tflite"), x[:200], mode="int8")
+    report = verify_tflite(info["path"], student,
+                           tf.data.Dataset.from_tensor_slices((xt, yt)).batch(300))
+    assert report.top1_agreement > 0.75, report
+    assert report.tflite_top1 > 0.5, report
+
+
+# ---------------------------------------------------------------- recipe
+def test_recipe_smoke_run_writes_results_and_a_rerun_trains_nothing(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, repo)
+    from recipes import speq as speq_recipe
+
+    out = tmp_path / "speq_run"
+    cfg = speq_recipe.make_config("smoke", dataset="digits", subset=200, test_subset=100,
+                                  epochs=2, progress="none", output_dir=str(out))
+    assert (cfg.weight_bits, cfg.activation_bits, cfg.soft_loss) == (2, 2, "cosine")
+    res = speq_recipe.run(cfg)
+    stored = json.loads((out / "results.json").read_text())
+    assert stored == json.loads(json.dumps(res))
+    assert res["mode"] == "speq" and res["flags"]["high_bits"] == "8"
+    assert 0.0 <= res["test_accuracy"] <= 1.0 and 0.0 <= res["stochastic_teacher_accuracy"] <= 1.0
+    for name in ("history.csv", "run_config.json", "model/model.h5"):
+        assert (out / name).exists(), name
+    assert len((out / "history.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
+    again = speq_recipe.run(cfg)  # complete: returns the stored results, trains nothing
+    assert again["completed_at"] == res["completed_at"]
+    with pytest.raises(ValueError, match="high_bits"):
+        speq_recipe.parse_high_bits("eight")

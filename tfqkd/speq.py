@@ -265,6 +265,8 @@ def speq_quantize(
     *,
     high_bits: Optional[int] = 8,
     probability: float = 0.5,
+    activation_clip: str = "ema",
+    clip_value: float = 6.0,
     ema_decay: float = 0.99,
     **quantize_kwargs,
 ) -> keras.Model:
@@ -283,7 +285,8 @@ def speq_quantize(
         high_bits: The teacher's alternative activation precision (> ``activation_bits``), or
             ``None`` for float.
         probability: Per-layer, per-teacher-pass chance of ``high_bits``.
-        ema_decay: Decay of the activation-range moving averages.
+        activation_clip, clip_value, ema_decay: The activation clip rule (``"ema"``, ``"fixed"``,
+            ``"pact"``) and its parameters, as for :class:`~tfqkd.quantizers.ActivationQuantizer`.
         **quantize_kwargs: Passed to :func:`tfqkd.quantize_model` (``first_last_bits``,
             ``per_channel``, ``step``, ...).
 
@@ -305,14 +308,15 @@ def speq_quantize(
             "the student's activation bit-width, e.g. activation_bits=2."
         )
     # Validate once here so that a bad value is reported before the model is rewritten.
-    StochasticPrecisionQuantizer(activation_bits, high_bits, probability, ema_decay=ema_decay)
+    clip_kw = dict(clip=activation_clip, clip_value=clip_value, ema_decay=ema_decay)
+    StochasticPrecisionQuantizer(activation_bits, high_bits, probability, **clip_kw)
 
     def factory(bits: int) -> StochasticPrecisionQuantizer:
         bits = int(bits)
         high = high_bits
         if high is not None and bits >= high:
             high = bits  # already at (or above) the teacher's precision: deterministic
-        return StochasticPrecisionQuantizer(bits, high, probability, ema_decay=ema_decay)
+        return StochasticPrecisionQuantizer(bits, high, probability, **clip_kw)
 
     if "activation_quantizer" in quantize_kwargs:
         raise ValueError(
@@ -321,7 +325,7 @@ def speq_quantize(
         )
     return quantize_model(
         model, weight_bits=weight_bits, activation_bits=activation_bits,
-        activation_quantizer=factory, **quantize_kwargs,
+        activation_clip=activation_clip, activation_quantizer=factory, **quantize_kwargs,
     )
 
 
