@@ -1,0 +1,248 @@
+"""Reproduction benchmark on 2 CPU cores: does KD + coefficient reducing (CR) help a 2-bit ResNet20?
+
+On the offline CIFAR-10 archive, with a fixed class-balanced training subset (default 10,000
+images) and the full 10,000 test images, it trains in order, each stage a normal recipe run in
+``--output_dir/<stage>/`` (resumable; finished stages are skipped when re-run):
+
+1. ``teacher``  float WideResNet20x``--teacher_width`` (hard labels);
+2. ``student``  float ResNet20 (hard labels);
+3. one 2-bit-weight ResNet20 per entry of ``--methods``, each retrained from the float student:
+   ``hard`` (a) hard labels, ``kd`` (b) KD with constant λ = 0.5, ``kd_cr`` (c) KD + CR
+   (λ linear 0.5 → 0), plus any method other engineers registered in :data:`METHODS`.
+
+It prints a table and, as its LAST line, one JSON object with every figure (accuracies, deltas
+(c) − (a) and (c) − (b), per-stage wall times, the budget). Target: (c) ≥ (a) + 1.0 point and
+(c) ≥ (b) within 60 minutes on 2 cores.
+
+Adding a method is a one-entry edit of :data:`METHODS`::
+
+    METHODS["speq"] = Method("2-bit SPEQ", run_speq)   # run_speq(ctx: Context) -> results dict
+
+where the function trains from ``ctx.student_dir`` (and ``ctx.teacher_dir``), writes into
+``ctx.stage_dir("speq")`` and returns a dict with ``test_accuracy`` (a recipe's results.json).
+``ctx.quant_config(name, **overrides)`` gives the shared quantize_distill configuration (data,
+budget, bit-widths, learning rate) for that directory.
+
+Honest tuning: hyper-parameters must not be chosen on the test set. ``--holdout=N`` replaces the
+test set by N class-balanced images held out of the training split (and trains on a subset of the
+rest), for tuning; the reported run uses the test set with the chosen values.
+
+Examples::
+
+    python tools/reproduce_cpu.py                                  # the full budget (~1 h)
+    python tools/reproduce_cpu.py --subset=500 --epochs=1 --test_subset=500 \\
+        --output_dir=/tmp/repro                                    # end-to-end check, minutes
+    python tools/reproduce_cpu.py --holdout=5000 --output_dir=runs/tune   # tuning run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from recipes import common, quantize_distill, train_student, train_teacher  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "CIFAR-10 source (default: $TFQKD_DATA_DIR, else "
+                    "../shared/data beside the repository).")
+flags.DEFINE_string("output_dir", "runs/reproduce_cpu", "Where every stage writes.")
+flags.DEFINE_integer("subset", 10_000, "Class-balanced training images (0: all 50,000).")
+flags.DEFINE_integer("test_subset", 0, "Class-balanced test images (0: all 10,000).")
+flags.DEFINE_integer("holdout", 0, "Tuning mode: evaluate on this many class-balanced images "
+                     "held out of the training split instead of the test set (0: off).")
+flags.DEFINE_float("teacher_width", 1.5, "Teacher WideResNet20 width.")
+flags.DEFINE_integer("teacher_epochs", 12, "Teacher epochs.")
+flags.DEFINE_integer("student_epochs", 12, "Float student epochs.")
+flags.DEFINE_integer("quant_epochs", 10, "Epochs of every 2-bit retraining.")
+flags.DEFINE_integer("epochs", None, "If set, overrides all three epoch budgets.")
+flags.DEFINE_integer("batch_size", 128, "Batch size of every stage.")
+flags.DEFINE_float("learning_rate", 0.1, "Peak learning rate of the float stages.")
+flags.DEFINE_float("quant_learning_rate", 0.01, "Peak learning rate of the 2-bit retraining "
+                   "(starts from a converged float model: 10x lower).")
+flags.DEFINE_float("weight_decay", 5e-4, "Weight decay of every stage (5e-4: the usual value "
+                   "for short CIFAR schedules).")
+flags.DEFINE_float("temperature", 2.0, "KD temperature τ.")
+flags.DEFINE_float("coefficient", 0.5, "KD λ (constant for kd, start of CR for kd_cr).")
+flags.DEFINE_integer("weight_bits", 2, "Weight bits of the quantized students.")
+flags.DEFINE_list("methods", ["hard", "kd", "kd_cr"], "Methods to run, keys of METHODS.")
+flags.DEFINE_integer("seed", 0, "Seed of every stage.")
+flags.DEFINE_enum("progress", "line", ["auto", "bar", "line", "none"], "Per-epoch display.")
+
+
+@dataclasses.dataclass
+class Context:
+    """What a method needs: the trained teacher/student and the shared settings."""
+
+    output_dir: str
+    teacher_dir: str
+    student_dir: str
+    base: Dict[str, Any]  # options shared by every stage (data, batch, seed, ...)
+    quant: Dict[str, Any]  # options shared by every 2-bit stage (bits, epochs, lr)
+    strategy: Any
+
+    def stage_dir(self, name: str) -> str:
+        return os.path.join(self.output_dir, name)
+
+    def quant_config(self, name: str, **overrides) -> common.Config:
+        """The quantize_distill config of stage ``name`` (writes to ``stage_dir(name)``)."""
+        opts = dict(self.base, **self.quant)
+        opts.update(student=self.student_dir, output_dir=self.stage_dir(name))
+        opts.update(overrides)
+        return quantize_distill.make_config("paper", **opts)
+
+
+@dataclasses.dataclass
+class Method:
+    """One row of the benchmark: a label for the table and ``fn(ctx) -> results dict``."""
+
+    label: str
+    fn: Callable[[Context], Dict[str, Any]]
+
+
+def run_hard(ctx: Context) -> Dict[str, Any]:
+    """(a) 2-bit retraining with hard labels only."""
+    return quantize_distill.run(ctx.quant_config("hard"), ctx.strategy)
+
+
+def run_kd(ctx: Context) -> Dict[str, Any]:
+    """(b) 2-bit retraining with KD, constant λ."""
+    return quantize_distill.run(ctx.quant_config(
+        "kd", teacher=[ctx.teacher_dir], coefficient_schedule="constant"), ctx.strategy)
+
+
+def run_kd_cr(ctx: Context) -> Dict[str, Any]:
+    """(c) 2-bit retraining with KD and coefficient reducing (λ linear to 0)."""
+    return quantize_distill.run(ctx.quant_config(
+        "kd_cr", teacher=[ctx.teacher_dir], coefficient_schedule="linear",
+        coefficient_end=0.0), ctx.strategy)
+
+
+#: name -> Method. Other methods (SPEQ, QKD) register here with one entry.
+METHODS: Dict[str, Method] = {
+    "hard": Method("(a) 2-bit, hard labels", run_hard),
+    "kd": Method("(b) 2-bit, KD constant λ", run_kd),
+    "kd_cr": Method("(c) 2-bit, KD + CR", run_kd_cr),
+}
+
+from recipes import qkd as _qkd  # noqa: E402  QKD (SS -> CS -> TU), W2 and W4A4 rows
+METHODS.update(qkd=Method("QKD, 2-bit (SS+CS+TU)", _qkd.benchmark_w2),
+               qkd_w4a4=Method("QKD, W4A4 (SS+CS+TU)", _qkd.benchmark_w4a4))
+
+
+def default_data_dir() -> str:
+    return os.environ.get("TFQKD_DATA_DIR") or os.path.join(os.path.dirname(REPO), "shared",
+                                                            "data")
+
+
+def make_holdout_source(data_dir: str, holdout: int, seed: int, path: str) -> str:
+    """Writes an npz whose test split is ``holdout`` balanced training images (for tuning)."""
+    import numpy as np
+
+    from tfqkd import data as tdata
+
+    if os.path.isfile(path):
+        return path
+    x, y = tdata.load_arrays("cifar10", "train", data_dir=data_dir)
+    rng = np.random.default_rng(seed + 12345)
+    per = holdout // 10
+    held = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), per, replace=False)
+                                   for c in range(10)]))
+    keep = np.setdiff1d(np.arange(len(y)), held)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, x_train=x[keep], y_train=y[keep], x_test=x[held], y_test=y[held])
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv):
+    del argv
+    common.quiet_logs()
+    t0 = time.time()
+    unknown = [m for m in FLAGS.methods if m not in METHODS]
+    if unknown:
+        raise app.UsageError(f"unknown --methods {unknown}; registered: {sorted(METHODS)}")
+    e_t, e_s, e_q = (FLAGS.teacher_epochs, FLAGS.student_epochs, FLAGS.quant_epochs) \
+        if FLAGS.epochs is None else (FLAGS.epochs,) * 3
+    out = os.path.abspath(FLAGS.output_dir)
+    os.makedirs(out, exist_ok=True)
+    data_dir = FLAGS.data_dir or default_data_dir()
+    if FLAGS.holdout:
+        data_dir = make_holdout_source(data_dir, FLAGS.holdout, FLAGS.seed,
+                                       os.path.join(out, f"holdout{FLAGS.holdout}.npz"))
+        common.log(f"tuning mode: evaluating on {FLAGS.holdout} held-out training images")
+    base = dict(dataset="cifar10", data_dir=data_dir, subset=FLAGS.subset or None,
+                test_subset=FLAGS.test_subset or None, batch_size=FLAGS.batch_size,
+                weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, arch="resnet",
+                lr_schedule="cosine", validation_freq=0, save_freq="epoch",
+                progress=FLAGS.progress, temperature=FLAGS.temperature,
+                coefficient=FLAGS.coefficient)
+    quant = dict(weight_bits=FLAGS.weight_bits, first_last_bits=8, epochs=e_q,
+                 learning_rate=FLAGS.quant_learning_rate)
+    strategy = common.make_strategy("none")
+
+    stage_results: Dict[str, Dict[str, Any]] = {}
+    teacher_dir, student_dir = os.path.join(out, "teacher"), os.path.join(out, "student")
+    t_opts = {k: v for k, v in base.items() if k not in ("temperature", "coefficient")}
+    stage_results["teacher"] = train_teacher.run(train_teacher.make_config(
+        "paper", **t_opts, width=FLAGS.teacher_width, epochs=e_t,
+        learning_rate=FLAGS.learning_rate, output_dir=teacher_dir), strategy)
+    stage_results["student"] = train_student.run(train_student.make_config(
+        "paper", **base, width=1.0, epochs=e_s, learning_rate=FLAGS.learning_rate,
+        output_dir=student_dir), strategy)
+    ctx = Context(out, teacher_dir, student_dir, base, quant, strategy)
+    for name in FLAGS.methods:
+        stage_results[name] = METHODS[name].fn(ctx)
+
+    acc = {k: r["test_accuracy"] for k, r in stage_results.items()}
+    summary: Dict[str, Any] = {
+        "accuracy": acc,
+        "stage_wall_time_s": {k: r.get("total_wall_time_s", r.get("wall_time_s"))
+                              for k, r in stage_results.items()},
+        "budget": {"subset": FLAGS.subset, "test_subset": FLAGS.test_subset,
+                   "holdout": FLAGS.holdout, "teacher_width": FLAGS.teacher_width,
+                   "teacher_epochs": e_t, "student_epochs": e_s, "quant_epochs": e_q,
+                   "batch_size": FLAGS.batch_size, "temperature": FLAGS.temperature,
+                   "coefficient": FLAGS.coefficient, "weight_bits": FLAGS.weight_bits},
+        "evaluated_on": f"holdout{FLAGS.holdout}" if FLAGS.holdout else "test",
+        "num_test": stage_results["student"].get("num_test"),
+        "wall_time_s": round(time.time() - t0, 1),
+        "total_stage_time_s": round(sum(r.get("total_wall_time_s", 0.0)
+                                        for r in stage_results.values()), 1),
+    }
+    if "kd_cr" in acc and "hard" in acc:
+        summary["cr_minus_hard_points"] = round(100 * (acc["kd_cr"] - acc["hard"]), 2)
+    if "kd_cr" in acc and "kd" in acc:
+        summary["cr_minus_kd_points"] = round(100 * (acc["kd_cr"] - acc["kd"]), 2)
+    if "cr_minus_hard_points" in summary and "cr_minus_kd_points" in summary:
+        summary["target_met"] = (summary["cr_minus_hard_points"] >= 1.0
+                                 and summary["cr_minus_kd_points"] >= 0.0)
+
+    labels = {"teacher": f"float WRN20x{FLAGS.teacher_width:g} teacher",
+              "student": "float ResNet20 student",
+              **{k: m.label for k, m in METHODS.items()}}
+    print()
+    print(f"{'stage':<34} {'accuracy':>9} {'time (s)':>9}")
+    print("-" * 54)
+    for k, a in acc.items():
+        print(f"{labels.get(k, k):<34} {100 * a:>8.2f}% {summary['stage_wall_time_s'][k]:>9.0f}")
+    print("-" * 54)
+    for key, text in (("cr_minus_hard_points", "(c) - (a)"), ("cr_minus_kd_points", "(c) - (b)")):
+        if key in summary:
+            print(f"{text:<34} {summary[key]:>+8.2f} points")
+    print(json.dumps(summary, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
