@@ -494,8 +494,9 @@ def _coefficient_scheduler(start: float, total_epochs: int, steps_per_epoch: int
 
 
 # Quantizing a model (cloning it into tfmot wrappers) costs seconds, more than a short trial
-# trains: trials with the same student architecture reuse one quantized model, reset to its
-# initial weights (quantizer state included), which is what a fresh build would produce.
+# trains: trials whose float student is the same (same architecture and initial weights: its
+# config, seeds included, and its weights) reuse one quantized model, reset to its initial weights
+# (quantizer state included), which is exactly what quantizing it again would produce.
 _STUDENTS: Dict[Tuple[Any, ...], Tuple[keras.Model, List[np.ndarray]]] = {}
 _STUDENT_CACHE_SIZE = 4
 
@@ -504,15 +505,22 @@ def _quantized_student(builder, data: TrialData, cfg: Mapping[str, Any], seed: i
                        reuse: bool) -> keras.Model:
     from tfqkd.quantize import quantize_model
 
-    key = (builder, data.num_classes, tuple(data.input_shape), cfg["weight_bits"],
-           cfg["activation_bits"], seed)
-    if reuse and key in _STUDENTS:
-        student, initial = _STUDENTS[key]
-        student.set_weights(initial)
-        return student
-    student = builder(data.num_classes, data.input_shape, seed=seed)
+    float_student = builder(data.num_classes, data.input_shape, seed=seed)
+    key = None
+    if reuse:
+        import hashlib
+
+        digest = hashlib.sha256()
+        for w in float_student.get_weights():
+            digest.update(np.ascontiguousarray(w).tobytes())
+        key = (json.dumps(float_student.get_config(), sort_keys=True, default=str),
+               digest.hexdigest(), cfg["weight_bits"], cfg["activation_bits"])
+        if key in _STUDENTS:
+            student, initial = _STUDENTS[key]
+            student.set_weights(initial)
+            return student
     student = quantize_model(
-        student, weight_bits=cfg["weight_bits"], activation_bits=cfg["activation_bits"]
+        float_student, weight_bits=cfg["weight_bits"], activation_bits=cfg["activation_bits"]
     )
     if reuse:
         while len(_STUDENTS) >= _STUDENT_CACHE_SIZE:
@@ -566,8 +574,8 @@ def run_trial_config(
         callbacks: Extra Keras callbacks.
         verbose: Keras ``fit`` verbosity.
         reuse_student: Reuse the quantized student of an earlier trial with the same
-            architecture, bit-widths and seed, reset to its initial weights, instead of
-            quantizing a new one (saves seconds per trial; same starting point).
+            float model (config and initial weights) and bit-widths, reset to its initial
+            weights, instead of quantizing a new one (saves seconds per trial; same start).
 
     Returns:
         ``{"val_accuracy", "test_accuracy", "teacher_accuracy" (NaN for the baseline),
@@ -656,6 +664,10 @@ def _csv_value(value: Any) -> str:
     return str(value)
 
 
+#: Result columns that stay text (ids like "00" are not numbers).
+_TEXT_COLUMNS = frozenset({"trial_id", "tuner_id", "status"})
+
+
 def read_results(path: str) -> List[Dict[str, Any]]:
     """Reads a results CSV; hyper-parameters are normalised, metrics become floats.
 
@@ -670,6 +682,9 @@ def read_results(path: str) -> List[Dict[str, Any]]:
         parsed: Dict[str, Any] = {}
         for k, v in row.items():
             if k in HYPERPARAMETERS:
+                continue
+            if k in _TEXT_COLUMNS:
+                parsed[k] = v
                 continue
             try:
                 parsed[k] = float(v)
