@@ -272,7 +272,9 @@ def test_random_search_finds_best_and_a_rerun_redoes_nothing(tmp_path, data, tea
 def test_hyperband_passes_epochs_and_continues_students(tmp_path, data, teacher_path):
     directory = str(tmp_path)
     _CountingTuner.calls = []
-    oracle = tuning.make_oracle("hyperband", max_epochs=3, hyperband_factor=3, seed=1)
+    # max_epochs=2, factor=2: bracket 1 trains 2 trials for 1 epoch and continues the better one
+    # to 2 epochs (initial_epoch=1, from its saved student); bracket 0 trains 1 trial for 2.
+    oracle = tuning.make_oracle("hyperband", max_epochs=2, hyperband_factor=2, seed=1)
     tuner = _tuner(directory, oracle, teacher_path)
     tuner.search(data, verbose=0)
     records = []
@@ -280,10 +282,10 @@ def test_hyperband_passes_epochs_and_continues_students(tmp_path, data, teacher_
         with open(os.path.join(tuner.get_trial_dir(trial_id), "metrics.json")) as f:
             records.append(json.load(f))
     epochs = sorted(r["config"]["epochs"] for r in records)
-    assert epochs[0] == 1 and epochs[-1] == 3  # tuner/epochs honoured
+    assert epochs[0] == 1 and epochs[-1] == 2  # tuner/epochs honoured
     continued = [r for r in records if r["initial_epoch"] > 0]
     assert continued, "Hyperband should continue at least one trial from a saved student"
-    assert all(r["config"]["epochs"] == 3 and r["initial_epoch"] == 1 for r in continued)
+    assert all(r["config"]["epochs"] == 2 and r["initial_epoch"] == 1 for r in continued)
 
 
 def test_distributed_search_chief_and_two_workers(tmp_path, teacher_path):
