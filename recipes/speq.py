@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -103,6 +104,11 @@ def parse_high_bits(value) -> "int | None":
             f"--high_bits must be a bit-width (e.g. 8) or 'float', got {value!r}.") from None
 
 
+def _high_text(value) -> str:
+    bits = parse_high_bits(value)
+    return "float" if bits is None else f"{bits} bits"
+
+
 def quantize(model: keras.Model, cfg: common.Config) -> keras.Model:
     """``tfqkd.speq.speq_quantize`` with the bit-widths and SPEQ settings of ``cfg``."""
     from tfqkd.speq import speq_quantize
@@ -170,7 +176,7 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
         extra["float_student_accuracy"] = common.evaluate_accuracy(float_student, data.test)
     common.log(
         f"speq: {origin} -> W{cfg.weight_bits}A{cfg.activation_bits} (first/last "
-        f"{cfg.first_last_bits} bits), teacher: activations {cfg.high_bits} bits with p="
+        f"{cfg.first_last_bits} bits), teacher: activations at {_high_text(cfg.high_bits)} with p="
         f"{cfg.probability:g} per layer, τ={cfg.temperature:g}, λ {cfg.coefficient:g} "
         f"{cfg.coefficient_schedule}, {cfg.soft_loss} loss, {data.num_train} training images, "
         f"{cfg.epochs} epochs")
@@ -189,6 +195,32 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     common.log(f"SPEQ student test accuracy {acc:.4f} (stochastic teacher "
                f"{extra['stochastic_teacher_accuracy']:.4f}) -> {out.root}")
     return res
+
+
+def benchmark_config(ctx: Any, name: str, **overrides: Any) -> common.Config:
+    """The SPEQ config of benchmark stage ``name`` (``ctx``: a ``tools/reproduce_cpu.Context``).
+
+    Same data, batch, seed, weight bits, epochs and learning rate as the benchmark's other
+    quantized stages, from its float student; SPEQ needs no teacher (``ctx.teacher_dir`` unused).
+    """
+    opts = dict(ctx.base)
+    opts.update(ctx.quant)
+    opts.update(student=ctx.student_dir, output_dir=ctx.stage_dir(name))
+    opts.update(overrides)
+    return make_config("paper", **opts)
+
+
+def benchmark_w2(ctx: Any) -> dict:
+    """SPEQ at the benchmark's weight bits with 8-bit activations (SPEQ needs quantized
+    activations; 8 bits is the nearest to the KD rows' float activations), float teacher
+    alternative."""
+    return run(benchmark_config(ctx, "speq", activation_bits=8, high_bits="float"), ctx.strategy)
+
+
+def benchmark_w4a4(ctx: Any) -> dict:
+    """SPEQ with 4-bit weights and activations, the teacher drawing 8-bit activations."""
+    return run(benchmark_config(ctx, "speq_w4a4", weight_bits=4, activation_bits=4, high_bits="8"),
+               ctx.strategy)
 
 
 def main(argv):

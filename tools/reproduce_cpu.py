@@ -139,6 +139,9 @@ METHODS: Dict[str, Method] = {
 from recipes import qkd as _qkd  # noqa: E402  QKD (SS -> CS -> TU), W2 and W4A4 rows
 METHODS.update(qkd=Method("QKD, 2-bit (SS+CS+TU)", _qkd.benchmark_w2),
                qkd_w4a4=Method("QKD, W4A4 (SS+CS+TU)", _qkd.benchmark_w4a4))
+from recipes import speq as _speq  # noqa: E402  SPEQ (self-distillation, no teacher)
+METHODS.update(speq=Method("SPEQ, W2A8 (no teacher)", _speq.benchmark_w2),
+               speq_w4a4=Method("SPEQ, W4A4 (no teacher)", _speq.benchmark_w4a4))
 
 
 def default_data_dir() -> str:
