@@ -2,8 +2,9 @@
 
 See docs/qkd.md and ``tfqkd.qkd``:
 
-1. Load the float student (``--student``; absent: a fresh float ResNet20 of ``--width``) and quantize
-   it (``--weight_bits``, ``--activation_bits``, ``--first_last_bits``, as quantize_distill.py).
+1. Load the float student (``--student``; absent: a fresh float ResNet20 of ``--width``) and
+   quantize it (``--weight_bits``, ``--activation_bits``, ``--first_last_bits``, as
+   quantize_distill.py).
 2. Load the float teacher (``--teacher``, a train_teacher output_dir or model.h5; absent: a fresh
    WRN20x``--teacher_width``, trained from scratch by co-studying alone, which QKD does not intend;
    the log says so).
@@ -110,7 +111,9 @@ def _check(cfg: common.Config) -> None:
     for name in ("ss_epochs", "cs_epochs", "tu_epochs"):
         value = getattr(cfg, name)
         if value is None or value < 0:
-            raise ValueError(f"--{name} must be an integer >= 0 (0 skips the phase), got {value!r}.")
+            raise ValueError(
+                f"--{name} must be an integer >= 0 (0 skips the phase), got {value!r}."
+            )
     if cfg.ss_epochs + cfg.cs_epochs + cfg.tu_epochs == 0:
         raise ValueError("--ss_epochs, --cs_epochs and --tu_epochs are all 0: nothing to train.")
     if cfg.distribute == "multi_worker":

@@ -48,7 +48,11 @@ def test_costudying_updates_both_models_and_reports_both_metrics():
     cs.compile(optimizer=keras.optimizers.SGD(0.05))
     s0, t0 = _weights(s), _weights(t)
     x, y = _batch()
-    logs = cs.fit(x, y, batch_size=8, epochs=1, verbose=0).history
+    from tfqkd.callbacks import CoefficientScheduler
+
+    # the shared scheduler drives λs (cs.coefficient) as it drives a Distiller's λ
+    scheduler = CoefficientScheduler("linear", start=0.5, end=0.0)
+    logs = cs.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[scheduler]).history
     for key in ("loss", "student_loss", "teacher_loss", "student_accuracy", "teacher_accuracy",
                 "coefficient", "teacher_coefficient", "temperature"):
         assert key in logs, key
@@ -59,10 +63,11 @@ def test_costudying_updates_both_models_and_reports_both_metrics():
     assert all(_changed(t0, t)[i] for i in kernels_t)
     assert logs["temperature"][-1] == pytest.approx(3.0)
     assert logs["teacher_coefficient"][-1] == pytest.approx(0.3)
+    assert float(cs.coefficient.numpy()) < 0.5  # moved by the scheduler
     ev = cs.evaluate(x, y, verbose=0, return_dict=True)
     assert ev["loss"] == pytest.approx(ev["student_loss"] + ev["teacher_loss"], rel=1e-5)
     # the model's output is the student's
-    np.testing.assert_allclose(cs.predict(x, verbose=0), s.predict(x, verbose=0), rtol=1e-5)
+    np.testing.assert_allclose(cs(x, training=False), s(x, training=False), rtol=1e-5)
 
 
 def _expected_grads(s, t, x, y, lam_s, lam_t, tau):
@@ -231,7 +236,7 @@ def test_costudying_under_mirrored_strategy_matches_single_device(tmp_path):
     assert out["max_update"] > 1e-3  # the weights moved: the comparison means something
 
 
-# -- the pipeline ------------------------------------------------------------------------------------
+# -- the pipeline ----------------------------------------------------------------------------------
 class _Snapshots(keras.callbacks.Callback):
     """Both models' weights (incl. BN statistics) when a phase's fit starts and ends."""
 
@@ -336,7 +341,7 @@ def test_run_qkd_rejects_bad_arguments(digits):
         run_qkd(s, t, None, ss_epochs=1, cs_epochs=1, tu_epochs=1)
 
 
-# -- the recipe: SIGKILL during co-studying, restart resumes inside co-studying ----------------------
+# -- the recipe: SIGKILL during co-studying, restart resumes inside co-studying --------------------
 def test_recipe_killed_in_co_studying_resumes_in_co_studying(tmp_path):
     out = tmp_path / "run"
     cs_epochs = 25

@@ -40,7 +40,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from tfqkd._keras import keras, tf
 
@@ -171,7 +171,7 @@ class CoStudying(keras.Model):
         soft_loss: ``"kl"``, ``"ce"``, ``"cosine"`` or a callable
             ``fn(target_probs, logits, temperature) -> (batch,)`` (see :func:`tfqkd.losses.get`).
         temperature_squared: Multiply the soft losses by τ². Default ``False``, the convention of
-            :class:`tfqkd.Distiller` (the paper's Eq. 3 has no τ² and λ, τ are tuned against it),
+            :class:`tfqkd.Distiller` (the paper's Eq. 3 has no τ²; λ, τ are tuned against it),
             so that λ and τ mean the same thing in co-studying and tutoring.
         teacher_temperature: Optional separate τt for the teacher's soft loss.
 
@@ -233,7 +233,8 @@ class CoStudying(keras.Model):
         )
         self.teacher_temperature = (
             None if teacher_temperature is None else self._scalar(
-                "teacher_temperature", _check_temperature(teacher_temperature, "teacher_temperature")
+                "teacher_temperature",
+                _check_temperature(teacher_temperature, "teacher_temperature"),
             )
         )
         self.teacher_optimizer = None
@@ -300,7 +301,9 @@ class CoStudying(keras.Model):
     def _unpack(data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if y is None:
-            raise ValueError("CoStudying trains on (images, labels) batches; the labels are missing.")
+            raise ValueError(
+                "CoStudying trains on (images, labels) batches; the labels are missing."
+            )
         return x, y, sample_weight
 
     @staticmethod
@@ -436,7 +439,8 @@ class CoStudying(keras.Model):
             )
             soft_loss = config.pop("soft_loss", "kl")
             if isinstance(soft_loss, str) and soft_loss not in ("kl", "ce", "cosine"):
-                soft_loss = keras.saving.get_registered_object(soft_loss, custom_objects) or soft_loss
+                registered = keras.saving.get_registered_object(soft_loss, custom_objects)
+                soft_loss = registered or soft_loss
         return cls(student, teacher, soft_loss=soft_loss, **config)
 
 
