@@ -546,14 +546,15 @@ class Distiller(keras.Model):
         loss = tf.nn.compute_average_loss(
             total, sample_weight=sample_weight, global_batch_size=self._global_batch_size(total))
         reg = self._regularization()
-        if self.student.losses:
-            loss += tf.nn.scale_regularization_loss(reg)
+        loss += tf.nn.scale_regularization_loss(reg)
         return loss, hard, soft, total, reg
 
     def _regularization(self) -> tf.Tensor:
-        if not self.student.losses:
+        # `model.losses` rebuilds the regularization ops on every access: read it once.
+        losses = self.student.losses
+        if not losses:
             return tf.constant(0.0, tf.float32)
-        return tf.add_n([tf.cast(r, tf.float32) for r in self.student.losses])
+        return tf.add_n([tf.cast(r, tf.float32) for r in losses])
 
     def _check_variables(self) -> List[tf.Operation]:
         # Callbacks or user code may assign the variables; fail loudly instead of training on NaN.
