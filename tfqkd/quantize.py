@@ -427,7 +427,13 @@ def quantize_model(
 
     with _tfmot_q.quantize_scope(_tfqkd_custom_objects(import_all=False)):
         annotated = keras.models.clone_model(model, clone_function=annotate)
-        qmodel = _tfmot_q.quantize_apply(annotated, scheme=scheme)
+        applied = _tfmot_q.quantize_apply(annotated, scheme=scheme)
+        # quantize_apply reuses the pass-through layers (BN, ReLU, Add…) of its intermediate
+        # models, so they carry several graph nodes and `q.get_layer(n).output` points into a
+        # dead graph. One more clone gives a model that owns all its layers.
+        qmodel = keras.models.clone_model(applied)
+    _copy_weights(applied, qmodel)
+    del applied, annotated
 
     wrapped = {layer.layer.name for layer in qmodel.layers
                if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper)}
@@ -436,6 +442,29 @@ def quantize_model(
         raise RuntimeError(f"layers {missing} were not wrapped for quantization.")
     _init_learned_steps(qmodel)
     return qmodel
+
+
+def _copy_weights(src: keras.Model, dst: keras.Model) -> None:
+    """Copies weights between two clones layer by layer, wrapper variables by name.
+
+    ``set_weights`` on the whole model is not safe: a wrapper built from its config orders a
+    quantizer's trainable variable (a learned step) differently from one built by tfmot.
+    """
+    for a, b in zip(src.layers, dst.layers):
+        if a.name != b.name:  # pragma: no cover - clone_model keeps the order
+            raise RuntimeError(f"clone mismatch: {a.name!r} vs {b.name!r}")
+        if isinstance(a, tfmot.quantization.keras.QuantizeWrapper):
+            b.layer.set_weights(a.layer.get_weights())
+            inner_a = {id(v) for v in a.layer.weights}
+            inner_b = {id(v) for v in b.layer.weights}
+            own_a = {v.name.split("/")[-1]: v for v in a.weights if id(v) not in inner_a}
+            own_b = {v.name.split("/")[-1]: v for v in b.weights if id(v) not in inner_b}
+            if set(own_a) != set(own_b):  # pragma: no cover
+                raise RuntimeError(f"wrapper {a.name!r}: variables {sorted(own_a)} vs {sorted(own_b)}")
+            for name, var in own_a.items():
+                own_b[name].assign(var)
+        else:
+            b.set_weights(a.get_weights())
 
 
 def _weight_vars(model: keras.Model) -> Iterator[Tuple[Any, Any, Any, Any]]:

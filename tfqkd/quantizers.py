@@ -80,6 +80,11 @@ L2_CANDIDATES = 8
 
 _TINY = 1e-12  # floor on Δ: keeps all-zero tensors (and channels) finite
 
+# The quantizers are plain TensorFlow ops with only Python-static control flow (loops over a
+# fixed number of rounds, branches on the bit-width). Letting AutoGraph convert them, which
+# Keras does for every layer call, costs ~0.7 s per call and gains nothing.
+_no_autograph = tf.autograph.experimental.do_not_convert
+
 
 def check_bits(bits: Any, name: str = "bits") -> int:
     """Returns ``bits`` as an ``int`` after checking that it is an integer in 1..8.
@@ -118,6 +123,7 @@ def max_level(bits: int) -> int:
     return 1 if bits == 1 else 2 ** (bits - 1) - 1
 
 
+@_no_autograph
 def symmetric_quantize(w, bits: int, step) -> tf.Tensor:
     """Eq. (1)/(2): the symmetric uniform ``bits``-bit quantization of ``w`` with step ``step``.
 
@@ -226,6 +232,7 @@ def _l2_step_keepdims(absw: tf.Tensor, bits: int, reduce, iterations: int, candi
     return tf.where(final_err <= best_err, step, best)
 
 
+@_no_autograph
 def l2_optimal_step(
     w, bits: int, axis=None, iterations: int = L2_ITERATIONS, candidates: int = L2_CANDIDATES,
 ) -> tf.Tensor:
@@ -278,6 +285,7 @@ def l2_optimal_step(
     return _squeeze_leading(step, kept)
 
 
+@_no_autograph
 def std_step(w, bits: int, axis=None) -> tf.Tensor:
     """``Δ = c_b · σ``: the step that is L2-optimal if the weights were Gaussian.
 
@@ -300,6 +308,54 @@ def std_step(w, bits: int, axis=None) -> tf.Tensor:
     return _squeeze_leading(_std_step_keepdims(tf.abs(w), bits, reduce), kept)
 
 
+def _data_step_impl(w: tf.Tensor, bits: int, kind: str, axis, iterations: int) -> tf.Tensor:
+    """Δ from the data (``kind`` "std" or "l2"), shaped to broadcast against ``w``."""
+    if kind == "std":
+        return std_step(w, bits, axis=axis)
+    return l2_optimal_step(w, bits, axis=axis, iterations=iterations)
+
+
+def _quantize_impl(w: tf.Tensor, bits: int, kind: str, axis, iterations: int) -> tf.Tensor:
+    return symmetric_quantize(w, bits, _data_step_impl(w, bits, kind, axis, iterations))
+
+
+# The step search is ~100 small ops per kernel. As graph functions (one trace per bit-width,
+# rule, axis and kernel rank, shared by all layers) each wrapper adds a single call op to the
+# model graph instead: quantize_model and the first `fit` trace many times faster, and the
+# runtime graph is the same after TensorFlow inlines the call.
+_GRAPH_FUNCTIONS: Dict[tuple, Any] = {}
+
+
+def _graph_function(impl, w: tf.Tensor, bits: int, kind: str, axis, iterations: int):
+    key = (impl.__name__, bits, kind, axis, iterations, w.shape.rank)
+    fn = _GRAPH_FUNCTIONS.get(key)
+    if fn is None:
+        spec = tf.TensorSpec([None] * w.shape.rank, tf.float32)
+        fn = tf.function(lambda t: impl(t, bits, kind, axis, iterations), input_signature=[spec],
+                         autograph=False)
+        _GRAPH_FUNCTIONS[key] = fn
+    return fn(w)
+
+
+def _data_step_fn(w, bits, kind, axis, iterations):
+    return _graph_function(_data_step_impl, w, bits, kind, axis, iterations)
+
+
+def _quantize_fn(w, bits, kind, axis, iterations):
+    return _graph_function(_quantize_impl, w, bits, kind, axis, iterations)
+
+
+def _straight_through(value: tf.Tensor, grad_source: tf.Tensor) -> tf.Tensor:
+    """``value`` in the forward pass, the gradient of ``grad_source`` in the backward pass.
+
+    Mathematically ``grad_source + stop_gradient(value − grad_source)``, but written as
+    ``value + (grad_source − stop_gradient(grad_source))``: ``x − x`` is exactly 0 in floating
+    point, so the forward value is bit-exactly ``value`` — a ternary kernel has exactly three
+    distinct values, not three clusters of values one rounding error apart.
+    """
+    return tf.stop_gradient(value) + (grad_source - tf.stop_gradient(grad_source))
+
+
 def _check_step_kind(step: Any) -> str:
     if step not in STEP_KINDS:
         raise ValueError(f"step must be one of {STEP_KINDS}, got {step!r}.")
@@ -319,7 +375,7 @@ class SymmetricQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     """tfmot ``Quantizer`` for weights: Eq. (1)/(2) forward, straight-through backward.
 
     The forward pass uses ``Q(w)``; the gradient reaches the float shadow weights unchanged
-    (``w + stop_gradient(Q(w) − w)``). With ``step="l2"`` or ``"std"`` the step is recomputed
+    (``w + stop_gradient(Q(w) − w)``, evaluated so that the forward value is exactly Q(w)). With ``step="l2"`` or ``"std"`` the step is recomputed
     from the current weights at every call and treated as a constant (no gradient); with
     ``step="learned"`` it is a trainable variable (one per output channel if ``per_channel``)
     trained with LSQ's gradient (Esser et al. 2020): ``∂Q/∂Δ = round(w/Δ) − w/Δ`` inside the
@@ -373,11 +429,17 @@ class SymmetricQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         reduce, kept = _reduction_axes(shape.rank, self.axis)
         return tuple(int(d) for d in shape.as_list()[kept[0]:]) if kept else ()
 
+    def _static_args(self):
+        kind = "std" if self.step == "std" else "l2"
+        return self.bits, kind, self._step_axis, self.l2_iterations
+
     def _data_step(self, w: tf.Tensor) -> tf.Tensor:
-        w = tf.stop_gradient(w)
-        if self.step == "std":
-            return std_step(w, self.bits, axis=self._step_axis)
-        return l2_optimal_step(w, self.bits, axis=self._step_axis, iterations=self.l2_iterations)
+        w = tf.stop_gradient(tf.cast(w, tf.float32))
+        step = _data_step_fn(w, *self._static_args())
+        if self._step_axis is None:
+            return tf.ensure_shape(step, [])
+        _, kept = _reduction_axes(w.shape.rank, self._step_axis)
+        return tf.ensure_shape(step, w.shape[kept[0]:])
 
     def compute_step(self, w, weights: Optional[Dict[str, tf.Variable]] = None) -> tf.Tensor:
         """The step ``Δ`` this quantizer uses for ``w`` (the learned one if initialised).
@@ -406,12 +468,13 @@ class SymmetricQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         )
         return {"step": var}
 
+    @_no_autograph
     def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
         w = tf.convert_to_tensor(inputs)
         if self.step == "learned" and weights and "step" in weights:
             return self._lsq(w, weights["step"])
-        q = symmetric_quantize(w, self.bits, self._data_step(w))
-        return w + tf.stop_gradient(q - w)
+        q = tf.ensure_shape(_quantize_fn(tf.stop_gradient(w), *self._static_args()), w.shape)
+        return _straight_through(q, w)
 
     def _lsq(self, w: tf.Tensor, var: tf.Variable) -> tf.Tensor:
         k = float(max_level(self.bits))
@@ -421,13 +484,13 @@ class SymmetricQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         # Uninitialised (0) entries fall back to the data step, without gradient.
         s = tf.where(value != 0.0, tf.abs(value), tf.stop_gradient(self._data_step(w)))
         s = tf.maximum(s, _TINY)
-        s = s * grad_scale + tf.stop_gradient(s - s * grad_scale)  # LSQ gradient scaling
+        s = _straight_through(s, s * grad_scale)  # value s, gradient scaled by g (LSQ)
         x = tf.clip_by_value(w / s, -k, k)
         if self.bits == 1:
             r = tf.where(x >= 0.0, 1.0, -1.0)
         else:
             r = tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
-        return (x + tf.stop_gradient(r - x)) * s
+        return _straight_through(r, x) * s
 
     def get_config(self) -> Dict[str, Any]:
         return {
@@ -504,6 +567,7 @@ class ActivationQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             return tf.where(value > 0.0, value, self.clip_value)
         return value
 
+    @_no_autograph
     def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
         x = tf.convert_to_tensor(inputs)
         if self.clip == "ema" and weights and "clip" in weights:
@@ -526,7 +590,7 @@ class ActivationQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         y = tf.minimum(tf.nn.relu(x), clip)
         scale = tf.stop_gradient(tf.maximum(clip, _TINY)) / float(2 ** self.bits - 1)
         q = tf.floor(y / scale + 0.5) * scale
-        return y + tf.stop_gradient(q - y)
+        return _straight_through(q, y)
 
     def get_config(self) -> Dict[str, Any]:
         return {"bits": self.bits, "clip": self.clip, "clip_value": self.clip_value,
