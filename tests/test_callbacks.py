@@ -153,6 +153,15 @@ def test_callable_schedule_and_explicit_total_steps():
     np.testing.assert_allclose(rec.lam, 0.5 * (1 - np.arange(8) / 8) ** 2, atol=1e-7)
 
 
+def test_start_step_offsets_a_schedule_for_a_used_optimizer():
+    x, y = _data()
+    d, rec = _distiller(), Recorder()
+    d.optimizer.iterations.assign(100)  # e.g. an optimizer carried over from an earlier phase
+    d.fit(x, y, batch_size=BATCH, epochs=1, verbose=0,
+          callbacks=[CoefficientScheduler("linear", 0.5, 0.0, start_step=100), rec])
+    np.testing.assert_allclose(rec.lam, 0.5 * (1 - np.arange(4) / 3), atol=1e-7)
+
+
 def test_logs_reach_history_csv_and_summaries(tmp_path):
     x, y = _data()
     d = _distiller()
@@ -210,6 +219,7 @@ def test_config_round_trip():
     ({"schedule": "exp"}, "Unknown schedule 'exp'"),
     ({"per": "step"}, "per must be 'batch' or 'epoch'"),
     ({"total_steps": 0}, "total_steps must be a positive integer"),
+    ({"start_step": -1}, "start_step must be an integer >= 0"),
     ({"schedule": "step", "boundaries": (0.8, 0.2)}, "boundaries must be increasing"),
 ])
 def test_coefficient_scheduler_rejects(kwargs, match):

@@ -108,6 +108,7 @@ class _VariableScheduler(keras.callbacks.Callback):
         *,
         per: str = "batch",
         total_steps: Optional[int] = None,
+        start_step: int = 0,
         boundaries: Sequence[float] = (0.5,),
         log_name: Optional[str] = None,
         verbose: int = 0,
@@ -120,6 +121,8 @@ class _VariableScheduler(keras.callbacks.Callback):
             raise ValueError(f"per must be 'batch' or 'epoch', got {per!r}.")
         if total_steps is not None and (int(total_steps) != total_steps or total_steps < 1):
             raise ValueError(f"total_steps must be a positive integer or None, got {total_steps!r}.")
+        if int(start_step) != start_step or start_step < 0:
+            raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}.")
         boundaries = tuple(float(b) for b in boundaries)
         if schedule == "step" and (not boundaries or any(not 0.0 < b <= 1.0 for b in boundaries)
                                    or list(boundaries) != sorted(boundaries)):
@@ -130,6 +133,7 @@ class _VariableScheduler(keras.callbacks.Callback):
         self.end = self._check(end, "end")
         self.per = per
         self.total_steps = None if total_steps is None else int(total_steps)
+        self.start_step = int(start_step)
         self.boundaries = boundaries
         self.log_name = log_name or self.attribute
         self.verbose = verbose
@@ -176,10 +180,12 @@ class _VariableScheduler(keras.callbacks.Callback):
 
     def progress(self, step: Optional[int] = None) -> float:
         """Training progress in [0, 1] at optimizer step ``step`` (default: the current one)."""
-        step = self._iterations() if step is None else int(step)
+        step = (self._iterations() if step is None else int(step)) - self.start_step
+        step = max(0, step)
         total = self._total()
         if self.per == "epoch":
-            spe = self._steps_per_epoch() or max(1, total // max(1, self.params.get("epochs", 1)))
+            epochs_given = (self.params or {}).get("epochs") or 1
+            spe = self._steps_per_epoch() or max(1, total // max(1, epochs_given))
             epochs = max(1, total // spe)
             return min(1.0, (step // spe) / max(1, epochs - 1))
         return min(1.0, step / max(1, total - 1))
@@ -230,7 +236,8 @@ class _VariableScheduler(keras.callbacks.Callback):
     def get_config(self) -> Dict[str, Any]:
         return {
             "schedule": self.schedule, "start": self.start, "end": self.end, "per": self.per,
-            "total_steps": self.total_steps, "boundaries": list(self.boundaries),
+            "total_steps": self.total_steps, "start_step": self.start_step,
+            "boundaries": list(self.boundaries),
             "log_name": self.log_name, "verbose": self.verbose,
         }
 
@@ -253,6 +260,8 @@ class CoefficientScheduler(_VariableScheduler):
         total_steps: Training length in optimizer steps; default ``steps * epochs`` from ``fit``.
             Give it when you call ``fit`` several times for one schedule, or for datasets of
             unknown length.
+        start_step: The optimizer step at which the schedule starts (progress 0), for an
+            optimizer that has already taken steps in an earlier phase. Default 0.
         boundaries: For ``"step"``: progress fractions where lambda jumps one equal step.
         log_name: Key in ``logs`` (default ``"coefficient"``).
         verbose: With ``per="epoch"``, print the value set at each epoch.
