@@ -289,6 +289,14 @@ def test_precomputed_dict_batches_and_shuffle():
     ds = tf.data.Dataset.from_tensor_slices({"x": x, "y": y, "teacher_logits": z}).batch(6)
     h = d.fit(ds, epochs=1, verbose=0)
     assert np.isfinite(h.history["soft_loss"][0])
+    # (x, y, teacher_logits, sample_weight): zero weights leave only half the batch's losses.
+    sw = (np.arange(12) < 6).astype("float32")
+    res = d.evaluate(tf.data.Dataset.from_tensor_slices((x, y, z, sw)).batch(12), verbose=0,
+                     return_dict=True)
+    ref = d.evaluate(tf.data.Dataset.from_tensor_slices((x[:6], y[:6], z[:6])).batch(6),
+                     verbose=0, return_dict=True)
+    np.testing.assert_allclose(res["soft_loss"], ref["soft_loss"], rtol=1e-5)
+    np.testing.assert_allclose(res["hard_loss"], ref["hard_loss"], rtol=1e-5)
     pre = precompute_teacher_logits(teacher, tf.data.Dataset.from_tensor_slices((x, y)).batch(5),
                                     batch_size=4, shuffle=True, seed=0)
     got = list(pre)
@@ -529,7 +537,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         first = d.fit(ds.take(1), epochs=1, verbose=0).history
         w1 = [v.numpy() for v in student.weights]
         d.fit(ds, epochs=1, verbose=0)
-        return first, w1, [v.numpy() for v in student.weights]
+        ev = d.evaluate(ds, verbose=0, return_dict=True)
+        return first, w1, [v.numpy() for v in student.weights], ev
 
     one = run(tf.distribute.get_strategy())
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -541,6 +550,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         "max_w_diff_step1": max(float(np.abs(a - b).max()) for a, b in zip(one[1], two[1])),
         "max_w_diff_end": max(float(np.abs(a - b).max()) for a, b in zip(one[2], two[2])),
         "max_update": max(float(np.abs(a - b).max()) for a, b in zip(one[1], one[2])),
+        "eval_one": {k: float(v) for k, v in one[3].items()},
+        "eval_two": {k: float(v) for k, v in two[3].items()},
     }
     print(json.dumps(out))
 """)
@@ -566,6 +577,10 @@ def test_mirrored_strategy_matches_single_device(tmp_path):
     assert out["max_w_diff_step1"] < 1e-5
     assert out["max_w_diff_end"] < 1e-5
     assert out["max_update"] > 1e-3  # the steps moved the weights: the comparison means something
+    # evaluate over 16 + 7 examples: metrics aggregated over replicas and batches exactly.
+    assert set(out["eval_one"]) == {"loss", "hard_loss", "soft_loss", "accuracy"}
+    for key, value in out["eval_one"].items():
+        assert out["eval_two"][key] == pytest.approx(value, abs=1e-5), key
 
 
 # ------------------------------------------------------------------------------------------
