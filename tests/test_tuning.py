@@ -223,6 +223,35 @@ def test_smoke_grid_writes_rows_and_figures_resumes_and_replots(tmp_path, monkey
                for n in ("accuracy_vs_teacher", "cr_comparison", "heatmap"))
 
 
+def test_reused_student_and_model_train_exactly_like_fresh_ones(data):
+    """Trials reuse quantized students and compiled models: the reset must be complete."""
+    from tfqkd import data as data_lib
+
+    fixed = data_lib.load_dataset("digits", "train", batch_size=50, subset=100, shuffle=False,
+                                  augment=False)
+    trial_data = tuning.TrialData(fixed, data.validation, data.test, data.num_classes,
+                                  data.input_shape)
+    teacher = tuning._default_builder(data.num_classes, data.input_shape, width=2, seed=5)
+    pool = tuning.TeacherPool({"t": teacher})
+    config = {"temperature": 4, "teacher": "t", "schedule": "linear", "epochs": 2}
+
+    def run(cfg, reuse):
+        losses = []
+        record = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: losses.append(logs["loss"]))
+        metrics = tuning.run_trial_config(cfg, trial_data, teachers=pool, seed=3,
+                                          reuse_student=reuse, callbacks=[record])
+        return losses, metrics["val_accuracy"]
+
+    fresh = run(config, reuse=False)
+    first = run(config, reuse=True)
+    run(dict(config, temperature=1, schedule="constant"), reuse=True)  # dirties the cached state
+    reused = run(config, reuse=True)
+    for losses, accuracy in (first, reused):
+        assert losses == pytest.approx(fresh[0], rel=1e-5)
+        assert accuracy == pytest.approx(fresh[1])
+
+
 class _CountingTuner(tuning.DistillationTuner):
     def run_trial(self, trial, *args, **kwargs):
         type(self).calls.append(trial.trial_id)

@@ -529,6 +529,49 @@ def _quantized_student(builder, data: TrialData, cfg: Mapping[str, Any], seed: i
     return student
 
 
+# Tracing the training step of a new model costs seconds, again more than a short trial trains:
+# trials with the same quantized student, teacher and optimizer recipe reuse one compiled model
+# (its traced step), with τ and λ assigned and the optimizer reset to its initial state.
+_MODELS: Dict[Tuple[Any, ...], Tuple[keras.Model, Any, List[np.ndarray], Tuple[Any, ...]]] = {}
+_MODEL_CACHE_SIZE = 8
+
+
+def _compiled_model(student, teacher, cfg, optimizer, learning_rate, steps, schedule_epochs,
+                    reuse: bool) -> keras.Model:
+    key = (id(student), id(teacher), id(optimizer) if callable(optimizer) else optimizer,
+           float(learning_rate), int(steps), int(schedule_epochs))
+    # The value keeps the keyed objects alive, so their ids cannot be reused by other objects.
+    cached = _MODELS.get(key) if reuse else None
+    if cached is not None and all(a is b or (isinstance(a, str) and a == b)
+                                  for a, b in zip(cached[3], (student, teacher, optimizer))):
+        model, opt, initial, _ = cached
+        for variable, value in zip(opt.variables, initial):
+            variable.assign(value)
+    else:
+        opt = _make_optimizer(optimizer, learning_rate, steps, schedule_epochs)
+        if teacher is None:
+            model = student
+            model.compile(optimizer=opt,
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        else:
+            from tfqkd.distiller import Distiller
+
+            model = Distiller(student, teacher, temperature=cfg["temperature"],
+                              coefficient=cfg["coefficient"])
+            model.compile(optimizer=opt)
+        # Build the optimizer's slots now, to record the state a fresh optimizer starts from.
+        opt.build(model.trainable_variables)
+        if reuse:
+            while len(_MODELS) >= _MODEL_CACHE_SIZE:
+                _MODELS.pop(next(iter(_MODELS)))
+            _MODELS[key] = (model, opt, [v.numpy() for v in opt.variables],
+                            (student, teacher, optimizer))
+    if teacher is not None:
+        model.temperature.assign(cfg["temperature"])
+        model.coefficient.assign(cfg["coefficient"])
+    return model
+
+
 def run_trial_config(
     config: Mapping[str, Any],
     data: TrialData,
@@ -575,7 +618,9 @@ def run_trial_config(
         verbose: Keras ``fit`` verbosity.
         reuse_student: Reuse the quantized student of an earlier trial with the same
             float model (config and initial weights) and bit-widths, reset to its initial
-            weights, instead of quantizing a new one (saves seconds per trial; same start).
+            weights, instead of quantizing a new one, and the compiled training model (traced
+            step) of an earlier trial with the same student, teacher and optimizer recipe,
+            with its optimizer reset (saves seconds per trial; same starting point).
 
     Returns:
         ``{"val_accuracy", "test_accuracy", "teacher_accuracy" (NaN for the baseline),
@@ -604,23 +649,15 @@ def run_trial_config(
 
     callbacks = list(callbacks)
     steps = data.steps_per_epoch()
-    opt = _make_optimizer(optimizer, learning_rate, steps, int(schedule_epochs or epochs))
     if cfg["teacher"] == NO_TEACHER:
-        model = student
-        model.compile(
-            optimizer=opt,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
+        teacher = None
         teacher_accuracy = float("nan")
     else:
-        from tfqkd.distiller import Distiller
-
         teacher = teachers.get(cfg["teacher"], data)
         teacher_accuracy = teachers.accuracy(cfg["teacher"], data)
-        model = Distiller(
-            student, teacher, temperature=cfg["temperature"], coefficient=cfg["coefficient"]
-        )
-        model.compile(optimizer=opt)
+    model = _compiled_model(student, teacher, cfg, optimizer, learning_rate, steps,
+                            int(schedule_epochs or epochs), reuse_student)
+    if teacher is not None:
         if cfg["schedule"] == "linear":
             callbacks.append(_coefficient_scheduler(
                 cfg["coefficient"], int(schedule_epochs or epochs), steps
