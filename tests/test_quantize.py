@@ -92,9 +92,10 @@ def test_bn_add_relu_pool_are_left_alone(trained_w2):
         assert not isinstance(layer, tfmot.quantization.keras.QuantizeWrapper)
 
 
-def test_save_load_predict_identical(trained_w2, digits, tmp_path):
+@pytest.mark.parametrize("filename", ["w2.h5", "w2.keras"])
+def test_save_load_predict_identical(trained_w2, digits, tmp_path, filename):
     q, _ = trained_w2
-    path = str(tmp_path / "w2_savedmodel")
+    path = str(tmp_path / filename)
     q.save(path)
     with quantize_scope():
         loaded = keras.models.load_model(path)
@@ -194,7 +195,7 @@ def test_w4a4_trains_and_activations_on_grid(digits, tmp_path):
     steps = [v for v in q.trainable_variables if "kernel_step" in v.name]
     assert len(steps) == 7 and all(float(tf.reduce_min(s)) > 0 for s in steps)
     q.run_eagerly = False  # compare graph mode with graph mode (eager rounds differently)
-    path = str(tmp_path / "w4a4")
+    path = str(tmp_path / "w4a4.h5")
     q.save(path)
     with quantize_scope():
         loaded = keras.models.load_model(path)
