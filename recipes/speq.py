@@ -7,8 +7,8 @@ Boo et al., AAAI 2021 (see docs/speq.md and ``tfqkd.speq``):
 2. Quantize it with ``tfqkd.speq.speq_quantize``: weights to ``--weight_bits``, activations to
    ``--activation_bits`` with stochastic-precision activation quantizers (``--high_bits``,
    ``--probability``).
-3. Retrain with ``L = (1 - λ)·H(y, p_S) + λ·cosine(p_T, p_S)``, the teacher ``p_T`` being the same
-   network run with a random activation precision per layer (``tfqkd.speq.SPEQ``); λ follows
+3. Retrain with ``L = (1 - λ)·H(y, p_S) + λ·cosine(p_T, p_S)``, the teacher ``p_T`` being the
+   same network run with a random activation precision per layer (``tfqkd.speq.SPEQ``); λ follows
    ``--coefficient_schedule`` as in quantize_distill.py.
 4. Save the quantized student (``model/model.h5``) and, with ``--export=int8`` (or ``int4``,
    ``dynamic``, ``float``), ``model/model_<mode>.tflite`` plus its parity report.
@@ -132,7 +132,7 @@ def stochastic_teacher_accuracy(model: keras.Model, dataset: tf.data.Dataset) ->
     """Top-1 accuracy of ONE stochastic-precision pass of ``model`` (inference batch norm)."""
     from tfqkd.speq import stochastic_precision
 
-    @tf.function
+    @tf.function(reduce_retracing=True)  # a smaller last batch must not trace a new graph
     def correct(x, y):
         with stochastic_precision(True):  # traced inside the context: a teacher graph
             logits = model(x, training=False)

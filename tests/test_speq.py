@@ -12,7 +12,7 @@ from tfqkd import speq
 from tfqkd.quantizers import ActivationQuantizer
 from tfqkd.speq import StochasticPrecisionQuantizer, stochastic_precision
 
-# Activations spread over [0, 4]: the 2-bit grid of the range [0, 4] is far from float and from 8 bits.
+# Activations spread over [0, 4]: the 2-bit grid on [0, 4] is far from float and from 8 bits.
 _X = np.linspace(0.0, 4.0, 64, dtype="float32").reshape(4, 16)
 
 
@@ -88,7 +88,8 @@ def test_quantizer_in_tf_function_draws_afresh_without_retracing_and_tensor_flag
     teachers = {o[1].numpy().tobytes() for o in outs}
     assert len(students) == 1 and len(teachers) == 2
     flag.assign(False)  # the run-time flag switches the traced teacher off, still no retrace
-    assert all(np.array_equal(step(tf.constant(_X))[1].numpy(), outs[0][0].numpy()) for _ in range(5))
+    for _ in range(5):
+        np.testing.assert_array_equal(step(tf.constant(_X))[1].numpy(), outs[0][0].numpy())
     assert step.experimental_get_tracing_count() == 1
 
 
@@ -151,7 +152,8 @@ def test_teacher_shares_the_students_variables_and_adds_none(student):
     model.teacher_logits(x)
     model.teacher_probabilities(x)
     assert [id(v) for v in student.weights] == before  # the teacher pass created nothing
-    assert {id(v) for v in model.trainable_variables} == {id(v) for v in student.trainable_variables}
+    trainable = {id(v) for v in student.trainable_variables}
+    assert {id(v) for v in model.trainable_variables} == trainable
     metric_vars = {id(v) for m in model.metrics for v in m.variables}  # loss trackers
     extra = {id(v) for v in model.weights} - set(before) - metric_vars
     assert extra == {id(model.coefficient), id(model.temperature)}  # SPEQ's own two scalars only

@@ -12,9 +12,10 @@ The pieces:
 
 * :class:`StochasticPrecisionQuantizer`: a tfmot ``Quantizer`` for activations. In a *student* pass
   it quantizes deterministically at the target bit-width: it then is exactly
-  :class:`tfqkd.quantizers.ActivationQuantizer` (same graph, same variables, same export). Inside :func:`stochastic_precision` each instance draws its own Bernoulli(p) on every
-  forward pass and, when it comes up, uses ``high_bits`` (8 bits, or float for ``None``) instead.
-  Both precisions share one pair of range variables, so the teacher adds no weights.
+  :class:`tfqkd.quantizers.ActivationQuantizer` (same graph, same variables, same export).
+  Inside :func:`stochastic_precision` each instance draws its own Bernoulli(p) on every forward
+  pass and, when it comes up, uses ``high_bits`` (8 bits, or float for ``None``) instead. Both
+  precisions share the clip variable, so the teacher adds no weights.
 * :func:`speq_quantize`: builds a SPEQ-ready QAT model from a float model with
   :func:`tfqkd.quantize_model` (``activation_quantizer=``) and this quantizer.
 * :class:`SPEQ`: a :class:`tfqkd.Distiller` whose teacher probabilities come from the student run
