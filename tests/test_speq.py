@@ -167,6 +167,11 @@ def test_teacher_passes_differ_student_pass_deterministic_probability_zero_equal
     teachers = [model.teacher_logits(x).numpy() for _ in range(6)]
     assert any(not np.allclose(teachers[0], t) for t in teachers[1:])
     assert any(not np.allclose(s1, t) for t in teachers)
+    # Traced once, the teacher still draws afresh on every call (the draw is a graph op).
+    traced = tf.function(model.teacher_logits)
+    traced_outs = [traced(x).numpy() for _ in range(6)]
+    assert traced.experimental_get_tracing_count() == 1
+    assert any(not np.allclose(traced_outs[0], t) for t in traced_outs[1:])
     # Probability 0: the teacher is the student, bit for bit.
     model0 = speq.SPEQ(_speq_student(high_bits=None, probability=0.0))
     np.testing.assert_array_equal(model0.teacher_logits(x).numpy(),

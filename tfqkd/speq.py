@@ -52,9 +52,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Precision mode: a trace-time switch with an optional run-time (tensor) flag.
 # --------------------------------------------------------------------------------------------
-# Why a context and not a model variable: the student graph must stay exactly the target-bit
-# fake-quant graph (no random ops, no conditionals) so that it exports to integer TFLite like any
-# other tfqkd model, and the mode must not add variables to the model. SPEQ's train step traces
+# Why a context and not a model variable: the student graph must stay exactly the
+# ActivationQuantizer graph (no random ops, no conditionals) so that it exports to integer TFLite
+# like any other tfqkd model, and the mode must not add variables to the model. SPEQ's train step traces
 # the student pass outside and the teacher pass inside the context, so one `tf.function` holds
 # both and nothing retraces from step to step. The stack is thread-local because
 # `tf.distribute` runs each replica's step in its own thread; the context is entered inside the
