@@ -421,17 +421,17 @@ def _converter_for(model: keras.Model):
 
 
 def _convert(model: keras.Model, mode: str, calibration: Optional[Callable],
-             int8_io: bool, allow_select_tf_ops: bool) -> bytes:
+             int8_io: bool, allow_select_tf_ops: bool, fakequant: bool = False) -> bytes:
+    """One converter run. ``fakequant``: ``model`` carries FakeQuant ops that fix every range."""
     conv = _converter_for(model)
     ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if mode in ("dynamic", "int8", "int4"):
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "int8":
+    if mode == "int8" and not fakequant:
         conv.representative_dataset = calibration
         ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     if mode == "int4":
-        # The graph carries FakeQuant ops (ranges fixed by us), so no representative dataset
-        # here; the low-bit flag makes the converter honour FakeQuant's num_bits (INT4 tensors).
+        # The low-bit flag makes the converter honour FakeQuant's num_bits (INT4 tensors).
         conv._experimental_low_bit_qat = True  # noqa: SLF001 (the converter's INT4 weight path)
     if int8_io and mode in ("int8", "int4"):
         conv.inference_input_type = tf.int8
@@ -440,6 +440,51 @@ def _convert(model: keras.Model, mode: str, calibration: Optional[Callable],
         ops = ops + [tf.lite.OpsSet.SELECT_TF_OPS]
     conv.target_spec.supported_ops = ops
     return conv.convert()
+
+
+def _is_converter_error(err: BaseException) -> bool:
+    return any(cls.__name__ == "ConverterError" for cls in type(err).__mro__)
+
+
+def _quantizer_range(quantizer, qvars) -> Optional[Tuple[float, float]]:
+    """The fixed range an activation quantizer uses at inference, if it has one."""
+    try:
+        if hasattr(quantizer, "clip_of"):  # tfqkd ActivationQuantizer (and subclasses): [0, c]
+            return 0.0, float(np.asarray(quantizer.clip_of(qvars)))
+        if isinstance(qvars, dict) and "min_var" in qvars and "max_var" in qvars:  # tfmot
+            return float(np.asarray(qvars["min_var"])), float(np.asarray(qvars["max_var"]))
+    except Exception:  # noqa: BLE001 (an unusual quantizer: calibrate instead)
+        return None
+    return None
+
+
+def _student_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, float]]:
+    """{inner layer name: (min, max) of its output quantizer} for every wrapped layer with one."""
+    out = {}
+    for layer in model.layers:
+        if _is_wrapper(layer) and getattr(layer, "_output_quantizers", None):
+            r = _quantizer_range(layer._output_quantizers[0],  # noqa: SLF001 (tfmot API)
+                                 getattr(layer, "_output_quantizer_vars", {}))
+            if r is not None and np.isfinite(r).all() and r[1] > r[0]:
+                out[layer.layer.name] = r
+    return out
+
+
+def _float_ops(content: bytes) -> List[Tuple[str, str]]:
+    """(op, output tensor name) of every op computing in float in a file meant to be integer."""
+    model_obj = _read_flatbuffer(content)
+    names = _op_names(model_obj)
+    out = []
+    for sg in model_obj.subgraphs:
+        for op in sg.operators:
+            name = names.get(op.opcodeIndex, "?")
+            if name in ("QUANTIZE", "DEQUANTIZE"):
+                continue
+            tensors = [sg.tensors[i] for i in list(op.outputs) if i >= 0]
+            if any(t.type == 0 for t in tensors):  # 0 = FLOAT32
+                t = tensors[0].name
+                out.append((name, t.decode() if isinstance(t, bytes) else str(t)))
+    return out
 
 
 def _mentioned_layers(message: str, model: keras.Model) -> List[str]:
@@ -451,10 +496,10 @@ def _mentioned_layers(message: str, model: keras.Model) -> List[str]:
 
 
 def _diagnose(model: keras.Model, failed_mode: str, err: Exception,
-              calibration: Optional[Callable]) -> ExportError:
+              calibration: Optional[Callable], layers: Optional[List[str]] = None) -> ExportError:
     """An error naming the layers the converter rejected and the modes that do work."""
     message = str(err)
-    layers = _mentioned_layers(message, model)
+    layers = layers or _mentioned_layers(message, model)
     working = []
     for mode in ("float", "dynamic", "int8"):
         if mode == failed_mode or (mode == "int8" and calibration is None):
@@ -508,35 +553,38 @@ def _op_names(model_obj) -> Dict[int, str]:
     return out
 
 
-def _grid_levels(row: np.ndarray) -> Optional[Tuple[np.ndarray, int]]:
-    """Levels ``k`` and ``kmax`` with ``row == rint(127 k / kmax)``, the smallest such ``kmax``."""
-    if not np.any(row):
-        return None
-    cand = np.arange(1, 128, dtype=np.float64)[:, None]
-    k = np.rint(row[None, :] * cand / 127.0)
-    ok = np.all(np.rint(127.0 * k / cand) == row[None, :], axis=1)
-    first = int(np.argmax(ok))
-    if not ok[first]:
-        return None
-    return k[first].astype(np.int32), first + 1
+def _tflite_layout_levels(plain: keras.Model) -> Dict[str, np.ndarray]:
+    """{layer: integer levels of its kernel, output channel first} for conv/dense kernels."""
+    out = {}
+    for layer in plain.layers:
+        if type(layer) in (keras.layers.Conv2D, keras.layers.Dense):
+            found = _integer_levels(layer.get_weights()[0])
+            if found is not None:
+                out[layer.name] = np.moveaxis(found[0], -1, 0)
+    return out
 
 
-def _snap_int8_levels(content: bytes) -> Tuple[bytes, int]:
+def _snap_int8_levels(content: bytes, levels_by_layer: Dict[str, np.ndarray]
+                      ) -> Tuple[bytes, int]:
     """Re-expresses int8 conv/dense weight channels whose trained levels are off the int8 grid.
 
     PTQ's per-channel scale ``s = max|w_c| / 127`` maps levels ``k * d`` (``|k| <= kmax``) to
     ``rint(127 k / kmax)``: exact only when ``kmax`` divides 127 (binary, ternary, 8-bit using
-    level 127). For other channels, recovered as the smallest ``kmax`` that reproduces the
-    integers, the integers become ``k * n`` with ``n = floor(127 / kmax)`` and the scale
-    ``s * 127 / (kmax * n)`` (so every level is ``k * d`` again); the int32 bias, quantized with
-    ``input_scale * s``, is rescaled to match. Returns the new content and the channels changed.
+    level 127). For other channels the integers become ``k * n`` with ``n = floor(127 / kmax)``
+    and the scale ``s * 127 / (kmax * n)`` (so every level is ``k * d`` again); the int32 bias,
+    quantized with ``input_scale * s``, is rescaled to match. ``levels_by_layer`` holds the
+    trained integer levels ``k`` of each kernel in TFLite layout (output channel first); a
+    channel is changed only if the file's integers are exactly ``rint(127 k / kmax)``.
+    Returns the new content and the number of channels changed.
     """
     model_obj = _read_flatbuffer(content)
     names = _op_names(model_obj)
     changed = 0
+    layer_names = list(levels_by_layer)
     for sg in model_obj.subgraphs:
         for op in sg.operators:
-            if names.get(op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 2:
+            if names.get(op.opcodeIndex) not in ("CONV_2D", "FULLY_CONNECTED") or \
+                    len(op.inputs) < 2:
                 continue
             w_t = sg.tensors[op.inputs[1]]
             q = w_t.quantization
@@ -544,32 +592,35 @@ def _snap_int8_levels(content: bytes) -> Tuple[bytes, int]:
             if w_t.type != 9 or q is None or q.scale is None or buf.data is None or \
                     len(buf.data) == 0:  # 9 = INT8
                 continue
+            tname = w_t.name.decode() if isinstance(w_t.name, bytes) else str(w_t.name)
+            layer = _layer_of(tname, layer_names)
             shape = tuple(int(s) for s in w_t.shape)
+            if layer is None or levels_by_layer[layer].shape != shape:
+                continue
+            levels = levels_by_layer[layer].reshape(shape[0], -1).astype(np.int64)
             ints = np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.int8).reshape(shape)
             scales = np.asarray(q.scale, np.float64)
             per_channel = scales.size > 1
-            axis = int(q.quantizedDimension) if per_channel else 0
-            rows = (np.moveaxis(ints, axis, 0) if per_channel else ints[None]).reshape(
-                scales.size, -1).astype(np.float64)
+            if per_channel and int(q.quantizedDimension) != 0:
+                continue
+            rows = ints.reshape(shape[0], -1).astype(np.int64)
+            if not per_channel:  # one scale for the tensor: one kmax for all rows
+                rows, levels = rows.reshape(1, -1), levels.reshape(1, -1)
             new_rows, new_scales = rows.copy(), scales.copy()
             for c in range(rows.shape[0]):
-                found = _grid_levels(rows[c])
-                if found is None:
-                    continue
-                k, kmax = found
+                kmax = int(np.abs(levels[c]).max())
+                if kmax == 0 or 127 % kmax == 0:
+                    continue  # exact already
+                # (ties such as 127 * 3 / 6 = 63.5 may round either way)
+                if np.abs(127.0 * levels[c] / kmax - rows[c]).max() > 0.5 + 1e-6:
+                    continue  # not the mapping we know how to undo
                 n = 127 // kmax
-                if 127 % kmax == 0:
-                    continue  # already exact
-                new_rows[c] = k * n
+                new_rows[c] = levels[c] * n
                 new_scales[c] = scales[c] * 127.0 / (kmax * n)
                 changed += 1
             if np.array_equal(new_scales, scales):
                 continue
-            if per_channel:
-                moved_shape = (shape[axis],) + tuple(s for i, s in enumerate(shape) if i != axis)
-                out = np.moveaxis(new_rows.reshape(moved_shape), 0, axis)
-            else:
-                out = new_rows.reshape(shape)
+            out = new_rows.reshape(shape)
             buf.data = np.ascontiguousarray(out.astype(np.int8)).view(np.uint8).ravel()
             q.scale = new_scales.astype(np.float32).tolist()
             ratio = new_scales / scales
@@ -741,11 +792,16 @@ def _weight_grid(q: np.ndarray, g: np.ndarray, bits: int, depthwise: bool,
     return np.maximum(fq_max, 1e-12), bits
 
 
-def _calibrate_ranges(plain: keras.Model, layers: Sequence[Any], samples: Iterable[np.ndarray]
+def _calibrate_ranges(source: keras.Model, names: Sequence[str], samples: Iterable[np.ndarray]
                       ) -> Tuple[List[Tuple[float, float]], List[Tuple[float, float]]]:
-    """(min, max) of every model input and of the output of each layer in ``layers``."""
-    probe = keras.Model(plain.inputs, [layer.output for layer in layers])
-    n_in, n_out = len(plain.inputs), len(layers)
+    """(min, max) of every model input and of the output of each (inner) layer in ``names``.
+
+    Measured on ``source``, the student itself: its activation quantizers clip, so downstream
+    ranges of the student are much narrower than those of the unclipped float rebuild.
+    """
+    by_inner = {_inner(layer).name: layer for layer in source.layers}
+    probe = keras.Model(source.inputs, [by_inner[name].output for name in names])
+    n_in, n_out = len(source.inputs), len(names)
     lo = np.full(n_in + n_out, np.inf)
     hi = np.full(n_in + n_out, -np.inf)
     batch: List[np.ndarray] = []
@@ -769,8 +825,20 @@ def _calibrate_ranges(plain: keras.Model, layers: Sequence[Any], samples: Iterab
     return ranges[:n_in], ranges[n_in:]
 
 
-def _int4_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]],
-                samples: Iterable[np.ndarray]) -> Tuple[keras.Model, Dict[str, int]]:
+def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]],
+                     samples: Iterable[np.ndarray], low_bit: bool,
+                     fixed_ranges: Optional[Dict[str, Tuple[float, float]]] = None,
+                     source: Optional[keras.Model] = None,
+                     ) -> Tuple[keras.Model, Dict[str, int]]:
+    """The plain model as a QAT-style graph the converter turns into a full-integer file.
+
+    Batch norm is folded into the preceding kernel; kernels get a per-channel FakeQuant whose
+    range puts the trained levels exactly on the integer grid (4-bit grid for kernels trained at
+    <= 4 bits when ``low_bit``, else 8-bit); activations get an 8-bit FakeQuant, with the
+    student's own range where its activation quantizer has one (``fixed_ranges``, by layer
+    name) and the calibrated min/max elsewhere.
+    """
+    fixed_ranges = dict(fixed_ranges or {})
     plan = _fold_plan(plain)
     folded_bns = {id(bn) for bn in plan.values()}
     consumers = _consumers(plain)
@@ -786,8 +854,10 @@ def _int4_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]],
         if fusable and len(users) == 1 and _is_plain_relu(users[0]):
             continue
         fq_layers.append(layer)
-    in_ranges, out_ranges = _calibrate_ranges(plain, fq_layers, samples)
-    ranges = {id(layer): r for layer, r in zip(fq_layers, out_ranges)}
+    # A fused conv(+BN)+ReLU output is quantized with the ReLU's range: keep the student's.
+    in_ranges, out_ranges = _calibrate_ranges(source or plain, [layer.name for layer in fq_layers],
+                                              samples)
+    ranges = {id(layer): fixed_ranges.get(layer.name, r) for layer, r in zip(fq_layers, out_ranges)}
     used_bits: Dict[str, int] = {}
 
     def input_fn(x):
@@ -799,7 +869,7 @@ def _int4_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]],
             bn = plan.get(id(layer))
             kernel, bias, g = _fold(layer, bn)
             want = bits_by_layer.get(layer.name) or 8
-            want = 4 if want <= 4 else 8
+            want = 4 if (low_bit and want <= 4) else 8
             fq_max, used = _weight_grid(layer.get_weights()[0], g, want,
                                         isinstance(layer, keras.layers.DepthwiseConv2D),
                                         per_tensor=isinstance(layer, keras.layers.Dense))
@@ -835,6 +905,7 @@ def export_tflite(
     *,
     num_calibration: Optional[int] = 500,
     int8_io: bool = False,
+    method: str = "fakequant",
     snap_levels: bool = True,
     allow_select_tf_ops: bool = False,
 ) -> Dict[str, Any]:
@@ -854,8 +925,15 @@ def export_tflite(
             at <= 4 bits stored as INT4).
         num_calibration: At most this many images are used for calibration (``None``: all).
         int8_io: Full-integer modes only: int8 input and output tensors instead of float32.
-        snap_levels: ``"int8"`` only: re-express 3..7-bit channels so that their trained levels
-            are exact in the file (binary/ternary/8-bit are exact without it).
+        method: How ``"int8"`` fixes ranges. ``"fakequant"`` (default): batch norm folded by us,
+            kernels behind a per-channel FakeQuant whose grid holds the trained levels exactly,
+            activations at the student's own quantizer ranges (calibrated min/max where it has
+            none) -- the file computes what the QAT student computes. ``"ptq"``: the converter's
+            full-integer post-training quantization of :func:`forward_model` (calibrated min/max
+            everywhere; per-channel ``max|w|/127`` scales, exact for binary/ternary/8-bit, other
+            bit-widths fixed by ``snap_levels``).
+        snap_levels: ``method="ptq"`` only: re-express 3..7-bit channels so that their trained
+            levels are exact in the file.
         allow_select_tf_ops: Let ops without a TFLite builtin run as TF (Flex) ops; the file then
             needs the Flex delegate.
 
@@ -912,6 +990,8 @@ def export_tflite(
             if levels is not None:
                 bits_by_layer[layer.name] = _level_bits(int(np.abs(levels[0]).max()))
 
+    if method not in ("fakequant", "ptq"):
+        raise ValueError(f"unknown int8 method {method!r}; choose 'fakequant' or 'ptq'.")
     calibration = None
     if representative_data is not None and mode in ("int8", "int4"):
         def calibration():
@@ -921,33 +1001,36 @@ def export_tflite(
     snapped = 0
     used_bits: Dict[str, int] = {}
     to_convert = plain
+    fakequant = mode == "int4" or (mode == "int8" and method == "fakequant")
+    if fakequant:
+        # Calibration runs here, in Python: an error of the data propagates as it is.
+        to_convert, used_bits = _fakequant_model(
+            plain, bits_by_layer,
+            _iter_samples(representative_data, input_rank, num_calibration),
+            low_bit=mode == "int4", fixed_ranges=_student_activation_ranges(model), source=model)
     try:
-        if mode == "int4":
-            to_convert, used_bits = _int4_model(plain, bits_by_layer, calibration_images(
-                representative_data, input_rank, num_calibration))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            content = _convert(to_convert, mode, calibration, int8_io, allow_select_tf_ops)
-    except (ValueError, TypeError, KeyboardInterrupt) as err:
-        if isinstance(err, ValueError) and "representative_data" in str(err):
-            raise
-        if not isinstance(err, ValueError) or "onvert" not in str(err):
-            raise
-        raise _diagnose(plain, mode, err, calibration) from err
-    except Exception as err:  # noqa: BLE001
-        if type(err).__name__ == "ConverterError" or "ConverterError" in type(err).__name__:
+            content = _convert(to_convert, mode, calibration, int8_io, allow_select_tf_ops,
+                               fakequant=fakequant)
+    except Exception as err:  # noqa: BLE001 (only converter failures are translated)
+        if _is_converter_error(err):
             raise _diagnose(plain, mode, err, calibration) from err
         raise
-    if mode == "int8" and snap_levels:
-        content, snapped = _snap_int8_levels(content)
+    if mode in ("int8", "int4"):
+        leftover = _float_ops(content)
+        if leftover:
+            layer_names = [layer.name for layer in plain.layers]
+            culprits = sorted({_layer_of(t, layer_names) or t for _, t in leftover})
+            ops = sorted({op for op, _ in leftover})
+            raise _diagnose(plain, mode, ExportError(
+                f"ops {', '.join(ops)} have no integer kernel and stayed float (layers "
+                f"{', '.join(culprits)})"), calibration, layers=culprits)
+    if mode == "int8" and method == "ptq" and snap_levels:
+        content, snapped = _snap_int8_levels(content, _tflite_layout_levels(plain))
     _atomic_write(path, content)
     return {"path": path, "mode": mode, "bytes": len(content), "snapped_channels": snapped,
             "weight_bits": used_bits or {k: v for k, v in bits_by_layer.items() if v}}
-
-
-def calibration_images(data, input_rank: int, limit: Optional[int]) -> Iterable[np.ndarray]:
-    """Single-image batches from representative data (see :func:`export_tflite`)."""
-    return _iter_samples(data, input_rank, limit)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,275 @@
+"""tfqkd.export: TFLite modes, exact weight levels in the file, parity, atomic writes, packing, errors.
+
+Fast cases use a tiny ResNet on random digit-shaped data; one required case exports a W2A8
+ResNet20 trained on the offline CIFAR-10 archive and checks parity on 500 test images.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import tfqkd
+from tfqkd import export
+from tfqkd._keras import keras, tf
+from tfqkd.quantize import quantize_model, quantized_weights
+
+
+def _fit(model, x, y, steps, lr=1e-3, batch=64):
+    model.compile(keras.optimizers.Adam(lr),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(batch)
+    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+    return model
+
+
+def _per_channel_levels(values, axis):
+    rows = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+    return [np.unique(r) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A W2A8 tiny ResNet (first/last layers 2-bit too), a few training steps on random data."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 10, size=256).astype("int32")
+    q = quantize_model(tfqkd.models.tiny_resnet(seed=0), weight_bits=2, activation_bits=8,
+                       first_last_bits=None)
+    _fit(q, x, y, steps=8)
+    return q, x, y
+
+
+def _folded_reference(q, name, plain):
+    """Q(w) with the following batch norm folded in, as the file should hold it (O first)."""
+    layer = plain.get_layer(name)
+    bn = export._fold_plan(plain).get(id(layer))  # noqa: SLF001
+    kernel, _, _ = export._fold(layer, bn)  # noqa: SLF001
+    return np.moveaxis(kernel, -1, 0)  # (h, w, in, out) -> (out, h, w, in); dense (in,out)->(out,in)
+
+
+@pytest.mark.parametrize("mode,storage", [("int8", "int8"), ("int4", "int4")])
+def test_ternary_weights_land_exactly_on_levels(tiny, tmp_path, mode, storage):
+    q, x, y = tiny
+    path = tmp_path / f"m_{mode}.tflite"
+    export.export_tflite(q, path, x[:64], mode=mode)
+    plain = export.forward_model(q)
+    qw = quantized_weights(q)
+    layers = export.tflite_weight_levels(path, [layer.name for layer in plain.layers])
+    assert len(layers) == len(qw) == 7
+    for entry in layers:
+        assert entry["layer"] in qw, entry["tensor"]
+        assert entry["dtype"] == storage
+        values, scales = entry["values"].astype(np.int64), entry["scales"]
+        top = 127 if storage == "int8" else 7
+        for row in _per_channel_levels(values, entry["axis"]):
+            assert len(row) <= 3
+            assert set(np.abs(row).tolist()) <= {0, top}, (entry["layer"], row)
+        # Dequantized file weights == Q(w) (BN folded) up to float32 rounding of the scale.
+        ref = _folded_reference(q, entry["layer"], plain)
+        scale = scales.reshape((-1,) + (1,) * (values.ndim - 1)) if scales.size > 1 else scales
+        np.testing.assert_allclose(values * scale, ref, rtol=1e-5, atol=1e-7)
+        assert np.array_equal(values != 0, ref != 0)
+    # int4 stores two weights per byte: the file is smaller than the int8 one would be.
+    report = export.verify_tflite(path, q, (x, y))
+    assert report.weight_storage == {storage: sum(v.size for v in qw.values())}
+    assert report.top1_agreement >= 0.9
+    assert all(layer["max_levels_per_channel"] <= 3 for layer in report.layers)
+
+
+def test_float_and_dynamic_modes(tiny, tmp_path):
+    q, x, y = tiny
+    f = export.export_tflite(q, tmp_path / "f.tflite", mode="float")
+    d = export.export_tflite(q, tmp_path / "d.tflite", mode="dynamic")
+    rf = export.verify_tflite(f["path"], q, (x, y))
+    rd = export.verify_tflite(d["path"], q, (x, y))
+    assert rf.weight_storage == {"float32": rf.num_weights}
+    assert rd.weight_storage.get("int8", 0) > 0
+    assert d["bytes"] < f["bytes"]
+    # The float file computes forward_model(q) exactly (no activation quantization).
+    plain = export.forward_model(q)
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=f["path"])
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x[:1])
+    it.invoke()
+    out = it.get_tensor(it.get_output_details()[0]["index"])
+    np.testing.assert_allclose(out, plain(x[:1]).numpy(), atol=1e-4)
+    d_report = str(rd)
+    assert "top-1 agreement" in d_report and "levels<=" in d_report
+    assert set(rd.to_dict()) >= {"keras_top1", "tflite_top1", "top1_agreement", "max_logit_diff",
+                                 "file_bytes", "bits_per_weight", "layers"}
+
+
+def test_forward_model_strips_wrappers(tiny):
+    q, x, _ = tiny
+    plain = export.forward_model(q)
+    assert not any("Quantize" in type(layer).__name__ for layer in plain.layers)
+    for name, kernel in quantized_weights(q).items():
+        np.testing.assert_array_equal(plain.get_layer(name).get_weights()[0], kernel)
+
+
+@pytest.mark.parametrize("method", ["fakequant", "ptq"])
+def test_interrupted_export_leaves_no_file(tiny, tmp_path, method):
+    q, x, _ = tiny
+
+    def data():
+        for i in range(4):
+            yield [x[i:i + 1]]
+        raise RuntimeError("data source failed")
+
+    path = tmp_path / "m.tflite"
+    with pytest.raises(Exception, match="data source failed"):
+        export.export_tflite(q, path, data, mode="int8", method=method)
+    assert os.listdir(tmp_path) == []
+    # An existing file is not touched by a failed export either.
+    path.write_bytes(b"old")
+    with pytest.raises(Exception, match="data source failed"):
+        export.export_tflite(q, path, data, mode="int8", method=method)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["m.tflite"]
+
+
+def test_pack_round_trip_tiny_exact(tiny, tmp_path):
+    q, _, _ = tiny
+    stats = export.pack_weights(q, tmp_path / "w.tfqkdpw")
+    assert stats["encodings"]["ternary"] == sum(v.size for v in quantized_weights(q).values())
+    target = tfqkd.models.tiny_resnet(seed=123)
+    export.load_packed_weights(target, tmp_path / "w.tfqkdpw")
+    want = export.forward_weights(q)
+    got = export.forward_weights(target)
+    assert set(want) == set(got)
+    for layer, weights in want.items():
+        for name, value in weights.items():
+            assert np.array_equal(got[layer][name], value), (layer, name)
+
+
+def test_trits_and_bits_codecs():
+    rng = np.random.default_rng(1)
+    for n in (1, 4, 5, 6, 101):
+        k = rng.integers(-1, 2, size=n)
+        assert np.array_equal(export._unpack_trits(export._pack_trits(k), n), k)  # noqa: SLF001
+        assert len(export._pack_trits(k)) == -(-n // 5)  # noqa: SLF001
+        for bits in (1, 3, 4):
+            c = rng.integers(0, 2 ** bits, size=n)
+            packed = export._pack_bits(c, bits)  # noqa: SLF001
+            assert len(packed) == -(-n * bits // 8)
+            assert np.array_equal(export._unpack_bits(packed, n, bits), c)  # noqa: SLF001
+
+
+def test_snap_makes_4bit_levels_exact(tmp_path):
+    """PTQ maps 4-bit levels k*d to rint(127k/7) (off-grid); snapping restores k*d exactly."""
+    q = quantize_model(tfqkd.models.tiny_resnet(seed=2), weight_bits=4, first_last_bits=None)
+    x = np.random.default_rng(2).normal(size=(32, 8, 8, 1)).astype("float32")
+    info = export.export_tflite(q, tmp_path / "s.tflite", x, mode="int8", method="ptq")
+    assert info["snapped_channels"] > 0
+    plain = export.forward_model(q)
+    for entry in export.tflite_weight_levels(tmp_path / "s.tflite",
+                                             [layer.name for layer in plain.layers]):
+        values, scales = entry["values"].astype(np.int64), entry["scales"]
+        scale = scales.reshape((-1,) + (1,) * (values.ndim - 1)) if scales.size > 1 else scales
+        ref = _folded_reference(q, entry["layer"], plain)
+        np.testing.assert_allclose(values * scale, ref, rtol=1e-5, atol=1e-7)
+        assert max(len(r) for r in _per_channel_levels(values, entry["axis"])) <= 15
+    r = export.verify_tflite(tmp_path / "s.tflite", q, (x, np.zeros(32, "int32")))
+    assert r.top1_agreement >= 0.9
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------
+def test_unknown_mode_and_missing_data(tiny, tmp_path):
+    q, _, _ = tiny
+    with pytest.raises(ValueError, match="unknown export mode 'int2'.*float, dynamic, int8, int4"):
+        export.export_tflite(q, tmp_path / "m.tflite", mode="int2")
+    for mode in ("int8", "int4"):
+        with pytest.raises(ValueError, match=f"mode '{mode}'.*representative_data.*'dynamic'"):
+            export.export_tflite(q, tmp_path / "m.tflite", mode=mode)
+    with pytest.raises(ValueError, match="empty"):
+        export.export_tflite(q, tmp_path / "m.tflite", np.zeros((0, 8, 8, 1), "float32"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritable_path(tiny, tmp_path):
+    q, x, _ = tiny
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export.export_tflite(q, tmp_path / "missing" / "m.tflite", mode="float")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        export.export_tflite(q, tmp_path, mode="float")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export.pack_weights(q, tmp_path / "missing" / "w.tfqkdpw")
+
+
+def test_unconvertible_layer_is_named_with_working_modes(tmp_path):
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(8, name="dense")(inputs)
+    h = keras.layers.Lambda(lambda t: tf.math.cumsum(t, axis=-1), name="running_sum")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype("float32")
+    with pytest.raises(export.ExportError, match=r"running_sum.*mode='float'") as err:
+        export.export_tflite(model, tmp_path / "m.tflite", x, mode="int8")
+    assert "CUMSUM" in str(err.value)
+    assert not (tmp_path / "m.tflite").exists()
+
+
+def test_bad_archive_and_architecture(tiny, tmp_path):
+    q, _, _ = tiny
+    bogus = tmp_path / "bogus.bin"
+    bogus.write_bytes(b"not an archive")
+    with pytest.raises(ValueError, match="not a tfqkd packed-weights archive"):
+        export.load_packed_weights(tfqkd.models.tiny_resnet(), bogus)
+    export.pack_weights(q, tmp_path / "w.tfqkdpw")
+    with pytest.raises(ValueError, match="same architecture"):
+        export.load_packed_weights(tfqkd.models.tiny_resnet(width=2), tmp_path / "w.tfqkdpw")
+
+
+# ------------------------------------------------------------------------------------------
+# ResNet20 on CIFAR-10 (required): W2A8 student, int8 file, parity on 500 test images
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def resnet20_w2(cifar10_archive):
+    from tfqkd import data
+
+    train = data.load_dataset("cifar10", "train", data_dir=cifar10_archive, batch_size=128,
+                              subset=10000, seed=0, augment=False).repeat()
+    q = quantize_model(tfqkd.models.resnet20(seed=0), weight_bits=2, activation_bits=8,
+                       first_last_bits=8)
+    q.compile(keras.optimizers.Adam(2e-3),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(train, steps_per_epoch=RESNET20_STEPS, epochs=1, verbose=0)
+    test = data.load_dataset("cifar10", "test", data_dir=cifar10_archive, batch_size=100,
+                             subset=500, augment=False, shuffle=False)
+    calibration = data.load_dataset("cifar10", "train", data_dir=cifar10_archive,
+                                    batch_size=100, subset=200, augment=False, seed=1)
+    return q, test, calibration
+
+
+RESNET20_STEPS = 40
+
+
+def test_resnet20_w2_int8_parity_and_levels(resnet20_w2, tmp_path):
+    q, test, calibration = resnet20_w2
+    path = tmp_path / "resnet20_w2.tflite"
+    export.export_tflite(q, path, calibration, mode="int8", num_calibration=200)
+    report = export.verify_tflite(path, q, test)
+    print(report)
+    assert report.num_examples == 500
+    assert report.weight_storage == {"int8": report.num_weights}
+    qw = quantized_weights(q)
+    eight_bit = {"stem_conv", "classifier"}  # first_last_bits=8
+    ternary = [layer for layer in report.layers if layer["layer"] not in eight_bit]
+    assert len(ternary) == len(qw) - 2 == 19
+    assert all(layer["max_levels_per_channel"] <= 3 for layer in ternary)
+    assert report.top1_agreement >= 0.99, report
+
+
+def test_resnet20_packed_archive(resnet20_w2, tmp_path):
+    q, _, _ = resnet20_w2
+    stats = export.pack_weights(q, tmp_path / "r20.tfqkdpw")
+    assert stats["bits_per_ternary_weight"] <= 2.1
+    assert stats["encodings"]["ternary"] > 260_000
+    target = tfqkd.models.resnet20(seed=7)
+    export.load_packed_weights(target, tmp_path / "r20.tfqkdpw")
+    want, got = export.forward_weights(q), export.forward_weights(target)
+    for layer, weights in want.items():
+        for name, value in weights.items():
+            assert np.array_equal(got[layer][name], value), (layer, name)

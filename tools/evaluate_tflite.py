@@ -1,0 +1,53 @@
+"""Evaluates a ``.tflite`` file on a data set and prints the parity report against its Keras model.
+
+Runs the file with LiteRT (:func:`tfqkd.export.verify_tflite`): top-1 of the Keras model and of
+the file, their top-1 agreement, the largest logit difference, file size, bits per weight and
+per-layer weight levels. The last line is the report as one JSON object.
+
+Example:
+    python tools/evaluate_tflite.py --tflite=w2_int8.tflite --model=runs/w2/model \\
+        --dataset=cifar10 --data_dir=../shared/data/cifar10-jpg.tar.gz --num_eval=10000
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("tflite", None, "The .tflite file to evaluate.")
+flags.DEFINE_string("model", None, "The saved Keras model it was exported from.")
+flags.DEFINE_string("dataset", "cifar10", "Data set: cifar10, cifar100, digits.")
+flags.DEFINE_enum("split", "test", ["train", "test"], "Split to evaluate on.")
+flags.DEFINE_string("data_dir", None, "Offline data source (default: $TFQKD_DATA_DIR).")
+flags.DEFINE_integer("num_eval", None, "Evaluate only this many images (default: all).")
+flags.DEFINE_integer("batch_size", 100, "Images per interpreter invocation.")
+flags.DEFINE_integer("num_threads", None, "LiteRT interpreter threads.")
+flags.mark_flags_as_required(["tflite", "model"])
+
+
+def main(argv):
+    del argv
+    import tfqkd
+    from tfqkd import data, export
+    from tfqkd._keras import keras
+
+    if not os.path.exists(FLAGS.model):
+        raise FileNotFoundError(f"--model {FLAGS.model!r} does not exist.")
+    with tfqkd.quantize_scope():
+        model = keras.models.load_model(FLAGS.model, compile=False)
+    dataset = data.load_dataset(FLAGS.dataset, FLAGS.split, data_dir=FLAGS.data_dir,
+                                batch_size=FLAGS.batch_size, augment=False, shuffle=False)
+    report = export.verify_tflite(FLAGS.tflite, model, dataset, max_examples=FLAGS.num_eval,
+                                  num_threads=FLAGS.num_threads)
+    print(report)
+    print(json.dumps(report.to_dict(), default=str))
+
+
+if __name__ == "__main__":
+    app.run(main)

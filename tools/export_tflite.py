@@ -1,0 +1,85 @@
+"""Exports a saved (quantized) Keras model to ``.tflite`` in any mode of :func:`tfqkd.export.export_tflite`.
+
+The model is loaded within :func:`tfqkd.quantize_scope` (so tfqkd/tfmot QAT models load), the
+representative images for calibration come from :func:`tfqkd.data.load_dataset` (training split,
+no augmentation), and the file is written atomically. With ``--verify`` the file is then checked
+against the Keras model on the test split and the parity report printed. ``--pack`` additionally
+writes the packed weight archive (true bit-width).
+
+Example:
+    python tools/export_tflite.py --model=runs/w2/model --output=w2_int8.tflite \\
+        --mode=int8 --dataset=cifar10 --data_dir=../shared/data/cifar10-jpg.tar.gz \\
+        --num_calibration=500 --verify --num_eval=1000
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Saved Keras model (SavedModel directory or .h5).")
+flags.DEFINE_string("output", None, "Output .tflite path.")
+flags.DEFINE_enum("mode", "int8", ["float", "dynamic", "int8", "int4"], "Export mode.")
+flags.DEFINE_enum("method", "fakequant", ["fakequant", "ptq"], "How int8 fixes ranges.")
+flags.DEFINE_string("dataset", "cifar10", "Data set for calibration/verification: cifar10, cifar100, digits.")
+flags.DEFINE_string("data_dir", None, "Offline data source (default: $TFQKD_DATA_DIR).")
+flags.DEFINE_integer("num_calibration", 500, "Calibration images (int8 / int4).")
+flags.DEFINE_bool("int8_io", False, "int8 input/output tensors (int8 / int4 modes).")
+flags.DEFINE_bool("verify", False, "Run the file on the test split and print the parity report.")
+flags.DEFINE_integer("num_eval", 1000, "Test images used by --verify.")
+flags.DEFINE_string("pack", None, "Also write the packed weight archive to this path.")
+flags.mark_flags_as_required(["model", "output"])
+
+
+def load_model(path: str):
+    """Loads a model saved by tfqkd (QAT or float) inside tfqkd.quantize_scope()."""
+    import tfqkd
+    from tfqkd._keras import keras
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--model {path!r} does not exist.")
+    with tfqkd.quantize_scope():
+        return keras.models.load_model(path, compile=False)
+
+
+def main(argv):
+    del argv
+    import tfqkd
+    from tfqkd import data, export
+
+    model = load_model(FLAGS.model)
+    calibration = None
+    if FLAGS.mode in ("int8", "int4"):
+        n = FLAGS.num_calibration
+        calibration = data.load_dataset(FLAGS.dataset, "train", data_dir=FLAGS.data_dir,
+                                        batch_size=min(100, n), augment=False, shuffle=True,
+                                        seed=0).take((n + 99) // 100 if n >= 100 else 1)
+    info = export.export_tflite(model, FLAGS.output, calibration, mode=FLAGS.mode,
+                                num_calibration=FLAGS.num_calibration, int8_io=FLAGS.int8_io,
+                                method=FLAGS.method)
+    result = {"export": {k: v for k, v in info.items() if k != "weight_bits"}}
+    print(f"wrote {info['path']} ({info['bytes']} bytes, mode {info['mode']})")
+    if FLAGS.pack:
+        stats = export.pack_weights(model, FLAGS.pack)
+        print(f"wrote {stats['path']} ({stats['bytes']} bytes, "
+              f"{stats['bits_per_weight']:.3f} bits/weight overall)")
+        result["packed"] = stats
+    if FLAGS.verify:
+        test = data.load_dataset(FLAGS.dataset, "test", data_dir=FLAGS.data_dir, batch_size=100,
+                                 augment=False, shuffle=False)
+        report = export.verify_tflite(FLAGS.output, model, test, max_examples=FLAGS.num_eval)
+        print(report)
+        result["report"] = {k: v for k, v in report.to_dict().items() if k != "layers"}
+    print(json.dumps(result, default=str))
+    del tfqkd
+
+
+if __name__ == "__main__":
+    app.run(main)
