@@ -550,8 +550,10 @@ class ActivationQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         if self.clip == "fixed":
             return {}
         if self.clip == "ema":
+            # MEAN: under a distribution strategy every replica assigns its own EMA update.
             var = layer.add_weight(
-                f"{name}_clip", shape=(), initializer=keras.initializers.Zeros(), trainable=False)
+                f"{name}_clip", shape=(), initializer=keras.initializers.Zeros(), trainable=False,
+                aggregation=tf.VariableAggregation.MEAN)
         else:
             var = layer.add_weight(
                 f"{name}_alpha", shape=(), trainable=True,
