@@ -137,6 +137,12 @@ def test_first_and_last_found_by_graph_position_not_name():
     assert max(len(np.unique(dw[:, :, i, m])) for i in range(4) for m in range(2)) <= 3
 
 
+@pytest.mark.parametrize("build", [lambda: tfqkd.models.resnet20(seed=0),
+                                   lambda: tfqkd.models.wide_resnet20(1.5, seed=0)])
+def test_first_and_last_of_paper_networks(build):
+    assert first_and_last_layers(build()) == (["stem_conv"], ["classifier"])
+
+
 def test_sequential_model_with_dense_layers(digits):
     x, y = digits
     model = keras.Sequential([
