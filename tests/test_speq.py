@@ -191,6 +191,22 @@ def test_teacher_pass_leaves_batch_norm_and_clip_state_untouched(student, teache
     assert any(not np.array_equal(a, b) for a, b in zip(before, state()))
 
 
+def test_speq_config_round_trip(student):
+    import tfqkd
+
+    model = speq.SPEQ(student, temperature=3.0, coefficient=0.25, teacher_passes=2,
+                      teacher_bn="batch")
+    config = model.get_config()
+    assert "teacher" not in config
+    with tfqkd.quantize_scope():
+        again = speq.SPEQ.from_config(config)
+    assert (again.teacher_passes, again.teacher_bn, again.soft_loss_fn) == (
+        2, "batch", tfqkd.losses.cosine_distance)
+    assert float(again.temperature.numpy()) == 3.0 and float(again.coefficient.numpy()) == 0.25
+    assert [q.get_config() for q in speq.stochastic_quantizers(again.student)] == [
+        q.get_config() for q in speq.stochastic_quantizers(student)]
+
+
 def test_speq_rejects_bad_arguments(student):
     import tfqkd
 
