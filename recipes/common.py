@@ -859,31 +859,14 @@ class HistoryLogger(keras.callbacks.Callback):
 class EpochLogger(keras.callbacks.Callback):
     """Prints one concise line per epoch (used when stdout is not a terminal)."""
 
-    def __init__(self, epochs: int, name: str = "", *, on_end: Optional[Callable] = None):
+    def __init__(self, epochs: int, name: str = ""):
         super().__init__()
         self.epochs = epochs
         self.name = name
         self._t0 = time.time()
-        self._first = True
-        self._on_end = on_end
-
-    def on_train_begin(self, logs=None):
-        self._first = True
-        state = getattr(self.model, "_training_state", None)
-        if state is not None:
-            try:
-                e = int(keras.backend.get_value(state._ckpt_saved_epoch))
-                b = int(keras.backend.get_value(state._ckpt_saved_batch))
-            except Exception:
-                e = b = -1
-            if e >= 0:
-                log(f"{self.name}: restored checkpoint (epoch {e + 1}, step {b + 1}); resuming")
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.time()
-        if self._first and epoch > 0:
-            log(f"{self.name}: resuming at epoch {epoch + 1}/{self.epochs}")
-        self._first = False
 
     def on_epoch_end(self, epoch, logs=None):
         parts = [f"{self.name} epoch {epoch + 1}/{self.epochs}", f"{time.time() - self._t0:.1f}s"]
@@ -952,6 +935,33 @@ class ScalarSummaries(keras.callbacks.Callback):
         self._writers = {}
 
 
+class _ResumeNotice(keras.callbacks.Callback):
+    """Logs where a resumed run restarts (whatever the progress display)."""
+
+    def __init__(self, epochs: int, name: str = ""):
+        super().__init__()
+        self.epochs = epochs
+        self.name = name
+        self._first = True
+
+    def on_train_begin(self, logs=None):
+        self._first = True
+        state = getattr(self.model, "_training_state", None)  # set by BackupAndRestore
+        if state is not None:
+            try:
+                e = int(keras.backend.get_value(state._ckpt_saved_epoch))
+                b = int(keras.backend.get_value(state._ckpt_saved_batch))
+            except Exception:  # private Keras state: only used for this message
+                e = b = -1
+            if e >= 0:
+                log(f"{self.name}: restored checkpoint (epoch {e + 1}, step {b + 1}); resuming")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first and epoch > 0:
+            log(f"{self.name}: resuming at epoch {epoch + 1}/{self.epochs}")
+        self._first = False
+
+
 class _ProgressRecorder(keras.callbacks.Callback):
     def __init__(self, out: OutputDir):
         super().__init__()
@@ -1007,10 +1017,10 @@ def fit_with_resume(
     if progress == "auto":
         progress = "bar" if sys.stdout.isatty() else "line"
     verbose = 1 if (progress == "bar" and chief) else 0
-    if progress in ("line", "bar") and chief:
-        logger = EpochLogger(epochs, name or model.name)
+    if chief:
+        cbs.append(_ResumeNotice(epochs, name or model.name))
         if progress == "line":
-            cbs.append(logger)
+            cbs.append(EpochLogger(epochs, name or model.name))
     fit_kw: Dict[str, Any] = {}
     if val_ds is not None and validation_freq and validation_freq > 0:
         fit_kw = dict(validation_data=val_ds, validation_freq=int(validation_freq))

@@ -158,7 +158,8 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
         extra["float_student_accuracy"] = common.evaluate_accuracy(float_student, data.test)
     common.log(f"quantize_distill: {origin} -> W{cfg.weight_bits}"
                f"A{cfg.activation_bits or 'float'} (first/last {cfg.first_last_bits} bits), "
-               f"{mode}, {data.num_train} training images, {cfg.epochs} epochs")
+               f"{mode}, {data.num_train} training images, {cfg.epochs} epochs, "
+               f"{strategy.num_replicas_in_sync} replica(s)")
     common.fit_with_resume(model, data.train, data.test, cfg.epochs, out, callbacks,
                            save_freq=cfg.save_freq, progress=cfg.progress,
                            validation_freq=cfg.validation_freq, name="quantized")

@@ -9,7 +9,7 @@ Runs, in one process and in ``--output_dir`` (default ``runs/quickstart``):
                    → 0), then exported to an int8 TFLite file and checked against Keras;
 
 and prints a table of the four accuracies, the TFLite file size and its parity with Keras; the
-last line is one JSON object with every figure. Each stage is a normal recipe run (its own
+last line is one JSON object with every figure (also saved as ``summary.json``). Each stage is a normal recipe run (its own
 model/, checkpoints/, history.csv, results.json), so re-running resumes or skips finished stages.
 
 Example::
@@ -86,6 +86,7 @@ def run(output_dir: str = "runs/quickstart", epochs=None, progress: str = "none"
         "wall_time_s": round(sum(r.get("wall_time_s", 0.0) for r in res.values()), 1),
         "output_dir": os.path.abspath(output_dir),
     }
+    common.atomic_write_json(os.path.join(output_dir, "summary.json"), summary)
     print_table(summary)
     return summary
 

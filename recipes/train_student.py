@@ -112,7 +112,8 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     if cfg.teacher:
         extra["teacher_accuracy"] = common.evaluate_accuracy(teachers[0], data.test)
     common.log(f"student {student.name}: {student.count_params():,} parameters, {mode}, "
-               f"{data.num_train} training images, {cfg.epochs} epochs")
+               f"{data.num_train} training images, {cfg.epochs} epochs, "
+               f"{strategy.num_replicas_in_sync} replica(s)")
     common.fit_with_resume(model, data.train, data.test, cfg.epochs, out, save_freq=cfg.save_freq,
                            progress=cfg.progress, validation_freq=cfg.validation_freq,
                            name="student")

@@ -232,6 +232,7 @@ def main(argv):
         summary["target_met"] = (summary["cr_minus_hard_points"] >= 1.0
                                  and summary["cr_minus_kd_points"] >= 0.0)
 
+    common.atomic_write_json(os.path.join(out, "summary.json"), summary)
     labels = {"teacher": f"float WRN20x{FLAGS.teacher_width:g} teacher",
               "student": "float ResNet20 student",
               **{k: m.label for k, m in METHODS.items()}}
