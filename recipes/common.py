@@ -756,7 +756,9 @@ def make_lr_schedule(cfg: Config, steps_per_epoch: int, epochs: Optional[int] = 
     if cfg.lr_schedule == "constant":
         return lr
     if cfg.lr_schedule == "step":
-        b = [int(0.5 * total), int(0.75 * total)]
+        # PiecewiseConstantDecay switches AFTER a boundary (step > b): -1 makes the first step
+        # of the second half (iterations == total/2) the first one at lr/10.
+        b = [max(0, int(0.5 * total) - 1), max(1, int(0.75 * total) - 1)]
         return keras.optimizers.schedules.PiecewiseConstantDecay(b, [lr, lr * 0.1, lr * 0.01])
     if cfg.lr_schedule == "cosine":
         warm = int(getattr(cfg, "warmup_epochs", 0) or 0) * steps_per_epoch

@@ -96,6 +96,36 @@ def test_presets_and_explicit_flags_override():
         quantize_distill.make_config("huge")
 
 
+def test_common_helpers(tmp_path, monkeypatch):
+    # Learning-rate schedules are functions of the optimizer step: resume-safe by construction.
+    cfg = common.make_config(common.COMMON_OPTIONS, preset="smoke", epochs=4,
+                             learning_rate=0.1, lr_schedule="step")
+    sched = common.make_lr_schedule(cfg, steps_per_epoch=10)
+    assert [round(float(sched(s)), 6) for s in (0, 19, 20, 29, 30, 39)] == \
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    cos = common.make_lr_schedule(cfg.replace(lr_schedule="cosine"), 10)
+    assert float(cos(0)) == pytest.approx(0.1) and float(cos(40)) == pytest.approx(0.0, abs=1e-7)
+    # Chief election from TF_CONFIG before any strategy exists (used by --overwrite).
+    cluster = {"worker": ["localhost:1", "localhost:2"]}
+    for index, chief in ((0, True), (1, False)):
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster,
+                                                    "task": {"type": "worker", "index": index}}))
+        assert common.is_chief() is chief
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": dict(cluster, chief=["localhost:3"]),
+                                                "task": {"type": "worker", "index": 0}}))
+    assert common.is_chief() is False
+    monkeypatch.delenv("TF_CONFIG")
+    assert common.is_chief() is True
+    # Atomic JSON writes leave no temporary file; a missing model names the fix.
+    common.atomic_write_json(str(tmp_path / "a" / "x.json"), {"v": float("nan"), "t": (1, 2)})
+    assert json.loads((tmp_path / "a" / "x.json").read_text()) == {"v": None, "t": [1, 2]}
+    assert os.listdir(tmp_path / "a") == ["x.json"]
+    with pytest.raises(FileNotFoundError, match="completed recipe run"):
+        common.load_model(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="Unknown option"):
+        common.make_config(common.COMMON_OPTIONS, preset="smoke", epoch=3)
+
+
 def test_resume_refuses_changed_options_and_completed_run_is_reported(teacher_dir, capsys):
     from recipes import train_teacher
 
