@@ -171,6 +171,41 @@ def test_costudying_rejects_class_mismatch_and_same_model():
         cs.compile(optimizer="sgd", loss="mse")
 
 
+def test_costudying_resume_with_teacher_optimizer_is_exact(tmp_path):
+    # BackupAndRestore must bring back both optimizers' momentum: an interrupted and resumed
+    # run ends with exactly the weights of an uninterrupted one.
+    x, y = _batch(32, seed=1)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+
+    def build():
+        s = tfqkd.models.tiny_resnet(10, seed=0)
+        t = tfqkd.models.tiny_resnet(10, width=2, seed=1)
+        cs = CoStudying(s, t, temperature=2.0)
+        cs.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                   teacher_optimizer=keras.optimizers.SGD(0.02, momentum=0.9))
+        return cs
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("interrupted")
+
+    reference = build()
+    reference.fit(ds, epochs=3, verbose=0)
+    backup = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build().fit(ds, epochs=3, verbose=0,
+                    callbacks=[keras.callbacks.BackupAndRestore(backup), Interrupt()])
+    resumed = build()
+    history = resumed.fit(ds, epochs=3, verbose=0,
+                          callbacks=[keras.callbacks.BackupAndRestore(backup)])
+    assert len(history.history["loss"]) == 1  # only the third epoch ran
+    assert int(resumed.optimizer.iterations.numpy()) == 6
+    assert int(resumed.teacher_optimizer.iterations.numpy()) == 6
+    for a, b in zip(reference.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
 MIRRORED_SCRIPT = """
 import json, os
 os.environ["CUDA_VISIBLE_DEVICES"] = ""

@@ -141,7 +141,8 @@ class CoStudying(keras.Model):
     step equals two independent steps with the same hyper-parameters and the optimizer's
     ``iterations`` counts training steps (what the schedulers read). Pass
     ``compile(..., teacher_optimizer=...)`` to give the teacher its own optimizer (e.g. a smaller
-    learning rate); it is then built eagerly so that checkpoints restore its slots.
+    learning rate); it is an attribute of the model, so checkpoints and ``BackupAndRestore``
+    save and restore its state too.
 
     **Distribution.** Per-example losses are averaged with :func:`tf.nn.compute_average_loss` over
     the *global* batch (its size summed over the replicas, exact for a short last batch) and
@@ -289,9 +290,13 @@ class CoStudying(keras.Model):
                 )
         self.teacher_optimizer = teacher_optimizer
         if teacher_optimizer is not None and callable(getattr(teacher_optimizer, "build", None)):
-            # Built now, not lazily inside the first step, so that a checkpoint written by
-            # BackupAndRestore finds and restores its slot variables on resume.
+            # Built now over their own variable sets: BackupAndRestore builds an unbuilt main
+            # optimizer over ALL trainable variables (student and teacher), which would give it
+            # unused slots for the teacher. (The teacher optimizer is tracked as an attribute,
+            # so checkpoints save and restore its slots either way.)
             teacher_optimizer.build(self.teacher.trainable_variables)
+            if callable(getattr(self.optimizer, "build", None)):
+                self.optimizer.build(self.student.trainable_variables)
 
     def call(self, inputs, training=None):
         return self.student(inputs, training=training)
