@@ -71,7 +71,7 @@ def test_append_result_rewrites_atomically_and_replaces_unique_rows(tmp_path):
     tuning.append_result(path, dict(row, test_accuracy=0.75), unique="trial_id")
     rows = tuning.read_results(path)
     assert [(r["teacher"], r["test_accuracy"]) for r in rows] == [("2", 0.5), ("1", 0.75)]
-    assert sorted(os.listdir(tmp_path)) == ["trials.csv", "trials.csv.lock"]  # no temp files left
+    assert sorted(os.listdir(tmp_path)) == [".trials.csv.lock", "trials.csv"]  # no temp files
     with open(path) as f:
         header = next(csv.reader(f))
     assert header[:len(tuning.HYPERPARAMETERS)] == list(tuning.HYPERPARAMETERS)
