@@ -569,7 +569,10 @@ class OutputDir:
         """Records the configuration; refuses to resume a run trained with other options."""
         ignore = set(RUNTIME_KEYS) | set(runtime_keys)
         new = _jsonable(cfg.to_dict())
-        if os.path.isfile(self.config_path):
+        # Only a run that has saved training state is protected: one that failed before its
+        # first checkpoint (bad flag, missing data) may be re-run with corrected options.
+        has_state = os.path.isdir(os.path.join(self.checkpoint_dir, "backup"))
+        if has_state and os.path.isfile(self.config_path):
             with open(self.config_path) as f:
                 old = json.load(f)
             diff = sorted(k for k in set(old) | set(new)
