@@ -588,7 +588,8 @@ class OutputDir:
                 state = json.load(f)
             self._previous_elapsed = float(state.get("elapsed_s", 0.0))
             self._attempt = int(state.get("attempt", 0)) + 1
-            log(f"resuming the partial run in {self.root} (attempt {self._attempt})")
+            if has_state and self.chief:
+                log(f"resuming the partial run in {self.root} (attempt {self._attempt})")
         if self.chief:
             atomic_write_json(self.config_path, new)
             self.record_progress()
