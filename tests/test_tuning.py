@@ -317,6 +317,41 @@ def test_hyperband_passes_epochs_and_continues_students(tmp_path, data, teacher_
     assert all(r["config"]["epochs"] == 2 and r["initial_epoch"] == 1 for r in continued)
 
 
+@pytest.mark.parametrize("kind", ["random", "bayesian", "hyperband"])
+def test_every_oracle_drives_the_tuner(tmp_path, data, monkeypatch, kind):
+    """Oracle wiring only: the trainer is replaced by a known function of the config."""
+    seen = []
+
+    def fake_trial(config, data, **kwargs):
+        seen.append((dict(config), kwargs["epochs"], kwargs["initial_epoch"]))
+        if kwargs["initial_epoch"]:
+            assert os.path.exists(kwargs["initial_weights"])  # the continued trial's student
+        with open(kwargs["save_student"], "w") as f:  # stands in for the student's weights
+            f.write("weights")
+        score = 1.0 / (1.0 + abs(config["temperature"] - 4.0)) + 0.01 * kwargs["epochs"]
+        return {"val_accuracy": score, "test_accuracy": score, "teacher_accuracy": 0.9,
+                "wall_time": 0.0, "epochs": float(kwargs["epochs"])}
+
+    monkeypatch.setattr(tuning, "run_trial_config", fake_trial)
+    space = tuning.DistillationSearchSpace(temperatures=[1, 2, 4, 8], teachers=[1, 2],
+                                           schedules=["constant", "linear"], epochs=2)
+    oracle = tuning.make_oracle(kind, max_trials=5, max_epochs=2, hyperband_factor=2, seed=2)
+    tuner = tuning.DistillationTuner(oracle, search_space=space, directory=str(tmp_path),
+                                     project_name=kind, log=lambda m: None)
+    tuner.search(data, verbose=0)
+    trials = list(tuner.oracle.trials.values())
+    assert len(seen) == len(trials) >= (4 if kind == "hyperband" else 5)
+    assert {t.status for t in trials} == {"COMPLETED"}
+    best = tuner.oracle.get_best_trials(1)[0]
+    assert best.score == pytest.approx(max(
+        1.0 / (1.0 + abs(c["temperature"] - 4.0)) + 0.01 * e for c, e, _ in seen))
+    assert all(c["teacher"] in ("1", "2") and c["schedule"] in tuning.SCHEDULES
+               for c, _, _ in seen)
+    if kind == "hyperband":
+        assert sorted({e for _, e, _ in seen}) == [1, 2]
+        assert any(i == 1 for _, _, i in seen)  # a trial continued from epoch 1
+
+
 def test_distributed_search_chief_and_two_workers(tmp_path, teacher_path):
     out = str(tmp_path / "dist")
     cmd = [sys.executable, os.path.join(REPO, "tools", "distributed_tuning_demo.py"),
