@@ -168,10 +168,23 @@ def make_teacher_pool(cfg: common.Config) -> tuning.TeacherPool:
 
 
 def _teacher_keys(cfg: common.Config) -> List[str]:
+    """``--teachers`` entries: widths as given, saved teachers as absolute paths (checked now)."""
     keys = []
     for t in parse_list(cfg.teachers, str, "teachers"):
         path = os.path.expanduser(t)
-        keys.append(os.path.abspath(path) if os.path.exists(path) else t)
+        if os.path.exists(path):
+            keys.append(os.path.abspath(path))
+            continue
+        try:
+            width = float(t)
+        except ValueError:
+            raise ValueError(
+                f"--teachers: {t!r} is neither a width (e.g. 1, 1.5, 2) nor an existing saved "
+                f"teacher (a model.h5 file or a recipes/train_teacher.py output directory)."
+            ) from None
+        if width <= 0:
+            raise ValueError(f"--teachers: widths must be > 0, got {t!r}.")
+        keys.append(t)
     return keys
 
 

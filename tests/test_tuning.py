@@ -120,6 +120,24 @@ def test_saved_teacher_paths_plot_as_categories(tmp_path):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a.h5", "b.h5"]
 
 
+def test_sweep_rejects_unknown_teachers_before_training(tmp_path):
+    cfg = sweep.make_config("smoke", output_dir=str(tmp_path), teachers="1,no/such/teacher.h5")
+    with pytest.raises(ValueError, match="no/such/teacher.h5"):
+        sweep.grid(cfg)
+    with pytest.raises(ValueError, match="width"):
+        sweep.grid(cfg.replace(teachers="-1"))
+
+
+def test_cached_teacher_for_other_data_is_refused(tmp_path, data):
+    cache = tmp_path / "teachers"
+    cache.mkdir()
+    other = keras.Sequential([keras.layers.Flatten(input_shape=(4, 4, 1)), keras.layers.Dense(3)])
+    other.save(str(cache / "teacher_2.h5"), save_format="h5")
+    pool = tuning.TeacherPool(cache_dir=str(cache))
+    with pytest.raises(ValueError, match="delete"):
+        pool.get(2, data)
+
+
 def test_search_space_and_oracles():
     import keras_tuner
 

@@ -409,6 +409,8 @@ class TeacherPool:
             model = self.loader(os.fspath(given))
         elif cached and os.path.exists(cached):
             model = self.loader(cached)
+            if data is not None:
+                self._check_fits(key, model, data, cached)
         elif given is not None and callable(given):
             model = self._train_and_cache(key, given(), self._need(data, key))
         elif os.path.exists(key):
@@ -427,6 +429,20 @@ class TeacherPool:
             )
         self._models[key] = model
         return model
+
+    @staticmethod
+    def _check_fits(key: str, model: keras.Model, data: TrialData, path: str) -> None:
+        # The cache is keyed by width only: a teacher cached for another data set must not be
+        # used silently.
+        expected_in = tuple(data.input_shape)
+        got_in = tuple(model.input_shape[1:])
+        got_out = model.output_shape[-1]
+        if got_in != expected_in or got_out != data.num_classes:
+            raise ValueError(
+                f"the cached teacher {key!r} ({path}) takes {got_in} inputs and predicts {got_out} "
+                f"classes, but the data has {expected_in} inputs and {data.num_classes} classes: "
+                f"delete {path} (or use another cache_dir / output_dir) to train it afresh."
+            )
 
     def accuracy(self, key: Any, data: TrialData) -> float:
         """Test accuracy of a teacher (computed once per key)."""
