@@ -38,7 +38,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
