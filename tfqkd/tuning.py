@@ -53,6 +53,8 @@ __all__ = [
     "TrialData",
     "make_trial_data",
     "TeacherPool",
+    "train_classifier",
+    "NO_TEACHER",
     "normalize_config",
     "config_key",
     "run_trial_config",
@@ -303,7 +305,12 @@ def train_classifier(
     model: keras.Model, data: TrialData, *, epochs: int = 1, learning_rate: float = 1e-2,
     optimizer: OptimizerArg = "adam", verbose: int = 0,
 ) -> keras.Model:
-    """Trains a float model on hard labels (how :class:`TeacherPool` trains teachers)."""
+    """Trains a float model on hard labels (how :class:`TeacherPool` trains teachers).
+
+    Example:
+        >>> teacher = train_classifier(_default_builder(10, (8, 8, 1), width=2, seed=0),
+        ...                            make_trial_data("digits"), epochs=3)  # doctest: +SKIP
+    """
     model.compile(
         optimizer=_make_optimizer(optimizer, learning_rate, data.steps_per_epoch(), epochs),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -724,6 +731,10 @@ def read_results(path: str) -> List[Dict[str, Any]]:
     """Reads a results CSV; hyper-parameters are normalised, metrics become floats.
 
     A missing file reads as no rows (a sweep that has not finished a trial yet).
+
+    Example:
+        >>> read_results("/no/such/trials.csv")
+        []
     """
     if not os.path.exists(path):
         return []
@@ -870,6 +881,11 @@ def run_grid(
 
     Returns:
         All rows of the CSV after the sweep.
+
+    Example:
+        >>> rows = run_grid(grid_configs([1, 4], [1, 2], ["constant"]), make_trial_data("digits"),
+        ...                 "runs/sweep/trials.csv",
+        ...                 teachers=TeacherPool(cache_dir="runs/sweep/teachers"))  # doctest: +SKIP
     """
     log = log or (lambda msg: print(msg, flush=True))
     configs = [normalize_config(c) for c in configs]
@@ -1425,7 +1441,16 @@ def plot_heatmap(
 
 
 def save_figure(fig, stem: str, formats: Sequence[str] = ("png", "svg"), dpi: int = 120) -> List[str]:
-    """Saves ``fig`` as ``stem.png`` and ``stem.svg`` (atomically) and returns the paths."""
+    """Saves ``fig`` as ``stem.png`` and ``stem.svg`` (atomically) and returns the paths.
+
+    Example:
+        >>> import tempfile
+        >>> rows = [dict(normalize_config({"temperature": 2, "teacher": w}), test_accuracy=0.5)
+        ...         for w in (1, 2)]
+        >>> paths = save_figure(plot_accuracy_vs_teacher(rows), os.path.join(tempfile.mkdtemp(), "f"))
+        >>> [os.path.basename(p) for p in paths]
+        ['f.png', 'f.svg']
+    """
     paths = []
     directory = os.path.dirname(os.path.abspath(stem))
     os.makedirs(directory, exist_ok=True)
@@ -1448,6 +1473,10 @@ def plot_results(
     """Draws every figure from a results CSV into ``output_dir`` (PNG + SVG each).
 
     Returns ``{"accuracy_vs_teacher": [...], "cr_comparison": [...], "heatmap": [...]}`` paths.
+
+    Example:
+        >>> plot_results("runs/sweep/trials.csv", "runs/sweep",
+        ...              baseline_csv="runs/sweep/baseline.csv")  # doctest: +SKIP
     """
     rows = read_results(csv_path)
     if not rows:
