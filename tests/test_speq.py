@@ -240,6 +240,12 @@ def test_w4a4_speq_trains_with_scheduler_saves_and_exports_int8(tmp_path):
     hist = model.fit(x, y, batch_size=50, epochs=8, verbose=0,
                      callbacks=[CoefficientScheduler("linear", 0.5, 0.0)]).history
     assert len(student.weights) == n_weights
+    # No retracing per step: Keras traces its train function at most twice (the first shape,
+    # then a relaxed one: reduce_retracing), a plain float model too; more steps add none.
+    traces = model.train_function.experimental_get_tracing_count()
+    assert traces <= 2
+    model.fit(x[:100], y[:100], batch_size=50, epochs=1, verbose=0)
+    assert model.train_function.experimental_get_tracing_count() == traces
     assert hist["coefficient"][0] < 0.5 and hist["coefficient"][-1] == pytest.approx(0.0, abs=1e-6)
     assert all(np.isfinite(hist["soft_loss"])) and max(hist["soft_loss"]) > 0
     assert hist["hard_loss"][-1] < hist["hard_loss"][0]
