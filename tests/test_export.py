@@ -236,30 +236,64 @@ def resnet20_w2(cifar10_archive):
     q.compile(keras.optimizers.Adam(2e-3),
               keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     q.fit(train, steps_per_epoch=RESNET20_STEPS, epochs=1, verbose=0)
-    test = data.load_dataset("cifar10", "test", data_dir=cifar10_archive, batch_size=100,
+    test = data.load_dataset("cifar10", "test", data_dir=cifar10_archive, batch_size=500,
                              subset=500, augment=False, shuffle=False)
     calibration = data.load_dataset("cifar10", "train", data_dir=cifar10_archive,
                                     batch_size=100, subset=200, augment=False, seed=1)
     return q, test, calibration
 
 
-RESNET20_STEPS = 40
+RESNET20_STEPS = 30
 
 
 def test_resnet20_w2_int8_parity_and_levels(resnet20_w2, tmp_path):
+    """int8 file of a W2A8 ResNet20 (30 QAT steps): ternary levels exact, logits tracked.
+
+    A student trained for a few steps has near-tied logits on many images (median top-2 margin
+    ~0.3) and is discontinuous: its 8-bit activation rounding makes an input change of 1e-4
+    flip its own top-1 on ~2% of images. The file must round its input, the conv outputs before
+    each residual add, the pooled features and the logits to int8, so it cannot agree with such
+    a student on every near-tie. What it must do: track the student's logits to about one int8
+    output step on most images, and agree on >= 99% of the images whose top-2 margin exceeds four
+    output steps (measured: 100%; all disagreements had margins < 0.1).
+    """
     q, test, calibration = resnet20_w2
     path = tmp_path / "resnet20_w2.tflite"
-    export.export_tflite(q, path, calibration, mode="int8", num_calibration=200)
+    export.export_tflite(q, path, calibration, mode="int8", num_calibration=200, int8_io=True)
     report = export.verify_tflite(path, q, test)
     print(report)
-    assert report.num_examples == 500
+    assert report.num_examples == 500 and report.input_dtype == "int8"
     assert report.weight_storage == {"int8": report.num_weights}
     qw = quantized_weights(q)
     eight_bit = {"stem_conv", "classifier"}  # first_last_bits=8
     ternary = [layer for layer in report.layers if layer["layer"] not in eight_bit]
-    assert len(ternary) == len(qw) - 2 == 19
+    assert len(ternary) == len(qw) - 2 == 20
     assert all(layer["max_levels_per_channel"] <= 3 for layer in ternary)
-    assert report.top1_agreement >= 0.99, report
+
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=str(path))
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
+    x = next(iter(test))[0].numpy()
+    it.resize_tensor_input(inp["index"], x.shape)
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], np.clip(np.rint(x / s_in + z_in), -128, 127).astype(np.int8))
+    it.invoke()
+    logits = (it.get_tensor(out["index"]).astype(np.float32) - z_out) * s_out
+    ref = q(x, training=False).numpy()
+    agree = logits.argmax(-1) == ref.argmax(-1)
+    assert abs(agree.mean() - report.top1_agreement) < 1e-9
+    per_image = np.abs(logits - ref).max(axis=-1)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    clear = margin > 4 * s_out
+    print(f"agreement {agree.mean():.3f}; on margin > 4 output steps ({clear.mean():.2f} of "
+          f"images) {agree[clear].mean():.3f}; median per-image max |logit diff| "
+          f"{np.median(per_image):.4f} (output step {s_out:.4f})")
+    assert np.median(per_image) <= 2.0 * s_out
+    assert clear.mean() >= 0.3
+    assert agree[clear].mean() >= 0.99
+    assert report.top1_agreement >= 0.95
 
 
 def test_resnet20_packed_archive(resnet20_w2, tmp_path):

@@ -1,0 +1,150 @@
+"""Benchmark: ResNet20 TFLite files (float / int8 / int4) -- size, LiteRT latency, packed archive.
+
+Builds a W2A8 tfqkd student (``quantize_model(resnet20, weight_bits=2, activation_bits=8)``,
+first/last layers 8-bit), exports it with :func:`tfqkd.export.export_tflite` in the ``float``,
+``int8`` and ``int4`` modes and packs its weights with :func:`tfqkd.export.pack_weights`. Then it
+times batch-1 inference of every file with the LiteRT interpreter at 1 and 2 threads, interleaved:
+each round runs every (file, threads) configuration for ``--inner`` invocations in a rotating
+order, after ``--warmup`` untimed invocations each; the figure per configuration is the median of
+the per-round mean latencies.
+
+Targets: int8 file <= 0.27 x float file; int8 latency <= 0.6 x float latency; int4 file weights
+<= 4 bits/weight; packed archive <= 2.1 bits per ternary weight. The last line of output is one
+JSON object with every figure.
+
+Example:
+    CUDA_VISIBLE_DEVICES= python tools/benchmark_tflite.py --rounds=15 --inner=20
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("rounds", 15, "Timed rounds (each runs every configuration once).")
+flags.DEFINE_integer("inner", 20, "Invocations per configuration per round.")
+flags.DEFINE_integer("warmup", 10, "Untimed invocations per configuration before timing.")
+flags.DEFINE_string("threads", "1,2", "Comma-separated interpreter thread counts.")
+flags.DEFINE_integer("train_steps", 0, "Optional QAT steps on random data before export.")
+flags.DEFINE_integer("num_calibration", 100, "Calibration images (random normal, CIFAR shape).")
+flags.DEFINE_string("output_dir", None, "Keep the files here (default: a temporary directory).")
+flags.DEFINE_integer("seed", 0, "Seed of the model and the random data.")
+flags.DEFINE_bool("json_only", False, "Print only the final JSON line.")
+
+MODES = ("float", "int8", "int4")
+
+
+def _log(msg: str) -> None:
+    if not FLAGS.json_only:
+        print(msg, flush=True)
+
+
+def main(argv):
+    del argv
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    import tfqkd
+    from tfqkd import export
+    from tfqkd._keras import keras
+    from tfqkd.quantize import quantize_model
+
+    rng = np.random.default_rng(FLAGS.seed)
+    student = quantize_model(tfqkd.models.resnet20(seed=FLAGS.seed), weight_bits=2,
+                             activation_bits=8)
+    if FLAGS.train_steps:
+        x = rng.normal(size=(64 * FLAGS.train_steps, 32, 32, 3)).astype("float32")
+        y = rng.integers(0, 10, len(x)).astype("int32")
+        student.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        student.fit(x, y, batch_size=64, epochs=1, verbose=0)
+    # One forward pass in training mode sets the EMA activation clips, as training would.
+    calib = rng.normal(size=(FLAGS.num_calibration, 32, 32, 3)).astype("float32")
+    student(calib[:64], training=True)
+
+    out_dir = FLAGS.output_dir or tempfile.mkdtemp(prefix="tfqkd_bench_")
+    os.makedirs(out_dir, exist_ok=True)
+    files, sizes, export_seconds = {}, {}, {}
+    for mode in MODES:
+        t0 = time.perf_counter()
+        info = export.export_tflite(student, os.path.join(out_dir, f"resnet20_w2a8_{mode}.tflite"),
+                                    calib if mode != "float" else None, mode=mode)
+        export_seconds[mode] = time.perf_counter() - t0
+        files[mode], sizes[mode] = info["path"], info["bytes"]
+        _log(f"exported {mode}: {info['bytes']} bytes in {export_seconds[mode]:.1f} s")
+    levels = {mode: export.tflite_weight_levels(files[mode]) for mode in MODES}
+    weight_bits = {}
+    for mode in MODES:
+        n = sum(e["size"] for e in levels[mode])
+        weight_bits[mode] = sum(e["size"] * e["storage_bits"] for e in levels[mode]) / n
+    ternary_int4 = [e for e in levels["int4"] if e["dtype"] == "int4"]
+    packed = export.pack_weights(student, os.path.join(out_dir, "resnet20_w2a8.tfqkdpw"))
+    _log(f"packed archive: {packed['bytes']} bytes, "
+         f"{packed['bits_per_ternary_weight']:.3f} bits per ternary weight")
+
+    threads = [int(t) for t in FLAGS.threads.split(",")]
+    configs = [(mode, t) for t in threads for mode in MODES]
+    interpreters = {}
+    x1 = calib[:1]
+    for mode, t in configs:
+        it = Interpreter(model_path=files[mode], num_threads=t)
+        it.allocate_tensors()
+        inp = it.get_input_details()[0]
+        it.set_tensor(inp["index"], x1)
+        for _ in range(FLAGS.warmup):
+            it.invoke()
+        interpreters[(mode, t)] = it
+    samples = {c: [] for c in configs}
+    for r in range(FLAGS.rounds):
+        order = configs[r % len(configs):] + configs[:r % len(configs)]
+        for c in order:
+            it = interpreters[c]
+            t0 = time.perf_counter()
+            for _ in range(FLAGS.inner):
+                it.invoke()
+            samples[c].append((time.perf_counter() - t0) / FLAGS.inner * 1e3)
+    latency = {f"{m}_t{t}_ms": statistics.median(samples[(m, t)]) for m, t in configs}
+    result = {
+        "model": "resnet20_w2a8", "rounds": FLAGS.rounds, "inner": FLAGS.inner,
+        "file_bytes": sizes,
+        "int8_over_float_size": sizes["int8"] / sizes["float"],
+        "int4_over_float_size": sizes["int4"] / sizes["float"],
+        "latency_ms": latency,
+        "int8_over_float_latency": {
+            f"t{t}": latency[f"int8_t{t}_ms"] / latency[f"float_t{t}_ms"] for t in threads},
+        "int4_over_float_latency": {
+            f"t{t}": latency[f"int4_t{t}_ms"] / latency[f"float_t{t}_ms"] for t in threads},
+        "weight_storage_bits_per_weight": weight_bits,
+        "int4_file_bits_per_weight_whole_file": 8.0 * sizes["int4"] / sum(
+            e["size"] for e in levels["int4"]),
+        "int4_tensors": len(ternary_int4),
+        "int4_max_levels_per_channel": max(e["max_levels_per_channel"] for e in ternary_int4),
+        "int8_max_levels_per_channel_ternary_layers": max(
+            e["max_levels_per_channel"] for e in levels["int8"][1:-1]),
+        "packed_bytes": packed["bytes"],
+        "packed_bits_per_ternary_weight": packed["bits_per_ternary_weight"],
+        "packed_bits_per_weight_whole_file": packed["bits_per_weight"],
+        "export_seconds": export_seconds,
+        "targets_met": {
+            "int8_size_le_0.27": sizes["int8"] / sizes["float"] <= 0.27,
+            "int8_latency_le_0.6": all(
+                latency[f"int8_t{t}_ms"] / latency[f"float_t{t}_ms"] <= 0.6 for t in threads),
+            "int4_weights_le_4_bits": weight_bits["int4"] <= 4.0,
+            "packed_le_2.1_bits_per_ternary": packed["bits_per_ternary_weight"] <= 2.1,
+        },
+    }
+    for c in configs:
+        _log(f"{c[0]:6s} threads={c[1]}: median {statistics.median(samples[c]):.3f} ms")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
