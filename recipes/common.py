@@ -74,7 +74,8 @@ Public names: ``Option``, ``Config``, ``COMMON_OPTIONS``, ``PRESETS``, ``RUNTIME
 ``merge_presets``, ``make_strategy``, ``is_chief``, ``set_seed``, ``OutputDir``, ``Data``,
 ``load_data``, ``build_model``, ``make_lr_schedule``, ``make_optimizer``, ``fit_with_resume``,
 ``evaluate_accuracy``, ``write_results``, ``versions``, ``load_model``, ``log``,
-``atomic_write_text``, ``atomic_write_json``, ``HistoryLogger``, ``EpochLogger``.
+``atomic_write_text``, ``atomic_write_json``, ``HistoryLogger``, ``EpochLogger``,
+``ScalarSummaries``, ``quiet_logs``.
 """
 
 from __future__ import annotations
