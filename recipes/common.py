@@ -325,7 +325,7 @@ def make_config(options: Iterable[Option], presets=None, preset: str = "paper",
     Example:
         >>> cfg = make_config(COMMON_OPTIONS, preset="smoke", epochs=3)
         >>> (cfg.arch, cfg.epochs, cfg.batch_size)
-        ('tiny', 3, 64)
+        ('tiny', 3, 50)
     """
     return _resolve(options, presets, preset, overrides)
 
