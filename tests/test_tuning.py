@@ -100,6 +100,13 @@ def test_figure_2_splits_constant_and_linear_lambda():
     fig = tuning.plot_cr_comparison(rows, baseline=0.5)
     assert [len(ax.get_lines()) for ax in fig.axes] == [3, 3]
     assert "without CR" in fig.axes[0].get_title() and "with CR" in fig.axes[1].get_title()
+    # A τ has the same colour in both panels even when a panel lacks some τ.
+    fig = tuning.plot_cr_comparison(
+        _rows(temperatures=(1, 4), schedules=("constant",)) + _rows(temperatures=(4,),
+                                                                     schedules=("linear",)))
+    left, right = ({l.get_label(): l.get_color() for l in ax.get_lines()} for ax in fig.axes)
+    assert set(right) == {"τ=4"}
+    assert right["τ=4"] == left["τ=4"] != left["τ=1"]
     # Only one schedule swept: the other panel says so instead of drawing nothing silently.
     fig = tuning.plot_cr_comparison(_rows(schedules=("linear",)))
     assert len(fig.axes[0].get_lines()) == 0 and "no constant runs" in fig.axes[0].texts[0].get_text()

@@ -1286,18 +1286,21 @@ def _sorted_teachers(rows: Sequence[Mapping[str, Any]]) -> List[str]:
     return sorted(keys, key=lambda k: (_teacher_width(k) is None, _teacher_width(k) or 0.0, k))
 
 
-def _draw_lines(ax, rows, *, metric, baseline, linestyle="-", label_suffix="", teachers=None):
+def _draw_lines(ax, rows, *, metric, baseline, linestyle="-", label_suffix="", teachers=None,
+                colors=None):
     teachers = teachers or _sorted_teachers(rows)
     xs, labels = _x_positions(teachers)
     temperatures = sorted({r["temperature"] for r in rows if r["teacher"] != NO_TEACHER})
-    for i, t in enumerate(temperatures):
+    # One colour per τ across panels, so the two halves of Figure 2 read against each other.
+    colors = colors or {t: f"C{i}" for i, t in enumerate(temperatures)}
+    for t in temperatures:
         points = {}
         for r in rows:
             if r["teacher"] != NO_TEACHER and r["temperature"] == t and r["teacher"] in xs:
                 points.setdefault(r["teacher"], []).append(r[metric])
         keys = [k for k in teachers if k in points]
         ax.plot([xs[k] for k in keys], [float(np.mean(points[k])) for k in keys],
-                linestyle=linestyle, marker="o", color=f"C{i}", label=f"τ={t:g}{label_suffix}")
+                linestyle=linestyle, marker="o", color=colors[t], label=f"τ={t:g}{label_suffix}")
     if baseline is not None:
         ax.axhline(baseline, color="black", linestyle=":", linewidth=1.2, label="hard labels")
     if labels is not None:
@@ -1375,11 +1378,14 @@ def plot_cr_comparison(
     base = _baseline_value(rows, baseline, metric)
     fig, axes = _figure(1, 2, size=(10.0, 4.0))
     teachers = _sorted_teachers(rows)
+    temperatures = sorted({r["temperature"] for r in rows if r["teacher"] != NO_TEACHER})
+    colors = {t: f"C{i}" for i, t in enumerate(temperatures)}
     for ax, schedule, name in zip(axes[0], SCHEDULES, ("without CR (constant λ)",
                                                        "with CR (λ linear → 0)")):
         selected = [r for r in rows if r["schedule"] == schedule]
         if [r for r in selected if r["teacher"] != NO_TEACHER]:
-            _draw_lines(ax, selected, metric=metric, baseline=base, teachers=teachers)
+            _draw_lines(ax, selected, metric=metric, baseline=base, teachers=teachers,
+                        colors=colors)
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, f"no {schedule} runs", ha="center", va="center",
