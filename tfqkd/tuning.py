@@ -1141,6 +1141,8 @@ class DistillationTuner(_tuner_base()):
         **kwargs: Any,
     ):
         search_space = search_space or DistillationSearchSpace()
+        # Read before keras-tuner replaces the oracle of a distributed worker by a gRPC client.
+        self._max_epochs = getattr(oracle, "max_epochs", None)
         super().__init__(oracle, hypermodel=search_space, **kwargs)
         self.teachers = teachers if isinstance(teachers, TeacherPool) else TeacherPool(teachers)
         self.student_builder = student_builder
@@ -1183,7 +1185,7 @@ class DistillationTuner(_tuner_base()):
                 )
         elif initial_epoch:
             initial_epoch = 0  # nothing to continue from: train the whole budget
-        max_epochs = getattr(self.oracle, "max_epochs", None)
+        max_epochs = self._max_epochs
         metrics = run_trial_config(
             config, data, teachers=self.teachers, student_builder=self.student_builder,
             epochs=config["epochs"], initial_epoch=initial_epoch,
