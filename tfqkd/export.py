@@ -387,9 +387,8 @@ def _iter_samples(data, input_rank: int, limit: Optional[int]) -> Iterable[np.nd
         source = [_as_numpy(data)]
     elif callable(data):
         source = data()
-    elif isinstance(data, (list, tuple)) and data and not np.isscalar(data[0]):
-        source = [np.asarray(data, dtype=np.float32)] if not hasattr(data[0], "__len__") \
-            else data
+    elif isinstance(data, (list, tuple)) and data:
+        source = [np.asarray(data, dtype=np.float32)]  # a list of images
     else:
         raise TypeError(
             f"representative_data must be a tf.data.Dataset (of images or (images, labels)), an "
@@ -468,6 +467,22 @@ def _student_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, flo
             if r is not None and np.isfinite(r).all() and r[1] > r[0]:
                 out[layer.layer.name] = r
     return out
+
+
+def _shorten_tensor_names(content: bytes) -> bytes:
+    """Keeps the first ';'-joined part of each tensor name (the producing op, e.g. a conv).
+
+    The converter names fused tensors after every op folded into them (conv, bias add, batch
+    norm, ReLU, FakeQuant...): kilobytes of strings in a ResNet20 file that nothing reads.
+    """
+    model_obj = _read_flatbuffer(content)
+    for sg in model_obj.subgraphs:
+        for t in sg.tensors:
+            if isinstance(t.name, bytes) and b";" in t.name:
+                t.name = t.name.split(b";")[0]
+            elif isinstance(t.name, str) and ";" in t.name:
+                t.name = t.name.split(";")[0]
+    return _write_flatbuffer(model_obj)
 
 
 def _float_ops(content: bytes) -> List[Tuple[str, str]]:
@@ -1026,6 +1041,7 @@ def export_tflite(
             raise _diagnose(plain, mode, ExportError(
                 f"ops {', '.join(ops)} have no integer kernel and stayed float (layers "
                 f"{', '.join(culprits)})"), calibration, layers=culprits)
+    content = _shorten_tensor_names(content)
     if mode == "int8" and method == "ptq" and snap_levels:
         content, snapped = _snap_int8_levels(content, _tflite_layout_levels(plain))
     _atomic_write(path, content)
