@@ -39,7 +39,10 @@ def _levels(kernel, per_channel=False):
 def _fit(model, x, y, epochs=4, lr=3e-3, eager=False):
     # eager: skips tracing the train step, much faster for a few steps of a big graph
     model.compile(keras.optimizers.Adam(lr), LOSS, run_eagerly=eager)
-    return model.fit(x, y, epochs=epochs, batch_size=64, verbose=0).history["loss"]
+    keras.utils.set_random_seed(0)  # deterministic shuffling: the loss curve is reproducible
+    losses = model.fit(x, y, epochs=epochs, batch_size=64, verbose=0).history["loss"]
+    print(f"losses: {losses}")
+    return losses
 
 
 # -- W2 tiny ResNet: training, levels, first/last layers, save/load -----------------------
