@@ -150,11 +150,18 @@ def _write_merged_history(out: common.OutputDir) -> None:
 
 
 class _Recorder(keras.callbacks.Callback):
-    """Persists wall time per epoch (results.json's total over attempts)."""
+    """Persists wall time per epoch (results.json's total over attempts); logs a resume."""
 
-    def __init__(self, out: common.OutputDir):
+    def __init__(self, out: common.OutputDir, phase: str, epochs: int):
         super().__init__()
-        self.out = out
+        self.out, self.phase, self.epochs = out, phase, epochs
+        self._first = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._first and epoch > 0:
+            common.log(f"{PHASE_NAMES[self.phase]}: resuming at epoch {epoch + 1}/{self.epochs} "
+                       f"from {os.path.join(self.out.checkpoint_dir, self.phase)}")
+        self._first = False
 
     def on_epoch_end(self, epoch, logs=None):
         self.out.record_progress()
@@ -217,14 +224,20 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
         progress = "bar" if sys.stdout.isatty() else "line"
 
     def callbacks(phase: str):
-        cbs = [common.ScalarSummaries(os.path.join(out.log_dir, phase)), _Recorder(out)]
+        cbs = [common.ScalarSummaries(os.path.join(out.log_dir, phase)),
+               _Recorder(out, phase, _phase_epochs(cfg, phase))]
         if progress == "line":
             cbs.append(common.EpochLogger(_phase_epochs(cfg, phase), PHASE_NAMES[phase]))
         return cbs
 
-    validate = bool(cfg.validation_freq and cfg.validation_freq > 0)
+    state = qkd.read_phase_state(out.root)
+    for phase in ("ss", "cs", "tu"):
+        if state and state["phases"][phase]["status"] == "done":
+            common.log(f"{PHASE_NAMES[phase]}: already done in a previous attempt; skipped")
+    # --validation_freq=0: no validation during fit, but every phase still ends with an
+    # evaluation on the test split, so results.json has per-phase accuracies.
     phases = qkd.run_qkd(
-        student, teacher, data.train, data.test if validate else None,
+        student, teacher, data.train, data.test,
         ss_epochs=cfg.ss_epochs, cs_epochs=cfg.cs_epochs, tu_epochs=cfg.tu_epochs,
         output_dir=out.root, temperature=cfg.temperature, student_coefficient=cfg.coefficient,
         teacher_coefficient=cfg.teacher_coefficient, tu_coefficient=cfg.coefficient,
@@ -232,7 +245,7 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
         soft_loss=cfg.soft_loss, temperature_squared=cfg.temperature_squared,
         optimizer=make_optimizer, teacher_optimizer=teacher_optimizer,
         save_freq=cfg.save_freq if cfg.save_freq == "epoch" else int(cfg.save_freq),
-        validation_freq=int(cfg.validation_freq) if validate else 1,
+        validation_freq=max(0, int(cfg.validation_freq or 0)),
         callbacks=callbacks, strategy=strategy, verbose=1 if progress == "bar" else 0,
     )
     _write_merged_history(out)

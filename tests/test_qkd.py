@@ -379,7 +379,7 @@ def test_run_qkd_rejects_bad_arguments(digits):
 # -- the recipe: SIGKILL during co-studying, restart resumes inside co-studying --------------------
 def test_recipe_killed_in_co_studying_resumes_in_co_studying(tmp_path):
     out = tmp_path / "run"
-    cs_epochs = 25
+    cs_epochs = 12
     cmd = [
         sys.executable, str(REPO / "recipes" / "qkd.py"), "--preset=smoke", "--dataset=digits",
         f"--output_dir={out}", "--subset=100", "--test_subset=50", "--batch_size=50",
@@ -423,6 +423,7 @@ def test_recipe_killed_in_co_studying_resumes_in_co_studying(tmp_path):
     assert cs_events[1][:2] == ("cs", "resume") and cs_events[1][2] >= 1
     assert cs_events[-1] == ("cs", "done", None) and len(cs_events) == 3
     assert "self-studying epoch" not in second.stdout  # no SS epoch in the second attempt
+    assert "self-studying: already done in a previous attempt; skipped" in second.stdout
     assert "co-studying: resuming at epoch" in second.stdout
     # one history row per epoch, no duplicates from the re-run epoch
     import csv
@@ -434,5 +435,8 @@ def test_recipe_killed_in_co_studying_resumes_in_co_studying(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["attempts"] == 2
     assert sorted(results["phases"]) == ["cs", "ss", "tu"]
+    for phase in ("ss", "cs", "tu"):  # evaluated at each phase's end despite --validation_freq=0
+        assert 0.0 <= results["phases"][phase]["student_accuracy"] <= 1.0
+        assert 0.0 <= results["phases"][phase]["teacher_accuracy"] <= 1.0
     assert 0.0 <= results["test_accuracy"] <= 1.0
     assert (out / "model" / "model.h5").exists() and (out / "teacher" / "model.h5").exists()

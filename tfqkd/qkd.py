@@ -771,7 +771,8 @@ def run_qkd(
             Nesterov momentum 0.9.
         teacher_optimizer: Optional ``fn() -> optimizer`` for the teacher in CS.
         steps_per_epoch, validation_steps: Passed to ``fit`` (and bound the evaluation).
-        validation_freq: Validate on ``val_ds`` every this many epochs (``fit``'s argument).
+        validation_freq: Validate on ``val_ds`` every this many epochs during ``fit``; 0: only
+            evaluate the student (and, after co-studying, the teacher) at the end of each phase.
         save_freq: ``BackupAndRestore`` frequency: ``"epoch"`` or every N training steps (then a
             kill mid-epoch resumes at that step).
         callbacks: Extra callbacks: one list for all phases, a ``{phase: list}`` mapping, or
@@ -817,6 +818,12 @@ def run_qkd(
             f"class-count mismatch: the student outputs {s_classes} logits and the teacher "
             f"{t_classes}; build both for the same number of classes."
         )
+    if isinstance(validation_freq, bool) or int(validation_freq) != validation_freq \
+            or validation_freq < 0:
+        raise ValueError(
+            f"validation_freq must be an integer >= 0 (0: evaluate only at the end of each "
+            f"phase), got {validation_freq!r}."
+        )
     make_optimizer = optimizer or _default_optimizer
     scope = strategy.scope if strategy is not None else contextlib.nullcontext
     run = _QKDRun(output_dir, budgets)
@@ -860,7 +867,8 @@ def run_qkd(
                     _PhaseTracker(run, phase),
                 ] + phase_callbacks
             history = model.fit(
-                train_ds, validation_data=val_ds, validation_freq=validation_freq,
+                train_ds, validation_data=val_ds if validation_freq else None,
+                validation_freq=validation_freq or 1,
                 epochs=budgets[phase],
                 steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
                 callbacks=phase_callbacks, verbose=verbose,
