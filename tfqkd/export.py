@@ -1082,9 +1082,9 @@ def tflite_weight_levels(path: Union[str, os.PathLike], layer_names: Sequence[st
     Example:
         >>> import os, tempfile, tfqkd
         >>> p = os.path.join(tempfile.mkdtemp(), "m.tflite")
-        >>> _ = export_tflite(tfqkd.models.tiny_resnet(seed=0), p, mode="dynamic")
+        >>> _ = export_tflite(tfqkd.models.tiny_resnet(seed=0), p, mode="float")
         >>> tflite_weight_levels(p)[0]["dtype"]
-        'int8'
+        'float32'
     """
     from ai_edge_litert.interpreter import Interpreter
 
