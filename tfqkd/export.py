@@ -241,8 +241,9 @@ def _rebuild(model: keras.Model, layer_fn: Callable, input_fn: Optional[Callable
     """Re-runs the functional graph of ``model`` with ``layer_fn(layer, args, kwargs) -> outputs``."""
     if not getattr(model, "_is_graph_network", False):
         raise ExportError(
-            f"model {model.name!r} is a subclassed model; export needs a functional or Sequential "
-            "Keras model (its graph is rebuilt layer by layer).")
+            f"model {model.name!r} is a subclassed model ({type(model).__name__}); export needs a "
+            "functional or Sequential Keras model (its graph is rebuilt layer by layer). For a "
+            "Distiller pass distiller.student.")
     new_inputs = [keras.Input(shape=t.shape[1:], batch_size=None, dtype=t.dtype,
                               name=t.name.split(":")[0]) for t in model.inputs]
     tensors: Dict[int, Any] = {}
