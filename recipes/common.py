@@ -80,7 +80,6 @@ Public names: ``Option``, ``Config``, ``COMMON_OPTIONS``, ``PRESETS``, ``RUNTIME
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
@@ -104,6 +103,7 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from tfqkd._keras import keras, tf  # noqa: E402  (selects Keras 2 before anything else)
+from tfqkd._io import atomic_path, atomic_write  # noqa: E402
 
 __all__ = [
     "Option", "Config", "COMMON_OPTIONS", "PRESETS", "RUNTIME_KEYS", "define_flags",
@@ -339,8 +339,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def quiet_logs() -> None:
@@ -362,20 +360,7 @@ def quiet_logs() -> None:
 
 def atomic_write_text(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; honour the umask instead
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    atomic_write(path, text)
 
 
 def _jsonable(x: Any) -> Any:
@@ -643,16 +628,8 @@ class OutputDir:
         d = os.path.join(root, subdir)
         os.makedirs(d, exist_ok=True)
         final = os.path.join(d, "model.h5")
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-model.h5")
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        try:
+        with atomic_path(final) as tmp:
             model.save(tmp, save_format="h5", include_optimizer=False)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
         if root != self.root:
             shutil.rmtree(root, ignore_errors=True)
         return os.path.join(self.root, subdir, "model.h5")

@@ -68,12 +68,12 @@ import hashlib
 import os
 import pathlib
 import tarfile
-import tempfile
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from tfqkd._io import atomic_open
 from tfqkd._keras import tf
 
 __all__ = ["load_dataset", "load_arrays", "dataset_info", "DatasetInfo", "DataNotFoundError"]
@@ -430,18 +430,8 @@ def _source_key(name: str, path: pathlib.Path) -> str:
 
 
 def _write_npz_atomically(path: pathlib.Path, arrays: Dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # uncompressed: reading it back takes about a second
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)  # uncompressed: reading it back takes about a second
 
 
 # The arrays of the most recently loaded source: switching splits or building a second pipeline

@@ -42,6 +42,7 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
+from tfqkd._io import atomic_write
 from tfqkd._keras import keras, tf
 
 __all__ = ["CoStudying", "run_qkd", "PHASES", "read_phase_state"]
@@ -462,24 +463,7 @@ def _quantize_scope():
 # The three-phase pipeline
 # ---------------------------------------------------------------------------------------------
 def _atomic_write_json(path: str, payload: Mapping[str, Any]) -> None:
-    _atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    atomic_write(path, json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
 
 
 def _json_default(value):
@@ -652,7 +636,7 @@ class _QKDRun:
         writer = csv.DictWriter(buffer, fieldnames=keys, restval="")
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write_text(self.history_path(phase), buffer.getvalue())
+        atomic_write(self.history_path(phase), buffer.getvalue())
 
     def done(self, phase: str) -> bool:
         return self.state["phases"][phase]["status"] == "done"

@@ -38,12 +38,12 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from tfqkd._io import atomic_path, atomic_write
 from tfqkd._keras import keras, tf
 
 __all__ = [
@@ -93,23 +93,6 @@ _DEFAULTS: Dict[str, Any] = {
 
 # --------------------------------------------------------------------------------------------
 # Small utilities
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    """Writes ``text`` so that readers see the old or the new file, never half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def _teacher_key(value: Any) -> str:
@@ -393,11 +376,9 @@ class TeacherPool:
         self.trained.append(key)
         path = self._cache_path(key)
         if path:
-            os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = os.path.join(self.cache_dir, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-            # HDF5: saves in about a second where a SavedModel takes 10+ s for ResNet20.
-            model.save(tmp, save_format="h5", include_optimizer=False)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                # HDF5: saves in about a second where a SavedModel takes 10+ s for ResNet20.
+                model.save(tmp, save_format="h5", include_optimizer=False)
         return model
 
     def get(self, key: Any, data: Optional[TrialData] = None) -> keras.Model:
@@ -701,11 +682,8 @@ def run_trial_config(
     if metrics["test_accuracy"] is None:
         metrics["test_accuracy"] = metrics["val_accuracy"]
     if save_student:
-        directory = os.path.dirname(os.path.abspath(save_student))
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(save_student)}")
-        student.save_weights(tmp)
-        os.replace(tmp, save_student)
+        with atomic_path(save_student) as tmp:
+            student.save_weights(tmp)
     metrics["wall_time"] = time.perf_counter() - start
     metrics["epochs"] = float(epochs)
     return {k: float(v) for k, v in metrics.items()}
@@ -815,7 +793,7 @@ def _append_unlocked(path: str, row: Mapping[str, Any], unique: Optional[str]) -
     writer.writeheader()
     writer.writerows(existing)
     writer.writerow({k: _csv_value(v) for k, v in row.items()})
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def grid_configs(
@@ -1198,7 +1176,7 @@ class DistillationTuner(_tuner_base()):
         record = {"trial_id": trial.trial_id, "tuner_id": self.tuner_id, "config": config,
                   "metrics": metrics, "initial_epoch": initial_epoch,
                   "data": {"num_classes": data.num_classes, "input_shape": list(data.input_shape)}}
-        _atomic_write_text(os.path.join(self.get_trial_dir(trial.trial_id), "metrics.json"),
+        atomic_write(os.path.join(self.get_trial_dir(trial.trial_id), "metrics.json"),
                            json.dumps(record, indent=2, sort_keys=True))
         if self.csv_path:
             append_result(self.csv_path, {**config, **metrics, "trial_id": trial.trial_id,
@@ -1460,13 +1438,10 @@ def save_figure(fig, stem: str, formats: Sequence[str] = ("png", "svg"), dpi: in
         ['f.png', 'f.svg']
     """
     paths = []
-    directory = os.path.dirname(os.path.abspath(stem))
-    os.makedirs(directory, exist_ok=True)
     for fmt in formats:
         path = f"{stem}.{fmt}"
-        tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-        fig.savefig(tmp, format=fmt, dpi=dpi)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi)
         paths.append(path)
     return paths
 

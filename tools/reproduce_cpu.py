@@ -51,6 +51,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from recipes import common, quantize_distill, train_student, train_teacher  # noqa: E402
+from tfqkd._io import atomic_path  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
@@ -163,9 +164,8 @@ def make_holdout_source(data_dir: str, holdout: int, seed: int, path: str) -> st
     held = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), per, replace=False)
                                    for c in range(10)]))
     keep = np.setdiff1d(np.arange(len(y)), held)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, x_train=x[keep], y_train=y[keep], x_test=x[held], y_test=y[held])
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, x_train=x[keep], y_train=y[keep], x_test=x[held], y_test=y[held])
     return path
 
 
