@@ -16,7 +16,7 @@ INSTALL_REQUIRES = [
     "numpy",
 ]
 EXTRAS = {
-    "test": ["pytest", "hypothesis"],
+    "test": ["pytest", "pytest-xdist", "hypothesis"],  # the suite runs on 2 workers (-n 2)
     "tune": [],  # keras-tuner is a core dependency; kept for `pip install .[tune]` scripts
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
