@@ -247,15 +247,12 @@ RESNET20_STEPS = 30
 
 
 def test_resnet20_w2_int8_parity_and_levels(resnet20_w2, tmp_path):
-    """int8 file of a W2A8 ResNet20 (30 QAT steps): ternary levels exact, logits tracked.
+    """int8 file of a W2A8 ResNet20 (30 QAT steps): ternary levels exact, top-1 agrees on >= 99%.
 
-    A student trained for a few steps has near-tied logits on many images (median top-2 margin
-    ~0.3) and is discontinuous: its 8-bit activation rounding makes an input change of 1e-4
-    flip its own top-1 on ~2% of images. The file must round its input, the conv outputs before
-    each residual add, the pooled features and the logits to int8, so it cannot agree with such
-    a student on every near-tie. What it must do: track the student's logits to about one int8
-    output step on most images, and agree on >= 99% of the images whose top-2 margin exceeds four
-    output steps (measured: 100%; all disagreements had margins < 0.1).
+    With ``activation_bits`` the QAT student rounds every tensor the integer file rounds (input,
+    ReLU outputs, pre-add conv+BN outputs, pooled features, logits) at the ranges the exporter
+    writes into the file, so the two differ only by integer-arithmetic rounding (bias, requantize
+    multipliers) on exact ties.
     """
     q, test, calibration = resnet20_w2
     path = tmp_path / "resnet20_w2.tflite"
@@ -284,16 +281,10 @@ def test_resnet20_w2_int8_parity_and_levels(resnet20_w2, tmp_path):
     agree = logits.argmax(-1) == ref.argmax(-1)
     assert abs(agree.mean() - report.top1_agreement) < 1e-9
     per_image = np.abs(logits - ref).max(axis=-1)
-    top2 = np.sort(ref, axis=-1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
-    clear = margin > 4 * s_out
-    print(f"agreement {agree.mean():.3f}; on margin > 4 output steps ({clear.mean():.2f} of "
-          f"images) {agree[clear].mean():.3f}; median per-image max |logit diff| "
+    print(f"agreement {agree.mean():.4f}; median per-image max |logit diff| "
           f"{np.median(per_image):.4f} (output step {s_out:.4f})")
-    assert np.median(per_image) <= 2.0 * s_out
-    assert clear.mean() >= 0.3
-    assert agree[clear].mean() >= 0.99
-    assert report.top1_agreement >= 0.95
+    # The requirement: the int8 file's top-1 agrees with the Keras student on >= 99% of images.
+    assert report.top1_agreement >= 0.99
 
 
 def test_resnet20_packed_archive(resnet20_w2, tmp_path):

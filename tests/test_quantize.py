@@ -275,3 +275,48 @@ def test_already_quantized_and_non_relu_activation():
                               keras.layers.Dense(2)])
     with pytest.warns(UserWarning, match="stays float"):
         quantize_model(model, activation_bits=4)
+
+
+# -- tensors the integer file rounds -------------------------------------------------------
+def test_activation_bits_models_every_integer_tensor(digits, tmp_path):
+    """W2A8: input, pre-add BN, pool and logits get 8-bit range quantizers; W2A32: none of them."""
+    from tfqkd.quantize import integer_graph_tensors
+    from tfqkd.quantize_configs import OutputQuantizeConfig
+    from tfqkd.quantizers import RangeQuantizer
+    from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import (
+        QuantizeLayer)
+
+    x, y = digits
+    model = tfqkd.models.tiny_resnet(10, seed=0)
+    names = integer_graph_tensors(model)
+    assert "classifier" in names and "pool" in names
+    assert any(n.endswith("_bn2") for n in names)
+    assert not any(n.endswith("_bn1") or n.endswith("_add") or n.endswith("conv1") for n in names)
+
+    plain = quantize_model(model, weight_bits=2)  # W2A32: unchanged, no new quantizers
+    assert not any(isinstance(l, QuantizeLayer) for l in plain.layers)
+    assert not any(isinstance(getattr(l, "quantize_config", None), OutputQuantizeConfig)
+                   for l in plain.layers)
+    assert plain.get_layer("quant_classifier").quantize_config.output_quantizer is None
+
+    q = quantize_model(model, weight_bits=2, activation_bits=8)
+    inputs_q = [l for l in q.layers if isinstance(l, QuantizeLayer)]
+    assert len(inputs_q) == 1
+    wrapped = {l.layer.name: l for l in q.layers
+               if isinstance(l, tfmot.quantization.keras.QuantizeWrapper)}
+    for name in names:
+        assert isinstance(wrapped[name]._output_quantizers[0], RangeQuantizer), name
+    # Untrained, the range quantizers pass through (they have seen no data): not all-zero inputs.
+    untrained = q.predict(x[:8], verbose=0)
+    assert np.ptp(untrained, axis=0).max() > 0
+    _fit(q, x, y, epochs=1)
+    bn = wrapped[[n for n in names if n.endswith("_bn2")][0]]
+    lo, hi = (float(bn._output_quantizer_vars[k]) for k in ("min_var", "max_var"))
+    assert lo < 0 < hi  # a signed pre-add tensor keeps its negative half
+    out = keras.Model(q.input, bn.output)(x[:16], training=False).numpy()
+    assert len(np.unique(out)) <= 256 and out.min() >= lo - 1e-6 and out.max() <= hi + 1e-6
+    path = str(tmp_path / "w2a8.h5")
+    q.save(path)
+    with quantize_scope():
+        loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(x[:16], verbose=0), q.predict(x[:16], verbose=0))

@@ -10,6 +10,7 @@ from tfqkd._keras import keras, tf
 from tfqkd.quantizers import (
     GAUSSIAN_STEP_RATIO,
     ActivationQuantizer,
+    RangeQuantizer,
     SymmetricQuantizer,
     l2_optimal_step,
     max_level,
@@ -278,3 +279,33 @@ def test_activation_pact_learns_clip():
     with tf.GradientTape() as tape:
         total = tf.reduce_sum(q(x, True, qvars))
     assert float(tape.gradient(total, qvars["clip"])) == pytest.approx(2.0)  # two inputs >= α
+
+
+def test_range_quantizer_tracks_signed_range_and_rounds_like_tflite():
+    layer = keras.layers.Layer()
+    q = RangeQuantizer(8, ema_decay=0.5)
+    v = q.build((6,), "out", layer)
+    x = tf.constant([-3.0, -0.7, 0.0, 0.26, 1.0, 5.0])
+    # Before any training step the range is empty: pass-through (the exporter then calibrates).
+    np.testing.assert_array_equal(q(x, False, v).numpy(), x.numpy())
+    q(x, True, v)  # first batch sets the range
+    assert (float(v["min_var"]), float(v["max_var"])) == (-3.0, 5.0)
+    q(x * 3.0, True, v)  # then an EMA
+    np.testing.assert_allclose([float(v["min_var"]), float(v["max_var"])], [-6.0, 10.0])
+    y = q(x, False, v).numpy()
+    ref = tf.quantization.fake_quant_with_min_max_vars(x, -6.0, 10.0, num_bits=8).numpy()
+    np.testing.assert_array_equal(y, ref)
+    assert y[2] == 0.0 and len(np.unique(y)) == 6
+    step = 16.0 / 255
+    assert np.abs(y - x.numpy()).max() <= step / 2 + 1e-6
+    # straight-through gradient inside the range
+    with tf.GradientTape() as tape:
+        xv = tf.Variable(x)
+        out = tf.reduce_sum(q(xv, False, v))
+    np.testing.assert_array_equal(tape.gradient(out, xv).numpy(), np.ones(6))
+    clone = RangeQuantizer.from_config(q.get_config())
+    assert clone == q and clone.ema_decay == 0.5
+    with pytest.raises(ValueError, match="ema_decay"):
+        RangeQuantizer(8, ema_decay=1.0)
+    with pytest.raises(ValueError, match="bits"):
+        RangeQuantizer(1)

@@ -25,7 +25,9 @@ norm kept). Then:
 * ``int4``: batch norm is folded by us, every kernel goes through a ``FakeQuantWithMinMaxVarsPerChannel``
   (4 bits for kernels trained at <= 4 bits, 8 bits otherwise) whose range puts the trained levels on
   the integer grid, every activation through an 8-bit ``FakeQuantWithMinMaxVars`` whose range is
-  calibrated on the representative data, and the converter's low-bit QAT path
+  the student's own where it has a quantizer there (with ``activation_bits`` tfqkd students have one
+  at every such tensor, input included: the file then rounds as the student does) and is
+  calibrated on the representative data elsewhere, and the converter's low-bit QAT path
   (``_experimental_low_bit_qat``) emits ``INT4`` weight tensors.
 
 :func:`verify_tflite` runs a file with LiteRT and compares it with the Keras model (a
@@ -470,6 +472,26 @@ def _student_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, flo
     return out
 
 
+def _student_input_ranges(model: keras.Model) -> List[Optional[Tuple[float, float]]]:
+    """Per model input: (min, max) of the tfmot ``QuantizeLayer`` right after it, else None.
+
+    tfqkd's scheme (with ``activation_bits``) puts one there, as tfmot's default scheme does; the
+    file's int8 input then uses the range the QAT model rounds its input with.
+    """
+    out: List[Optional[Tuple[float, float]]] = []
+    for inp in model.inputs:
+        found = None
+        for layer in model.layers:
+            if not _is_quantize_layer(layer) or not layer._inbound_nodes:  # noqa: SLF001
+                continue
+            if any(t is inp for t in tf.nest.flatten(layer._inbound_nodes[0].input_tensors)):  # noqa
+                r = _quantizer_range(layer.quantizer, getattr(layer, "quantizer_vars", {}))
+                if r is not None and np.isfinite(r).all() and r[1] > r[0]:
+                    found = r
+        out.append(found)
+    return out
+
+
 def _shorten_tensor_names(content: bytes) -> bytes:
     """Keeps the first ';'-joined part of each tensor name (the producing op, e.g. a conv).
 
@@ -845,6 +867,7 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
                      samples: Iterable[np.ndarray], low_bit: bool,
                      fixed_ranges: Optional[Dict[str, Tuple[float, float]]] = None,
                      source: Optional[keras.Model] = None,
+                     input_ranges: Optional[Sequence[Optional[Tuple[float, float]]]] = None,
                      ) -> Tuple[keras.Model, Dict[str, int]]:
     """The plain model as a QAT-style graph the converter turns into a full-integer file.
 
@@ -852,7 +875,8 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     range puts the trained levels exactly on the integer grid (4-bit grid for kernels trained at
     <= 4 bits when ``low_bit``, else 8-bit); activations get an 8-bit FakeQuant, with the
     student's own range where its activation quantizer has one (``fixed_ranges``, by layer
-    name) and the calibrated min/max elsewhere.
+    name) and the calibrated min/max elsewhere. ``input_ranges`` (per model input, None =
+    calibrate) likewise fixes the input's range to that of the student's input quantizer.
     """
     fixed_ranges = dict(fixed_ranges or {})
     plan = _fold_plan(plain)
@@ -873,6 +897,8 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     # A fused conv(+BN)+ReLU output is quantized with the ReLU's range: keep the student's.
     in_ranges, out_ranges = _calibrate_ranges(source or plain, [layer.name for layer in fq_layers],
                                               samples)
+    in_ranges = [fixed or r for fixed, r in zip(list(input_ranges or []) + [None] * len(in_ranges),
+                                               in_ranges)]
     ranges = {id(layer): fixed_ranges.get(layer.name, r) for layer, r in zip(fq_layers, out_ranges)}
     used_bits: Dict[str, int] = {}
 
@@ -1023,7 +1049,8 @@ def export_tflite(
         to_convert, used_bits = _fakequant_model(
             plain, bits_by_layer,
             _iter_samples(representative_data, input_rank, num_calibration),
-            low_bit=mode == "int4", fixed_ranges=_student_activation_ranges(model), source=model)
+            low_bit=mode == "int4", fixed_ranges=_student_activation_ranges(model), source=model,
+            input_ranges=_student_input_ranges(model))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -15,12 +15,19 @@ What gets quantized:
   Biases stay float.
 * With ``activation_bits``: the outputs of ``ReLU`` / ``Activation("relu")`` layers and fused
   ReLU activations, unsigned ``activation_bits``-bit (:class:`~tfqkd.quantizers.ActivationQuantizer`).
+* With ``activation_bits``, also every other tensor a full-integer TFLite graph rounds to int8
+  (found by graph position, :func:`integer_graph_tensors`), 8-bit, with a range-tracking
+  :class:`~tfqkd.quantizers.RangeQuantizer` as tfmot's ``default_8bit`` scheme does: the model
+  input (a tfmot ``QuantizeLayer``), the output of a ``BatchNormalization`` / ``Add`` / weighted
+  layer that is not fused into a following ReLU (e.g. the signed conv+BN output entering a
+  residual ``Add``, the logits) and average-pooling outputs. The exporter writes exactly these
+  ranges into the file, so the int8 file rounds where, and as, the QAT model does. With
+  ``activation_bits=None`` (W2A32) none of them is added.
 * Nothing else: ``BatchNormalization`` stays a separate float layer (no Conv+BN folding during
   training as tfmot's default scheme does: the quantizer sees the conv kernel itself, and the
   exporter folds BN afterwards — per-channel levels survive because BN scales each output
-  channel), and ``Add``, pooling, ``Flatten``, ``Dropout``… pass through untouched (with
-  ``activation_bits`` their inputs are already quantized ReLU outputs, or BN outputs which the
-  integer exporter requantizes at 8 bits anyway).
+  channel); a conv output feeding its BN is not quantized (the file folds the two into one
+  tensor). ``Flatten``, ``Dropout``, max-pooling… pass through untouched.
 * Any other layer with weights (``Conv1D``, ``LSTM``, ``Embedding``, ``Conv2DTranspose``…)
   raises a ``ValueError`` naming it: no layer is silently left float.
 
@@ -39,7 +46,7 @@ import contextlib
 import importlib
 import numbers
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import tensorflow_model_optimization as tfmot
@@ -47,6 +54,7 @@ import tensorflow_model_optimization as tfmot
 from tfqkd._keras import keras, tf
 from tfqkd.quantize_configs import (
     ActivationQuantizeConfig,
+    OutputQuantizeConfig,
     Conv2DQuantizeConfig,
     DenseQuantizeConfig,
     DepthwiseConv2DQuantizeConfig,
@@ -58,6 +66,7 @@ from tfqkd.quantizers import (
     CLIP_KINDS,
     STEP_KINDS,
     ActivationQuantizer,
+    RangeQuantizer,
     SymmetricQuantizer,
     check_bits,
     l2_optimal_step,
@@ -69,6 +78,7 @@ __all__ = [
     "quantized_weights",
     "quantization_info",
     "first_and_last_layers",
+    "integer_graph_tensors",
     "TfqkdQuantizeScheme",
     "TfqkdQuantizeRegistry",
     "TfqkdQuantizeLayoutTransform",
@@ -185,6 +195,71 @@ def first_and_last_layers(model: keras.Model) -> Tuple[List[str], List[str]]:
     return first, last
 
 
+#: Layers whose integer kernel requantizes its output (its range differs from its input's).
+_REQUANTIZING_POOLS: Tuple[type, ...] = tuple(
+    cls for cls in (
+        keras.layers.GlobalAveragePooling2D,
+        keras.layers.GlobalAveragePooling1D,
+        keras.layers.AveragePooling2D,
+        keras.layers.AveragePooling1D,
+    ) if cls is not None
+)
+
+
+def integer_graph_tensors(model: keras.Model) -> List[str]:
+    """Names of the layers whose output a full-integer graph quantizes but a ReLU quantizer does not.
+
+    A TFLite int8 graph stores every tensor in int8. The ReLU outputs are modelled by the
+    activation quantizers; this lists the others (besides the model input), which
+    :func:`quantize_model` gives an 8-bit output quantizer when ``activation_bits`` is set:
+
+    * ``BatchNormalization`` and ``Add`` outputs not consumed by exactly one ReLU (the file fuses
+      conv+BN+ReLU and add+ReLU into one op with the ReLU's range), e.g. the conv+BN output
+      entering a residual ``Add``;
+    * outputs of ``Conv2D`` / ``DepthwiseConv2D`` / ``Dense`` layers without a fused ReLU that feed
+      neither exactly one BN (folded into the kernel) nor exactly one ReLU, e.g. the logits;
+    * average-pooling outputs (the integer mean requantizes).
+
+    Example:
+        >>> import tfqkd
+        >>> sorted(integer_graph_tensors(tfqkd.models.tiny_resnet(seed=0)))[:2]
+        ['classifier', 'pool']
+    """
+    parents = _parents(model)
+    children: Dict[str, List[str]] = {name: [] for name in parents}
+    for name, ps in parents.items():
+        for p in ps:
+            children.setdefault(p, []).append(name)
+    by_name = {layer.name: layer for layer in model.layers}
+
+    def only(name, test):
+        kids = children.get(name, [])
+        return len(kids) == 1 and test(by_name[kids[0]])
+
+    out = []
+    for layer in model.layers:
+        relu_next = only(layer.name, is_quantizable_relu_layer)
+        if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.Add)):
+            if not relu_next:
+                out.append(layer.name)
+        elif _is_weight_layer(layer):
+            if is_relu_activation(getattr(layer, "activation", None)):
+                continue  # its own (fused) activation quantizer
+            bn_next = only(layer.name, lambda c: isinstance(c, keras.layers.BatchNormalization))
+            if not (relu_next or bn_next):
+                out.append(layer.name)
+        elif isinstance(layer, _REQUANTIZING_POOLS):
+            out.append(layer.name)
+    return out
+
+
+def _integer_output_quantizer():
+    # Like tfmot's default_8bit activations: 8-bit, asymmetric EMA min/max (signed tensors such
+    # as pre-add BN outputs keep their negative half), the FakeQuantWithMinMaxVars rounding the
+    # exporter puts into the file; but the EMA starts from the data, not from ±6.
+    return RangeQuantizer(8)
+
+
 def _check_layers(model: keras.Model) -> None:
     """Raises on layers tfqkd cannot quantize that would otherwise silently stay float."""
     problems = []
@@ -225,6 +300,8 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
         activation_quantizer: Optional ``bits -> Quantizer`` replacing the default activation
             quantizer.
         layer_bits: Per-layer-name weight bit-width overrides (first/last layers).
+        output_layers: Names of layers whose output gets an 8-bit output quantizer (only with
+            ``activation_bits``; :func:`quantize_model` passes :func:`integer_graph_tensors`).
 
     Example:
         >>> reg = TfqkdQuantizeRegistry(weight_bits=2, layer_bits={"stem": 8})
@@ -241,6 +318,7 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
         activation_clip: str = "ema",
         activation_quantizer: Optional[Callable[[int], Any]] = None,
         layer_bits: Optional[Mapping[str, int]] = None,
+        output_layers: Optional[Sequence[str]] = None,
     ):
         self.weight_bits, self.activation_bits, _, self.per_channel = _check_options(
             weight_bits, activation_bits, None, per_channel, step, activation_clip,
@@ -249,6 +327,9 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
         self.activation_clip = activation_clip
         self.activation_quantizer = activation_quantizer
         self.layer_bits = {k: check_bits(v, f"bits of layer {k!r}") for k, v in (layer_bits or {}).items()}
+        # Without activation quantization the model stays W-only (W2A32): no output quantizers.
+        self.output_layers = frozenset(output_layers or ()) if self.activation_bits is not None \
+            else frozenset()
 
     def _make_activation_quantizer(self):
         if self.activation_bits is None:
@@ -267,7 +348,9 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
         """Whether this registry quantizes ``layer``."""
         if _is_weight_layer(layer):
             return True
-        return self.activation_bits is not None and is_quantizable_relu_layer(layer)
+        if self.activation_bits is None:
+            return False
+        return is_quantizable_relu_layer(layer) or layer.name in self.output_layers
 
     def get_quantize_config(self, layer):
         """The config for ``layer`` (a fresh object per layer)."""
@@ -275,22 +358,27 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
             config_cls, axis = SUPPORTED_WEIGHT_LAYERS[type(layer)]
             bits = self.layer_bits.get(layer.name, self.weight_bits)
             weight_q = SymmetricQuantizer(bits, step=self.step, per_channel=self.per_channel, axis=axis)
-            return config_cls(weight_q, self._make_activation_quantizer())
-        if self.supports(layer):
+            output_q = _integer_output_quantizer() if layer.name in self.output_layers else None
+            return config_cls(weight_q, self._make_activation_quantizer(), output_quantizer=output_q)
+        if self.supports(layer) and is_quantizable_relu_layer(layer):
             return ActivationQuantizeConfig(self._make_activation_quantizer())
+        if self.supports(layer):
+            return OutputQuantizeConfig(_integer_output_quantizer())
         raise ValueError(
             f"layer {layer.name!r} ({type(layer).__name__}) is not quantized by tfqkd; supported: "
             f"{', '.join(c.__name__ for c in SUPPORTED_WEIGHT_LAYERS)} (+ ReLU with activation_bits).")
 
 
 class TfqkdQuantizeLayoutTransform(_tfmot_q.QuantizeLayoutTransform):
-    """tfqkd's layout transforms: deliberately none of tfmot's default ones.
+    """tfqkd's layout transforms: of tfmot's default ones only the input quantizer.
 
     tfmot's default 8-bit scheme folds Conv+BN and inserts an input quantizer to mimic the
     TFLite kernels. tfqkd keeps the Keras graph as it is: the weight quantizer must see the
     convolution kernel itself (Eq. 1/2 is defined on it) and BN stays float; the exporter folds
-    BN afterwards. ``transforms`` (tfmot ``Transform`` objects) can be added by subclasses and
-    are applied with tfmot's ``ModelTransformer``.
+    BN afterwards. With ``activation_bits`` the scheme passes tfmot's ``InputLayerQuantize``
+    (a ``QuantizeLayer`` after each input, here with an 8-bit :class:`RangeQuantizer`: the
+    integer file's input is int8 too). ``transforms`` (tfmot ``Transform`` objects) are applied with
+    tfmot's ``ModelTransformer``.
 
     Example:
         >>> TfqkdQuantizeLayoutTransform().transforms
@@ -306,6 +394,33 @@ class TfqkdQuantizeLayoutTransform(_tfmot_q.QuantizeLayoutTransform):
         return _tfmot_q.graph_transformations.model_transformer.ModelTransformer(
             model, self.transforms, set(layer_quantize_map.keys()), layer_quantize_map
         ).transform()
+
+
+def _input_layer_quantize():
+    """tfmot's ``InputLayerQuantize`` transform with tfqkd's :class:`RangeQuantizer` in the layer.
+
+    tfmot's own uses an ``AllValuesQuantizer`` whose range starts at [0, 0]: before the first
+    training step it would map every input to 0. ``RangeQuantizer`` passes its input through
+    until it has seen data.
+    """
+    from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_transforms)
+    from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (
+        transforms)
+
+    class InputLayerRangeQuantize(default_8bit_transforms.InputLayerQuantize):
+        def replacement(self, match_layer):
+            layer = quantize_layer.QuantizeLayer(RangeQuantizer(8))
+            config = keras.utils.legacy.serialize_keras_object(layer)
+            config["name"] = layer.name
+            return transforms.LayerNode(config, input_layers=[match_layer])
+
+        def custom_objects(self):
+            return {**super().custom_objects(), "RangeQuantizer": RangeQuantizer,
+                    "tfqkd>RangeQuantizer": RangeQuantizer}
+
+    return InputLayerRangeQuantize()
 
 
 class TfqkdQuantizeScheme(_tfmot_q.QuantizeScheme):
@@ -325,7 +440,9 @@ class TfqkdQuantizeScheme(_tfmot_q.QuantizeScheme):
         self._registry = TfqkdQuantizeRegistry(**registry_kwargs)
 
     def get_layout_transformer(self):
-        return TfqkdQuantizeLayoutTransform()
+        if self._registry.activation_bits is None:
+            return TfqkdQuantizeLayoutTransform()
+        return TfqkdQuantizeLayoutTransform([_input_layer_quantize()])
 
     def get_quantize_registry(self):
         return self._registry
@@ -400,7 +517,8 @@ def quantize_model(
     registry_kwargs = dict(
         weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel,
         step=step, activation_clip=activation_clip, activation_quantizer=activation_quantizer,
-        layer_bits=layer_bits)
+        layer_bits=layer_bits,
+        output_layers=integer_graph_tensors(model) if activation_bits is not None else ())
     scheme = TfqkdQuantizeScheme(**registry_kwargs)
     registry = scheme.get_quantize_registry()
 

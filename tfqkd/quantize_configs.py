@@ -6,6 +6,10 @@
   quantizer when one is given. Biases stay float (TFLite stores them as int32 anyway).
 * :class:`ActivationQuantizeConfig`: the output of a ``ReLU`` / ``Activation("relu")`` layer gets
   the activation quantizer.
+* :class:`OutputQuantizeConfig`: the output of any other layer (a ``BatchNormalization`` feeding a
+  residual ``Add``, a global average pooling…) gets an output quantizer, weights untouched. With
+  ``activation_bits``, tfqkd uses it (and ``KernelQuantizeConfig(output_quantizer=...)`` for the
+  logits) to model every tensor the full-integer TFLite graph rounds to int8.
 
 They are registered with Keras (package ``tfqkd``) so that saved quantized models load back.
 The scheme and registry that hand them out live in :mod:`tfqkd.quantize`.
@@ -35,6 +39,7 @@ __all__ = [
     "DepthwiseConv2DQuantizeConfig",
     "DenseQuantizeConfig",
     "ActivationQuantizeConfig",
+    "OutputQuantizeConfig",
     "is_relu_activation",
     "is_quantizable_relu_layer",
 ]
@@ -76,7 +81,13 @@ def is_quantizable_relu_layer(layer: keras.layers.Layer) -> bool:
 def _deserialize_quantizer(config):
     if config is None or isinstance(config, tfmot.quantization.keras.quantizers.Quantizer):
         return config
-    return _deserialize(config, module_objects=globals(), printable_module_name="quantizer")
+    # tfmot's own quantizers (the 8-bit range-tracking ones tfqkd uses for the integer graph's
+    # tensors) are not registered with Keras: resolve them by class name.
+    tfmot_quantizers = tfmot.quantization.keras.quantizers
+    objects = dict(globals())
+    objects.update({name: getattr(tfmot_quantizers, name) for name in (
+        "MovingAverageQuantizer", "AllValuesQuantizer", "LastValueQuantizer")})
+    return _deserialize(config, module_objects=objects, printable_module_name="quantizer")
 
 
 @keras.utils.register_keras_serializable(package="tfqkd")
@@ -89,6 +100,9 @@ class KernelQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         activation_quantizer: Optional quantizer for the output of the layer's own ReLU
             activation (``Conv2D(..., activation="relu")``); other fused activations stay float.
         weight_attrs: Names of the layer attributes holding the kernels.
+        output_quantizer: Optional quantizer of the layer's output (tfqkd gives the classifier
+            an 8-bit range-tracking one with ``activation_bits``: the integer file rounds the
+            logits to int8).
 
     Example:
         >>> cfg = DenseQuantizeConfig(SymmetricQuantizer(4))
@@ -103,10 +117,12 @@ class KernelQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         weight_quantizer,
         activation_quantizer=None,
         weight_attrs: Optional[Sequence[str]] = None,
+        output_quantizer=None,
     ):
         self.weight_quantizer = _deserialize_quantizer(weight_quantizer)
         self.activation_quantizer = _deserialize_quantizer(activation_quantizer)
         self.weight_attrs = list(weight_attrs or self.weight_attrs_default)
+        self.output_quantizer = _deserialize_quantizer(output_quantizer)
 
     def _quantizes_activation(self, layer) -> bool:
         return self.activation_quantizer is not None and is_relu_activation(
@@ -139,15 +155,18 @@ class KernelQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
             layer.activation = quantize_activations[0]
 
     def get_output_quantizers(self, layer) -> List:
-        return []
+        return [] if self.output_quantizer is None else [self.output_quantizer]
 
     def get_config(self) -> Dict[str, Any]:
-        return {
+        config = {
             "weight_quantizer": _serialize(self.weight_quantizer),
             "activation_quantizer": (
                 None if self.activation_quantizer is None else _serialize(self.activation_quantizer)),
             "weight_attrs": list(self.weight_attrs),
         }
+        if self.output_quantizer is not None:  # absent key: configs saved before it existed load
+            config["output_quantizer"] = _serialize(self.output_quantizer)
+        return config
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]):
@@ -225,6 +244,57 @@ class ActivationQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
 
     def get_config(self) -> Dict[str, Any]:
         return {"activation_quantizer": _serialize(self.activation_quantizer)}
+
+    @classmethod
+    def from_config(cls, config: Dict[str, Any]):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class OutputQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
+    """Quantizes the output of any layer with ``output_quantizer``; its weights stay float.
+
+    tfqkd uses it (with ``activation_bits``) on the tensors a full-integer TFLite graph rounds
+    to int8 but that are not ReLU outputs: a ``BatchNormalization`` output entering a residual
+    ``Add`` (signed), a global-average-pooling output. tfqkd's quantizer there is an 8-bit
+    :class:`~tfqkd.quantizers.RangeQuantizer` (asymmetric EMA min/max, zero exactly
+    representable), the same ``FakeQuantWithMinMaxVars`` rounding the exporter writes into the
+    file at that tensor; any tfmot ``Quantizer`` works.
+
+    Example:
+        >>> import tensorflow_model_optimization as tfmot
+        >>> q = tfmot.quantization.keras.quantizers.MovingAverageQuantizer(8, False, False, False)
+        >>> cfg = OutputQuantizeConfig(q)
+        >>> type(OutputQuantizeConfig.from_config(cfg.get_config()).output_quantizer).__name__
+        'MovingAverageQuantizer'
+    """
+
+    def __init__(self, output_quantizer):
+        self.output_quantizer = _deserialize_quantizer(output_quantizer)
+
+    def get_weights_and_quantizers(self, layer) -> List:
+        return []
+
+    def get_activations_and_quantizers(self, layer) -> List:
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights) -> None:
+        pass
+
+    def set_quantize_activations(self, layer, quantize_activations) -> None:
+        pass
+
+    def get_output_quantizers(self, layer) -> List:
+        return [self.output_quantizer]
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"output_quantizer": _serialize(self.output_quantizer)}
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]):

@@ -51,6 +51,7 @@ __all__ = [
     "check_bits",
     "SymmetricQuantizer",
     "ActivationQuantizer",
+    "RangeQuantizer",
     "GAUSSIAN_STEP_RATIO",
     "STEP_KINDS",
     "CLIP_KINDS",
@@ -606,3 +607,81 @@ class ActivationQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
 
     def __repr__(self):
         return f"ActivationQuantizer({', '.join(f'{k}={v!r}' for k, v in self.get_config().items())})"
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class RangeQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
+    """Asymmetric ``bits``-bit quantizer of a signed tensor with an EMA-tracked ``[min, max]`` range.
+
+    ``Q(x) = FakeQuantWithMinMaxVars(x, min, max, bits)``: the rounding a full-integer TFLite
+    tensor with that range applies (TFLite nudges the range so that 0 is exact; so does the
+    op). ``min``/``max`` (variables ``min_var``/``max_var``, always ``min <= 0 <= max``) follow
+    an exponential moving average of the per-batch minimum/maximum during training, started
+    from the first batch (tfmot's ``MovingAverageQuantizer`` starts from ±6 with decay 0.999,
+    which a short fine-tune never leaves). Before any training step the range is empty and the
+    quantizer passes its input through. tfqkd puts it (with ``activation_bits``) on the tensors
+    of a residual network that the integer file quantizes besides ReLU outputs (pre-add conv+BN
+    outputs, pooled features, logits); the exporter writes ``[min, max]`` into the file.
+
+    Example:
+        >>> import numpy as np
+        >>> from tfqkd._keras import keras
+        >>> layer = keras.layers.Layer()
+        >>> q = RangeQuantizer(8)
+        >>> v = q.build((4,), "out", layer)
+        >>> x = tf.constant([-1.0, -0.1, 0.3, 2.0])
+        >>> y = q(x, True, v)
+        >>> float(v["min_var"].numpy()), float(v["max_var"].numpy())
+        (-1.0, 2.0)
+        >>> bool(np.allclose(q(x, False, v).numpy(), x.numpy(), atol=3.0 / 255 / 2 + 1e-6))
+        True
+    """
+
+    def __init__(self, bits: int = 8, ema_decay: float = 0.99):
+        self.bits = check_bits(bits, "bits")
+        if self.bits < 2:
+            raise ValueError(f"RangeQuantizer needs bits >= 2 (got {bits!r}): an asymmetric "
+                             "range with an exact zero needs at least 2 levels per side.")
+        if not isinstance(ema_decay, numbers.Real) or isinstance(ema_decay, bool) or not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
+        self.ema_decay = float(ema_decay)
+
+    def build(self, tensor_shape, name: str, layer) -> Dict[str, tf.Variable]:
+        """Creates ``min_var`` / ``max_var`` (non-trainable, 0 = not yet seen data)."""
+        make = lambda suffix: layer.add_weight(  # noqa: E731
+            f"{name}_{suffix}", shape=(), initializer=keras.initializers.Zeros(), trainable=False,
+            aggregation=tf.VariableAggregation.MEAN)
+        return {"min_var": make("min"), "max_var": make("max")}
+
+    @_no_autograph
+    def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
+        x = tf.convert_to_tensor(inputs)
+        lo_var, hi_var = weights["min_var"], weights["max_var"]
+        lo, hi = tf.convert_to_tensor(lo_var), tf.convert_to_tensor(hi_var)
+        if training:
+            batch_lo = tf.stop_gradient(tf.minimum(tf.reduce_min(x), 0.0))
+            batch_hi = tf.stop_gradient(tf.maximum(tf.reduce_max(x), 0.0))
+            seen = hi > lo
+            d = self.ema_decay
+            lo = tf.where(seen, d * lo + (1.0 - d) * batch_lo, batch_lo)
+            hi = tf.where(seen, d * hi + (1.0 - d) * batch_hi, batch_hi)
+            with tf.control_dependencies([lo_var.assign(lo), hi_var.assign(hi)]):
+                lo, hi = tf.identity(lo), tf.identity(hi)
+        lo, hi = tf.stop_gradient(lo), tf.stop_gradient(hi)
+        empty = hi <= lo
+        q = tf.quantization.fake_quant_with_min_max_vars(
+            x, tf.where(empty, -1.0, lo), tf.where(empty, 1.0, hi), num_bits=self.bits,
+            narrow_range=False)
+        return tf.where(empty, x, q)
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"bits": self.bits, "ema_decay": self.ema_decay}
+
+    def __eq__(self, other):
+        return isinstance(other, RangeQuantizer) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __repr__(self):
+        return f"RangeQuantizer(bits={self.bits}, ema_decay={self.ema_decay})"
