@@ -35,7 +35,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -44,6 +43,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from tfqkd._io import atomic_write
 from tfqkd._keras import keras, tf
+from tfqkd.distiller import Distiller, _CurrentValue, check_coefficient, check_temperature
 
 __all__ = ["CoStudying", "run_qkd", "PHASES", "read_phase_state"]
 
@@ -52,31 +52,6 @@ PHASES = ("ss", "cs", "tu")
 _PHASE_NAMES = {"ss": "self-studying", "cs": "co-studying", "tu": "tutoring"}
 _STATE_FILE = "qkd_state.json"
 _STATE_VERSION = 1
-
-
-def _check_temperature(value: Any, name: str = "temperature") -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number such as 2.0, got {value!r}.") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"{name} must be > 0 (softmax(z / {name})); got {value!r}. Use e.g. {name}=2.0."
-        )
-    return value
-
-
-def _check_coefficient(value: Any, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.") from None
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(
-            f"{name} must lie in [0, 1] (loss = (1 - {name}) * hard + {name} * soft); got "
-            f"{value!r}. Use e.g. {name}=0.5."
-        )
-    return value
 
 
 def _resolve_soft_loss(soft_loss: Union[str, Callable]) -> Callable:
@@ -93,31 +68,6 @@ def _num_classes(model: keras.Model, role: str) -> int:
             f"is {shape!r}."
         )
     return int(shape[-1])
-
-
-class _CurrentValue(keras.metrics.Metric):
-    """Reports the latest value given to it (λ, τ in the logs), not an average.
-
-    A metric rather than a tensor in the step's outputs: Keras sums per-replica step outputs
-    under ``MirroredStrategy`` (two replicas would report 2λ), while metric results are read once.
-    """
-
-    def __init__(self, name: str, **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.value = self.add_weight(
-            name="value", initializer="zeros",
-            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        )
-
-    def update_state(self, value, sample_weight=None):
-        del sample_weight
-        return self.value.assign(tf.cast(value, self.dtype))
-
-    def result(self):
-        return tf.identity(self.value)
-
-    def reset_state(self):
-        pass  # a setting, not an accumulation: keep it across epochs
 
 
 @keras.utils.register_keras_serializable(package="tfqkd")
@@ -226,17 +176,17 @@ class CoStudying(keras.Model):
         self.temperature_squared = bool(temperature_squared)
         # add_weight (not tf.Variable) so that, under tf.distribute, a scheduler's assignment from
         # a callback is taken from the first replica instead of being summed over replicas.
-        self.temperature = self._scalar("temperature", _check_temperature(temperature))
+        self.temperature = self._scalar("temperature", check_temperature(temperature))
         self.coefficient = self._scalar(
-            "coefficient", _check_coefficient(student_coefficient, "student_coefficient")
+            "coefficient", check_coefficient(student_coefficient, "student_coefficient")
         )
         self.teacher_coefficient = self._scalar(
-            "teacher_coefficient", _check_coefficient(teacher_coefficient, "teacher_coefficient")
+            "teacher_coefficient", check_coefficient(teacher_coefficient, "teacher_coefficient")
         )
         self.teacher_temperature = (
             None if teacher_temperature is None else self._scalar(
                 "teacher_temperature",
-                _check_temperature(teacher_temperature, "teacher_temperature"),
+                check_temperature(teacher_temperature, "teacher_temperature"),
             )
         )
         self.teacher_optimizer = None
@@ -783,12 +733,12 @@ def run_qkd(
     """
     budgets = {p: _check_epochs(f"{p}_epochs", e)
                for p, e in zip(PHASES, (ss_epochs, cs_epochs, tu_epochs))}
-    _check_temperature(temperature)
+    check_temperature(temperature)
     for name, value in (("student_coefficient", student_coefficient),
                         ("teacher_coefficient", teacher_coefficient),
                         ("tu_coefficient", tu_coefficient),
                         ("tu_coefficient_end", tu_coefficient_end)):
-        _check_coefficient(value, name)
+        check_coefficient(value, name)
     if tu_coefficient_schedule not in ("constant", "linear", "cosine", "step"):
         raise ValueError(
             f"tu_coefficient_schedule must be constant, linear (coefficient reducing), cosine or "
@@ -921,7 +871,6 @@ def _build_phase(phase, student, teacher, make_optimizer, teacher_optimizer, *, 
         )
         return model, extra
     # Tutoring: the co-studied teacher is fixed; the ordinary Distiller does the rest.
-    from tfqkd.distiller import Distiller
 
     student.trainable = True
     teacher.trainable = False
