@@ -214,49 +214,6 @@ class DepthwiseConv2DQuantizeConfig(KernelQuantizeConfig):
 
 
 @keras.utils.register_keras_serializable(package="tfqkd")
-class ActivationQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
-    """Config for ``ReLU`` / ``Activation("relu")`` layers: their output is quantized.
-
-    Example:
-        >>> from tfqkd.quantizers import ActivationQuantizer
-        >>> cfg = ActivationQuantizeConfig(ActivationQuantizer(4))
-        >>> cfg.get_output_quantizers(keras.layers.ReLU())[0].bits
-        4
-    """
-
-    def __init__(self, activation_quantizer):
-        self.activation_quantizer = _deserialize_quantizer(activation_quantizer)
-
-    def get_weights_and_quantizers(self, layer) -> List:
-        return []
-
-    def get_activations_and_quantizers(self, layer) -> List:
-        return []
-
-    def set_quantize_weights(self, layer, quantize_weights) -> None:
-        pass
-
-    def set_quantize_activations(self, layer, quantize_activations) -> None:
-        pass
-
-    def get_output_quantizers(self, layer) -> List:
-        return [self.activation_quantizer]
-
-    def get_config(self) -> Dict[str, Any]:
-        return {"activation_quantizer": _serialize(self.activation_quantizer)}
-
-    @classmethod
-    def from_config(cls, config: Dict[str, Any]):
-        return cls(**config)
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __ne__(self, other):
-        return not self.__eq__(other)
-
-
-@keras.utils.register_keras_serializable(package="tfqkd")
 class OutputQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
     """Quantizes the output of any layer with ``output_quantizer``; its weights stay float.
 
@@ -305,3 +262,28 @@ class OutputQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
 
     def __ne__(self, other):
         return not self.__eq__(other)
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class ActivationQuantizeConfig(OutputQuantizeConfig):
+    """Config for ``ReLU`` / ``Activation("relu")`` layers: their output is quantized.
+
+    An :class:`OutputQuantizeConfig` whose quantizer is the activation quantizer (saved under the
+    ``activation_quantizer`` key).
+
+    Example:
+        >>> from tfqkd.quantizers import ActivationQuantizer
+        >>> cfg = ActivationQuantizeConfig(ActivationQuantizer(4))
+        >>> cfg.get_output_quantizers(keras.layers.ReLU())[0].bits
+        4
+    """
+
+    def __init__(self, activation_quantizer):
+        super().__init__(activation_quantizer)
+
+    @property
+    def activation_quantizer(self):
+        return self.output_quantizer
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"activation_quantizer": _serialize(self.output_quantizer)}
