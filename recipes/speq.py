@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipes import common  # noqa: E402
 from recipes.common import Option  # noqa: E402
-from recipes.quantize_distill import QUANT_OPTIONS, export  # noqa: E402
+from recipes.quantize_distill import PRESETS as QD_PRESETS, QUANT_OPTIONS, export  # noqa: E402
 from recipes.train_student import compile_distiller  # noqa: E402
 
 from tfqkd._keras import keras, tf  # noqa: E402
@@ -70,12 +70,8 @@ OPTIONS = common.COMMON_OPTIONS + SPEQ_OPTIONS + [
            "int4, dynamic or float.", "enum", ("none", "int8", "int4", "dynamic", "float")),
 ]
 
-#: Like quantize_distill: retraining starts from a converged float model, hence lr 0.01.
-PRESETS = {
-    "smoke": dict(learning_rate=0.02),
-    "cpu": dict(epochs=10, learning_rate=0.01),
-    "paper": dict(epochs=200, learning_rate=0.01),
-}
+#: quantize_distill's: retraining starts from a converged float model, hence lr 0.01.
+PRESETS = QD_PRESETS
 
 
 def make_config(preset: str = "paper", **overrides) -> common.Config:
