@@ -54,26 +54,22 @@ Distribution
 Typical recipe body::
 
     cfg = common.config_from_flags(OPTIONS, PRESETS)              # or make_config(...)
-    out = common.OutputDir(cfg.output_dir, overwrite=cfg.overwrite)
-    if out.is_complete():
-        return out.report_complete()
-    strategy = common.make_strategy(cfg.distribute, cfg.cpu_devices)
-    out.attach(strategy)
-    out.start(cfg)                                                   # run_config.json + checks
-    common.set_seed(cfg.seed)
-    data = common.load_data(cfg)
-    with strategy.scope():
-        model = common.build_model(cfg.arch, cfg.width, data.info, cfg)
-        model.compile(optimizer=common.make_optimizer(cfg, data.steps_per_epoch), ...)
-    common.fit_with_resume(model, data.train, data.test, cfg.epochs, out, save_freq=cfg.save_freq)
-    out.save_model(model)
-    return common.write_results(out, cfg, {"test_accuracy": ...})
+    run = common.start_run(cfg, "runs/my_recipe")                 # dir, strategy, seed, data
+    if run.finished is not None:                                  # results.json already there
+        return run.finished
+    with run.strategy.scope():
+        model = common.build_model(cfg.arch, cfg.width, run.data.info, cfg)
+        model.compile(optimizer=common.make_optimizer(cfg, run.data.steps_per_epoch), ...)
+    common.fit_with_resume(model, run.data.train, run.data.test, cfg.epochs, run.out,
+                           save_freq=cfg.save_freq)
+    return common.finish_run(run, model, "my model")              # evaluate, save, results.json
 
 Public names: ``Option``, ``Config``, ``COMMON_OPTIONS``, ``PRESETS``, ``RUNTIME_KEYS``,
 ``define_flags``, ``define_common_flags``, ``config_from_flags``, ``make_config``,
 ``merge_presets``, ``make_strategy``, ``is_chief``, ``set_seed``, ``OutputDir``, ``Data``,
 ``load_data``, ``build_model``, ``make_lr_schedule``, ``make_optimizer``, ``fit_with_resume``,
-``evaluate_accuracy``, ``write_results``, ``versions``, ``load_model``, ``log``,
+``evaluate_accuracy``, ``write_results``, ``Run``, ``start_run``, ``load_or_build_student``,
+``export_and_verify``, ``finish_run``, ``versions``, ``load_model``, ``log``,
 ``atomic_write_text``, ``atomic_write_json``, ``HistoryLogger``, ``EpochLogger``,
 ``ScalarSummaries``, ``quiet_logs``.
 """
@@ -92,7 +88,7 @@ import sys
 import tempfile
 import time
 import types
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -1053,4 +1049,90 @@ def write_results(out: OutputDir, cfg: Config, metrics: Mapping[str, Any],
     )
     out.record_progress()
     out.write_json("results.json", res)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# A recipe run from start to finish
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """An open recipe run: its configuration, output directory, strategy and data.
+
+    ``finished`` holds the stored ``results.json`` when the output directory already has a
+    completed run; then nothing else was set up (``data`` is None) and the recipe returns it.
+    """
+
+    cfg: Config
+    out: OutputDir
+    strategy: Optional[tf.distribute.Strategy]
+    data: Optional[Data]
+    finished: Optional[Dict[str, Any]] = None
+
+
+def start_run(cfg: Config, default_dir: str,
+              strategy: Optional[tf.distribute.Strategy] = None) -> Run:
+    """Opens ``cfg.output_dir`` (or ``default_dir``), creates the strategy, seeds, loads data.
+
+    The order matters: a completed run is reported before TensorFlow is touched; the strategy
+    exists before any other TensorFlow state (MultiWorkerMirroredStrategy requires it);
+    ``run_config.json`` is written (and a resume with other options refused) before training.
+    """
+    out = OutputDir(cfg.output_dir or default_dir, overwrite=cfg.overwrite)
+    if out.is_complete():
+        return Run(cfg, out, strategy, None, out.report_complete())
+    strategy = strategy or make_strategy(cfg.distribute, cfg.cpu_devices)
+    out.attach(strategy)
+    out.start(cfg)
+    set_seed(cfg.seed)
+    return Run(cfg, out, strategy, load_data(cfg))
+
+
+def load_or_build_student(cfg: Config, data: Data) -> "tuple[keras.Model, str]":
+    """The float model to quantize and a phrase saying where it came from.
+
+    ``cfg.student`` (a saved float student) when given, else a freshly initialised
+    ``cfg.arch``/``cfg.width`` model. Call inside the run's ``strategy.scope()``.
+    """
+    if cfg.student:
+        return load_model(cfg.student), f"float student {cfg.student}"
+    model = build_model(cfg.arch, cfg.width, data.info, cfg)
+    origin = f"a fresh float {model.name} (no --student given)"
+    log(f"no --student: starting from {origin}")
+    return model, origin
+
+
+def export_and_verify(model: keras.Model, out: OutputDir, data: Data, mode: str) -> Dict[str, Any]:
+    """Exports ``model`` to ``model/model_<mode>.tflite`` and verifies it on the test split."""
+    from tfqkd import export as texport
+
+    path = os.path.join(out.model_dir, f"model_{mode}.tflite")
+    info = texport.export_tflite(model, path, representative_data=data.train, mode=mode)
+    report = texport.verify_tflite(path, model, data.test)
+    rep = report.to_dict()
+    rep.pop("layers", None)
+    log(f"TFLite {mode}: {info['bytes']:,} bytes, top-1 {report.tflite_top1:.4f} "
+        f"(Keras {report.keras_top1:.4f}), agreement {report.top1_agreement:.4f}")
+    return {"export": dict(info), "parity": rep}
+
+
+def finish_run(run: Run, model: keras.Model, label: str, *,
+               metrics: Optional[Mapping[str, Any]] = None,
+               extra: Optional[Mapping[str, Any]] = None, export_mode: str = "none",
+               note: str = "") -> Dict[str, Any]:
+    """Evaluates, saves (and optionally exports) ``model``, then writes ``results.json``.
+
+    ``results.json`` gets ``test_accuracy`` of ``model`` on the test split plus ``metrics``,
+    and ``model``, ``num_train``, ``num_test`` plus ``extra`` (see :func:`write_results`).
+    ``export_mode`` other than ``"none"``: the chief also writes and verifies a ``.tflite``.
+    """
+    acc = evaluate_accuracy(model, run.data.test)
+    run.out.save_model(model)
+    extra = dict(extra or {})
+    if export_mode != "none" and run.out.chief:
+        extra.update(export_and_verify(model, run.out, run.data, export_mode))
+    res = write_results(run.out, run.cfg, {"test_accuracy": acc, **(metrics or {})},
+                        {"model": model.name, "num_train": run.data.num_train,
+                         "num_test": run.data.num_test, **extra})
+    log(f"{label} test accuracy {acc:.4f}{note} -> {run.out.root}")
     return res

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipes import common  # noqa: E402
 from recipes.common import Option  # noqa: E402
-from recipes.quantize_distill import QUANT_OPTIONS, export, quantize  # noqa: E402
+from recipes.quantize_distill import QUANT_OPTIONS, quantize  # noqa: E402
 from recipes.train_student import KD_OPTIONS  # noqa: E402
 
 from tfqkd._keras import keras, tf  # noqa: E402
@@ -172,22 +172,13 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     from tfqkd import qkd
 
     _check(cfg)
-    out = common.OutputDir(cfg.output_dir or "runs/qkd", overwrite=cfg.overwrite)
-    if out.is_complete():
-        return out.report_complete()
-    strategy = strategy or common.make_strategy(cfg.distribute, cfg.cpu_devices)
-    out.attach(strategy)
-    out.start(cfg)
-    common.set_seed(cfg.seed)
-    data = common.load_data(cfg)
+    run_ = common.start_run(cfg, "runs/qkd", strategy)
+    if run_.finished is not None:
+        return run_.finished
+    out, strategy, data = run_.out, run_.strategy, run_.data
     extra: dict = {}
     with strategy.scope():
-        if cfg.student:
-            float_student = common.load_model(cfg.student)
-            origin = f"float student {cfg.student}"
-        else:
-            float_student = common.build_model(cfg.arch, cfg.width, data.info, cfg)
-            origin = f"a fresh float {float_student.name} (no --student given)"
+        float_student, origin = common.load_or_build_student(cfg, data)
         if cfg.teacher:
             teacher = common.load_model(cfg.teacher)
             teacher_origin = f"teacher {cfg.teacher}"
@@ -249,20 +240,13 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
         callbacks=callbacks, strategy=strategy, verbose=1 if progress == "bar" else 0,
     )
     _write_merged_history(out)
-    acc = common.evaluate_accuracy(student, data.test)
     teacher_acc = common.evaluate_accuracy(teacher, data.test)
-    out.save_model(student)
     out.save_model(teacher, "teacher")
-    if cfg.export != "none" and out.chief:
-        extra.update(export(student, out, data, cfg.export))
-    res = common.write_results(
-        out, cfg, {"test_accuracy": acc, "teacher_accuracy": teacher_acc},
-        {"model": student.name, "teacher": teacher.name, "mode": "qkd", "phases": phases,
-         "num_train": data.num_train, "num_test": data.num_test, **extra},
-    )
-    common.log(f"QKD student test accuracy {acc:.4f} (co-studied teacher {teacher_acc:.4f}) "
-               f"-> {out.root}")
-    return res
+    return common.finish_run(run_, student, "QKD student",
+                             metrics={"teacher_accuracy": teacher_acc},
+                             extra={"teacher": teacher.name, "mode": "qkd", "phases": phases,
+                                    **extra},
+                             export_mode=cfg.export, note=f" (co-studied teacher {teacher_acc:.4f})")
 
 
 # --------------------------------------------------------------------------------------------

@@ -100,40 +100,24 @@ def _teachers_of(cfg) -> list:
     return [t] if isinstance(t, str) else list(t)
 
 
-def export(model: keras.Model, out: common.OutputDir, data: common.Data, mode: str) -> dict:
-    """Exports ``model`` to ``model/model_<mode>.tflite`` and verifies it on the test split."""
-    from tfqkd import export as texport
+def coefficient_scheduler(cfg: common.Config):
+    """The λ schedule of ``cfg``: ``--coefficient`` → ``--coefficient_end`` (unless constant)."""
+    from tfqkd.callbacks import CoefficientScheduler
 
-    path = os.path.join(out.model_dir, f"model_{mode}.tflite")
-    info = texport.export_tflite(model, path, representative_data=data.train, mode=mode)
-    report = texport.verify_tflite(path, model, data.test)
-    rep = report.to_dict()
-    rep.pop("layers", None)
-    common.log(f"TFLite {mode}: {info['bytes']:,} bytes, top-1 {report.tflite_top1:.4f} "
-               f"(Keras {report.keras_top1:.4f}), agreement {report.top1_agreement:.4f}")
-    return {"export": {k: v for k, v in info.items()}, "parity": rep}
+    end = cfg.coefficient if cfg.coefficient_schedule == "constant" else cfg.coefficient_end
+    return CoefficientScheduler(cfg.coefficient_schedule, start=cfg.coefficient, end=end)
 
 
 def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     """Runs Algorithm 1 as configured by ``cfg``; returns the content of results.json."""
-    out = common.OutputDir(cfg.output_dir or "runs/quantize_distill", overwrite=cfg.overwrite)
-    if out.is_complete():
-        return out.report_complete()
-    strategy = strategy or common.make_strategy(cfg.distribute, cfg.cpu_devices)
-    out.attach(strategy)
-    out.start(cfg)
-    common.set_seed(cfg.seed)
-    data = common.load_data(cfg)
+    run_ = common.start_run(cfg, "runs/quantize_distill", strategy)
+    if run_.finished is not None:
+        return run_.finished
+    data, strategy = run_.data, run_.strategy
     teacher_paths = _teachers_of(cfg)
     extra: dict = {}
     with strategy.scope():
-        if cfg.student:
-            float_student = common.load_model(cfg.student)
-            origin = f"float student {cfg.student}"
-        else:
-            float_student = common.build_model(cfg.arch, cfg.width, data.info, cfg)
-            origin = f"a fresh float {float_student.name} (no --student given)"
-            common.log(f"no --student: starting from {origin}")
+        float_student, origin = common.load_or_build_student(cfg, data)
         student = quantize(float_student, cfg)
         if teacher_paths:
             teachers = load_teachers(teacher_paths, strategy)
@@ -144,12 +128,10 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
             compile_classifier(model, cfg, data.steps_per_epoch)
     callbacks = []
     if teacher_paths:
-        from tfqkd.callbacks import CoefficientScheduler
-
-        end = cfg.coefficient if cfg.coefficient_schedule == "constant" else cfg.coefficient_end
-        callbacks.append(CoefficientScheduler(cfg.coefficient_schedule, start=cfg.coefficient,
-                                              end=end))
+        scheduler = coefficient_scheduler(cfg)
+        callbacks.append(scheduler)
         extra["teacher_accuracy"] = [common.evaluate_accuracy(t, data.test) for t in teachers]
+        end = scheduler.end
         mode = (f"KD from {len(teachers)} teacher(s), τ={cfg.temperature:g}, λ {cfg.coefficient:g}"
                 f" {cfg.coefficient_schedule}" + (f" -> {end:g}" if end != cfg.coefficient else ""))
     else:
@@ -160,19 +142,12 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
                f"A{cfg.activation_bits or 'float'} (first/last {cfg.first_last_bits} bits), "
                f"{mode}, {data.num_train} training images, {cfg.epochs} epochs, "
                f"{strategy.num_replicas_in_sync} replica(s)")
-    common.fit_with_resume(model, data.train, data.test, cfg.epochs, out, callbacks,
+    common.fit_with_resume(model, data.train, data.test, cfg.epochs, run_.out, callbacks,
                            save_freq=cfg.save_freq, progress=cfg.progress,
                            validation_freq=cfg.validation_freq, name="quantized")
-    acc = common.evaluate_accuracy(student, data.test)
-    out.save_model(student)
-    if cfg.export != "none" and out.chief:
-        extra.update(export(student, out, data, cfg.export))
-    res = common.write_results(
-        out, cfg, {"test_accuracy": acc},
-        {"model": student.name, "mode": "kd" if teacher_paths else "hard",
-         "num_train": data.num_train, "num_test": data.num_test, **extra})
-    common.log(f"quantized student test accuracy {acc:.4f} -> {out.root}")
-    return res
+    return common.finish_run(run_, student, "quantized student",
+                             extra={"mode": "kd" if teacher_paths else "hard", **extra},
+                             export_mode=cfg.export)
 
 
 def main(argv):

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipes import common  # noqa: E402
 from recipes.common import Option  # noqa: E402
-from recipes.quantize_distill import PRESETS as QD_PRESETS, QUANT_OPTIONS, export  # noqa: E402
+from recipes.quantize_distill import PRESETS as QD_PRESETS, QUANT_OPTIONS, coefficient_scheduler  # noqa: E402
 from recipes.train_student import compile_distiller  # noqa: E402
 
 from tfqkd._keras import keras, tf  # noqa: E402
@@ -144,30 +144,17 @@ def stochastic_teacher_accuracy(model: keras.Model, dataset: tf.data.Dataset) ->
 
 def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     """Runs SPEQ as configured by ``cfg``; returns the content of results.json."""
-    out = common.OutputDir(cfg.output_dir or "runs/speq", overwrite=cfg.overwrite)
-    if out.is_complete():
-        return out.report_complete()
-    strategy = strategy or common.make_strategy(cfg.distribute, cfg.cpu_devices)
-    out.attach(strategy)
-    out.start(cfg)
-    common.set_seed(cfg.seed)
-    data = common.load_data(cfg)
+    run_ = common.start_run(cfg, "runs/speq", strategy)
+    if run_.finished is not None:
+        return run_.finished
+    data = run_.data
     extra: dict = {}
-    with strategy.scope():
-        if cfg.student:
-            float_student = common.load_model(cfg.student)
-            origin = f"float student {cfg.student}"
-        else:
-            float_student = common.build_model(cfg.arch, cfg.width, data.info, cfg)
-            origin = f"a fresh float {float_student.name} (no --student given)"
-            common.log(f"no --student: starting from {origin}")
+    with run_.strategy.scope():
+        float_student, origin = common.load_or_build_student(cfg, data)
         student = quantize(float_student, cfg)
         model = make_speq(student, cfg)
         compile_distiller(model, cfg, data.steps_per_epoch)
-    from tfqkd.callbacks import CoefficientScheduler
-
-    end = cfg.coefficient if cfg.coefficient_schedule == "constant" else cfg.coefficient_end
-    callbacks = [CoefficientScheduler(cfg.coefficient_schedule, start=cfg.coefficient, end=end)]
+    callbacks = [coefficient_scheduler(cfg)]
     if cfg.student:
         extra["float_student_accuracy"] = common.evaluate_accuracy(float_student, data.test)
     common.log(
@@ -176,21 +163,14 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
         f"{cfg.probability:g} per layer, τ={cfg.temperature:g}, λ {cfg.coefficient:g} "
         f"{cfg.coefficient_schedule}, {cfg.soft_loss} loss, {data.num_train} training images, "
         f"{cfg.epochs} epochs")
-    common.fit_with_resume(model, data.train, data.test, cfg.epochs, out, callbacks,
+    common.fit_with_resume(model, data.train, data.test, cfg.epochs, run_.out, callbacks,
                            save_freq=cfg.save_freq, progress=cfg.progress,
                            validation_freq=cfg.validation_freq, name="speq")
-    acc = common.evaluate_accuracy(student, data.test)
-    extra["stochastic_teacher_accuracy"] = stochastic_teacher_accuracy(student, data.test)
-    out.save_model(student)
-    if cfg.export != "none" and out.chief:
-        extra.update(export(student, out, data, cfg.export))
-    res = common.write_results(
-        out, cfg, {"test_accuracy": acc},
-        {"model": student.name, "mode": "speq", "num_train": data.num_train,
-         "num_test": data.num_test, **extra})
-    common.log(f"SPEQ student test accuracy {acc:.4f} (stochastic teacher "
-               f"{extra['stochastic_teacher_accuracy']:.4f}) -> {out.root}")
-    return res
+    teacher_acc = stochastic_teacher_accuracy(student, data.test)
+    return common.finish_run(run_, student, "SPEQ student",
+                             extra={"mode": "speq", "stochastic_teacher_accuracy": teacher_acc,
+                                    **extra},
+                             export_mode=cfg.export, note=f" (stochastic teacher {teacher_acc:.4f})")
 
 
 def benchmark_config(ctx: Any, name: str, **overrides: Any) -> common.Config:

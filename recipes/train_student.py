@@ -89,14 +89,10 @@ def compile_distiller(distiller, cfg: common.Config, steps_per_epoch: int) -> No
 
 def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     """Trains the float student described by ``cfg``; returns the content of results.json."""
-    out = common.OutputDir(cfg.output_dir or "runs/train_student", overwrite=cfg.overwrite)
-    if out.is_complete():
-        return out.report_complete()
-    strategy = strategy or common.make_strategy(cfg.distribute, cfg.cpu_devices)
-    out.attach(strategy)
-    out.start(cfg)
-    common.set_seed(cfg.seed)
-    data = common.load_data(cfg)
+    run_ = common.start_run(cfg, "runs/train_student", strategy)
+    if run_.finished is not None:
+        return run_.finished
+    data, strategy = run_.data, run_.strategy
     extra = {}
     with strategy.scope():
         student = common.build_model(cfg.arch, cfg.width, data.info, cfg)
@@ -114,17 +110,11 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     common.log(f"student {student.name}: {student.count_params():,} parameters, {mode}, "
                f"{data.num_train} training images, {cfg.epochs} epochs, "
                f"{strategy.num_replicas_in_sync} replica(s)")
-    common.fit_with_resume(model, data.train, data.test, cfg.epochs, out, save_freq=cfg.save_freq,
-                           progress=cfg.progress, validation_freq=cfg.validation_freq,
-                           name="student")
-    acc = common.evaluate_accuracy(student, data.test)
-    out.save_model(student)
-    res = common.write_results(out, cfg, {"test_accuracy": acc},
-                               {"model": student.name, "parameters": student.count_params(),
-                                "mode": "kd" if cfg.teacher else "hard",
-                                "num_train": data.num_train, "num_test": data.num_test, **extra})
-    common.log(f"student test accuracy {acc:.4f} -> {out.root}")
-    return res
+    common.fit_with_resume(model, data.train, data.test, cfg.epochs, run_.out,
+                           save_freq=cfg.save_freq, progress=cfg.progress,
+                           validation_freq=cfg.validation_freq, name="student")
+    return common.finish_run(run_, student, "student", extra={
+        "parameters": student.count_params(), "mode": "kd" if cfg.teacher else "hard", **extra})
 
 
 def main(argv):

@@ -59,30 +59,21 @@ def compile_classifier(model: keras.Model, cfg: common.Config, steps_per_epoch: 
 
 def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     """Trains the teacher described by ``cfg``; returns the content of results.json."""
-    out = common.OutputDir(cfg.output_dir or "runs/train_teacher", overwrite=cfg.overwrite)
-    if out.is_complete():
-        return out.report_complete()
-    strategy = strategy or common.make_strategy(cfg.distribute, cfg.cpu_devices)
-    out.attach(strategy)
-    out.start(cfg)
-    common.set_seed(cfg.seed)
-    data = common.load_data(cfg)
-    with strategy.scope():
+    run_ = common.start_run(cfg, "runs/train_teacher", strategy)
+    if run_.finished is not None:
+        return run_.finished
+    data = run_.data
+    with run_.strategy.scope():
         model = common.build_model(cfg.arch, cfg.width, data.info, cfg)
         compile_classifier(model, cfg, data.steps_per_epoch)
     common.log(f"teacher {model.name}: {model.count_params():,} parameters, "
                f"{data.num_train} training images, {cfg.epochs} epochs, "
-               f"{strategy.num_replicas_in_sync} replica(s)")
-    common.fit_with_resume(model, data.train, data.test, cfg.epochs, out, save_freq=cfg.save_freq,
-                           progress=cfg.progress, validation_freq=cfg.validation_freq,
-                           name="teacher")
-    acc = common.evaluate_accuracy(model, data.test)
-    out.save_model(model)
-    res = common.write_results(out, cfg, {"test_accuracy": acc},
-                               {"model": model.name, "parameters": model.count_params(),
-                                "num_train": data.num_train, "num_test": data.num_test})
-    common.log(f"teacher test accuracy {acc:.4f} -> {out.root}")
-    return res
+               f"{run_.strategy.num_replicas_in_sync} replica(s)")
+    common.fit_with_resume(model, data.train, data.test, cfg.epochs, run_.out,
+                           save_freq=cfg.save_freq, progress=cfg.progress,
+                           validation_freq=cfg.validation_freq, name="teacher")
+    return common.finish_run(run_, model, "teacher",
+                             extra={"parameters": model.count_params()})
 
 
 def main(argv):
