@@ -27,3 +27,54 @@ def cifar10_archive():
     if not CIFAR10_ARCHIVE.exists():
         pytest.skip(f"offline CIFAR-10 archive not found at {CIFAR10_ARCHIVE}")
     return CIFAR10_ARCHIVE
+
+
+#: Prelude of a script that compares one device with MirroredStrategy over two logical CPUs.
+#: It must run in a fresh process: logical devices are fixed before anything initialises them.
+#: Defines ``keras``, ``tf``, ``np``, ``json``, a batch-norm-free ``net(seed, width)`` (replicas
+#: normalise with their own half-batch, which legitimately differs from one device) and 23
+#: examples ``x``, ``y`` (batches of 16 + 7: the short batch splits 4 + 3 over the replicas, so
+#: only an exact global batch size reproduces the single device).
+TWO_CPU_PRELUDE = '''
+import json, os
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+from tfqkd._keras import keras, tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+import numpy as np
+
+def net(seed, width):
+    init = lambda k: keras.initializers.GlorotUniform(seed=seed * 10 + k)
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(width, 3, activation="relu", kernel_initializer=init(1),
+                            kernel_regularizer=keras.regularizers.l2(1e-3))(inp)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    out = keras.layers.Dense(10, kernel_initializer=init(2),
+                             kernel_regularizer=keras.regularizers.l2(1e-3))(h)
+    return keras.Model(inp, out)
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(23, 8, 8, 1)).astype("float32")
+y = rng.integers(0, 10, size=23).astype("int32")
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+assert mirrored.num_replicas_in_sync == 2
+'''
+
+
+def run_two_cpu_script(tmp_path, body: str) -> dict:
+    """Runs ``TWO_CPU_PRELUDE + body`` in a fresh Python; returns its last stdout line as JSON."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "two_cpus.py"
+    script.write_text(TWO_CPU_PRELUDE + textwrap.dedent(body))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

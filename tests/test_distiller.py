@@ -1,12 +1,6 @@
 """Distiller: the loss formula, gradients vs. plain training, ensembles, precomputed teacher outputs,
 frozen teacher, checkpoints, tf.distribute equality (subprocess), errors, 2-bit end to end."""
 
-import os
-import pathlib
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 
@@ -14,8 +8,8 @@ import tfqkd
 from tfqkd import models
 from tfqkd._keras import keras, tf
 from tfqkd.distiller import Distiller, precompute_teacher_logits
+from conftest import run_two_cpu_script
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
 #: Most tests run the steps eagerly: the code is the same, and tracing a tf.function for each of
 #: the many small Distillers would dominate the run time. Graph mode is covered by the
@@ -496,41 +490,14 @@ def test_bad_soft_loss_and_bad_variable_values():
 # ------------------------------------------------------------------------------------------
 # tf.distribute: two logical CPUs must give the single-device step (needs a fresh process)
 # ------------------------------------------------------------------------------------------
-MIRRORED_SCRIPT = textwrap.dedent("""
-    import json, os
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    from tfqkd._keras import keras, tf
-    # Must happen before anything initialises the devices.
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-    import numpy as np
+MIRRORED_BODY = """
     from tfqkd.distiller import Distiller
 
-    def convnet(seed, width):
-        # No batch norm: under MirroredStrategy each replica normalises with ITS half of the
-        # batch (BN is not synchronised), which legitimately differs from one device. Everything
-        # else (conv, L2 regularisation, dense) must match exactly.
-        init = lambda k: keras.initializers.GlorotUniform(seed=seed * 10 + k)
-        inp = keras.Input((8, 8, 1))
-        h = keras.layers.Conv2D(width, 3, activation="relu", kernel_initializer=init(1),
-                                kernel_regularizer=keras.regularizers.l2(1e-3))(inp)
-        h = keras.layers.GlobalAveragePooling2D()(h)
-        out = keras.layers.Dense(10, kernel_initializer=init(2),
-                                 kernel_regularizer=keras.regularizers.l2(1e-3))(h)
-        return keras.Model(inp, out)
-
-    rng = np.random.default_rng(0)
-    # 16 + 7 examples in batches of 16: the second, short batch splits 4 + 3 over the two
-    # replicas; only an exact global batch size (7, not 2 * 4) reproduces the single device.
-    x = rng.normal(size=(23, 8, 8, 1)).astype("float32")
-    y = rng.integers(0, 10, size=23).astype("int32")
-    teacher = convnet(2, 8)  # created outside any strategy scope, as users do
+    teacher = net(2, 8)  # created outside any strategy scope, as users do
 
     def run(strategy):
         with strategy.scope():
-            student = convnet(1, 4)
+            student = net(1, 4)
             d = Distiller(student, teacher, temperature=2.0, coefficient=0.3)
             d.compile(keras.optimizers.SGD(0.5), metrics=["accuracy"])
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
@@ -541,8 +508,6 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         return first, w1, [v.numpy() for v in student.weights], ev
 
     one = run(tf.distribute.get_strategy())
-    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    assert mirrored.num_replicas_in_sync == 2
     two = run(mirrored)
     out = {
         "logs_one": {k: float(v[0]) for k, v in one[0].items()},
@@ -554,20 +519,11 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         "eval_two": {k: float(v) for k, v in two[3].items()},
     }
     print(json.dumps(out))
-""")
+"""
 
 
 def test_mirrored_strategy_matches_single_device(tmp_path):
-    script = tmp_path / "mirrored.py"
-    script.write_text(MIRRORED_SCRIPT)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_two_cpu_script(tmp_path, MIRRORED_BODY)
     one, two = out["logs_one"], out["logs_two"]
     assert set(one) == set(two) == {"loss", "hard_loss", "soft_loss", "coefficient",
                                     "temperature", "accuracy"}

@@ -14,6 +14,7 @@ import pytest
 import tfqkd
 from tfqkd._keras import keras, tf
 from tfqkd.qkd import CoStudying, read_phase_state, run_qkd
+from conftest import run_two_cpu_script
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -206,32 +207,8 @@ def test_costudying_resume_with_teacher_optimizer_is_exact(tmp_path):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
-MIRRORED_SCRIPT = """
-import json, os
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-from tfqkd._keras import keras, tf
-cpu = tf.config.list_physical_devices("CPU")[0]  # before anything initialises the devices
-tf.config.set_logical_device_configuration(
-    cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-import numpy as np
+MIRRORED_BODY = """
 from tfqkd.qkd import CoStudying
-
-def net(seed, width):
-    # no batch norm: replicas normalise with their own half-batch, legitimately different
-    init = lambda k: keras.initializers.GlorotUniform(seed=seed * 10 + k)
-    inp = keras.Input((8, 8, 1))
-    h = keras.layers.Conv2D(width, 3, activation="relu", kernel_initializer=init(1),
-                            kernel_regularizer=keras.regularizers.l2(1e-3))(inp)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    out = keras.layers.Dense(10, kernel_initializer=init(2),
-                             kernel_regularizer=keras.regularizers.l2(1e-3))(h)
-    return keras.Model(inp, out)
-
-rng = np.random.default_rng(0)
-# 16 + 7 examples: the short batch splits 4 + 3 over two replicas (global size 7, not 2 x 4)
-x = rng.normal(size=(23, 8, 8, 1)).astype("float32")
-y = rng.integers(0, 10, size=23).astype("int32")
 
 def run(strategy):
     with strategy.scope():
@@ -243,8 +220,6 @@ def run(strategy):
     return {k: float(v[0]) for k, v in logs.items()}, [v.numpy() for v in s.weights + t.weights]
 
 one = run(tf.distribute.get_strategy())
-mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-assert mirrored.num_replicas_in_sync == 2
 two = run(mirrored)
 x0 = [v.numpy() for v in net(1, 4).weights + net(2, 8).weights]
 print(json.dumps({
@@ -256,14 +231,7 @@ print(json.dumps({
 
 
 def test_costudying_under_mirrored_strategy_matches_single_device(tmp_path):
-    script = tmp_path / "mirrored.py"
-    script.write_text(MIRRORED_SCRIPT)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_two_cpu_script(tmp_path, MIRRORED_BODY)
     for key, value in out["logs_one"].items():
         assert out["logs_two"][key] == pytest.approx(value, abs=1e-5), key
     assert out["logs_two"]["coefficient"] == pytest.approx(0.3)  # not summed over replicas
