@@ -48,8 +48,9 @@ within 0.02 of 0 and stds 0.99..1.0. ``digits`` uses the mean/std of its trainin
 Augmentation (training split by default): CIFAR pads 4 black pixels on each side, crops a random
 32x32 window and flips horizontally with probability 1/2; ``digits`` pads 1 pixel and crops, with
 no flip (a mirrored digit is a different symbol or none). The randomness is drawn with stateless
-ops from seeds that a ``tf.data.Dataset.random(seed)`` stream provides, so the same ``seed`` gives
-the same batches, augmentation included, and each epoch draws new crops.
+ops from seeds that a ``tf.data.Dataset.random(seed)`` stream provides, so the same ``seed`` (under
+the same TensorFlow global seed) gives the same batches, augmentation included, and each epoch
+draws new crops.
 
 Example:
     >>> import tfqkd.data
@@ -681,7 +682,10 @@ def load_dataset(
         subset: Use only this many images, the same number from every class (must be a multiple
             of the number of classes); chosen by ``seed`` (``None``: a fixed choice).
         seed: Makes shuffling, augmentation and the subset reproducible: the same seed gives the
-            same batches. ``None`` draws them at random.
+            same batches. Like every TensorFlow op seed, the shuffle order and augmentation
+            draws combine it with TensorFlow's global seed (``tf.random.set_seed``,
+            ``keras.utils.set_random_seed``): the same pair gives the same batches (the subset
+            depends on ``seed`` alone). ``None`` draws them at random.
         shuffle: Shuffle every epoch; ``None`` means "on for the training split".
         drop_remainder: Drop the last, smaller batch.
         download: Let tensorflow-datasets download CIFAR if no local source has it.
