@@ -62,8 +62,6 @@ QKD_OPTIONS = [
            "the teacher's loss during co-studying.", "float"),
     Option("teacher_learning_rate", None, "Peak learning rate of the teacher in co-studying "
            "(its own optimizer). Absent: one optimizer at --learning_rate updates both.", "float"),
-    Option("temperature_squared", False, "Multiply the soft losses by τ² (Hinton's scaling).",
-           "bool"),
     Option("coefficient_schedule", "constant", "λ schedule in tutoring: constant, linear "
            "(coefficient reducing: --coefficient -> --coefficient_end), cosine or step.", "enum",
            ("constant", "linear", "cosine", "step")),

@@ -35,6 +35,8 @@ KD_OPTIONS = [
            "(λ = 0.5 is the paper's starting point).", "float"),
     Option("soft_loss", "kl", "Soft loss: kl, ce (the paper's H(p_T, p_S); same gradient as kl) "
            "or cosine.", "enum", ("kl", "ce", "cosine")),
+    Option("temperature_squared", False, "Multiply the soft loss by τ² (Hinton's scaling, which "
+           "keeps λ's meaning when τ changes; the paper's Eq. 3 has no such factor).", "bool"),
 ]
 
 OPTIONS = common.COMMON_OPTIONS + KD_OPTIONS + [
@@ -79,7 +81,8 @@ def make_distiller(student, teachers, cfg: common.Config):
 
     return tfqkd.Distiller(student, teachers if len(teachers) > 1 else teachers[0],
                            temperature=cfg.temperature, coefficient=cfg.coefficient,
-                           soft_loss=cfg.soft_loss)
+                           soft_loss=cfg.soft_loss,
+                           temperature_squared=cfg.temperature_squared)
 
 
 def compile_distiller(distiller, cfg: common.Config, steps_per_epoch: int) -> None:

@@ -94,6 +94,18 @@ def test_presets_and_explicit_flags_override():
         quantize_distill.make_config("smoke", save_freq="often")
     with pytest.raises(ValueError, match="preset"):
         quantize_distill.make_config("huge")
+    # KD options reach the Distiller (e.g. Hinton's τ² factor, off by default as in Eq. 3).
+    import tfqkd
+    from recipes.train_student import make_distiller
+
+    for flag, want in (([], False), (["--temperature_squared"], True)):
+        fv = flags.FlagValues()
+        common.define_flags(quantize_distill.OPTIONS, fv)
+        fv(["prog", "--preset=smoke", "--temperature=3", *flag])
+        cfg = common.config_from_flags(quantize_distill.OPTIONS, quantize_distill.PRESETS, fv)
+        d = make_distiller(tfqkd.models.tiny_resnet(seed=0), [tfqkd.models.tiny_resnet(seed=1)],
+                           cfg)
+        assert d.temperature_squared is want and float(d.temperature.numpy()) == 3.0
 
 
 def test_common_helpers(tmp_path, monkeypatch):

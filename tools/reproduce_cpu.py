@@ -42,7 +42,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -76,6 +76,8 @@ flags.DEFINE_float("weight_decay", 5e-4, "Weight decay of every stage (5e-4: the
                    "for short CIFAR schedules).")
 flags.DEFINE_float("temperature", 2.0, "KD temperature τ.")
 flags.DEFINE_float("coefficient", 0.5, "KD λ (constant for kd, start of CR for kd_cr).")
+flags.DEFINE_bool("temperature_squared", False, "KD rows: multiply the soft loss by τ² "
+                  "(Hinton's scaling; the paper's Eq. 3 has none).")
 flags.DEFINE_integer("weight_bits", 2, "Weight bits of the quantized students.")
 flags.DEFINE_list("methods", ["hard", "kd", "kd_cr"], "Methods to run, keys of METHODS.")
 flags.DEFINE_integer("seed", 0, "Seed of every stage.")
@@ -92,6 +94,7 @@ class Context:
     base: Dict[str, Any]  # options shared by every stage (data, batch, seed, ...)
     quant: Dict[str, Any]  # options shared by every 2-bit stage (bits, epochs, lr)
     strategy: Any
+    kd: Dict[str, Any] = dataclasses.field(default_factory=dict)  # extra options of KD rows
 
     def stage_dir(self, name: str) -> str:
         return os.path.join(self.output_dir, name)
@@ -120,14 +123,15 @@ def run_hard(ctx: Context) -> Dict[str, Any]:
 def run_kd(ctx: Context) -> Dict[str, Any]:
     """(b) 2-bit retraining with KD, constant λ."""
     return quantize_distill.run(ctx.quant_config(
-        "kd", teacher=[ctx.teacher_dir], coefficient_schedule="constant"), ctx.strategy)
+        "kd", teacher=[ctx.teacher_dir], coefficient_schedule="constant", **ctx.kd),
+        ctx.strategy)
 
 
 def run_kd_cr(ctx: Context) -> Dict[str, Any]:
     """(c) 2-bit retraining with KD and coefficient reducing (λ linear to 0)."""
     return quantize_distill.run(ctx.quant_config(
         "kd_cr", teacher=[ctx.teacher_dir], coefficient_schedule="linear",
-        coefficient_end=0.0), ctx.strategy)
+        coefficient_end=0.0, **ctx.kd), ctx.strategy)
 
 
 #: name -> Method. Other methods (SPEQ, QKD) register here with one entry.
@@ -204,7 +208,8 @@ def main(argv):
     stage_results["student"] = train_student.run(train_student.make_config(
         "paper", **base, width=1.0, epochs=e_s, learning_rate=FLAGS.learning_rate,
         output_dir=student_dir), strategy)
-    ctx = Context(out, teacher_dir, student_dir, base, quant, strategy)
+    ctx = Context(out, teacher_dir, student_dir, base, quant, strategy,
+                  kd=dict(temperature_squared=FLAGS.temperature_squared))
     for name in FLAGS.methods:
         stage_results[name] = METHODS[name].fn(ctx)
 
@@ -217,7 +222,9 @@ def main(argv):
                    "holdout": FLAGS.holdout, "teacher_width": FLAGS.teacher_width,
                    "teacher_epochs": e_t, "student_epochs": e_s, "quant_epochs": e_q,
                    "batch_size": FLAGS.batch_size, "temperature": FLAGS.temperature,
-                   "coefficient": FLAGS.coefficient, "weight_bits": FLAGS.weight_bits},
+                   "coefficient": FLAGS.coefficient,
+                   "temperature_squared": FLAGS.temperature_squared,
+                   "weight_bits": FLAGS.weight_bits},
         "evaluated_on": f"holdout{FLAGS.holdout}" if FLAGS.holdout else "test",
         "num_test": stage_results["student"].get("num_test"),
         "wall_time_s": round(time.time() - t0, 1),
