@@ -129,6 +129,22 @@ def test_interrupted_export_leaves_no_file(tiny, tmp_path, method):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["m.tflite"]
 
 
+def test_quantize_input_rounds_like_the_students_fakequant():
+    """Input integers equal FakeQuant's, also for values a float32 hair from a rounding tie."""
+    lo, hi = -1.9894737, 2.1264887  # a ResNet20 input range: zero point -5
+    scale = (hi - lo) / 255
+    zero = -128 - int(round(lo / scale))
+    rng = np.random.default_rng(3)
+    k = rng.integers(-128, 127, size=2000)
+    x = np.concatenate([rng.normal(size=2000),
+                        (k - zero + 0.5) * scale + rng.normal(scale=1e-6, size=2000),
+                        [-50.0, 50.0]]).astype(np.float32)
+    fq = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8).numpy()
+    want = np.rint(fq / np.float32(scale)).astype(np.int64) + zero
+    got = export.quantize_input(x, scale, zero).astype(np.int64)
+    assert np.array_equal(got, want), np.flatnonzero(got != want)
+
+
 def test_pack_round_trip_tiny_exact(tiny, tmp_path):
     q, _, _ = tiny
     stats = export.pack_weights(q, tmp_path / "w.tfqkdpw")
@@ -255,12 +271,17 @@ def test_resnet20_w2_int8_parity_and_levels(resnet20_w2, tmp_path):
 
     With ``activation_bits`` the QAT student rounds every tensor the integer file rounds (input,
     ReLU outputs, pre-add conv+BN outputs, pooled features, logits) at the ranges the exporter
-    writes into the file, so the two differ only by integer-arithmetic rounding (bias, requantize
-    multipliers) on exact ties.
+    writes into the file; ``align_student`` puts its folded biases on the file's int32 grid and
+    :func:`export.quantize_input` rounds the input as the student does, so the two differ only
+    on accumulators within float32 rounding of a tie.
     """
     q, test, calibration = resnet20_w2
     path = tmp_path / "resnet20_w2.tflite"
-    export.export_tflite(q, path, calibration, mode="int8", num_calibration=200, int8_io=True)
+    info = export.export_tflite(q, path, calibration, mode="int8", num_calibration=200,
+                                int8_io=True, align_student=True)
+    # The student's biases moved onto the file's int32 grid: by far less than one output step.
+    assert info["aligned_biases"]["channels"] > 700
+    assert info["aligned_biases"]["max_shift_steps"] < 0.01
     report = export.verify_tflite(path, q, test)
     print(report)
     assert report.num_examples == 500 and report.input_dtype == "int8"
@@ -278,7 +299,7 @@ def test_resnet20_w2_int8_parity_and_levels(resnet20_w2, tmp_path):
     x = next(iter(test))[0].numpy()
     it.resize_tensor_input(inp["index"], x.shape)
     it.allocate_tensors()
-    it.set_tensor(inp["index"], np.clip(np.rint(x / s_in + z_in), -128, 127).astype(np.int8))
+    it.set_tensor(inp["index"], export.quantize_input(x, s_in, z_in))
     it.invoke()
     logits = (it.get_tensor(out["index"]).astype(np.float32) - z_out) * s_out
     ref = q(x, training=False).numpy()
