@@ -77,6 +77,34 @@ def test_ternary_weights_land_exactly_on_levels(tiny, tmp_path, mode, storage):
     assert all(layer["max_levels_per_channel"] <= 3 for layer in report.layers)
 
 
+def test_int8_file_stores_identical_quantization_vectors_once(tiny, tmp_path):
+    """Shared zero-point vectors: a smaller file that LiteRT reads to the same tensors and outputs."""
+    from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    q, x, _ = tiny
+    path = tmp_path / "m.tflite"
+    export.export_tflite(q, path, x[:32], mode="int8")
+    shared = path.read_bytes()
+    plain = bytes(flatbuffer_utils.convert_object_to_bytearray(
+        flatbuffer_utils.convert_bytearray_to_object(bytearray(shared))))
+    # 7 kernels and 7 biases, one all-zero int64 zero point per channel each (8 or 16 channels).
+    assert len(plain) - len(shared) >= 8 * 8 * 10
+
+    def run(content):
+        it = Interpreter(model_content=content)
+        it.allocate_tensors()
+        it.set_tensor(it.get_input_details()[0]["index"], x[:1])
+        it.invoke()
+        details = [(d["name"], d["dtype"],
+                    [np.asarray(v).tolist() for v in d["quantization_parameters"].values()])
+                   for d in it.get_tensor_details()]
+        return it.get_tensor(it.get_output_details()[0]["index"]), details
+
+    (out_a, det_a), (out_b, det_b) = run(shared), run(plain)
+    assert np.array_equal(out_a, out_b) and det_a == det_b
+
+
 def test_float_and_dynamic_modes(tiny, tmp_path):
     q, x, y = tiny
     f = export.export_tflite(q, tmp_path / "f.tflite", mode="float")

@@ -10,7 +10,13 @@ the per-round mean latencies.
 
 Targets: int8 file <= 0.27 x float file; int8 latency <= 0.6 x float latency; int4 file weights
 <= 4 bits/weight; packed archive <= 2.1 bits per ternary weight. The last line of output is one
-JSON object with every figure.
+JSON object with every figure, including ``int8_file_breakdown``: where the int8 file's bytes go
+(weight buffers, int32 biases, other buffers, distinct quantization vectors, tensor names, and the
+rest of the FlatBuffer: tables, shapes, operator lists, alignment).
+
+All files keep float32 input and output (the int8 ones quantize/dequantize inside): the same
+interface as the float file, so the latencies compare like for like. ``int8_io=True`` would save
+two QUANTIZE/DEQUANTIZE ops and their two float tensors (under 100 bytes).
 
 Example:
     CUDA_VISIBLE_DEVICES= python tools/benchmark_tflite.py --rounds=15 --inner=20
@@ -46,6 +52,50 @@ MODES = ("float", "int8", "int4")
 def _log(msg: str) -> None:
     if not FLAGS.json_only:
         print(msg, flush=True)
+
+
+def file_breakdown(path: str) -> dict:
+    """Bytes of a .tflite file by what they hold (buffers by use, quantization vectors, names)."""
+    import numpy as np
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    with open(path, "rb") as f:
+        content = f.read()
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    kernel_ops = {i for i, code in enumerate(model.operatorCodes)
+                  if max(code.builtinCode, code.deprecatedBuiltinCode) in (3, 4, 9)}  # conv, dw, fc
+    weight_inputs, bias_inputs = set(), set()
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            if op.opcodeIndex in kernel_ops and len(op.inputs) > 1:
+                weight_inputs.add(int(op.inputs[1]))
+                if len(op.inputs) > 2 and op.inputs[2] >= 0:
+                    bias_inputs.add(int(op.inputs[2]))
+    out = {"weight_buffers": 0, "bias_buffers": 0, "other_buffers": 0,
+           "quantization_vectors_unique": 0, "quantization_vectors_listed": 0, "tensor_names": 0}
+    stored = set()
+    for sg in model.subgraphs:
+        for i, t in enumerate(sg.tensors):
+            data = model.buffers[t.buffer].data
+            n = 0 if data is None else len(data)
+            key = ("weight_buffers" if i in weight_inputs else
+                   "bias_buffers" if i in bias_inputs else "other_buffers")
+            out[key] += n
+            out["tensor_names"] += len(t.name or b"")
+            q = t.quantization
+            for values, dtype in ((q and q.scale, np.float32), (q and q.zeroPoint, np.int64),
+                                  (q and q.min, np.float32), (q and q.max, np.float32)):
+                if values is not None and len(values):
+                    raw = np.asarray(values, dtype).tobytes()
+                    out["quantization_vectors_listed"] += len(raw)
+                    if (dtype, raw) not in stored:  # export_tflite stores identical vectors once
+                        stored.add((dtype, raw))
+                        out["quantization_vectors_unique"] += len(raw)
+    out["total"] = len(content)
+    out["flatbuffer_rest"] = len(content) - sum(
+        out[k] for k in ("weight_buffers", "bias_buffers", "other_buffers",
+                         "quantization_vectors_unique", "tensor_names"))
+    return out
 
 
 def main(argv):
@@ -116,7 +166,9 @@ def main(argv):
     result = {
         "model": "resnet20_w2a8", "rounds": FLAGS.rounds, "inner": FLAGS.inner,
         "file_bytes": sizes,
+        "io_dtype": "float32",
         "int8_over_float_size": sizes["int8"] / sizes["float"],
+        "int8_file_breakdown": file_breakdown(files["int8"]),
         "int4_over_float_size": sizes["int4"] / sizes["float"],
         "latency_ms": latency,
         "int8_over_float_latency": {
