@@ -4,7 +4,9 @@ The model is loaded within :func:`tfqkd.quantize_scope` (so tfqkd/tfmot QAT mode
 representative images for calibration come from :func:`tfqkd.data.load_dataset` (training split,
 no augmentation), and the file is written atomically. With ``--verify`` the file is then checked
 against the Keras model on the test split and the parity report printed. ``--pack`` additionally
-writes the packed weight archive (true bit-width).
+writes the packed weight archive (true bit-width). ``--align_student`` moves the student's folded
+biases onto the file's int32 grid first (so that ``--verify`` compares the student that computes
+what the file computes), and ``--aligned_model`` saves that student.
 
 Example:
     python tools/export_tflite.py --model=runs/w2/model --output=w2_int8.tflite \\
@@ -35,6 +37,11 @@ flags.DEFINE_bool("int8_io", False, "int8 input/output tensors (int8 / int4 mode
 flags.DEFINE_bool("verify", False, "Run the file on the test split and print the parity report.")
 flags.DEFINE_integer("num_eval", 1000, "Test images used by --verify.")
 flags.DEFINE_string("pack", None, "Also write the packed weight archive to this path.")
+flags.DEFINE_bool("align_student", False,
+                  "int8 / int4: move the loaded student's folded biases onto the file's int32 "
+                  "grid (export_tflite(align_student=True)) before --verify and --pack.")
+flags.DEFINE_string("aligned_model", None,
+                    "With --align_student: save the aligned student here (.h5 or .keras).")
 flags.mark_flags_as_required(["model", "output"])
 
 
@@ -51,6 +58,8 @@ def load_model(path: str):
 
 def main(argv):
     del argv
+    if FLAGS.aligned_model and not FLAGS.align_student:
+        raise app.UsageError("--aligned_model needs --align_student.")
     import tfqkd
     from tfqkd import data, export
 
@@ -63,9 +72,16 @@ def main(argv):
                                         seed=0).take((n + 99) // 100 if n >= 100 else 1)
     info = export.export_tflite(model, FLAGS.output, calibration, mode=FLAGS.mode,
                                 num_calibration=FLAGS.num_calibration, int8_io=FLAGS.int8_io,
-                                method=FLAGS.method)
+                                method=FLAGS.method, align_student=FLAGS.align_student)
     result = {"export": {k: v for k, v in info.items() if k != "weight_bits"}}
     print(f"wrote {info['path']} ({info['bytes']} bytes, mode {info['mode']})")
+    if FLAGS.aligned_model and info["aligned_biases"] is not None:
+        from tfqkd._io import atomic_path
+
+        with atomic_path(FLAGS.aligned_model) as tmp:
+            model.save(tmp)
+        print(f"wrote {FLAGS.aligned_model} (student with the file's biases: "
+              f"{info['aligned_biases']})")
     if FLAGS.pack:
         stats = export.pack_weights(model, FLAGS.pack)
         print(f"wrote {stats['path']} ({stats['bytes']} bytes, "
