@@ -1106,8 +1106,12 @@ def export_and_verify(model: keras.Model, out: OutputDir, data: Data, mode: str)
     """Exports ``model`` to ``model/model_<mode>.tflite`` and verifies it on the test split."""
     from tfqkd import export as texport
 
+    os.makedirs(out.model_dir, exist_ok=True)
     path = os.path.join(out.model_dir, f"model_{mode}.tflite")
-    info = texport.export_tflite(model, path, representative_data=data.train, mode=mode)
+    # align_student: the student's folded biases move (by <= ~1e-3 output steps) onto the
+    # file's int32 grid, so the saved student computes what the shipped file computes.
+    info = texport.export_tflite(model, path, representative_data=data.train, mode=mode,
+                                 align_student=mode in ("int8", "int4"))
     report = texport.verify_tflite(path, model, data.test)
     rep = report.to_dict()
     rep.pop("layers", None)
@@ -1124,13 +1128,15 @@ def finish_run(run: Run, model: keras.Model, label: str, *,
 
     ``results.json`` gets ``test_accuracy`` of ``model`` on the test split plus ``metrics``,
     and ``model``, ``num_train``, ``num_test`` plus ``extra`` (see :func:`write_results`).
-    ``export_mode`` other than ``"none"``: the chief also writes and verifies a ``.tflite``.
+    ``export_mode`` other than ``"none"``: the chief first writes and verifies a ``.tflite``
+    (full-integer modes align the student's biases with the file, see :func:`export_and_verify`).
     """
-    acc = evaluate_accuracy(model, run.data.test)
-    run.out.save_model(model)
     extra = dict(extra or {})
     if export_mode != "none" and run.out.chief:
+        # Before evaluating and saving: an integer export aligns the student's biases.
         extra.update(export_and_verify(model, run.out, run.data, export_mode))
+    acc = evaluate_accuracy(model, run.data.test)
+    run.out.save_model(model)
     res = write_results(run.out, run.cfg, {"test_accuracy": acc, **(metrics or {})},
                         {"model": model.name, "num_train": run.data.num_train,
                          "num_test": run.data.num_test, **extra})
