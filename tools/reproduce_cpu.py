@@ -64,7 +64,8 @@ flags.DEFINE_integer("test_subset", 0, "Class-balanced test images (0: all 10,00
 flags.DEFINE_integer("holdout", 0, "Tuning mode: evaluate on this many class-balanced images "
                      "held out of the training split instead of the test set (0: off).")
 flags.DEFINE_float("teacher_width", 1.5, "Teacher WideResNet20 width.")
-flags.DEFINE_integer("teacher_epochs", 12, "Teacher epochs.")
+flags.DEFINE_integer("teacher_epochs", 30, "Teacher epochs (30: a teacher clearly better than the "
+                     "student; chosen on --holdout, see docs/recipes.md).")
 flags.DEFINE_integer("student_epochs", 12, "Float student epochs.")
 flags.DEFINE_integer("quant_epochs", 10, "Epochs of every 2-bit retraining.")
 flags.DEFINE_integer("epochs", None, "If set, overrides all three epoch budgets.")
@@ -76,8 +77,9 @@ flags.DEFINE_float("weight_decay", 5e-4, "Weight decay of every stage (5e-4: the
                    "for short CIFAR schedules).")
 flags.DEFINE_float("temperature", 2.0, "KD temperature τ.")
 flags.DEFINE_float("coefficient", 0.5, "KD λ (constant for kd, start of CR for kd_cr).")
-flags.DEFINE_bool("temperature_squared", False, "KD rows: multiply the soft loss by τ² "
-                  "(Hinton's scaling; the paper's Eq. 3 has none).")
+flags.DEFINE_bool("temperature_squared", True, "KD rows: multiply the soft loss by τ² "
+                  "(Hinton's scaling; the paper's Eq. 3 has none). On: chosen on --holdout, "
+                  "see docs/recipes.md.")
 flags.DEFINE_integer("weight_bits", 2, "Weight bits of the quantized students.")
 flags.DEFINE_list("methods", ["hard", "kd", "kd_cr"], "Methods to run, keys of METHODS.")
 flags.DEFINE_integer("seed", 0, "Seed of every stage.")
