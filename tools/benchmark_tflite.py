@@ -57,17 +57,18 @@ def _log(msg: str) -> None:
 def file_breakdown(path: str) -> dict:
     """Bytes of a .tflite file by what they hold (buffers by use, quantization vectors, names)."""
     import numpy as np
-    from tensorflow.lite.tools import flatbuffer_utils
+
+    # The exporter's own FlatBuffer reader and kernel-op names: one definition of "weight op".
+    from tfqkd.export import _WEIGHT_OPS, _op_names, _read_flatbuffer
 
     with open(path, "rb") as f:
         content = f.read()
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
-    kernel_ops = {i for i, code in enumerate(model.operatorCodes)
-                  if max(code.builtinCode, code.deprecatedBuiltinCode) in (3, 4, 9)}  # conv, dw, fc
+    model = _read_flatbuffer(content)
+    names = _op_names(model)
     weight_inputs, bias_inputs = set(), set()
     for sg in model.subgraphs:
         for op in sg.operators:
-            if op.opcodeIndex in kernel_ops and len(op.inputs) > 1:
+            if names.get(op.opcodeIndex) in _WEIGHT_OPS and len(op.inputs) > 1:
                 weight_inputs.add(int(op.inputs[1]))
                 if len(op.inputs) > 2 and op.inputs[2] >= 0:
                     bias_inputs.add(int(op.inputs[2]))
