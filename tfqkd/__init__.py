@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # (data loading, plotting) do not pay for tfmot or keras-tuner.
 _SUBMODULES = (
     "callbacks", "data", "distiller", "export", "losses", "models", "qkd", "quantize",
-    "quantizers", "speq", "tuning",
+    "quantizers", "speq", "tflite_layout", "tuning",
 )
 _LAZY_ATTRS = {
     "Distiller": "distiller",

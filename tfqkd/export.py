@@ -1100,6 +1100,7 @@ def export_tflite(
     snap_levels: bool = True,
     allow_select_tf_ops: bool = False,
     align_student: bool = False,
+    space_to_depth: bool = False,
 ) -> Dict[str, Any]:
     """Converts a (quantized) student to a ``.tflite`` file, written atomically.
 
@@ -1134,11 +1135,17 @@ def export_tflite(
             file computes; without it, accumulators within that distance of a rounding tie
             round differently and the difference spreads through the network (see
             docs/export.md, Parity).
+        space_to_depth: ``"int8"`` only: run every 3x3 stride-1 convolution with <= 16 output
+            channels on a 2x2 space-to-depth view (``tflite_layout.space_to_depth_convs``):
+            bit-identical outputs, about 2x faster on XNNPACK's 64-channel int8 kernels
+            (ResNet20), but those kernels take 16x the bytes (ResNet20: 0.47 x instead of
+            0.27 x the float file). For latency-bound deployments that can afford the size.
 
     Returns:
-        ``{"path", "mode", "bytes", "snapped_channels", "weight_bits", "aligned_biases"}``
-        (``aligned_biases``: ``{"channels", "max_shift_steps"}`` with ``align_student``, else
-        None).
+        ``{"path", "mode", "bytes", "snapped_channels", "weight_bits", "aligned_biases",
+        "space_to_depth_convs"}`` (``aligned_biases``: ``{"channels", "max_shift_steps"}`` with
+        ``align_student``, else None; ``space_to_depth_convs``: how many convolutions were
+        rewritten).
 
     Raises:
         ValueError: unknown mode, missing/empty representative data.
@@ -1192,6 +1199,9 @@ def export_tflite(
 
     if method not in ("fakequant", "ptq"):
         raise ValueError(f"unknown int8 method {method!r}; choose 'fakequant' or 'ptq'.")
+    if space_to_depth and mode != "int8":
+        raise ValueError(f"space_to_depth=True rewrites int8 convolutions; mode {mode!r} has "
+                         "none. Use mode='int8' or drop space_to_depth.")
     calibration = None
     if representative_data is not None and mode in ("int8", "int4"):
         def calibration():
@@ -1230,13 +1240,18 @@ def export_tflite(
     content = _shorten_tensor_names(content)
     if mode == "int8" and method == "ptq" and snap_levels:
         content, snapped = _snap_int8_levels(content, _tflite_layout_levels(plain))
-    _atomic_write(path, content)
+    written, rewritten = content, 0
+    if space_to_depth:
+        from tfqkd.tflite_layout import space_to_depth_convs
+        written, rewritten = space_to_depth_convs(content)
+    _atomic_write(path, written)
     aligned = None
     if align_student and mode in ("int8", "int4"):
+        # The rewrite only tiles biases: align on the compact file's one copy per channel.
         aligned = _align_student_biases(model, plain, content)
-    return {"path": path, "mode": mode, "bytes": len(content), "snapped_channels": snapped,
+    return {"path": path, "mode": mode, "bytes": len(written), "snapped_channels": snapped,
             "weight_bits": used_bits or {k: v for k, v in bits_by_layer.items() if v},
-            "aligned_biases": aligned}
+            "aligned_biases": aligned, "space_to_depth_convs": rewritten}
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -42,6 +41,9 @@ flags.DEFINE_bool("align_student", False,
                   "grid (export_tflite(align_student=True)) before --verify and --pack.")
 flags.DEFINE_string("aligned_model", None,
                     "With --align_student: save the aligned student here (.h5 or .keras).")
+flags.DEFINE_bool("space_to_depth", False,
+                  "int8: run 3x3 convolutions with <= 16 output channels on a 2x2 space-to-depth "
+                  "view (same outputs, ~2x faster on XNNPACK, ~1.75x the file size for ResNet20).")
 flags.mark_flags_as_required(["model", "output"])
 
 
@@ -72,7 +74,8 @@ def main(argv):
                                         seed=0).take((n + 99) // 100 if n >= 100 else 1)
     info = export.export_tflite(model, FLAGS.output, calibration, mode=FLAGS.mode,
                                 num_calibration=FLAGS.num_calibration, int8_io=FLAGS.int8_io,
-                                method=FLAGS.method, align_student=FLAGS.align_student)
+                                method=FLAGS.method, align_student=FLAGS.align_student,
+                                space_to_depth=FLAGS.space_to_depth)
     result = {"export": {k: v for k, v in info.items() if k != "weight_bits"}}
     print(f"wrote {info['path']} ({info['bytes']} bytes, mode {info['mode']})")
     if FLAGS.aligned_model and info["aligned_biases"] is not None:
