@@ -2,17 +2,22 @@
 
 Builds a W2A8 tfqkd student (``quantize_model(resnet20, weight_bits=2, activation_bits=8)``,
 first/last layers 8-bit), exports it with :func:`tfqkd.export.export_tflite` in the ``float``,
-``int8`` and ``int4`` modes and packs its weights with :func:`tfqkd.export.pack_weights`. Then it
-times batch-1 inference of every file with the LiteRT interpreter at 1 and 2 threads, interleaved:
-each round runs every (file, threads) configuration for ``--inner`` invocations in a rotating
-order, after ``--warmup`` untimed invocations each; the figure per configuration is the median of
-the per-round mean latencies.
+``int8`` and ``int4`` modes and as ``int8_s2d`` (``mode="int8", space_to_depth=True``: the same
+integer arithmetic with the narrow convolutions on a space-to-depth view, bigger and faster on
+XNNPACK) and packs its weights with :func:`tfqkd.export.pack_weights`. Then it times batch-1
+inference of every file with the LiteRT interpreter at 1 and 2 threads, interleaved: each round
+runs every (file, threads) configuration for ``--inner`` invocations in a rotating order, after
+``--warmup`` untimed invocations each; the figure per configuration is the median of the per-round
+mean latencies.
 
-Targets: int8 file <= 0.27 x float file; int8 latency <= 0.6 x float latency; int4 file weights
-<= 4 bits/weight; packed archive <= 2.1 bits per ternary weight. The last line of output is one
-JSON object with every figure, including ``int8_file_breakdown``: where the int8 file's bytes go
-(weight buffers, int32 biases, other buffers, distinct quantization vectors, tensor names, and the
-rest of the FlatBuffer: tables, shapes, operator lists, alignment).
+``--layer_breakdown`` adds per-stage timings of stacked convolutions (float vs int8, ns per
+output pixel): where int8 gains and where it does not.
+
+Targets (on the compact ``int8`` file): int8 file <= 0.27 x float file; int8 latency <= 0.6 x float
+latency; int4 file weights <= 4 bits/weight; packed archive <= 2.1 bits per ternary weight. The
+last line of output is one JSON object with every figure, including ``int8_file_breakdown``: where
+the int8 file's bytes go (weight buffers, int32 biases, other buffers, distinct quantization
+vectors, tensor names, and the rest of the FlatBuffer: tables, shapes, operator lists, alignment).
 
 All files keep float32 input and output (the int8 ones quantize/dequantize inside): the same
 interface as the float file, so the latencies compare like for like. ``int8_io=True`` would save
