@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import tfqkd
-from tfqkd import export, tflite_layout
+from tfqkd import _flatbuffer, export, tflite_layout
 from tfqkd._keras import keras
 from tfqkd.quantize import quantize_model
 
@@ -72,8 +72,8 @@ def _run(path, x):
 
 
 def _op_names(path):
-    model_obj = export._read_flatbuffer(open(path, "rb").read())  # noqa: SLF001
-    names = export._op_names(model_obj)  # noqa: SLF001
+    model_obj = _flatbuffer.read(open(path, "rb").read())
+    names = _flatbuffer.op_names(model_obj)
     return [names[op.opcodeIndex] for op in model_obj.subgraphs[0].operators]
 
 

@@ -36,6 +36,8 @@ from typing import List, Tuple
 
 import numpy as np
 
+from tfqkd._flatbuffer import op_names, read, write
+
 __all__ = ["space_to_depth_convs"]
 
 _INT8 = 9
@@ -136,12 +138,10 @@ def space_to_depth_convs(content: bytes, max_out_channels: int = 16) -> Tuple[by
     """
     from tensorflow.lite.python import schema_py_generated as schema
 
-    from tfqkd.export import _op_names, _read_flatbuffer, _write_flatbuffer
-
     if max_out_channels < 1:
         raise ValueError(f"max_out_channels must be >= 1, got {max_out_channels!r}.")
-    model_obj = _read_flatbuffer(content)
-    names = _op_names(model_obj)
+    model_obj = read(content)
+    names = op_names(model_obj)
     sg = model_obj.subgraphs[0]
     uses = np.zeros(len(sg.tensors), np.int64)
     for op in sg.operators:
@@ -203,4 +203,4 @@ def space_to_depth_convs(content: bytes, max_out_channels: int = 16) -> Tuple[by
     if not rewritten:
         return content, 0
     sg.operators = new_ops
-    return _write_flatbuffer(model_obj), rewritten
+    return write(model_obj), rewritten

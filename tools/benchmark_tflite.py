@@ -71,16 +71,16 @@ def file_breakdown(path: str) -> dict:
     import numpy as np
 
     # The exporter's own FlatBuffer reader and kernel-op names: one definition of "weight op".
-    from tfqkd.export import _WEIGHT_OPS, _op_names, _read_flatbuffer
+    from tfqkd._flatbuffer import WEIGHT_OPS, op_names, read
 
     with open(path, "rb") as f:
         content = f.read()
-    model = _read_flatbuffer(content)
-    names = _op_names(model)
+    model = read(content)
+    names = op_names(model)
     weight_inputs, bias_inputs = set(), set()
     for sg in model.subgraphs:
         for op in sg.operators:
-            if names.get(op.opcodeIndex) in _WEIGHT_OPS and len(op.inputs) > 1:
+            if names.get(op.opcodeIndex) in WEIGHT_OPS and len(op.inputs) > 1:
                 weight_inputs.add(int(op.inputs[1]))
                 if len(op.inputs) > 2 and op.inputs[2] >= 0:
                     bias_inputs.add(int(op.inputs[2]))
