@@ -112,3 +112,25 @@ def test_float_file_is_left_alone(w2a8_tiny, tmp_path):
     export.export_tflite(q, path, mode="float")
     content = open(path, "rb").read()
     assert tflite_layout.space_to_depth_convs(content) == (content, 0)
+
+
+def test_shared_buffers_are_left_alone(w2a8_tiny, tmp_path):
+    """A kernel buffer another tensor also reads is not rewritten (the other would change too)."""
+    q, x, _ = w2a8_tiny
+    path = tmp_path / "m.tflite"
+    export.export_tflite(q, path, x[:64], mode="int8")
+    model_obj = _flatbuffer.read(open(path, "rb").read())
+    sg = model_obj.subgraphs[0]
+    names = _flatbuffer.op_names(model_obj)
+    convs = [op for op in sg.operators if names[op.opcodeIndex] == "CONV_2D"
+             and tuple(sg.tensors[op.inputs[1]].shape) == (8, 3, 3, 8)]
+    assert len(convs) == 2  # stage 1's two 8 -> 8 convolutions
+    first, second = (sg.tensors[op.inputs[1]] for op in convs)
+    second.buffer = first.buffer  # both now read the first kernel
+    shared = tmp_path / "shared.tflite"
+    shared.write_bytes(_flatbuffer.write(model_obj))
+    content, rewritten = tflite_layout.space_to_depth_convs(shared.read_bytes())
+    assert rewritten == 2  # the stem and stage 2's conv; not the two sharing a buffer
+    wide = tmp_path / "wide.tflite"
+    wide.write_bytes(content)
+    np.testing.assert_array_equal(_run(wide, x[:16]), _run(shared, x[:16]))

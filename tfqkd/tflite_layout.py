@@ -1,9 +1,9 @@
 """Integer-exact layout rewrites of full-integer TFLite files, for speed on wide int8 kernels.
 
-XNNPACK's int8 convolution kernels on x86 with VNNI/AMX compute a tile of 64 output channels per
-pixel whatever the layer's width, so a convolution with 16 output channels costs about what one
-with 64 costs (measured: ~85-110 ns per output pixel for 8 to 64 channels, 1 thread, in
-``tools/benchmark_tflite.py --layer_breakdown``). ResNet20's first stage (32x32 pixels, 16
+On x86 with AVX-512 VNNI/AMX, LiteRT's XNNPACK int8 convolutions cost about the same per output
+pixel for 8 to 64 output channels (measured: ~85-110 ns, 1 thread; see ``tools/benchmark_tflite.py
+--layer_breakdown``), as if they always computed a 64-channel tile: a convolution with 16 output
+channels costs about what one with 64 costs. ResNet20's first stage (32x32 pixels, 16
 channels) is then as slow in int8 as in float and dominates the int8 file's latency.
 
 :func:`space_to_depth_convs` runs such a convolution on a 2x2 space-to-depth view instead::
@@ -15,7 +15,7 @@ Output pixel ``(2i+a, 2j+b)`` of a 3x3 stride-1 ``SAME`` convolution reads input
 space whose kernel holds each original weight once per output sub-position (zeros elsewhere).
 Every integer product and bias of the original accumulator appears exactly once and the
 per-channel scales are repeated, so the rewritten file computes bit-identical outputs (checked in
-``tests/test_export.py``). The price is weight storage: the block kernel has 16x the entries, so
+``tests/test_tflite_layout.py``). The price is weight storage: the block kernel has 16x the entries, so
 use it where latency matters more than file size.
 
 Example:
@@ -113,7 +113,7 @@ def space_to_depth_convs(content: bytes, max_out_channels: int = 16) -> Tuple[by
     """Rewrites narrow int8 3x3 stride-1 convolutions onto a 2x2 space-to-depth view.
 
     Applies to every ``CONV_2D`` of the main subgraph with int8 input, a static int8 ``[O, 3, 3,
-    I]`` kernel used by no other op, ``O <= max_out_channels``, stride 1, no dilation, ``SAME``
+    I]`` kernel and an int32 bias used by no other op or tensor, ``O <= max_out_channels``, stride 1, no dilation, ``SAME``
     padding and even height and width. The file computes bit-identical outputs (see the module
     docstring); only those kernels grow (16x entries).
 
@@ -148,6 +148,10 @@ def space_to_depth_convs(content: bytes, max_out_channels: int = 16) -> Tuple[by
         for i in op.inputs:
             if i >= 0:
                 uses[i] += 1
+    # The converter may let tensors with identical constants share one buffer: rewrite a
+    # buffer only when its tensor is the only one reading it.
+    buffer_users = np.bincount([t.buffer for g in model_obj.subgraphs for t in g.tensors],
+                               minlength=len(model_obj.buffers))
 
     def eligible(op) -> bool:
         if names.get(op.opcodeIndex) != "CONV_2D" or len(op.inputs) < 3 or op.inputs[2] < 0:
@@ -164,6 +168,8 @@ def space_to_depth_convs(content: bytes, max_out_channels: int = 16) -> Tuple[by
                 and x.shape[0] == 1 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0
                 and tuple(w.shape[1:3]) == (3, 3) and w.shape[0] <= max_out_channels
                 and uses[op.inputs[1]] == 1 and uses[op.inputs[2]] == 1
+                and buffer_users[w.buffer] == 1 and buffer_users[b.buffer] == 1
+                and len(op.outputs) == 1
                 and w.quantization is not None and w.quantization.quantizedDimension == 0)
 
     s2d_code = _opcode_index(model_obj, schema, schema.BuiltinOperator.SPACE_TO_DEPTH)
