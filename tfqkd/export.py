@@ -69,6 +69,7 @@ from tfqkd._flatbuffer import op_names as _op_names
 from tfqkd._flatbuffer import read as _read_flatbuffer
 from tfqkd._flatbuffer import write as _write_flatbuffer
 from tfqkd._keras import keras, tf
+from tfqkd.tflite_layout import space_to_depth_convs
 
 __all__ = [
     "MODES",
@@ -1170,7 +1171,6 @@ def export_tflite(
         content, snapped = _snap_int8_levels(content, _tflite_layout_levels(plain))
     written, rewritten = content, 0
     if space_to_depth:
-        from tfqkd.tflite_layout import space_to_depth_convs
         written, rewritten = space_to_depth_convs(content)
     _atomic_write(path, written)
     aligned = None
