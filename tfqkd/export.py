@@ -1066,7 +1066,7 @@ def export_tflite(
             docs/export.md, Parity).
         space_to_depth: ``"int8"`` only: run every 3x3 stride-1 convolution with <= 16 output
             channels on a 2x2 space-to-depth view (``tflite_layout.space_to_depth_convs``):
-            bit-identical outputs, about 2x faster on XNNPACK's 64-channel int8 kernels
+            bit-identical outputs, 1.4-1.8x faster on XNNPACK's 64-channel int8 kernels
             (ResNet20), but those kernels take 16x the bytes (ResNet20: 0.47 x instead of
             0.27 x the float file). For latency-bound deployments that can afford the size.
 
