@@ -111,33 +111,37 @@ def file_breakdown(path: str) -> dict:
     return out
 
 
-def _median_ms(content: bytes, threads: int) -> float:
-    import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
+def _interleaved_medians(interpreters: dict) -> dict:
+    """{key: median ms per invoke} of interpreters whose inputs are set, timed side by side.
 
-    it = Interpreter(model_content=content, num_threads=threads)
-    it.allocate_tensors()
-    inp = it.get_input_details()[0]
-    it.set_tensor(inp["index"], np.random.default_rng(0).normal(size=inp["shape"]).astype(
-        "float32"))
-    for _ in range(FLAGS.warmup):
-        it.invoke()
-    samples = []
-    for _ in range(FLAGS.rounds):
-        t0 = time.perf_counter()
-        for _ in range(FLAGS.inner):
+    Each interpreter gets ``--warmup`` untimed invocations; then every round runs each one for
+    ``--inner`` invocations in a rotating order, and the figure is the median of the per-round
+    means (so a change of the machine's speed during the run hits every configuration alike).
+    """
+    keys = list(interpreters)
+    for it in interpreters.values():
+        for _ in range(FLAGS.warmup):
             it.invoke()
-        samples.append((time.perf_counter() - t0) / FLAGS.inner * 1e3)
-    return statistics.median(samples)
+    samples = {k: [] for k in keys}
+    for r in range(FLAGS.rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            it = interpreters[k]
+            t0 = time.perf_counter()
+            for _ in range(FLAGS.inner):
+                it.invoke()
+            samples[k].append((time.perf_counter() - t0) / FLAGS.inner * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def layer_breakdown() -> dict:
     """ns per output pixel of six stacked 3x3 stride-1 convolutions at each ResNet20 stage shape.
 
     Float vs int8 (the converter's post-training quantization of a plain model; per-channel
-    int8 like the exported files) at 1 thread: shows where int8 gains and where it does not.
+    int8 like the exported files) at 1 thread, timed side by side: shows where int8 gains and
+    where it does not.
     """
     import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
 
     from tfqkd._keras import keras, tf
 
@@ -158,7 +162,15 @@ def layer_breakdown() -> dict:
                     [rng.normal(size=(1, hw, hw, c)).astype("float32")] for _ in range(16))
                 converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             files["int8" if quantized else "float"] = converter.convert()
-        ms = {k: _median_ms(v, 1) for k, v in files.items()}
+        interpreters = {}
+        for name, content in files.items():
+            it = Interpreter(model_content=content, num_threads=1)
+            it.allocate_tensors()
+            inp = it.get_input_details()[0]
+            it.set_tensor(inp["index"], np.random.default_rng(FLAGS.seed).normal(
+                size=inp["shape"]).astype("float32"))
+            interpreters[name] = it
+        ms = _interleaved_medians(interpreters)
         pixels = 6 * hw * hw
         out[f"{hw}x{hw}x{c}"] = {
             "float_ns_per_pixel": 1e6 * ms["float"] / pixels,
@@ -193,15 +205,13 @@ def main(argv):
 
     out_dir = FLAGS.output_dir or tempfile.mkdtemp(prefix="tfqkd_bench_")
     os.makedirs(out_dir, exist_ok=True)
-    files, sizes, export_seconds = {}, {}, {}
+    files, sizes, export_seconds, infos = {}, {}, {}, {}
     for mode in MODES:
         t0 = time.perf_counter()
         info = export.export_tflite(student, os.path.join(out_dir, f"resnet20_w2a8_{mode}.tflite"),
                                     calib if mode != "float" else None, **EXPORT_ARGS[mode])
         export_seconds[mode] = time.perf_counter() - t0
-        files[mode], sizes[mode] = info["path"], info["bytes"]
-        if mode == "int8_s2d":
-            s2d_convs = info["space_to_depth_convs"]
+        files[mode], sizes[mode], infos[mode] = info["path"], info["bytes"], info
         _log(f"exported {mode}: {info['bytes']} bytes in {export_seconds[mode]:.1f} s")
     levels = {mode: export.tflite_weight_levels(files[mode]) for mode in MODES}
     weight_bits = {}
@@ -217,25 +227,13 @@ def main(argv):
     threads = [int(t) for t in FLAGS.threads.split(",")]
     configs = [(mode, t) for t in threads for mode in MODES]
     interpreters = {}
-    x1 = calib[:1]
     for mode, t in configs:
         it = Interpreter(model_path=files[mode], num_threads=t)
         it.allocate_tensors()
-        inp = it.get_input_details()[0]
-        it.set_tensor(inp["index"], x1)
-        for _ in range(FLAGS.warmup):
-            it.invoke()
+        it.set_tensor(it.get_input_details()[0]["index"], calib[:1])
         interpreters[(mode, t)] = it
-    samples = {c: [] for c in configs}
-    for r in range(FLAGS.rounds):
-        order = configs[r % len(configs):] + configs[:r % len(configs)]
-        for c in order:
-            it = interpreters[c]
-            t0 = time.perf_counter()
-            for _ in range(FLAGS.inner):
-                it.invoke()
-            samples[c].append((time.perf_counter() - t0) / FLAGS.inner * 1e3)
-    latency = {f"{m}_t{t}_ms": statistics.median(samples[(m, t)]) for m, t in configs}
+    medians = _interleaved_medians(interpreters)
+    latency = {f"{m}_t{t}_ms": medians[(m, t)] for m, t in configs}
     result = {
         "model": "resnet20_w2a8", "rounds": FLAGS.rounds, "inner": FLAGS.inner,
         "file_bytes": sizes,
@@ -251,7 +249,7 @@ def main(argv):
         "int8_s2d_over_float_size": sizes["int8_s2d"] / sizes["float"],
         "int8_s2d_over_float_latency": {
             f"t{t}": latency[f"int8_s2d_t{t}_ms"] / latency[f"float_t{t}_ms"] for t in threads},
-        "int8_s2d_convs": s2d_convs,
+        "int8_s2d_convs": infos["int8_s2d"]["space_to_depth_convs"],
         "weight_storage_bits_per_weight": weight_bits,
         "int4_bits_per_lowbit_weight": sum(e["size"] * e["storage_bits"] for e in ternary_int4)
         / sum(e["size"] for e in ternary_int4),
@@ -277,7 +275,7 @@ def main(argv):
     if FLAGS.layer_breakdown:
         result["layer_breakdown"] = layer_breakdown()
     for c in configs:
-        _log(f"{c[0]:8s} threads={c[1]}: median {statistics.median(samples[c]):.3f} ms")
+        _log(f"{c[0]:8s} threads={c[1]}: median {medians[c]:.3f} ms")
     print(json.dumps(result))
 
 
