@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from typing import List, Tuple
 
 import numpy as np
@@ -75,7 +76,6 @@ def _block_kernel(w: np.ndarray) -> np.ndarray:
 
 
 def _tile_quantization(q, times: int):
-    import copy
     q = copy.deepcopy(q)
     for name in ("scale", "zeroPoint", "min", "max"):
         values = getattr(q, name)
@@ -85,7 +85,6 @@ def _tile_quantization(q, times: int):
 
 
 def _new_tensor(schema, sg, like, shape, name: bytes) -> int:
-    import copy
     t = schema.TensorT()
     t.shape = np.asarray(shape, np.int32)
     t.type = like.type
