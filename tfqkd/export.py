@@ -1066,9 +1066,11 @@ def export_tflite(
             docs/export.md, Parity).
         space_to_depth: ``"int8"`` only: run every 3x3 stride-1 convolution with <= 16 output
             channels on a 2x2 space-to-depth view (``tflite_layout.space_to_depth_convs``):
-            bit-identical outputs, 1.4-1.8x faster on XNNPACK's 64-channel int8 kernels
-            (ResNet20), but those kernels take 16x the bytes (ResNet20: 0.47 x instead of
-            0.27 x the float file). For latency-bound deployments that can afford the size.
+            bit-identical outputs, but those kernels take 16x the bytes (ResNet20: 0.47 x
+            instead of 0.27 x the float file) and 4x the multiply-adds. Faster only on CPUs
+            whose int8 kernels cost the same for 16 as for 64 channels (ResNet20 on an AMX
+            Xeon: 1.4-1.8x faster; on an AMD EPYC: 1.8x slower); measure on the target with
+            ``tools/benchmark_tflite.py`` (``faster_int8_layout``).
 
     Returns:
         ``{"path", "mode", "bytes", "snapped_channels", "weight_bits", "aligned_biases",

@@ -1,10 +1,12 @@
 """Integer-exact layout rewrites of full-integer TFLite files, for speed on wide int8 kernels.
 
-On x86 with AVX-512 VNNI/AMX, LiteRT's XNNPACK int8 convolutions cost about the same per output
-pixel for 8 to 64 output channels (measured: ~85-110 ns, 1 thread; see ``tools/benchmark_tflite.py
---layer_breakdown``), as if they always computed a 64-channel tile: a convolution with 16 output
-channels costs about what one with 64 costs. ResNet20's first stage (32x32 pixels, 16
-channels) is then as slow in int8 as in float and dominates the int8 file's latency.
+On some x86 CPUs (measured on a Xeon with AVX-512 VNNI and AMX) LiteRT's XNNPACK int8
+convolutions cost about the same per output pixel for 8 to 64 output channels (~85-110 ns,
+1 thread; see ``tools/benchmark_tflite.py --layer_breakdown``), as if they always computed a
+64-channel tile. ResNet20's first stage (32x32 pixels, 16 channels) is then as slow in int8 as in
+float and dominates the int8 file's latency. Elsewhere (measured on an AMD EPYC with AVX-512
+VNNI, no AMX) int8 cost scales with the width and this rewrite, which does 4x the
+multiply-adds, is 1.8x *slower*: it is opt-in, for CPUs where the benchmark says it wins.
 
 :func:`space_to_depth_convs` runs such a convolution on a 2x2 space-to-depth view instead::
 
@@ -16,7 +18,7 @@ space whose kernel holds each original weight once per output sub-position (zero
 Every integer product and bias of the original accumulator appears exactly once and the
 per-channel scales are repeated, so the rewritten file computes bit-identical outputs (checked in
 ``tests/test_tflite_layout.py``). The price is weight storage: the block kernel has 16x the entries, so
-use it where latency matters more than file size.
+use it where latency matters more than file size, on a CPU where it is faster.
 
 Example:
     >>> import numpy as np, os, tempfile, tfqkd

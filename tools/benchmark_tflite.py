@@ -3,13 +3,14 @@
 Builds a W2A8 tfqkd student (``quantize_model(resnet20, weight_bits=2, activation_bits=8)``,
 first/last layers 8-bit), exports it with :func:`tfqkd.export.export_tflite` in the ``float``,
 ``int8`` and ``int4`` modes and as ``int8_s2d`` (``mode="int8", space_to_depth=True``: the same
-integer arithmetic with the narrow convolutions on a space-to-depth view, bigger and faster on
-XNNPACK) and packs its weights with :func:`tfqkd.export.pack_weights`. Then it times batch-1
+integer arithmetic with the narrow convolutions on a space-to-depth view: bigger, and faster only
+on CPUs whose int8 kernels tile 64 channels) and packs its weights with :func:`tfqkd.export.pack_weights`. Then it times batch-1
 inference of every file with the LiteRT interpreter at 1 and 2 threads, interleaved: each round
 runs every (file, threads) configuration for ``--inner`` invocations in a rotating order, after
 ``--warmup`` untimed invocations each; the figure per configuration is the median of the per-round
 mean latencies.
 
+The JSON names the CPU (``host``) and the faster int8 layout there (``faster_int8_layout``).
 ``--layer_breakdown`` adds per-stage timings of stacked convolutions (float vs int8, ns per
 output pixel): where int8 gains and where it does not.
 
@@ -64,6 +65,28 @@ STAGES = ((32, 16), (16, 32), (8, 64))
 def _log(msg: str) -> None:
     if not FLAGS.json_only:
         print(msg, flush=True)
+
+
+def host_cpu() -> dict:
+    """The CPU the figures were measured on: int8 kernel speed depends on its instruction set."""
+    import platform
+
+    model, flags_ = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features"):
+                    flags_ = set(value.split())
+    except OSError:  # not Linux: the processor string is all we have
+        pass
+    # The extensions XNNPACK's int8 and float kernels choose between on x86 and ARM.
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "asimddp",
+              "i8mm", "sve")
+    return {"cpu": model, "cores": os.cpu_count(),
+            "isa": [f for f in wanted if f in flags_]}
 
 
 def file_breakdown(path: str) -> dict:
@@ -181,6 +204,11 @@ def layer_breakdown() -> dict:
     return out
 
 
+def _faster_layout(latency: dict, threads: list) -> str:
+    s2d_wins = [latency[f"int8_s2d_t{t}_ms"] < latency[f"int8_t{t}_ms"] for t in threads]
+    return "space_to_depth" if all(s2d_wins) else "compact" if not any(s2d_wins) else "mixed"
+
+
 def main(argv):
     del argv
     import numpy as np
@@ -236,6 +264,7 @@ def main(argv):
     latency = {f"{m}_t{t}_ms": medians[(m, t)] for m, t in configs}
     result = {
         "model": "resnet20_w2a8", "rounds": FLAGS.rounds, "inner": FLAGS.inner,
+        "host": host_cpu(),
         "file_bytes": sizes,
         "io_dtype": "float32",
         "int8_over_float_size": sizes["int8"] / sizes["float"],
@@ -250,6 +279,8 @@ def main(argv):
         "int8_s2d_over_float_latency": {
             f"t{t}": latency[f"int8_s2d_t{t}_ms"] / latency[f"float_t{t}_ms"] for t in threads},
         "int8_s2d_convs": infos["int8_s2d"]["space_to_depth_convs"],
+        # Which int8 layout is faster here, at every thread count (else "mixed"): host-dependent.
+        "faster_int8_layout": _faster_layout(latency, threads),
         "weight_storage_bits_per_weight": weight_bits,
         "int4_bits_per_lowbit_weight": sum(e["size"] * e["storage_bits"] for e in ternary_int4)
         / sum(e["size"] for e in ternary_int4),

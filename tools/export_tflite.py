@@ -43,7 +43,8 @@ flags.DEFINE_string("aligned_model", None,
                     "With --align_student: save the aligned student here (.h5 or .keras).")
 flags.DEFINE_bool("space_to_depth", False,
                   "int8: run 3x3 convolutions with <= 16 output channels on a 2x2 space-to-depth "
-                  "view (same outputs; ResNet20: 1.4-1.8x faster on XNNPACK, 1.75x the file size).")
+                  "view (same outputs, 1.75x the file size; faster only where int8 kernels tile 64 "
+                  "channels, e.g. AMX Xeons: see tools/benchmark_tflite.py).")
 flags.mark_flags_as_required(["model", "output"])
 
 
