@@ -1,6 +1,5 @@
 """Tests of tfqkd.quantize: the scheme, quantize_model, save/load, quantized_weights."""
 
-import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from tfqkd.quantize import (
     quantize_scope,
     quantized_weights,
 )
-from tfqkd.quantizers import ActivationQuantizer, SymmetricQuantizer
+from tfqkd.quantizers import ActivationQuantizer
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

@@ -42,9 +42,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import numbers
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -58,7 +56,6 @@ from tfqkd.quantize_configs import (
     Conv2DQuantizeConfig,
     DenseQuantizeConfig,
     DepthwiseConv2DQuantizeConfig,
-    KernelQuantizeConfig,
     is_quantizable_relu_layer,
     is_relu_activation,
 )

@@ -31,7 +31,6 @@ from typing import Any, Dict, List, Optional, Sequence
 import tensorflow_model_optimization as tfmot
 
 from tfqkd._keras import keras
-from tfqkd.quantizers import SymmetricQuantizer
 
 __all__ = [
     "KernelQuantizeConfig",

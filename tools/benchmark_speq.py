@@ -52,7 +52,7 @@ def main(argv):
     import tfqkd
     from tfqkd import data as tdata
     from tfqkd import speq
-    from tfqkd._keras import keras, tf
+    from tfqkd._keras import keras
     from recipes.speq import parse_high_bits, stochastic_teacher_accuracy
 
     train = tdata.load_dataset("digits", "train", batch_size=FLAGS.batch_size, augment=False,
