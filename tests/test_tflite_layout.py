@@ -114,8 +114,8 @@ def test_float_file_is_left_alone(w2a8_tiny, tmp_path):
     assert tflite_layout.space_to_depth_convs(content) == (content, 0)
 
 
-def test_shared_buffers_are_left_alone(w2a8_tiny, tmp_path):
-    """A kernel buffer another tensor also reads is not rewritten (the other would change too)."""
+def test_shared_buffers_are_copied_not_changed(w2a8_tiny, tmp_path):
+    """A kernel buffer another tensor also reads gets a private copy: the other stays as it was."""
     q, x, _ = w2a8_tiny
     path = tmp_path / "m.tflite"
     export.export_tflite(q, path, x[:64], mode="int8")
@@ -130,7 +130,27 @@ def test_shared_buffers_are_left_alone(w2a8_tiny, tmp_path):
     shared = tmp_path / "shared.tflite"
     shared.write_bytes(_flatbuffer.write(model_obj))
     content, rewritten = tflite_layout.space_to_depth_convs(shared.read_bytes())
-    assert rewritten == 2  # the stem and stage 2's conv; not the two sharing a buffer
+    assert rewritten == 4  # the stem, the two sharing a kernel, and stage 2's conv
     wide = tmp_path / "wide.tflite"
     wide.write_bytes(content)
     np.testing.assert_array_equal(_run(wide, x[:16]), _run(shared, x[:16]))
+
+
+def test_zero_biases_shared_with_convolutions_left_alone(tmp_path):
+    """An untrained float model's convolutions all have zero biases, which the converter stores
+    in one buffer; narrow ones are rewritten, the 16-channel ones keep reading the original."""
+    m = tfqkd.models.tiny_resnet(seed=0)
+    x = np.random.default_rng(0).normal(size=(16,) + m.input_shape[1:]).astype("float32")
+    path = tmp_path / "m.tflite"
+    export.export_tflite(m, path, x, mode="int8")
+    model_obj = _flatbuffer.read(path.read_bytes())
+    sg = model_obj.subgraphs[0]
+    names = _flatbuffer.op_names(model_obj)
+    biases = [sg.tensors[op.inputs[2]].buffer for op in sg.operators
+              if names[op.opcodeIndex] == "CONV_2D"]
+    assert len(biases) > len(set(biases))  # the case under test: shared bias buffers
+    content, rewritten = tflite_layout.space_to_depth_convs(path.read_bytes(), max_out_channels=8)
+    assert rewritten == 3  # stem and stage 1's two convolutions; not the 16-channel ones
+    wide = tmp_path / "wide.tflite"
+    wide.write_bytes(content)
+    np.testing.assert_array_equal(_run(wide, x), _run(path, x))

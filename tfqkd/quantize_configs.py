@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import tensorflow_model_optimization as tfmot
 
 from tfqkd._keras import keras
+from tfqkd.quantizers import SymmetricQuantizer  # noqa: F401  (the examples below use it)
 
 __all__ = [
     "KernelQuantizeConfig",

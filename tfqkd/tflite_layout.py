@@ -149,10 +149,18 @@ def space_to_depth_convs(content: bytes, max_out_channels: int = 16) -> Tuple[by
         for i in op.inputs:
             if i >= 0:
                 uses[i] += 1
-    # The converter may let tensors with identical constants share one buffer: rewrite a
-    # buffer only when its tensor is the only one reading it.
+    # The converter lets tensors with identical constants (e.g. the zero biases of an untrained
+    # model) share one buffer: a rewritten tensor gets a private copy, the others keep theirs.
     buffer_users = np.bincount([t.buffer for g in model_obj.subgraphs for t in g.tensors],
                                minlength=len(model_obj.buffers))
+
+    def own_buffer(tensor) -> None:
+        if buffer_users[tensor.buffer] > 1:
+            buffer_users[tensor.buffer] -= 1
+            private = schema.BufferT()
+            private.data = model_obj.buffers[tensor.buffer].data
+            model_obj.buffers.append(private)
+            tensor.buffer = len(model_obj.buffers) - 1
 
     def eligible(op) -> bool:
         if names.get(op.opcodeIndex) != "CONV_2D" or len(op.inputs) < 3 or op.inputs[2] < 0:
@@ -169,7 +177,6 @@ def space_to_depth_convs(content: bytes, max_out_channels: int = 16) -> Tuple[by
                 and x.shape[0] == 1 and x.shape[1] % 2 == 0 and x.shape[2] % 2 == 0
                 and tuple(w.shape[1:3]) == (3, 3) and w.shape[0] <= max_out_channels
                 and uses[op.inputs[1]] == 1 and uses[op.inputs[2]] == 1
-                and buffer_users[w.buffer] == 1 and buffer_users[b.buffer] == 1
                 and len(op.outputs) == 1
                 and w.quantization is not None and w.quantization.quantizedDimension == 0)
 
@@ -186,6 +193,8 @@ def space_to_depth_convs(content: bytes, max_out_channels: int = 16) -> Tuple[by
         x, w, b, y = sg.tensors[x_i], sg.tensors[w_i], sg.tensors[b_i], sg.tensors[y_i]
         _, h, wd, c_in = (int(v) for v in x.shape)
         c_out = int(w.shape[0])
+        own_buffer(w)
+        own_buffer(b)
         kernel = np.frombuffer(bytes(model_obj.buffers[w.buffer].data), np.int8).reshape(
             c_out, 3, 3, c_in)
         model_obj.buffers[w.buffer].data = np.frombuffer(_block_kernel(kernel).tobytes(), np.uint8)
