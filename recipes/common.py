@@ -166,6 +166,8 @@ COMMON_OPTIONS: List[Option] = [
            "(a multiple of the class count; absent or 0: all).", "integer"),
     Option("test_subset", None, "Evaluate on this many test images (class-balanced; absent or "
            "0: all).", "integer"),
+    Option("subset_seed", None, "Seed of the --subset / --test_subset choice alone (default: "
+           "--seed): keeps the images fixed across runs with different seeds.", "integer"),
     Option("batch_size", 128, "Global batch size (split across replicas).", "integer"),
     Option("epochs", 200, "Training epochs.", "integer"),
     Option("learning_rate", 0.1, "Peak SGD learning rate (0.1 for batch 128; scale linearly "
@@ -686,7 +688,8 @@ def load_data(cfg: Config, *, augment: Optional[bool] = None) -> Data:
     from tfqkd import data as tdata
 
     info = tdata.dataset_info(cfg.dataset)
-    common_kw = dict(data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed)
+    common_kw = dict(data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
+                     subset_seed=getattr(cfg, "subset_seed", None))
     train = tdata.load_dataset(cfg.dataset, "train", augment=augment, subset=cfg.subset,
                                drop_remainder=True, **common_kw)
     test = tdata.load_dataset(cfg.dataset, "test", subset=getattr(cfg, "test_subset", None),

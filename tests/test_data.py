@@ -157,6 +157,21 @@ def test_subset_is_class_balanced_and_deterministic():
     assert not np.array_equal(x1, x3)
 
 
+def test_subset_seed_fixes_the_images_while_seed_changes_the_order():
+    def images(**kw):
+        ds = data.load_dataset("digits", "train", batch_size=1000, subset=100, augment=False, **kw)
+        x, _ = _batches(ds)[0]
+        return x
+
+    base, other, fixed = images(seed=0), images(seed=1), images(seed=1, subset_seed=0)
+    key = lambda x: np.sort(x.reshape(len(x), -1).sum(1))  # noqa: E731  order-free image key
+    assert not np.array_equal(key(base), key(other))  # another seed, other images
+    np.testing.assert_array_equal(key(base), key(fixed))  # same images...
+    assert not np.array_equal(base, fixed)  # ...in another order
+    with pytest.raises(ValueError, match="subset_seed must be an integer"):
+        data.load_dataset("digits", "train", subset=100, subset_seed=1.5)
+
+
 @pytest.mark.parametrize("subset, match", [
     (105, "divisible by the 10 classes.*100 or 110"),
     (5000, "at most 1390"),

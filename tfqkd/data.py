@@ -670,6 +670,7 @@ def load_dataset(
     shuffle: Optional[bool] = None,
     drop_remainder: bool = False,
     download: bool = False,
+    subset_seed: Optional[int] = None,
 ) -> tf.data.Dataset:
     """A batched, normalised, optionally augmented and shuffled ``tf.data`` pipeline.
 
@@ -680,12 +681,15 @@ def load_dataset(
         batch_size: Images per batch (>= 1).
         augment: Standard augmentation; ``None`` means "on for the training split".
         subset: Use only this many images, the same number from every class (must be a multiple
-            of the number of classes); chosen by ``seed`` (``None``: a fixed choice).
+            of the number of classes); chosen by ``subset_seed``, default ``seed`` (``None``:
+            a fixed choice).
         seed: Makes shuffling, augmentation and the subset reproducible: the same seed gives the
             same batches. Like every TensorFlow op seed, the shuffle order and augmentation
             draws combine it with TensorFlow's global seed (``tf.random.set_seed``,
             ``keras.utils.set_random_seed``): the same pair gives the same batches (the subset
             depends on ``seed`` alone). ``None`` draws them at random.
+        subset_seed: Seed of the subset choice only, when it must stay fixed while ``seed``
+            varies (runs with different seeds on the same images); default ``seed``.
         shuffle: Shuffle every epoch; ``None`` means "on for the training split".
         drop_remainder: Drop the last, smaller batch.
         download: Let tensorflow-datasets download CIFAR if no local source has it.
@@ -706,15 +710,18 @@ def load_dataset(
     for flag, value in (("augment", augment), ("shuffle", shuffle)):
         if value is not None and not isinstance(value, (bool, np.bool_)):
             raise ValueError(f"{flag} must be True, False or None (split default), got {value!r}.")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}.")
+    for flag, value in (("seed", seed), ("subset_seed", subset_seed)):
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, (int, np.integer))):
+            raise ValueError(f"{flag} must be an integer or None, got {value!r}.")
     info = dataset_info(name)
     augment = split == "train" if augment is None else bool(augment)
     shuffle = split == "train" if shuffle is None else bool(shuffle)
 
     x, y = load_arrays(name, split, data_dir=data_dir, download=download)
     if subset is not None:
-        keep = _balanced_subset(y, subset, info.num_classes, seed)
+        keep = _balanced_subset(y, subset, info.num_classes,
+                                seed if subset_seed is None else subset_seed)
         x, y = x[keep], y[keep]
 
     images = tf.constant(x)

@@ -116,7 +116,10 @@ class Context:
         return os.path.join(self.output_dir, name + self.suffix)
 
     def with_seed(self, seed: int) -> "Context":
-        """The context of the run with ``seed`` (own stage directories unless it is ``base``'s)."""
+        """The context of the run with ``seed`` (own stage directories unless it is ``base``'s).
+
+        Only the seed changes: ``base["subset_seed"]`` keeps every run on the same images.
+        """
         if seed == self.base["seed"]:
             return self
         return dataclasses.replace(self, base=dict(self.base, seed=seed), suffix=f"_seed{seed}")
@@ -212,7 +215,8 @@ def main(argv):
                                        os.path.join(out, f"holdout{FLAGS.holdout}.npz"))
         common.log(f"tuning mode: evaluating on {FLAGS.holdout} held-out training images")
     base = dict(dataset="cifar10", data_dir=data_dir, subset=FLAGS.subset or None,
-                test_subset=FLAGS.test_subset or None, batch_size=FLAGS.batch_size,
+                test_subset=FLAGS.test_subset or None, subset_seed=FLAGS.seed,
+                batch_size=FLAGS.batch_size,
                 weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, arch="resnet",
                 lr_schedule="cosine", validation_freq=0, save_freq="epoch",
                 progress=FLAGS.progress, temperature=FLAGS.temperature,
