@@ -205,6 +205,8 @@ def main(argv):
     unknown = [m for m in FLAGS.methods if m not in METHODS]
     if unknown:
         raise app.UsageError(f"unknown --methods {unknown}; registered: {sorted(METHODS)}")
+    if FLAGS.seeds < 1:
+        raise app.UsageError(f"--seeds must be >= 1 (runs per 2-bit method), got {FLAGS.seeds}.")
     e_t, e_s, e_q = (FLAGS.teacher_epochs, FLAGS.student_epochs, FLAGS.quant_epochs) \
         if FLAGS.epochs is None else (FLAGS.epochs,) * 3
     out = os.path.abspath(FLAGS.output_dir)
@@ -236,8 +238,6 @@ def main(argv):
         output_dir=student_dir), strategy)
     ctx = Context(out, teacher_dir, student_dir, base, quant, strategy,
                   kd=dict(temperature_squared=FLAGS.temperature_squared))
-    if FLAGS.seeds < 1:
-        raise app.UsageError(f"--seeds must be >= 1, got {FLAGS.seeds}.")
     seeds = [FLAGS.seed + i for i in range(FLAGS.seeds)]
     per_seed: Dict[str, Dict[int, float]] = {}
     wall = {k: r.get("total_wall_time_s", r.get("wall_time_s")) for k, r in stage_results.items()}
