@@ -4,11 +4,11 @@ Builds a W2A8 tfqkd student (``quantize_model(resnet20, weight_bits=2, activatio
 first/last layers 8-bit), exports it with :func:`tfqkd.export.export_tflite` in the ``float``,
 ``int8`` and ``int4`` modes and as ``int8_s2d`` (``mode="int8", space_to_depth=True``: the same
 integer arithmetic with the narrow convolutions on a space-to-depth view: bigger, and faster only
-on CPUs whose int8 kernels tile 64 channels) and packs its weights with :func:`tfqkd.export.pack_weights`. Then it times batch-1
-inference of every file with the LiteRT interpreter at 1 and 2 threads, interleaved: each round
-runs every (file, threads) configuration for ``--inner`` invocations in a rotating order, after
-``--warmup`` untimed invocations each; the figure per configuration is the median of the per-round
-mean latencies.
+on CPUs whose int8 kernels tile 64 channels) and packs its weights with
+:func:`tfqkd.export.pack_weights`. Then it times batch-1 inference of every file with the
+LiteRT interpreter at 1 and 2 threads, interleaved: each round runs every (file, threads)
+configuration for ``--inner`` invocations in a rotating order, after ``--warmup`` untimed
+invocations each; the figure per configuration is the median of the per-round mean latencies.
 
 The JSON names the CPU (``host``) and the faster int8 layout there (``faster_int8_layout``).
 ``--layer_breakdown`` adds per-stage timings of stacked convolutions (float vs int8, ns per

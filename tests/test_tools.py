@@ -1,0 +1,123 @@
+"""The command-line tools under tools/, run as users run them: subprocesses, last line JSON."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tfqkd
+from tfqkd._keras import keras
+from tfqkd.quantize import quantize_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOOLS = REPO / "tools"
+
+
+def _tool(script, *args, timeout=300, ok=True):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    p = subprocess.run([sys.executable, str(TOOLS / script), *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if ok:
+        assert p.returncode == 0, f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n" \
+                                  f"{p.stderr[-5000:]}"
+    return p
+
+
+def _last_json(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def digits_w2_model(tmp_path_factory):
+    """A W2A8 tiny ResNet for the 8x8 digits, a few training steps, saved as .h5."""
+    from tfqkd import data
+
+    keras.utils.set_random_seed(0)
+    q = quantize_model(tfqkd.models.tiny_resnet(seed=0), weight_bits=2, activation_bits=8)
+    q.compile(keras.optimizers.Adam(1e-2),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    q.fit(data.load_dataset("digits", "train", batch_size=64, seed=0), epochs=2, verbose=0)
+    path = tmp_path_factory.mktemp("model") / "student.h5"
+    q.save(path)
+    return path
+
+
+def test_export_and_evaluate_tools(digits_w2_model, tmp_path):
+    out = tmp_path / "student.tflite"
+    p = _tool("export_tflite.py", f"--model={digits_w2_model}", f"--output={out}", "--mode=int8",
+              "--dataset=digits", "--num_calibration=200", "--verify", "--num_eval=300",
+              f"--pack={tmp_path / 'student.tfqkdpw'}")
+    result = _last_json(p.stdout)
+    assert out.is_file() and result["export"]["bytes"] == out.stat().st_size
+    assert result["report"]["num_examples"] == 300
+    assert result["report"]["top1_agreement"] >= 0.9
+    assert result["packed"]["bits_per_ternary_weight"] <= 2.1
+    assert "top-1 agreement" in p.stdout
+
+    e = _tool("evaluate_tflite.py", f"--tflite={out}", f"--model={digits_w2_model}",
+              "--dataset=digits", "--num_eval=300", "--batch_size=50")
+    report = _last_json(e.stdout)
+    assert report["num_examples"] == 300
+    assert report["top1_agreement"] == result["report"]["top1_agreement"]
+    assert report["file_bytes"] == out.stat().st_size
+    eight_bit = ("stem_conv", "classifier")  # first_last_bits=8
+    ternary = [layer for layer in report["layers"] if layer["layer"] not in eight_bit]
+    assert ternary and all(layer["max_levels_per_channel"] <= 3 for layer in ternary)
+
+
+def test_export_tool_bad_input(tmp_path):
+    out = tmp_path / "never.tflite"
+    p = _tool("export_tflite.py", f"--model={tmp_path / 'missing.h5'}", f"--output={out}", ok=False)
+    assert p.returncode != 0 and "does not exist" in p.stderr
+    assert not out.exists()
+
+
+def test_benchmark_tflite_reports_every_figure():
+    p = _tool("benchmark_tflite.py", "--rounds=2", "--inner=2", "--warmup=1", "--threads=1",
+              "--num_calibration=20", "--json_only")
+    r = _last_json(p.stdout)
+    assert set(r["file_bytes"]) == {"float", "int8", "int4", "int8_s2d"}
+    assert r["int8_over_float_size"] == r["file_bytes"]["int8"] / r["file_bytes"]["float"]
+    assert r["int8_over_float_size"] < 0.3 and r["int4_over_float_size"] < 0.2
+    assert r["packed_bits_per_ternary_weight"] <= 2.1
+    assert r["int8_max_levels_per_channel_ternary_layers"] <= 3
+    assert r["faster_int8_layout"] in ("compact", "space_to_depth", "mixed")
+    assert r["host"]["cores"] >= 1 and isinstance(r["host"]["isa"], list)
+    assert set(r["latency_ms"]) == {f"{m}_t1_ms" for m in r["file_bytes"]}
+    assert all(v > 0 for v in r["latency_ms"].values())
+    assert set(r["targets_met"]) == {"int8_size_le_0.27", "int8_latency_le_0.6",
+                                     "int4_lowbit_weights_le_4_bits",
+                                     "packed_le_2.1_bits_per_ternary"}
+
+
+def test_reproduce_cpu_repeats_methods_over_seeds_on_fixed_images(cifar10_archive, tmp_path):
+    out = tmp_path / "repro"
+    p = _tool("reproduce_cpu.py", f"--data_dir={cifar10_archive.parent}", f"--output_dir={out}",
+              "--subset=500", "--test_subset=200", "--epochs=1", "--batch_size=100",
+              "--teacher_width=1", "--seeds=2", "--methods=hard,kd_cr", timeout=600)
+    s = _last_json(p.stdout)
+    assert s["seeds"] == [0, 1] and s["budget"]["seeds"] == 2
+    for name in ("hard", "kd_cr"):
+        per_seed = s["accuracy_per_seed"][name]
+        assert set(per_seed) == {"0", "1"}
+        assert s["accuracy"][name] == pytest.approx(np.mean(list(per_seed.values())))
+        for seed, directory in (("0", name), ("1", f"{name}_seed1")):
+            res = json.loads((out / directory / "results.json").read_text())
+            assert res["test_accuracy"] == per_seed[seed]
+            cfg = json.loads((out / directory / "run_config.json").read_text())
+            # Every run retrains on the teacher's and student's images; only the seed differs.
+            assert (cfg.get("seed"), cfg.get("subset_seed"), cfg.get("subset")) == (
+                int(seed), 0, 500)
+    acc = s["accuracy"]
+    assert s["cr_minus_hard_points"] == round(100 * (acc["kd_cr"] - acc["hard"]), 2)
+    # A second start finds every stage complete and reports the same figures without training.
+    again = _last_json(_tool("reproduce_cpu.py", f"--data_dir={cifar10_archive.parent}",
+                             f"--output_dir={out}", "--subset=500", "--test_subset=200",
+                             "--epochs=1", "--batch_size=100", "--teacher_width=1", "--seeds=2",
+                             "--methods=hard,kd_cr", timeout=600).stdout)
+    assert again["accuracy"] == s["accuracy"]
