@@ -136,7 +136,7 @@ def test_shared_buffers_are_copied_not_changed(w2a8_tiny, tmp_path):
     np.testing.assert_array_equal(_run(wide, x[:16]), _run(shared, x[:16]))
 
 
-def test_zero_biases_shared_with_convolutions_left_alone(tmp_path):
+def test_shared_zero_biases_of_an_untrained_model(tmp_path):
     """An untrained float model's convolutions all have zero biases, which the converter stores
     in one buffer; narrow ones are rewritten, the 16-channel ones keep reading the original."""
     m = tfqkd.models.tiny_resnet(seed=0)

@@ -687,7 +687,7 @@ def load_dataset(
             same batches. Like every TensorFlow op seed, the shuffle order and augmentation
             draws combine it with TensorFlow's global seed (``tf.random.set_seed``,
             ``keras.utils.set_random_seed``): the same pair gives the same batches (the subset
-            depends on ``seed`` alone). ``None`` draws them at random.
+            depends on ``subset_seed``, else ``seed``, alone). ``None`` draws them at random.
         subset_seed: Seed of the subset choice only, when it must stay fixed while ``seed``
             varies (runs with different seeds on the same images); default ``seed``.
         shuffle: Shuffle every epoch; ``None`` means "on for the training split".

@@ -17,8 +17,9 @@ Output pixel ``(2i+a, 2j+b)`` of a 3x3 stride-1 ``SAME`` convolution reads input
 space whose kernel holds each original weight once per output sub-position (zeros elsewhere).
 Every integer product and bias of the original accumulator appears exactly once and the
 per-channel scales are repeated, so the rewritten file computes bit-identical outputs (checked in
-``tests/test_tflite_layout.py``). The price is weight storage: the block kernel has 16x the entries, so
-use it where latency matters more than file size, on a CPU where it is faster.
+``tests/test_tflite_layout.py``). The price: the block kernel has 16x the entries (file size)
+and the convolution 4x the multiply-adds, so use it where latency matters more than file size,
+on a CPU where it is faster.
 
 Example:
     >>> import numpy as np, os, tempfile, tfqkd
