@@ -80,6 +80,8 @@ flags.DEFINE_integer("quant_epochs", 14, "Epochs of every 2-bit retraining (14 o
 flags.DEFINE_integer("epochs", None, "If set, overrides all three epoch budgets.")
 flags.DEFINE_integer("batch_size", 128, "Batch size of every stage.")
 flags.DEFINE_float("learning_rate", 0.1, "Peak learning rate of the float stages.")
+flags.DEFINE_enum("quant_lr_schedule", "cosine", ["cosine", "step", "constant"],
+                  "Learning-rate schedule of the 2-bit retraining (the float stages: cosine).")
 flags.DEFINE_float("quant_learning_rate", 0.01, "Peak learning rate of the 2-bit retraining "
                    "(starts from a converged float model: 10x lower).")
 flags.DEFINE_float("weight_decay", 5e-4, "Weight decay of every stage (5e-4: the usual value "
@@ -224,7 +226,7 @@ def main(argv):
                 progress=FLAGS.progress, temperature=FLAGS.temperature,
                 coefficient=FLAGS.coefficient)
     quant = dict(weight_bits=FLAGS.weight_bits, first_last_bits=8, epochs=e_q,
-                 learning_rate=FLAGS.quant_learning_rate)
+                 learning_rate=FLAGS.quant_learning_rate, lr_schedule=FLAGS.quant_lr_schedule)
     strategy = common.make_strategy("none")
 
     stage_results: Dict[str, Dict[str, Any]] = {}
@@ -265,7 +267,8 @@ def main(argv):
                    "batch_size": FLAGS.batch_size, "temperature": FLAGS.temperature,
                    "coefficient": FLAGS.coefficient,
                    "temperature_squared": FLAGS.temperature_squared,
-                   "weight_bits": FLAGS.weight_bits, "seeds": FLAGS.seeds},
+                   "weight_bits": FLAGS.weight_bits, "seeds": FLAGS.seeds,
+                   "quant_lr_schedule": FLAGS.quant_lr_schedule},
         "evaluated_on": f"holdout{FLAGS.holdout}" if FLAGS.holdout else "test",
         "num_test": stage_results["student"].get("num_test"),
         "wall_time_s": round(time.time() - t0, 1),
