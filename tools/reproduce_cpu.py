@@ -35,8 +35,9 @@ rest), for tuning; the reported run uses the test set with the chosen values.
 
 Examples::
 
-    python tools/reproduce_cpu.py                                  # the full budget (~1 h)
-    python tools/reproduce_cpu.py --subset=500 --epochs=1 --test_subset=500 \\
+    python tools/reproduce_cpu.py             # the full budget: 46 min on a 2-core AMD EPYC
+    python tools/reproduce_cpu.py --seeds=1   # one run per method: for hosts 2x slower
+    python tools/reproduce_cpu.py --subset=500 --epochs=1 --test_subset=500 --seeds=1 \\
         --output_dir=/tmp/repro                                    # end-to-end check, minutes
     python tools/reproduce_cpu.py --holdout=5000 --output_dir=runs/tune   # tuning run
 """
