@@ -63,6 +63,15 @@ assert mirrored.num_replicas_in_sync == 2
 '''
 
 
+def subprocess_env(**extra) -> dict:
+    """Environment of a recipe or tool run as a subprocess: CPU only, quiet, no inherited cluster."""
+    env = dict(os.environ)
+    env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env.pop("TF_CONFIG", None)
+    env.update(extra)
+    return env
+
+
 def run_two_cpu_script(tmp_path, body: str) -> dict:
     """Runs ``TWO_CPU_PRELUDE + body`` in a fresh Python; returns its last stdout line as JSON."""
     import json

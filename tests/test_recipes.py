@@ -21,22 +21,16 @@ RECIPES = REPO / "recipes"
 sys.path.insert(0, str(REPO))
 
 from recipes import common  # noqa: E402
+from conftest import subprocess_env  # noqa: E402
 
 #: Every complete output directory holds these.
 OUTPUT_FILES = ("model/model.h5", "history.csv", "results.json", "run_config.json")
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    env.pop("TF_CONFIG", None)
-    env.update(extra)
-    return env
-
-
 def _run(script, *args, timeout=240, env=None):
     cmd = [sys.executable, str(RECIPES / script), *map(str, args)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or _env())
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env=env or subprocess_env())
     assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p.stdout
 
@@ -219,7 +213,7 @@ def test_sigkill_mid_epoch_then_rerun_resumes(tmp_path, teacher_dir):
             f"--output_dir={out}"]
     cmd = [sys.executable, str(RECIPES / "quantize_distill.py"), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env())
+                            env=subprocess_env())
     ckpt = out / "checkpoints" / "backup" / "chief" / "checkpoint"
     try:
         # Wait for the first epoch's row (its last-step checkpoint is written before the row),
@@ -314,7 +308,7 @@ def test_multi_worker_two_processes_match_single_process_outputs(tmp_path, teach
         cmd = [sys.executable, str(RECIPES / "train_student.py"), *student_args,
                f"--output_dir={out}", "--distribute=multi_worker"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, env=_env(TF_CONFIG=tf_config)))
+                                      text=True, env=subprocess_env(TF_CONFIG=tf_config)))
     logs = []
     try:
         for p in procs:

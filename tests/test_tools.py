@@ -1,7 +1,6 @@
 """The command-line tools under tools/, run as users run them: subprocesses, last line JSON."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 import tfqkd
+from conftest import subprocess_env
 from tfqkd._keras import keras
 from tfqkd.quantize import quantize_model
 
@@ -18,10 +18,9 @@ TOOLS = REPO / "tools"
 
 
 def _tool(script, *args, timeout=300, ok=True):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
     p = subprocess.run([sys.executable, str(TOOLS / script), *map(str, args)],
-                       capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+                       capture_output=True, text=True, timeout=timeout, env=subprocess_env(),
+                       cwd=REPO)
     if ok:
         assert p.returncode == 0, f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n" \
                                   f"{p.stderr[-5000:]}"
@@ -97,10 +96,10 @@ def test_benchmark_tflite_reports_every_figure():
 
 def test_reproduce_cpu_repeats_methods_over_seeds_on_fixed_images(cifar10_archive, tmp_path):
     out = tmp_path / "repro"
-    p = _tool("reproduce_cpu.py", f"--data_dir={cifar10_archive.parent}", f"--output_dir={out}",
-              "--subset=500", "--test_subset=200", "--epochs=1", "--batch_size=100",
-              "--teacher_width=1", "--seeds=2", "--methods=hard,kd_cr", timeout=600)
-    s = _last_json(p.stdout)
+    args = (f"--data_dir={cifar10_archive.parent}", f"--output_dir={out}", "--subset=500",
+            "--test_subset=200", "--epochs=1", "--batch_size=100", "--teacher_width=1",
+            "--seeds=2", "--methods=hard,kd_cr")
+    s = _last_json(_tool("reproduce_cpu.py", *args, timeout=600).stdout)
     assert s["seeds"] == [0, 1] and s["budget"]["seeds"] == 2
     for name in ("hard", "kd_cr"):
         per_seed = s["accuracy_per_seed"][name]
@@ -116,8 +115,5 @@ def test_reproduce_cpu_repeats_methods_over_seeds_on_fixed_images(cifar10_archiv
     acc = s["accuracy"]
     assert s["cr_minus_hard_points"] == round(100 * (acc["kd_cr"] - acc["hard"]), 2)
     # A second start finds every stage complete and reports the same figures without training.
-    again = _last_json(_tool("reproduce_cpu.py", f"--data_dir={cifar10_archive.parent}",
-                             f"--output_dir={out}", "--subset=500", "--test_subset=200",
-                             "--epochs=1", "--batch_size=100", "--teacher_width=1", "--seeds=2",
-                             "--methods=hard,kd_cr", timeout=600).stdout)
+    again = _last_json(_tool("reproduce_cpu.py", *args, timeout=600).stdout)
     assert again["accuracy"] == s["accuracy"]
