@@ -177,6 +177,11 @@ METHODS.update(speq=Method("SPEQ, W2A8 (no teacher)", _speq.benchmark_w2),
                speq_w4a4=Method("SPEQ, W4A4 (no teacher)", _speq.benchmark_w4a4))
 
 
+def _wall_time(results: Dict[str, Any]) -> float:
+    """A stage's training time over all its attempts (resumed runs), else this attempt's."""
+    return results.get("total_wall_time_s", results.get("wall_time_s"))
+
+
 def default_data_dir() -> str:
     return os.environ.get("TFQKD_DATA_DIR") or os.path.join(os.path.dirname(REPO), "shared",
                                                             "data")
@@ -243,13 +248,13 @@ def main(argv):
                   kd=dict(temperature_squared=FLAGS.temperature_squared))
     seeds = [FLAGS.seed + i for i in range(FLAGS.seeds)]
     per_seed: Dict[str, Dict[int, float]] = {}
-    wall = {k: r.get("total_wall_time_s", r.get("wall_time_s")) for k, r in stage_results.items()}
+    wall = {k: _wall_time(r) for k, r in stage_results.items()}
     # Seed-major order: an interrupted run leaves every method with the same number of seeds.
     for seed in seeds:
         for name in FLAGS.methods:
             r = METHODS[name].fn(ctx.with_seed(seed))
             per_seed.setdefault(name, {})[seed] = r["test_accuracy"]
-            wall[name] = wall.get(name, 0.0) + r.get("total_wall_time_s", r.get("wall_time_s"))
+            wall[name] = wall.get(name, 0.0) + _wall_time(r)
             stage_results[f"{name}_seed{seed}"] = r
 
     acc = {k: stage_results[k]["test_accuracy"] for k in ("teacher", "student")}
