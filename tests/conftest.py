@@ -72,9 +72,32 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
+def last_json_line(stdout: str):
+    """The last line of a tool's or recipe's output, parsed as JSON (where they put their figures)."""
+    import json
+
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_script(script, *args, timeout: float = 300, env=None, cwd=None, ok: bool = True):
+    """Runs ``python script args...`` as a user would; with ``ok``, asserts it exited with 0.
+
+    Returns the ``subprocess.CompletedProcess`` (text ``stdout``/``stderr``).
+    """
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(script), *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env=env or subprocess_env(), cwd=cwd)
+    if ok:
+        assert p.returncode == 0, \
+            f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p
+
+
 def run_two_cpu_script(tmp_path, body: str) -> dict:
     """Runs ``TWO_CPU_PRELUDE + body`` in a fresh Python; returns its last stdout line as JSON."""
-    import json
     import subprocess
     import sys
     import textwrap
@@ -86,4 +109,4 @@ def run_two_cpu_script(tmp_path, body: str) -> dict:
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json_line(proc.stdout)

@@ -21,18 +21,14 @@ RECIPES = REPO / "recipes"
 sys.path.insert(0, str(REPO))
 
 from recipes import common  # noqa: E402
-from conftest import subprocess_env  # noqa: E402
+from conftest import last_json_line, run_script, subprocess_env  # noqa: E402
 
 #: Every complete output directory holds these.
 OUTPUT_FILES = ("model/model.h5", "history.csv", "results.json", "run_config.json")
 
 
 def _run(script, *args, timeout=240, env=None):
-    cmd = [sys.executable, str(RECIPES / script), *map(str, args)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env=env or subprocess_env())
-    assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return p.stdout
+    return run_script(RECIPES / script, *args, timeout=timeout, env=env).stdout
 
 
 def _history(run_dir):
@@ -155,7 +151,7 @@ def test_quickstart_prints_table_and_writes_tflite(tmp_path, capsys):
     for row in ("float teacher", "float student", "2-bit student, hard labels",
                 "2-bit student, KD + CR", "int8 TFLite"):
         assert row in out
-    last = json.loads(out.strip().splitlines()[-1])
+    last = last_json_line(out)
     assert last == json.loads(json.dumps(summary))
     tflite = pathlib.Path(summary["tflite_path"])
     assert tflite.is_file() and tflite.suffix == ".tflite"

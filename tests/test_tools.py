@@ -2,14 +2,12 @@
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import tfqkd
-from conftest import subprocess_env
+from conftest import last_json_line, run_script
 from tfqkd._keras import keras
 from tfqkd.quantize import quantize_model
 
@@ -18,17 +16,7 @@ TOOLS = REPO / "tools"
 
 
 def _tool(script, *args, timeout=300, ok=True):
-    p = subprocess.run([sys.executable, str(TOOLS / script), *map(str, args)],
-                       capture_output=True, text=True, timeout=timeout, env=subprocess_env(),
-                       cwd=REPO)
-    if ok:
-        assert p.returncode == 0, f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n" \
-                                  f"{p.stderr[-5000:]}"
-    return p
-
-
-def _last_json(stdout):
-    return json.loads(stdout.strip().splitlines()[-1])
+    return run_script(TOOLS / script, *args, timeout=timeout, cwd=REPO, ok=ok)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +39,7 @@ def test_export_and_evaluate_tools(digits_w2_model, tmp_path):
     p = _tool("export_tflite.py", f"--model={digits_w2_model}", f"--output={out}", "--mode=int8",
               "--dataset=digits", "--num_calibration=200", "--verify", "--num_eval=300",
               f"--pack={tmp_path / 'student.tfqkdpw'}")
-    result = _last_json(p.stdout)
+    result = last_json_line(p.stdout)
     assert out.is_file() and result["export"]["bytes"] == out.stat().st_size
     assert result["report"]["num_examples"] == 300
     assert result["report"]["top1_agreement"] >= 0.9
@@ -60,7 +48,7 @@ def test_export_and_evaluate_tools(digits_w2_model, tmp_path):
 
     e = _tool("evaluate_tflite.py", f"--tflite={out}", f"--model={digits_w2_model}",
               "--dataset=digits", "--num_eval=300", "--batch_size=50")
-    report = _last_json(e.stdout)
+    report = last_json_line(e.stdout)
     assert report["num_examples"] == 300
     assert report["top1_agreement"] == result["report"]["top1_agreement"]
     assert report["file_bytes"] == out.stat().st_size
@@ -79,7 +67,7 @@ def test_export_tool_bad_input(tmp_path):
 def test_benchmark_tflite_reports_every_figure():
     p = _tool("benchmark_tflite.py", "--rounds=2", "--inner=2", "--warmup=1", "--threads=1",
               "--num_calibration=20", "--json_only")
-    r = _last_json(p.stdout)
+    r = last_json_line(p.stdout)
     assert set(r["file_bytes"]) == {"float", "int8", "int4", "int8_s2d"}
     assert r["int8_over_float_size"] == r["file_bytes"]["int8"] / r["file_bytes"]["float"]
     assert r["int8_over_float_size"] < 0.3 and r["int4_over_float_size"] < 0.2
@@ -99,7 +87,7 @@ def test_reproduce_cpu_repeats_methods_over_seeds_on_fixed_images(cifar10_archiv
     args = (f"--data_dir={cifar10_archive.parent}", f"--output_dir={out}", "--subset=500",
             "--test_subset=200", "--epochs=1", "--batch_size=100", "--teacher_width=1",
             "--seeds=2", "--methods=hard,kd_cr")
-    s = _last_json(_tool("reproduce_cpu.py", *args, timeout=600).stdout)
+    s = last_json_line(_tool("reproduce_cpu.py", *args, timeout=600).stdout)
     assert s["seeds"] == [0, 1] and s["budget"]["seeds"] == 2
     for name in ("hard", "kd_cr"):
         per_seed = s["accuracy_per_seed"][name]
@@ -115,5 +103,5 @@ def test_reproduce_cpu_repeats_methods_over_seeds_on_fixed_images(cifar10_archiv
     acc = s["accuracy"]
     assert s["cr_minus_hard_points"] == round(100 * (acc["kd_cr"] - acc["hard"]), 2)
     # A second start finds every stage complete and reports the same figures without training.
-    again = _last_json(_tool("reproduce_cpu.py", *args, timeout=600).stdout)
+    again = last_json_line(_tool("reproduce_cpu.py", *args, timeout=600).stdout)
     assert again["accuracy"] == s["accuracy"]

@@ -16,6 +16,7 @@ from tfqkd._keras import keras
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from conftest import last_json_line  # noqa: E402
 from recipes import sweep  # noqa: E402
 
 
@@ -400,7 +401,7 @@ def test_distributed_search_chief_and_two_workers(tmp_path, teacher_path):
                         os.killpg(pid, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
                         pass
-    summary = json.loads(output.strip().splitlines()[-1])
+    summary = last_json_line(output)
     assert proc.returncode == 0 and summary["ok"], output[-3000:]
     assert summary["by_status"] == {"COMPLETED": 4}
     assert set(summary["trials_per_worker"]) == {"tuner0", "tuner1"}
