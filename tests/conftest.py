@@ -98,15 +98,9 @@ def run_script(script, *args, timeout: float = 300, env=None, cwd=None, ok: bool
 
 def run_two_cpu_script(tmp_path, body: str) -> dict:
     """Runs ``TWO_CPU_PRELUDE + body`` in a fresh Python; returns its last stdout line as JSON."""
-    import subprocess
-    import sys
     import textwrap
 
     script = tmp_path / "two_cpus.py"
     script.write_text(TWO_CPU_PRELUDE + textwrap.dedent(body))
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return last_json_line(proc.stdout)
+    env = subprocess_env(PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return last_json_line(run_script(script, timeout=300, env=env).stdout)
