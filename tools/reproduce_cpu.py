@@ -35,7 +35,7 @@ rest), for tuning; the reported run uses the test set with the chosen values.
 
 Examples::
 
-    python tools/reproduce_cpu.py             # the full budget: 55 min on a 2-core AMD EPYC
+    python tools/reproduce_cpu.py             # the full budget: 54 min on a 2-core AMD EPYC
     python tools/reproduce_cpu.py --seeds=1   # one run per method: for hosts 2x slower
     python tools/reproduce_cpu.py --subset=500 --epochs=1 --test_subset=500 --seeds=1 \\
         --output_dir=/tmp/repro                                    # end-to-end check, minutes
@@ -73,12 +73,12 @@ flags.DEFINE_integer("test_subset", 0, "Class-balanced test images (0: all 10,00
 flags.DEFINE_integer("holdout", 0, "Tuning mode: evaluate on this many class-balanced images "
                      "held out of the training split instead of the test set (0: off).")
 flags.DEFINE_float("teacher_width", 1.5, "Teacher WideResNet20 width.")
-flags.DEFINE_integer("teacher_epochs", 13, "Teacher epochs (13 x 20,000 images: the compute of "
-                     "the earlier 25 x 10,000, see docs/recipes.md).")
-flags.DEFINE_integer("student_epochs", 6, "Float student epochs (6 x 20,000 images).")
-flags.DEFINE_integer("quant_epochs", 9, "Epochs of every 2-bit retraining (9 over 7 at 20,000 "
-                     "images: chosen on --holdout, the most that fits the hour with three seeds; "
-                     "see docs/recipes.md).")
+flags.DEFINE_integer("teacher_epochs", 25, "Teacher epochs (25 x 20,000 images; the split "
+                     "25 / 13 / 7 of the hour was chosen on --holdout, see docs/recipes.md).")
+flags.DEFINE_integer("student_epochs", 13, "Float student epochs (13 x 20,000 images: a float "
+                     "student closer to convergence, as the paper's Algorithm 1 assumes).")
+flags.DEFINE_integer("quant_epochs", 7, "Epochs of every 2-bit retraining (7: what fits the hour "
+                     "with three seeds beside the 25 / 13-epoch teacher and student).")
 flags.DEFINE_integer("epochs", None, "If set, overrides all three epoch budgets.")
 flags.DEFINE_integer("batch_size", 128, "Batch size of every stage.")
 flags.DEFINE_float("learning_rate", 0.1, "Peak learning rate of the float stages.")
