@@ -105,3 +105,49 @@ def test_reproduce_cpu_repeats_methods_over_seeds_on_fixed_images(cifar10_archiv
     # A second start finds every stage complete and reports the same figures without training.
     again = last_json_line(_tool("reproduce_cpu.py", *args, timeout=600).stdout)
     assert again["accuracy"] == s["accuracy"]
+    assert "unseen" not in again
+
+
+def test_reproduce_cpu_evaluates_the_same_models_on_unseen_training_images(cifar10_archive,
+                                                                          tmp_path):
+    from recipes import common
+    from tfqkd import data
+
+    out = tmp_path / "repro"
+    args = [f"--data_dir={cifar10_archive.parent}", f"--output_dir={out}", "--subset=500",
+            "--test_subset=200", "--epochs=1", "--batch_size=100", "--teacher_width=1",
+            "--seeds=1", "--methods=hard,kd,kd_cr"]
+    # Bad counts fail before anything trains, naming the fix.
+    for bad, says in (("--unseen_eval=205", "multiple of 10"), ("--unseen_eval=-10", "positive"),
+                      ("--unseen_eval=49600", "smaller multiple of 10")):
+        err = _tool("reproduce_cpu.py", *args, bad, ok=False).stderr
+        assert says in err, err
+    assert not (out / "teacher").exists()
+    err = _tool("reproduce_cpu.py", *args, "--subset=0", "--unseen_eval=100", ok=False).stderr
+    assert "--subset" in err
+
+    s = last_json_line(_tool("reproduce_cpu.py", *args, "--unseen_eval=300", timeout=600).stdout)
+    unseen = s["unseen"]
+    assert unseen["num_images"] == 300
+    assert set(unseen["accuracy"]) == set(s["accuracy"]) == {"teacher", "student", "hard", "kd",
+                                                             "kd_cr"}
+    assert unseen["cr_minus_kd_points"] == round(
+        100 * (unseen["accuracy"]["kd_cr"] - unseen["accuracy"]["kd"]), 2)
+    assert set(unseen["cr_minus_kd_points_per_seed"]) == {"0"}
+
+    # The unseen images: 30 per class, none of them among the 500 the stages trained on.
+    with np.load(out / "unseen300_subset500_seed0.npz") as f:
+        x_unseen, y_unseen, x_seen = f["x_test"], f["y_test"], f["x_train"]
+    assert np.bincount(y_unseen).tolist() == [30] * 10
+    x, y = data.load_arrays("cifar10", "train", data_dir=cifar10_archive)
+    trained = x[data.balanced_subset(y, 500, 10, 0)]
+    np.testing.assert_array_equal(x_seen, trained)
+    assert not {a.tobytes() for a in trained} & {a.tobytes() for a in x_unseen}
+
+    # Each figure is its own model's accuracy on those images, recomputed here independently.
+    info = data.dataset_info("cifar10")
+    images = (x_unseen / 255.0 - np.array(info.mean)) / np.array(info.std)
+    for key, directory in (("student", "student"), ("kd_cr", "kd_cr")):
+        logits = common.load_model(str(out / directory)).predict(images.astype(np.float32),
+                                                                 verbose=0)
+        assert unseen["accuracy"][key] == pytest.approx(np.mean(logits.argmax(-1) == y_unseen))

@@ -77,7 +77,8 @@ import numpy as np
 from tfqkd._io import atomic_open
 from tfqkd._keras import tf
 
-__all__ = ["load_dataset", "load_arrays", "dataset_info", "DatasetInfo", "DataNotFoundError"]
+__all__ = ["load_dataset", "load_arrays", "balanced_subset", "dataset_info", "DatasetInfo",
+           "DataNotFoundError"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -612,7 +613,28 @@ def load_arrays(
 # Pipelines
 
 
-def _balanced_subset(y: np.ndarray, subset: int, num_classes: int, seed: Optional[int]) -> np.ndarray:
+def balanced_subset(y: np.ndarray, subset: int, num_classes: int,
+                    seed: Optional[int]) -> np.ndarray:
+    """Sorted indices of ``subset`` images, ``subset / num_classes`` drawn from every class.
+
+    The choice :func:`load_dataset` makes for its ``subset`` argument (with ``subset_seed``, else
+    ``seed``): use it to find the images a subset-trained model saw, or, with
+    ``numpy.setdiff1d``, the ones it never saw.
+
+    Args:
+        y: Integer labels ``(N,)`` in ``0..num_classes - 1``.
+        subset: Images to pick, a multiple of ``num_classes``.
+        num_classes: Number of classes.
+        seed: Seed of the choice (``None``: a fixed choice, the one of seed 0).
+
+    Raises:
+        ValueError: ``subset`` is not a multiple of ``num_classes`` or exceeds the smallest class.
+
+    Example:
+        >>> idx = balanced_subset(np.array([0, 1, 0, 1, 0, 1]), 4, 2, seed=0)
+        >>> len(idx), np.bincount(np.array([0, 1, 0, 1, 0, 1])[idx]).tolist()
+        (4, [2, 2])
+    """
     counts = np.bincount(y, minlength=num_classes)
     largest = int(counts.min()) * num_classes
     if isinstance(subset, bool) or not isinstance(subset, (int, np.integer)) or subset < num_classes:
@@ -720,7 +742,7 @@ def load_dataset(
 
     x, y = load_arrays(name, split, data_dir=data_dir, download=download)
     if subset is not None:
-        keep = _balanced_subset(y, subset, info.num_classes,
+        keep = balanced_subset(y, subset, info.num_classes,
                                 seed if subset_seed is None else subset_seed)
         x, y = x[keep], y[keep]
 
