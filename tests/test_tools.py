@@ -102,52 +102,52 @@ def test_reproduce_cpu_repeats_methods_over_seeds_on_fixed_images(cifar10_archiv
                 int(seed), 0, 500)
     acc = s["accuracy"]
     assert s["cr_minus_hard_points"] == round(100 * (acc["kd_cr"] - acc["hard"]), 2)
-    # A second start finds every stage complete and reports the same figures without training.
-    again = last_json_line(_tool("reproduce_cpu.py", *args, timeout=600).stdout)
-    assert again["accuracy"] == s["accuracy"]
-    assert "unseen" not in again
+    # A second start finds every stage complete and reports the same figures without training;
+    # with --unseen_eval it evaluates the same models on training images no stage trained on.
+    again = last_json_line(_tool("reproduce_cpu.py", *args, "--unseen_eval=300",
+                                 timeout=600).stdout)
+    assert again["accuracy"] == s["accuracy"] and "unseen" not in s
+    _check_unseen(again, out, cifar10_archive, seeds=("0", "1"))
 
 
-def test_reproduce_cpu_evaluates_the_same_models_on_unseen_training_images(cifar10_archive,
-                                                                          tmp_path):
+def _check_unseen(s, out, archive, seeds):
     from recipes import common
     from tfqkd import data
 
-    out = tmp_path / "repro"
-    args = [f"--data_dir={cifar10_archive.parent}", f"--output_dir={out}", "--subset=500",
-            "--test_subset=200", "--epochs=1", "--batch_size=100", "--teacher_width=1",
-            "--seeds=1", "--methods=hard,kd,kd_cr"]
-    # Bad counts fail before anything trains, naming the fix.
-    for bad, says in (("--unseen_eval=205", "multiple of 10"), ("--unseen_eval=-10", "positive"),
-                      ("--unseen_eval=49600", "smaller multiple of 10")):
-        err = _tool("reproduce_cpu.py", *args, bad, ok=False).stderr
-        assert says in err, err
-    assert not (out / "teacher").exists()
-    err = _tool("reproduce_cpu.py", *args, "--subset=0", "--unseen_eval=100", ok=False).stderr
-    assert "--subset" in err
-
-    s = last_json_line(_tool("reproduce_cpu.py", *args, "--unseen_eval=300", timeout=600).stdout)
     unseen = s["unseen"]
     assert unseen["num_images"] == 300
-    assert set(unseen["accuracy"]) == set(s["accuracy"]) == {"teacher", "student", "hard", "kd",
-                                                             "kd_cr"}
-    assert unseen["cr_minus_kd_points"] == round(
-        100 * (unseen["accuracy"]["kd_cr"] - unseen["accuracy"]["kd"]), 2)
-    assert set(unseen["cr_minus_kd_points_per_seed"]) == {"0"}
+    assert set(unseen["accuracy"]) == set(s["accuracy"]) == {"teacher", "student", "hard", "kd_cr"}
+    assert set(unseen["accuracy_per_seed"]["kd_cr"]) == set(seeds)
+    assert unseen["cr_minus_hard_points"] == round(
+        100 * (unseen["accuracy"]["kd_cr"] - unseen["accuracy"]["hard"]), 2)
 
     # The unseen images: 30 per class, none of them among the 500 the stages trained on.
     with np.load(out / "unseen300_subset500_seed0.npz") as f:
         x_unseen, y_unseen, x_seen = f["x_test"], f["y_test"], f["x_train"]
     assert np.bincount(y_unseen).tolist() == [30] * 10
-    x, y = data.load_arrays("cifar10", "train", data_dir=cifar10_archive)
+    x, y = data.load_arrays("cifar10", "train", data_dir=archive)
     trained = x[data.balanced_subset(y, 500, 10, 0)]
     np.testing.assert_array_equal(x_seen, trained)
     assert not {a.tobytes() for a in trained} & {a.tobytes() for a in x_unseen}
 
     # Each figure is its own model's accuracy on those images, recomputed here independently.
     info = data.dataset_info("cifar10")
-    images = (x_unseen / 255.0 - np.array(info.mean)) / np.array(info.std)
-    for key, directory in (("student", "student"), ("kd_cr", "kd_cr")):
-        logits = common.load_model(str(out / directory)).predict(images.astype(np.float32),
-                                                                 verbose=0)
-        assert unseen["accuracy"][key] == pytest.approx(np.mean(logits.argmax(-1) == y_unseen))
+    images = ((x_unseen / 255.0 - np.array(info.mean)) / np.array(info.std)).astype(np.float32)
+    for key, directory in (("student", "student"), ("kd_cr", "kd_cr_seed1")):
+        logits = common.load_model(str(out / directory)).predict(images, verbose=0)
+        figure = (unseen["accuracy"][key] if key == "student"
+                  else unseen["accuracy_per_seed"][key]["1"])
+        assert figure == pytest.approx(np.mean(logits.argmax(-1) == y_unseen))
+
+
+def test_reproduce_cpu_unseen_eval_bad_counts_fail_before_training(cifar10_archive, tmp_path):
+    out = tmp_path / "repro"
+    args = [f"--data_dir={cifar10_archive.parent}", f"--output_dir={out}", "--subset=500",
+            "--epochs=1", "--seeds=1"]
+    for bad, says in ((["--unseen_eval=205"], "multiple of 10"),
+                      (["--unseen_eval=49600"], "smaller multiple of 10"),
+                      (["--unseen_eval=-10"], "positive count"),
+                      (["--unseen_eval=100", "--subset=0"], "training --subset")):
+        err = _tool("reproduce_cpu.py", *args, *bad, ok=False).stderr
+        assert says in err, err
+    assert not (out / "teacher").exists()
