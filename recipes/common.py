@@ -107,8 +107,12 @@ __all__ = [
     "is_chief", "set_seed", "OutputDir", "Data", "load_data", "build_model", "make_lr_schedule",
     "make_optimizer", "fit_with_resume", "evaluate_accuracy", "write_results", "versions",
     "load_model", "log", "atomic_write_text", "atomic_write_json", "HistoryLogger", "EpochLogger",
-    "ScalarSummaries", "quiet_logs",
+    "ScalarSummaries", "quiet_logs", "BENCHMARK_KD",
 ]
+
+#: KD settings of the CIFAR-10 reproduction benchmark (``tools/reproduce_cpu.py``), chosen there
+#: on a holdout (docs/recipes.md); the quick start uses them too, so demo and benchmark agree.
+BENCHMARK_KD = {"temperature": 4.0, "temperature_squared": True}
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,12 +98,13 @@ flags.DEFINE_float("quant_learning_rate", 0.01, "Peak learning rate of the 2-bit
                    "(starts from a converged float model: 10x lower).")
 flags.DEFINE_float("weight_decay", 5e-4, "Weight decay of every stage (5e-4: the usual value "
                    "for short CIFAR schedules).")
-flags.DEFINE_float("temperature", 4.0, "KD temperature τ (4 over 2 and 8: best KD + CR on "
-                   "--holdout, see docs/recipes.md).")
+flags.DEFINE_float("temperature", common.BENCHMARK_KD["temperature"],
+                   "KD temperature τ (4 over 2 and 8: best KD + CR on --holdout, see "
+                   "docs/recipes.md).")
 flags.DEFINE_float("coefficient", 0.5, "KD λ (constant for kd, start of CR for kd_cr).")
-flags.DEFINE_bool("temperature_squared", True, "KD rows: multiply the soft loss by τ² "
-                  "(Hinton's scaling; the paper's Eq. 3 has none). On: chosen on --holdout, "
-                  "see docs/recipes.md.")
+flags.DEFINE_bool("temperature_squared", common.BENCHMARK_KD["temperature_squared"],
+                  "KD rows: multiply the soft loss by τ² (Hinton's scaling; the paper's Eq. 3 "
+                  "has none). On: chosen on --holdout, see docs/recipes.md.")
 flags.DEFINE_integer("weight_bits", 2, "Weight bits of the quantized students.")
 flags.DEFINE_list("methods", ["hard", "kd", "kd_cr"], "Methods to run, keys of METHODS.")
 flags.DEFINE_integer("seed", 0, "Seed of every stage.")
