@@ -628,7 +628,8 @@ def balanced_subset(y: np.ndarray, subset: int, num_classes: int,
         seed: Seed of the choice (``None``: a fixed choice, the one of seed 0).
 
     Raises:
-        ValueError: ``subset`` is not a multiple of ``num_classes`` or exceeds the smallest class.
+        ValueError: ``subset`` is not a multiple of ``num_classes``, or needs more images of a
+            class than ``y`` holds.
 
     Example:
         >>> idx = balanced_subset(np.array([0, 1, 0, 1, 0, 1]), 4, 2, seed=0)
@@ -743,7 +744,7 @@ def load_dataset(
     x, y = load_arrays(name, split, data_dir=data_dir, download=download)
     if subset is not None:
         keep = balanced_subset(y, subset, info.num_classes,
-                                seed if subset_seed is None else subset_seed)
+                               seed if subset_seed is None else subset_seed)
         x, y = x[keep], y[keep]
 
     images = tf.constant(x)
