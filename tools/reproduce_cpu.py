@@ -13,7 +13,7 @@ images) and the full 10,000 test images, it trains in order, each stage a normal
 Every 2-bit method runs ``--seeds`` times (default 3: seeds ``--seed``, ``--seed``+1, ...; the
 first in ``<method>/``, the others in ``<method>_seed<N>/``), all from the same teacher and
 student; its accuracy is the mean of those runs, because one run's differences between methods
-are within seed noise (one run's (c) − (b) has ranged over −1.16..+0.52 points in our runs).
+are within seed noise (one run's (c) − (b) has ranged over −1.52..+2.54 points in our runs).
 
 It prints a table and, as its LAST line, one JSON object with every figure (mean, std and
 per-seed accuracies, deltas (c) − (a) and (c) − (b) of the means and the per-seed paired
