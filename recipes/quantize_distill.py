@@ -64,6 +64,9 @@ OPTIONS = common.COMMON_OPTIONS + KD_OPTIONS + QUANT_OPTIONS + [
     Option("coefficient_end", 0.0, "Final λ of non-constant schedules (CR: 0).", "float"),
     Option("export", "none", "Export the quantized student to TFLite at the end: none, int8, "
            "int4, dynamic or float.", "enum", ("none", "int8", "int4", "dynamic", "float")),
+    Option("precise_bn_batches", 0, "After training, re-estimate the student's batch-norm "
+           "statistics over this many training batches (tfqkd.batch_norm; 0: off; "
+           "--distribute=none only).", "integer"),
 ]
 
 PRESETS = {
@@ -110,6 +113,11 @@ def coefficient_scheduler(cfg: common.Config):
 
 def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     """Runs Algorithm 1 as configured by ``cfg``; returns the content of results.json."""
+    if cfg.precise_bn_batches < 0 or (cfg.precise_bn_batches and cfg.distribute != "none"):
+        raise ValueError(
+            f"--precise_bn_batches={cfg.precise_bn_batches} needs a count >= 0 and "
+            f"--distribute=none (got {cfg.distribute!r}): the statistics are re-estimated on one "
+            "device; pass 0 to skip it.")
     run_ = common.start_run(cfg, "runs/quantize_distill", strategy)
     if run_.finished is not None:
         return run_.finished
@@ -145,6 +153,16 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     common.fit_with_resume(model, data.train, data.test, cfg.epochs, run_.out, callbacks,
                            save_freq=cfg.save_freq, progress=cfg.progress,
                            validation_freq=cfg.validation_freq, name="quantized")
+    if cfg.precise_bn_batches:
+        from tfqkd.batch_norm import recalibrate_batch_norm
+
+        before = common.evaluate_accuracy(student, data.test)
+        layers = recalibrate_batch_norm(student, data.train, cfg.precise_bn_batches)
+        extra["precise_bn"] = {"batches": cfg.precise_bn_batches, "layers": layers,
+                               "test_accuracy_before": before}
+        common.log(f"batch-norm statistics of {layers} layers re-estimated over "
+                   f"{cfg.precise_bn_batches} training batches (test accuracy before: "
+                   f"{before:.4f})")
     return common.finish_run(run_, student, "quantized student",
                              extra={"mode": "kd" if teacher_paths else "hard", **extra},
                              export_mode=cfg.export)

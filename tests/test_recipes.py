@@ -328,3 +328,40 @@ def test_multi_worker_two_processes_match_single_process_outputs(tmp_path, teach
             for line in text.splitlines() if "student test accuracy" in line}
     assert len(accs) == 1, logs
     assert "2 replica(s)" in logs[0]
+
+
+def test_quantize_distill_precise_bn_rewrites_the_saved_statistics(tmp_path):
+    import numpy as np
+    from recipes import quantize_distill
+    from tfqkd._keras import tf
+    from tfqkd.batch_norm import batch_norm_layers
+
+    def trained_and_saved(name, batches):
+        cfg = quantize_distill.make_config(
+            "smoke", dataset="digits", subset=None, test_subset=None, arch="tiny", epochs=1,
+            precise_bn_batches=batches, output_dir=str(tmp_path / name), progress="none")
+        res = quantize_distill.run(cfg)
+        ckpt = tf.train.load_checkpoint(str(tmp_path / name / "checkpoints" / "backup" / "chief"))
+        at_end_of_training = [ckpt.get_tensor(k) for k in ckpt.get_variable_to_shape_map()
+                              if "moving_mean" in k]
+        saved = [layer.moving_mean.numpy()
+                 for layer in batch_norm_layers(common.load_model(str(tmp_path / name)))]
+        return res, at_end_of_training, saved
+
+    def as_trained(saved, at_end):  # which saved statistics equal one of the trained ones
+        return [any(a.shape == s.shape and np.allclose(a, s) for a in at_end) for s in saved]
+
+    # Off: the saved model carries the statistics training ended with (the last checkpoint's).
+    res, at_end, saved = trained_and_saved("off", 0)
+    assert "precise_bn" not in res and len(saved) == 6 and all(as_trained(saved, at_end))
+    # On: every layer's statistics were re-estimated before saving.
+    res, at_end, saved = trained_and_saved("on", 5)
+    assert res["precise_bn"]["batches"] == 5 and res["precise_bn"]["layers"] == 6
+    assert 0.0 <= res["precise_bn"]["test_accuracy_before"] <= 1.0
+    assert not any(as_trained(saved, at_end))
+
+    with pytest.raises(ValueError, match="--distribute=none"):
+        quantize_distill.run(quantize_distill.make_config(
+            "smoke", dataset="digits", arch="tiny", precise_bn_batches=5, distribute="mirrored",
+            output_dir=str(tmp_path / "mirrored")))
+    assert not (tmp_path / "mirrored").exists()

@@ -1,0 +1,86 @@
+"""Precise batch-norm statistics (tfqkd.batch_norm)."""
+
+import numpy as np
+import pytest
+
+import tfqkd
+from tfqkd._keras import keras, tf
+from tfqkd.batch_norm import batch_norm_layers, recalibrate_batch_norm
+
+
+def _batches(n=4, size=16, seed=0):
+    x = np.random.default_rng(seed).normal(1.0, 2.0, (n * size, 8, 8, 1)).astype(np.float32)
+    return x, tf.data.Dataset.from_tensor_slices((x, np.zeros(len(x), np.int64))).batch(size)
+
+
+def _bn_state(model):
+    return [(layer.moving_mean.numpy().copy(), layer.moving_variance.numpy().copy())
+            for layer in batch_norm_layers(model)]
+
+
+@pytest.mark.parametrize("weight_bits", [None, 2])
+def test_moving_statistics_become_the_average_of_batch_statistics(weight_bits):
+    model = tfqkd.models.tiny_resnet(seed=0)
+    if weight_bits:
+        model = tfqkd.quantize_model(model, weight_bits=weight_bits)
+    layers = batch_norm_layers(model)
+    assert len(layers) == 6
+    for layer in layers:  # stale statistics, far from the data's
+        layer.moving_mean.assign(tf.fill(layer.moving_mean.shape, 5.0))
+        layer.moving_variance.assign(tf.fill(layer.moving_variance.shape, 100.0))
+    others = {v.name: v.numpy().copy() for v in model.variables if "moving_" not in v.name}
+    x, ds = _batches()
+
+    assert recalibrate_batch_norm(model, ds, batches=10) == 6
+
+    # The first batch-norm layer's input does not depend on any batch-norm statistics, so its
+    # expected statistics can be computed here: the mean over the 4 batches of each batch's
+    # per-channel mean and variance (Bessel-corrected, as Keras stores it).
+    first = layers[0]
+    feed = keras.Model(model.inputs, first.input)
+    feats = [feed(x[i:i + 16], training=True).numpy() for i in range(0, len(x), 16)]
+    axes = tuple(range(feats[0].ndim - 1))
+    np.testing.assert_allclose(first.moving_mean.numpy(),
+                               np.mean([f.mean(axes) for f in feats], 0), rtol=1e-4, atol=1e-5)
+    n = np.prod([feats[0].shape[a] for a in axes])
+    np.testing.assert_allclose(first.moving_variance.numpy(),
+                               np.mean([f.var(axes) * n / (n - 1) for f in feats], 0),
+                               rtol=1e-4, atol=1e-5)
+    for layer in layers:
+        assert layer.momentum == 0.9  # restored
+        assert np.all(layer.moving_variance.numpy() < 50.0)
+    # Nothing else moved: weights, quantizer variables, everything that is not a moving statistic.
+    for v in model.variables:
+        if "moving_" not in v.name:
+            np.testing.assert_array_equal(v.numpy(), others[v.name], err_msg=v.name)
+
+
+def test_inference_matches_training_mode_after_recalibration():
+    model = tfqkd.models.tiny_resnet(seed=0)
+    for layer in batch_norm_layers(model):
+        layer.moving_mean.assign(tf.fill(layer.moving_mean.shape, 3.0))
+    x, _ = _batches(n=1, size=64)
+    whole = tf.data.Dataset.from_tensor_slices(x).batch(64)  # images only, one batch
+    gap_before = np.abs(model(x, training=False) - model(x, training=True)).max()
+    recalibrate_batch_norm(model, whole, batches=1)
+    gap_after = np.abs(model(x, training=False) - model(x, training=True)).max()
+    # Not exactly 0: like Keras' own updates, the stored variance is Bessel-corrected while
+    # training mode normalises with the biased one (a factor n / (n - 1) per channel).
+    assert gap_after < 0.01 < 1.0 < gap_before
+
+
+def test_bad_input_names_the_problem():
+    model = tfqkd.models.tiny_resnet(seed=0)
+    _, ds = _batches()
+    before = _bn_state(model)
+    with pytest.raises(ValueError, match="batches must be an integer >= 1"):
+        recalibrate_batch_norm(model, ds, batches=0)
+    with pytest.raises(ValueError, match="no batch"):
+        recalibrate_batch_norm(model, ds.take(0))
+    plain = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    with pytest.raises(ValueError, match="no BatchNormalization layer"):
+        recalibrate_batch_norm(plain, ds)
+    # A failed call leaves the statistics as they were.
+    for (m0, v0), (m1, v1) in zip(before, _bn_state(model)):
+        np.testing.assert_array_equal(m0, m1)
+        np.testing.assert_array_equal(v0, v1)
