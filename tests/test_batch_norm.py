@@ -77,7 +77,8 @@ def test_bad_input_names_the_problem():
         recalibrate_batch_norm(model, ds, batches=0)
     with pytest.raises(ValueError, match="no batch"):
         recalibrate_batch_norm(model, ds.take(0))
-    plain = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    plain = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
     with pytest.raises(ValueError, match="no BatchNormalization layer"):
         recalibrate_batch_norm(plain, ds)
     # A failed call leaves the statistics as they were.

@@ -35,14 +35,15 @@ def batch_norm_layers(model: keras.Model) -> List[keras.layers.BatchNormalizatio
     return found
 
 
-def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset, batches: int = 100) -> int:
+def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset,
+                           batches: int = 100) -> int:
     """Sets every batch-norm layer's moving statistics to their average over ``batches`` batches.
 
     The model runs in training mode (batch statistics, as during training) over the first
     ``batches`` batches of ``dataset``; each layer's moving mean and variance become the mean of
-    its per-batch means and variances. Every other variable (weights, optimizer-free state such as
-    activation-quantizer ranges) is restored to its value before the call, and the layers'
-    momentum is left as it was. Use the training data with its augmentation, after training,
+    its per-batch means and variances. Every other variable (weights, and state that training
+    mode would update, such as activation-quantizer ranges) is restored to its value before the
+    call, and the layers' momentum is left as it was. Use the training data with its augmentation, after training,
     before evaluating or exporting. Runs on one device (call it outside a distribution strategy).
 
     Args:
@@ -60,7 +61,8 @@ def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset, batches
         >>> import numpy as np, tensorflow as tf, tfqkd
         >>> model = tfqkd.quantize_model(tfqkd.models.tiny_resnet(seed=0), weight_bits=2)
         >>> x = np.random.default_rng(0).random((64, 8, 8, 1), dtype=np.float32)
-        >>> recalibrate_batch_norm(model, tf.data.Dataset.from_tensor_slices(x).batch(16), batches=4)
+        >>> batches = tf.data.Dataset.from_tensor_slices(x).batch(16)
+        >>> recalibrate_batch_norm(model, batches, batches=4)
         6
     """
     if isinstance(batches, bool) or not isinstance(batches, (int, np.integer)) or batches < 1:
