@@ -61,8 +61,8 @@ def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset,
         >>> import numpy as np, tensorflow as tf, tfqkd
         >>> model = tfqkd.quantize_model(tfqkd.models.tiny_resnet(seed=0), weight_bits=2)
         >>> x = np.random.default_rng(0).random((64, 8, 8, 1), dtype=np.float32)
-        >>> batches = tf.data.Dataset.from_tensor_slices(x).batch(16)
-        >>> recalibrate_batch_norm(model, batches, batches=4)
+        >>> ds = tf.data.Dataset.from_tensor_slices(x).batch(16)
+        >>> recalibrate_batch_norm(model, ds, batches=4)
         6
     """
     if isinstance(batches, bool) or not isinstance(batches, (int, np.integer)) or batches < 1:
