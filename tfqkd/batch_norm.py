@@ -43,8 +43,9 @@ def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset,
     ``batches`` batches of ``dataset``; each layer's moving mean and variance become the mean of
     its per-batch means and variances. Every other variable (weights, and state that training
     mode would update, such as activation-quantizer ranges) is restored to its value before the
-    call, and the layers' momentum is left as it was. Use the training data with its augmentation, after training,
-    before evaluating or exporting. Runs on one device (call it outside a distribution strategy).
+    call, and the layers' momentum is left as it was. Use the training data with its
+    augmentation, after training, before evaluating or exporting. Runs on one device (call it
+    outside a distribution strategy).
 
     Args:
         model: A Keras model (float or quantized) with at least one ``BatchNormalization``.

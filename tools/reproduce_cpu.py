@@ -208,10 +208,7 @@ def make_holdout_source(data_dir: str, holdout: int, seed: int, path: str) -> st
     if os.path.isfile(path):
         return path
     x, y = tdata.load_arrays("cifar10", "train", data_dir=data_dir)
-    rng = np.random.default_rng(seed + 12345)
-    per = holdout // 10
-    held = np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), per, replace=False)
-                                   for c in range(10)]))
+    held = tdata.balanced_subset(y, holdout, 10, seed + 12345)
     keep = np.setdiff1d(np.arange(len(y)), held)
     with atomic_path(path) as tmp:
         np.savez(tmp, x_train=x[keep], y_train=y[keep], x_test=x[held], y_test=y[held])
