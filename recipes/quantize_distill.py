@@ -65,8 +65,7 @@ OPTIONS = common.COMMON_OPTIONS + KD_OPTIONS + QUANT_OPTIONS + [
     Option("export", "none", "Export the quantized student to TFLite at the end: none, int8, "
            "int4, dynamic or float.", "enum", ("none", "int8", "int4", "dynamic", "float")),
     Option("precise_bn_batches", 0, "After training, re-estimate the student's batch-norm "
-           "statistics over this many training batches (tfqkd.batch_norm; 0: off; "
-           "--distribute=none only).", "integer"),
+           "statistics over this many training batches (tfqkd.batch_norm; 0: off).", "integer"),
 ]
 
 PRESETS = {
@@ -113,11 +112,9 @@ def coefficient_scheduler(cfg: common.Config):
 
 def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     """Runs Algorithm 1 as configured by ``cfg``; returns the content of results.json."""
-    if cfg.precise_bn_batches < 0 or (cfg.precise_bn_batches and cfg.distribute != "none"):
-        raise ValueError(
-            f"--precise_bn_batches={cfg.precise_bn_batches} needs a count >= 0 and "
-            f"--distribute=none (got {cfg.distribute!r}): the statistics are re-estimated on one "
-            "device; pass 0 to skip it.")
+    if cfg.precise_bn_batches < 0:
+        raise ValueError(f"--precise_bn_batches={cfg.precise_bn_batches}: pass a number of "
+                         "training batches >= 1, or 0 to skip the re-estimation.")
     run_ = common.start_run(cfg, "runs/quantize_distill", strategy)
     if run_.finished is not None:
         return run_.finished

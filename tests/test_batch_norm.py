@@ -85,3 +85,40 @@ def test_bad_input_names_the_problem():
     for (m0, v0), (m1, v1) in zip(before, _bn_state(model)):
         np.testing.assert_array_equal(m0, m1)
         np.testing.assert_array_equal(v0, v1)
+
+
+MIRRORED_BODY = """
+    import tfqkd
+    from tfqkd.batch_norm import batch_norm_layers, recalibrate_batch_norm
+
+    ds = tf.data.Dataset.from_tensor_slices(np.repeat(x, 3, axis=0)).batch(16)
+
+    def recalibrated(strategy):
+        with strategy.scope():
+            model = tfqkd.quantize_model(tfqkd.models.tiny_resnet(seed=0), weight_bits=2)
+        before = [layer.moving_mean.values[-1].numpy() if strategy is mirrored
+                  else layer.moving_mean.numpy() for layer in batch_norm_layers(model)]
+        recalibrate_batch_norm(model, ds, 3)  # cross-replica context: outside strategy.run
+        layers = batch_norm_layers(model)
+        per_replica = [[c.numpy() for c in getattr(layer.moving_mean, "values",
+                                                   [layer.moving_mean])] for layer in layers]
+        return before, per_replica
+
+    one = recalibrated(tf.distribute.get_strategy())
+    two = recalibrated(mirrored)
+    print(json.dumps({
+        "replicas": [len(p) for p in two[1]],
+        "moved": min(float(np.abs(b - p[-1]).max()) for b, p in zip(two[0], two[1])),
+        "max_diff_to_one_device": max(float(np.abs(c - p[0]).max())
+                                      for p, q in zip(one[1], two[1]) for c in q),
+    }))
+"""
+
+
+def test_under_mirrored_strategy_every_replica_gets_the_one_device_statistics(tmp_path):
+    from conftest import run_two_cpu_script
+
+    out = run_two_cpu_script(tmp_path, MIRRORED_BODY)
+    assert out["replicas"] == [2] * 6
+    assert out["moved"] > 1e-3  # the last replica's statistics changed...
+    assert out["max_diff_to_one_device"] < 1e-5  # ...to exactly the one-device estimate

@@ -267,6 +267,21 @@ def _kd_args(teacher_dir, out, *extra):
             "--coefficient_schedule=linear", "--validation_freq=0", f"--output_dir={out}", *extra]
 
 
+def _re_estimated(run_dir):
+    """Per saved batch-norm layer: is its moving mean unlike every one training ended with?"""
+    import numpy as np
+    from tfqkd._keras import tf
+    from tfqkd.batch_norm import batch_norm_layers
+
+    run_dir = pathlib.Path(run_dir)
+    ckpt = tf.train.load_checkpoint(str(run_dir / "checkpoints" / "backup" / "chief"))
+    at_end = [ckpt.get_tensor(k) for k in ckpt.get_variable_to_shape_map() if "moving_mean" in k]
+    saved = [layer.moving_mean.numpy()
+             for layer in batch_norm_layers(common.load_model(str(run_dir)))]
+    assert saved, f"{run_dir}: the saved model has no batch-norm layer"
+    return [not any(a.shape == m.shape and np.allclose(a, m) for a in at_end) for m in saved]
+
+
 def test_mirrored_on_two_logical_cpus_matches_single_process_outputs(tmp_path, teacher_dir):
     from recipes import quantize_distill
 
@@ -274,39 +289,30 @@ def test_mirrored_on_two_logical_cpus_matches_single_process_outputs(tmp_path, t
     single = tmp_path / "single"
     quantize_distill.run(quantize_distill.make_config(
         "smoke", dataset="digits", epochs=1, teacher=[str(teacher_dir)],
-        coefficient_schedule="linear", validation_freq=0, output_dir=str(single),
-        progress="none"))
+        coefficient_schedule="linear", validation_freq=0, precise_bn_batches=3,
+        output_dir=str(single), progress="none"))
     keys = set(_assert_complete(single))
 
     mirrored = tmp_path / "mirrored"
-    log = _run("quantize_distill.py",
-               *_kd_args(teacher_dir, mirrored, "--distribute=mirrored", "--cpu_devices=2"))
+    log = _run("quantize_distill.py", *_kd_args(teacher_dir, mirrored, "--distribute=mirrored",
+                                                "--cpu_devices=2", "--precise_bn_batches=3"))
     assert "2 replica(s)" in log
     res = _assert_complete(mirrored)
     assert set(res) == keys
     assert res["flags"]["distribute"] == "mirrored"
+    # Precise BN ran on the replicated model (cross-replica context) and reached the saved file.
+    assert res["precise_bn"]["layers"] == 6 and all(_re_estimated(mirrored))
 
 
-def test_multi_worker_two_processes_match_single_process_outputs(tmp_path, teacher_dir):
-    # Two worker processes on localhost run train_student with KD (the Distiller's cross-worker
-    # loss reduction), compared with the same recipe in-process.
-    from recipes import train_student
-
-    student_args = ["--preset=smoke", "--dataset=digits", "--epochs=1",
-                    f"--teacher={teacher_dir}", "--validation_freq=0"]
-    single_student = tmp_path / "single_student"
-    train_student.run(train_student.make_config(
-        "smoke", dataset="digits", epochs=1, teacher=str(teacher_dir), validation_freq=0,
-        output_dir=str(single_student), progress="none"))
-    keys = set(_assert_complete(single_student))
-    out = tmp_path / "multi"
+def _two_workers(script, args, out):
+    """Runs ``script`` as two MultiWorkerMirroredStrategy workers on localhost; their logs."""
     ports = _free_ports(2)
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     procs = []
     for i in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-        cmd = [sys.executable, str(RECIPES / "train_student.py"), *student_args,
-               f"--output_dir={out}", "--distribute=multi_worker"]
+        cmd = [sys.executable, str(RECIPES / script), *args, f"--output_dir={out}",
+               "--distribute=multi_worker"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, env=subprocess_env(TF_CONFIG=tf_config)))
     logs = []
@@ -318,50 +324,70 @@ def test_multi_worker_two_processes_match_single_process_outputs(tmp_path, teach
             p.kill()
     for p, text in zip(procs, logs):
         assert p.returncode == 0, text[-4000:]
+    assert "2 replica(s)" in logs[0]
+    # Only the chief wrote: no worker temp directories remain in the shared output directory.
+    assert not list(pathlib.Path(out).rglob("workertemp_*"))
+    return logs
+
+
+def _logged(logs, marker):
+    """The set of values logged after ``marker`` by the workers (one value: they agree)."""
+    return {line.rsplit(marker, 1)[1].split()[0].rstrip(")") for text in logs
+            for line in text.splitlines() if marker in line}
+
+
+def test_multi_worker_two_processes_match_single_process_outputs(tmp_path, teacher_dir):
+    # Two worker processes on localhost run train_student with KD (the Distiller's cross-worker
+    # loss reduction), compared with the same recipe in-process.
+    from recipes import train_student
+
+    single_student = tmp_path / "single_student"
+    train_student.run(train_student.make_config(
+        "smoke", dataset="digits", epochs=1, teacher=str(teacher_dir), validation_freq=0,
+        output_dir=str(single_student), progress="none"))
+    keys = set(_assert_complete(single_student))
+    out = tmp_path / "multi"
+    logs = _two_workers("train_student.py", ["--preset=smoke", "--dataset=digits", "--epochs=1",
+                                             f"--teacher={teacher_dir}", "--validation_freq=0"],
+                        out)
     res = _assert_complete(out)
     assert set(res) == keys
     assert res["flags"]["distribute"] == "multi_worker"
-    # Only the chief wrote: no worker temp directories remain in the shared output directory.
-    assert not list(out.rglob("workertemp_*"))
     # Both workers evaluated the same synchronised model.
-    accs = {line.rsplit("accuracy ", 1)[1].split()[0] for text in logs
-            for line in text.splitlines() if "student test accuracy" in line}
+    accs = _logged(logs, "student test accuracy ")
     assert len(accs) == 1, logs
-    assert "2 replica(s)" in logs[0]
+
+
+def test_multi_worker_quantize_distill_with_precise_bn(tmp_path, teacher_dir):
+    # Both workers re-estimate the statistics on the same batches (cross-replica reads are
+    # collectives, so they must make the same calls) and end with the same model.
+    out = tmp_path / "multi"
+    logs = _two_workers("quantize_distill.py",
+                        _kd_args(teacher_dir, out, "--precise_bn_batches=3"), out)
+    res = _assert_complete(out)
+    assert res["flags"]["distribute"] == "multi_worker" and res["precise_bn"]["layers"] == 6
+    assert all(_re_estimated(out))
+    assert len(_logged(logs, "test accuracy before: ")) == 1, logs
+    assert len(_logged(logs, "quantized student test accuracy ")) == 1, logs
 
 
 def test_quantize_distill_precise_bn_rewrites_the_saved_statistics(tmp_path):
-    import numpy as np
     from recipes import quantize_distill
-    from tfqkd._keras import tf
-    from tfqkd.batch_norm import batch_norm_layers
 
-    def trained_and_saved(name, batches):
-        cfg = quantize_distill.make_config(
+    def trained(name, batches):
+        return quantize_distill.run(quantize_distill.make_config(
             "smoke", dataset="digits", subset=None, test_subset=None, arch="tiny", epochs=1,
-            precise_bn_batches=batches, output_dir=str(tmp_path / name), progress="none")
-        res = quantize_distill.run(cfg)
-        ckpt = tf.train.load_checkpoint(str(tmp_path / name / "checkpoints" / "backup" / "chief"))
-        at_end_of_training = [ckpt.get_tensor(k) for k in ckpt.get_variable_to_shape_map()
-                              if "moving_mean" in k]
-        saved = [layer.moving_mean.numpy()
-                 for layer in batch_norm_layers(common.load_model(str(tmp_path / name)))]
-        return res, at_end_of_training, saved
-
-    def as_trained(saved, at_end):  # which saved statistics equal one of the trained ones
-        return [any(a.shape == s.shape and np.allclose(a, s) for a in at_end) for s in saved]
+            precise_bn_batches=batches, output_dir=str(tmp_path / name), progress="none"))
 
     # Off: the saved model carries the statistics training ended with (the last checkpoint's).
-    res, at_end, saved = trained_and_saved("off", 0)
-    assert "precise_bn" not in res and len(saved) == 6 and all(as_trained(saved, at_end))
+    res = trained("off", 0)
+    assert "precise_bn" not in res and not any(_re_estimated(tmp_path / "off"))
     # On: every layer's statistics were re-estimated before saving.
-    res, at_end, saved = trained_and_saved("on", 5)
+    res = trained("on", 5)
     assert res["precise_bn"]["batches"] == 5 and res["precise_bn"]["layers"] == 6
     assert 0.0 <= res["precise_bn"]["test_accuracy_before"] <= 1.0
-    assert not any(as_trained(saved, at_end))
+    assert all(_re_estimated(tmp_path / "on"))
 
-    with pytest.raises(ValueError, match="--distribute=none"):
-        quantize_distill.run(quantize_distill.make_config(
-            "smoke", dataset="digits", arch="tiny", precise_bn_batches=5, distribute="mirrored",
-            output_dir=str(tmp_path / "mirrored")))
-    assert not (tmp_path / "mirrored").exists()
+    with pytest.raises(ValueError, match="--precise_bn_batches=-1"):
+        trained("negative", -1)
+    assert not (tmp_path / "negative").exists()

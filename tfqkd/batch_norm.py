@@ -44,8 +44,11 @@ def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset,
     its per-batch means and variances. Every other variable (weights, and state that training
     mode would update, such as activation-quantizer ranges) is restored to its value before the
     call, and the layers' momentum is left as it was. Use the training data with its
-    augmentation, after training, before evaluating or exporting. Runs on one device (call it
-    outside a distribution strategy).
+    augmentation, after training, before evaluating or exporting. A model built under a
+    ``MirroredStrategy`` or ``MultiWorkerMirroredStrategy`` is recalibrated in cross-replica
+    context (call it outside ``strategy.run``): every replica gets the same statistics. Every
+    worker of a multi-worker job must make the call, with the same data (the cross-replica reads
+    are collective operations).
 
     Args:
         model: A Keras model (float or quantized) with at least one ``BatchNormalization``.
