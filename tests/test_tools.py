@@ -140,14 +140,53 @@ def _check_unseen(s, out, archive, seeds):
         assert figure == pytest.approx(np.mean(logits.argmax(-1) == y_unseen))
 
 
-def test_reproduce_cpu_unseen_eval_bad_counts_fail_before_training(cifar10_archive, tmp_path):
+def test_reproduce_cpu_bad_counts_fail_before_training(cifar10_archive, tmp_path):
     out = tmp_path / "repro"
     args = [f"--data_dir={cifar10_archive.parent}", f"--output_dir={out}", "--subset=500",
             "--epochs=1", "--seeds=1"]
     for bad, says in ((["--unseen_eval=205"], "multiple of 10"),
                       (["--unseen_eval=49600"], "smaller multiple of 10"),
                       (["--unseen_eval=-10"], "positive count"),
-                      (["--unseen_eval=100", "--subset=0"], "training --subset")):
+                      (["--unseen_eval=100", "--subset=0"], "training --subset"),
+                      (["--holdout=105"], "--holdout=105"),
+                      (["--holdout=-10"], "--holdout=-10")):
         err = _tool("reproduce_cpu.py", *args, *bad, ok=False).stderr
-        assert says in err, err
-    assert not (out / "teacher").exists()
+        assert says in err and "Traceback" not in err, err
+        assert not out.exists(), bad  # nothing written, not even the output directory
+
+
+def test_reproduce_cpu_holdout_mode_never_trains_or_evaluates_on_its_images(cifar10_archive,
+                                                                            tmp_path):
+    from recipes import common
+    from tfqkd import data
+
+    out = tmp_path / "tune"
+    s = last_json_line(_tool(
+        "reproduce_cpu.py", f"--data_dir={cifar10_archive.parent}", f"--output_dir={out}",
+        "--holdout=100", "--subset=300", "--unseen_eval=200", "--epochs=1", "--batch_size=100",
+        "--teacher_width=1", "--seeds=1", "--methods=hard", timeout=600).stdout)
+    assert s["evaluated_on"] == "holdout100" and s["num_test"] == 100
+    assert s["budget"]["holdout"] == 100
+
+    # Three disjoint sets of CIFAR-10 *training* images: held out (the evaluation), trained on,
+    # and the unseen diagnostic; the archive's test split is not used.
+    x, y = data.load_arrays("cifar10", "train", data_dir=cifar10_archive)
+    with np.load(out / "holdout100.npz") as f:
+        x_rest, y_rest, x_held, y_held = f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+    assert np.bincount(y_held).tolist() == [10] * 10 and len(x_rest) == len(x) - 100
+    every = {a.tobytes() for a in x}
+    held = {a.tobytes() for a in x_held}
+    assert held <= every and not held & {a.tobytes() for a in x_rest}
+    trained = x_rest[data.balanced_subset(y_rest, 300, 10, 0)]
+    with np.load(out / "unseen200_subset300_seed0.npz") as f:
+        np.testing.assert_array_equal(f["x_train"], trained)
+        unseen = {a.tobytes() for a in f["x_test"]}
+    trained = {a.tobytes() for a in trained}
+    assert len(unseen) == 200 and not (held & trained or held & unseen or trained & unseen)
+
+    # The reported figures are accuracies on the held-out images, recomputed here.
+    info = data.dataset_info("cifar10")
+    images = ((x_held / 255.0 - np.array(info.mean)) / np.array(info.std)).astype(np.float32)
+    for key, directory in (("student", "student"), ("hard", "hard")):
+        logits = common.load_model(str(out / directory)).predict(images, verbose=0)
+        assert s["accuracy"][key] == pytest.approx(np.mean(logits.argmax(-1) == y_held))

@@ -208,8 +208,13 @@ def make_holdout_source(data_dir: str, holdout: int, seed: int, path: str) -> st
     if os.path.isfile(path):
         return path
     x, y = tdata.load_arrays("cifar10", "train", data_dir=data_dir)
-    held = tdata.balanced_subset(y, holdout, 10, seed + 12345)
+    try:
+        held = tdata.balanced_subset(y, holdout, 10, seed + 12345)
+    except ValueError as e:
+        raise app.UsageError(f"--holdout={holdout}: {e} (the held-out images come from the "
+                             f"{len(y)} training images).") from e
     keep = np.setdiff1d(np.arange(len(y)), held)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path) as tmp:
         np.savez(tmp, x_train=x[keep], y_train=y[keep], x_test=x[held], y_test=y[held])
     return path
@@ -237,6 +242,7 @@ def make_unseen_source(data_dir: str, subset: int, subset_seed: int, count: int,
         raise app.UsageError(
             f"--unseen_eval={count}: {e} (it picks from the {len(rest)} training images outside "
             f"--subset={subset}; pass a smaller multiple of 10).") from e
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path) as tmp:
         np.savez(tmp, x_train=x[seen], y_train=y[seen], x_test=x[picked], y_test=y[picked])
     return path
@@ -287,8 +293,12 @@ def main(argv):
         raise app.UsageError(f"--seeds must be >= 1 (runs per 2-bit method), got {FLAGS.seeds}.")
     e_t, e_s, e_q = (FLAGS.teacher_epochs, FLAGS.student_epochs, FLAGS.quant_epochs) \
         if FLAGS.epochs is None else (FLAGS.epochs,) * 3
+    if FLAGS.unseen_eval < 0 or (FLAGS.unseen_eval and not FLAGS.subset):
+        raise app.UsageError(
+            f"--unseen_eval={FLAGS.unseen_eval} needs a positive count and a training "
+            f"--subset (got --subset={FLAGS.subset}): the unseen images are the training "
+            "images outside the subset.")
     out = os.path.abspath(FLAGS.output_dir)
-    os.makedirs(out, exist_ok=True)
     data_dir = FLAGS.data_dir or default_data_dir()
     if FLAGS.holdout:
         data_dir = make_holdout_source(data_dir, FLAGS.holdout, FLAGS.seed,
@@ -296,15 +306,11 @@ def main(argv):
         common.log(f"tuning mode: evaluating on {FLAGS.holdout} held-out training images")
     unseen_source = None
     if FLAGS.unseen_eval:
-        if FLAGS.unseen_eval < 0 or not FLAGS.subset:
-            raise app.UsageError(
-                f"--unseen_eval={FLAGS.unseen_eval} needs a positive count and a training "
-                f"--subset (got --subset={FLAGS.subset}): the unseen images are the training "
-                "images outside the subset.")
         unseen_source = make_unseen_source(
             data_dir, FLAGS.subset, FLAGS.seed, FLAGS.unseen_eval,
             os.path.join(out, f"unseen{FLAGS.unseen_eval}_subset{FLAGS.subset}"
                               f"_seed{FLAGS.seed}.npz"))
+    os.makedirs(out, exist_ok=True)  # after the checks above: bad counts leave nothing behind
     base = dict(dataset="cifar10", data_dir=data_dir, subset=FLAGS.subset or None,
                 test_subset=FLAGS.test_subset or None, subset_seed=FLAGS.seed,
                 batch_size=FLAGS.batch_size,
