@@ -47,7 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recipes import common  # noqa: E402
 from recipes.common import Option  # noqa: E402
-from recipes.quantize_distill import QUANT_OPTIONS, quantize  # noqa: E402
+from recipes.quantize_distill import (  # noqa: E402
+    QUANT_OPTIONS, check_precise_bn, precise_bn, quantize)
 from recipes.train_student import KD_OPTIONS  # noqa: E402
 
 from tfqkd._keras import keras, tf  # noqa: E402
@@ -170,6 +171,7 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     from tfqkd import qkd
 
     _check(cfg)
+    check_precise_bn(cfg)
     run_ = common.start_run(cfg, "runs/qkd", strategy)
     if run_.finished is not None:
         return run_.finished
@@ -238,6 +240,7 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
         callbacks=callbacks, strategy=strategy, verbose=1 if progress == "bar" else 0,
     )
     _write_merged_history(out)
+    extra.update(precise_bn(cfg, student, data))
     teacher_acc = common.evaluate_accuracy(teacher, data.test)
     out.save_model(teacher, "teacher")
     return common.finish_run(run_, student, "QKD student",

@@ -407,4 +407,5 @@ def test_recipe_killed_in_co_studying_resumes_in_co_studying(tmp_path):
         assert 0.0 <= results["phases"][phase]["student_accuracy"] <= 1.0
         assert 0.0 <= results["phases"][phase]["teacher_accuracy"] <= 1.0
     assert 0.0 <= results["test_accuracy"] <= 1.0
+    assert results["precise_bn"]["layers"] > 0  # default: the tutored student's BN re-estimated
     assert (out / "model" / "model.h5").exists() and (out / "teacher" / "model.h5").exists()

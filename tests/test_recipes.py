@@ -374,19 +374,31 @@ def test_multi_worker_quantize_distill_with_precise_bn(tmp_path, teacher_dir):
 def test_quantize_distill_precise_bn_rewrites_the_saved_statistics(tmp_path):
     from recipes import quantize_distill
 
-    def trained(name, batches):
+    def trained(name, batches=None):
+        opts = {} if batches is None else {"precise_bn_batches": batches}
         return quantize_distill.run(quantize_distill.make_config(
             "smoke", dataset="digits", subset=None, test_subset=None, arch="tiny", epochs=1,
-            precise_bn_batches=batches, output_dir=str(tmp_path / name), progress="none"))
+            output_dir=str(tmp_path / name), progress="none", **opts))
 
     # Off: the saved model carries the statistics training ended with (the last checkpoint's).
     res = trained("off", 0)
     assert "precise_bn" not in res and not any(_re_estimated(tmp_path / "off"))
-    # On: every layer's statistics were re-estimated before saving.
-    res = trained("on", 5)
-    assert res["precise_bn"]["batches"] == 5 and res["precise_bn"]["layers"] == 6
+    # On (the default, 100 batches): every layer's statistics were re-estimated before saving.
+    res = trained("on")
+    assert res["precise_bn"]["batches"] == 100 and res["precise_bn"]["layers"] == 6
     assert 0.0 <= res["precise_bn"]["test_accuracy_before"] <= 1.0
     assert all(_re_estimated(tmp_path / "on"))
+
+    # A student without batch norm (a user's own model) is left as it is; 0 turns the step off.
+    from types import SimpleNamespace
+    from tfqkd._keras import keras
+
+    no_bn = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    cfg = quantize_distill.make_config("smoke")
+    unused = SimpleNamespace(train=None, test=None)  # neither is needed: nothing to re-estimate
+    assert quantize_distill.precise_bn(cfg, no_bn, unused) == {
+        "precise_bn": {"batches": 100, "layers": 0}}
+    assert quantize_distill.precise_bn(cfg.replace(precise_bn_batches=0), no_bn, unused) == {}
 
     with pytest.raises(ValueError, match="--precise_bn_batches=-1"):
         trained("negative", -1)

@@ -285,6 +285,8 @@ def test_recipe_smoke_run_writes_results_and_a_rerun_trains_nothing(tmp_path):
     assert stored == json.loads(json.dumps(res))
     assert res["mode"] == "speq" and res["flags"]["high_bits"] == "8"
     assert 0.0 <= res["test_accuracy"] <= 1.0 and 0.0 <= res["stochastic_teacher_accuracy"] <= 1.0
+    # The recipes' default: batch-norm statistics re-estimated on the trained SPEQ student.
+    assert res["precise_bn"]["batches"] == 100 and res["precise_bn"]["layers"] > 0
     for name in ("history.csv", "run_config.json", "model/model.h5"):
         assert (out / name).exists(), name
     assert len((out / "history.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
