@@ -9,6 +9,8 @@ images) and the full 10,000 test images, it trains in order, each stage a normal
 3. one 2-bit-weight ResNet20 per entry of ``--methods``, each retrained from the float student:
    ``hard`` (a) hard labels, ``kd`` (b) KD with constant λ = 0.5, ``kd_cr`` (c) KD + CR
    (λ linear 0.5 → 0), plus any method other engineers registered in :data:`METHODS`.
+   Each ends, like the recipes, by re-estimating its batch-norm statistics
+   (``--precise_bn_batches=100``; 0 repeats the runs made before 2026-12-01).
 
 Every 2-bit method runs ``--seeds`` times (default 3: seeds ``--seed``, ``--seed``+1, ...; the
 first in ``<method>/``, the others in ``<method>_seed<N>/``), all from the same teacher and
@@ -38,7 +40,7 @@ every trained model again on N training images outside ``--subset`` (never train
 
 Examples::
 
-    python tools/reproduce_cpu.py             # the full budget: 54 min on a 2-core AMD EPYC
+    python tools/reproduce_cpu.py             # the full budget: 57 min on a 2-core AMD EPYC
     python tools/reproduce_cpu.py --seeds=1   # one run per method: for hosts 2x slower
     python tools/reproduce_cpu.py --subset=500 --epochs=1 --test_subset=500 --seeds=1 \\
         --output_dir=/tmp/repro                                    # end-to-end check, minutes
@@ -106,6 +108,11 @@ flags.DEFINE_bool("temperature_squared", common.BENCHMARK_KD["temperature_square
                   "KD rows: multiply the soft loss by τ² (Hinton's scaling; the paper's Eq. 3 "
                   "has none). On: chosen on --holdout, see docs/recipes.md.")
 flags.DEFINE_integer("weight_bits", 2, "Weight bits of the quantized students.")
+flags.DEFINE_integer(
+    "precise_bn_batches",
+    next(o.default for o in quantize_distill.OPTIONS if o.name == "precise_bn_batches"),
+    "Batch-norm re-estimation at the end of every 2-bit stage, over this many training batches "
+    "(the recipes' default; 0: off, as in the runs before 2026-12-01).")
 flags.DEFINE_list("methods", ["hard", "kd", "kd_cr"], "Methods to run, keys of METHODS.")
 flags.DEFINE_integer("seed", 0, "Seed of every stage.")
 flags.DEFINE_integer("seeds", 3, "Runs of every 2-bit method, with seeds --seed, --seed+1, ... "
@@ -319,6 +326,7 @@ def main(argv):
                 progress=FLAGS.progress, temperature=FLAGS.temperature,
                 coefficient=FLAGS.coefficient)
     quant = dict(weight_bits=FLAGS.weight_bits, first_last_bits=8, epochs=e_q,
+                 precise_bn_batches=FLAGS.precise_bn_batches,
                  learning_rate=FLAGS.quant_learning_rate, lr_schedule=FLAGS.quant_lr_schedule)
     strategy = common.make_strategy("none")
 
@@ -357,7 +365,8 @@ def main(argv):
                    "coefficient": FLAGS.coefficient,
                    "temperature_squared": FLAGS.temperature_squared,
                    "weight_bits": FLAGS.weight_bits, "seeds": FLAGS.seeds,
-                   "quant_lr_schedule": FLAGS.quant_lr_schedule},
+                   "quant_lr_schedule": FLAGS.quant_lr_schedule,
+                   "precise_bn_batches": FLAGS.precise_bn_batches},
         "evaluated_on": f"holdout{FLAGS.holdout}" if FLAGS.holdout else "test",
         "num_test": stage_results["student"].get("num_test"),
         "wall_time_s": round(time.time() - t0, 1),
