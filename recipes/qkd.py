@@ -204,11 +204,12 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     def make_optimizer(phase: str):
         return common.make_optimizer(cfg, data.steps_per_epoch, max(1, _phase_epochs(cfg, phase)))
 
-    teacher_optimizer = None
-    if cfg.teacher_learning_rate is not None:
-        def teacher_optimizer():
-            return common.make_optimizer(cfg.replace(learning_rate=cfg.teacher_learning_rate),
-                                         data.steps_per_epoch, max(1, cfg.cs_epochs))
+    def make_teacher_optimizer():
+        return common.make_optimizer(cfg.replace(learning_rate=cfg.teacher_learning_rate),
+                                     data.steps_per_epoch, max(1, cfg.cs_epochs))
+
+    # None: in co-studying one optimizer (the phase's) updates both models.
+    teacher_optimizer = None if cfg.teacher_learning_rate is None else make_teacher_optimizer
 
     progress = cfg.progress
     if progress == "auto":
