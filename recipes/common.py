@@ -304,6 +304,9 @@ def _validate(cfg: Config) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)!r}.")
     if getattr(cfg, "cpu_devices", 1) < 1:
         raise ValueError(f"--cpu_devices must be >= 1, got {cfg.cpu_devices!r}.")
+    if getattr(cfg, "precise_bn_batches", 0) < 0:  # the quantized recipes' option
+        raise ValueError(f"--precise_bn_batches={cfg.precise_bn_batches}: pass a number of "
+                         "training batches >= 1, or 0 to skip the re-estimation.")
 
 
 def config_from_flags(options: Iterable[Option], presets=None, flag_values=None) -> Config:

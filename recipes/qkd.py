@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from recipes import common  # noqa: E402
 from recipes.common import Option  # noqa: E402
 from recipes.quantize_distill import (  # noqa: E402
-    QUANT_OPTIONS, check_precise_bn, precise_bn, quantize)
+    QUANT_OPTIONS, precise_bn, quantize)
 from recipes.train_student import KD_OPTIONS  # noqa: E402
 
 from tfqkd._keras import keras, tf  # noqa: E402
@@ -171,7 +171,6 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     from tfqkd import qkd
 
     _check(cfg)
-    check_precise_bn(cfg)
     run_ = common.start_run(cfg, "runs/qkd", strategy)
     if run_.finished is not None:
         return run_.finished

@@ -97,13 +97,6 @@ def quantize(model: keras.Model, cfg: common.Config) -> keras.Model:
                                 per_channel=cfg.per_channel, step=cfg.step)
 
 
-def check_precise_bn(cfg: common.Config) -> None:
-    """Fails before anything is written if ``--precise_bn_batches`` is not a usable count."""
-    if cfg.precise_bn_batches < 0:
-        raise ValueError(f"--precise_bn_batches={cfg.precise_bn_batches}: pass a number of "
-                         "training batches >= 1, or 0 to skip the re-estimation.")
-
-
 def precise_bn(cfg: common.Config, student: keras.Model, data: common.Data) -> dict:
     """Runs ``--precise_bn_batches`` on the trained student; its results.json entries.
 
@@ -144,7 +137,6 @@ def coefficient_scheduler(cfg: common.Config):
 
 def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     """Runs Algorithm 1 as configured by ``cfg``; returns the content of results.json."""
-    check_precise_bn(cfg)
     run_ = common.start_run(cfg, "runs/quantize_distill", strategy)
     if run_.finished is not None:
         return run_.finished

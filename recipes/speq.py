@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from recipes import common  # noqa: E402
 from recipes.common import Option  # noqa: E402
 from recipes.quantize_distill import (  # noqa: E402
-    PRESETS as QD_PRESETS, QUANT_OPTIONS, check_precise_bn, coefficient_scheduler, precise_bn)
+    PRESETS as QD_PRESETS, QUANT_OPTIONS, coefficient_scheduler, precise_bn)
 from recipes.train_student import compile_distiller  # noqa: E402
 
 from tfqkd._keras import keras, tf  # noqa: E402
@@ -145,7 +145,6 @@ def stochastic_teacher_accuracy(model: keras.Model, dataset: tf.data.Dataset) ->
 
 def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     """Runs SPEQ as configured by ``cfg``; returns the content of results.json."""
-    check_precise_bn(cfg)
     run_ = common.start_run(cfg, "runs/speq", strategy)
     if run_.finished is not None:
         return run_.finished

@@ -221,7 +221,6 @@ def make_holdout_source(data_dir: str, holdout: int, seed: int, path: str) -> st
         raise app.UsageError(f"--holdout={holdout}: {e} (the held-out images come from the "
                              f"{len(y)} training images).") from e
     keep = np.setdiff1d(np.arange(len(y)), held)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path) as tmp:
         np.savez(tmp, x_train=x[keep], y_train=y[keep], x_test=x[held], y_test=y[held])
     return path
@@ -249,7 +248,6 @@ def make_unseen_source(data_dir: str, subset: int, subset_seed: int, count: int,
         raise app.UsageError(
             f"--unseen_eval={count}: {e} (it picks from the {len(rest)} training images outside "
             f"--subset={subset}; pass a smaller multiple of 10).") from e
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path) as tmp:
         np.savez(tmp, x_train=x[seen], y_train=y[seen], x_test=x[picked], y_test=y[picked])
     return path
