@@ -110,8 +110,18 @@ def test_reproduce_cpu_repeats_methods_over_seeds_on_fixed_images(cifar10_archiv
     _check_unseen(again, out, cifar10_archive, seeds=("0", "1"))
 
 
-def _check_unseen(s, out, archive, seeds):
+def _accuracy(run_dir, x_uint8, y):
+    """Top-1 accuracy of the model saved in ``run_dir`` on raw CIFAR-10 images, computed here."""
     from recipes import common
+    from tfqkd import data
+
+    info = data.dataset_info("cifar10")
+    images = ((x_uint8 / 255.0 - np.array(info.mean)) / np.array(info.std)).astype(np.float32)
+    logits = common.load_model(str(run_dir)).predict(images, verbose=0)
+    return np.mean(logits.argmax(-1) == y)
+
+
+def _check_unseen(s, out, archive, seeds):
     from tfqkd import data
 
     unseen = s["unseen"]
@@ -131,13 +141,10 @@ def _check_unseen(s, out, archive, seeds):
     assert not {a.tobytes() for a in trained} & {a.tobytes() for a in x_unseen}
 
     # Each figure is its own model's accuracy on those images, recomputed here independently.
-    info = data.dataset_info("cifar10")
-    images = ((x_unseen / 255.0 - np.array(info.mean)) / np.array(info.std)).astype(np.float32)
-    for key, directory in (("student", "student"), ("kd_cr", "kd_cr_seed1")):
-        logits = common.load_model(str(out / directory)).predict(images, verbose=0)
-        figure = (unseen["accuracy"][key] if key == "student"
-                  else unseen["accuracy_per_seed"][key]["1"])
-        assert figure == pytest.approx(np.mean(logits.argmax(-1) == y_unseen))
+    assert unseen["accuracy"]["student"] == pytest.approx(
+        _accuracy(out / "student", x_unseen, y_unseen))
+    assert unseen["accuracy_per_seed"]["kd_cr"]["1"] == pytest.approx(
+        _accuracy(out / "kd_cr_seed1", x_unseen, y_unseen))
 
 
 def test_reproduce_cpu_bad_counts_fail_before_training(cifar10_archive, tmp_path):
@@ -157,7 +164,6 @@ def test_reproduce_cpu_bad_counts_fail_before_training(cifar10_archive, tmp_path
 
 def test_reproduce_cpu_holdout_mode_never_trains_or_evaluates_on_its_images(cifar10_archive,
                                                                             tmp_path):
-    from recipes import common
     from tfqkd import data
 
     out = tmp_path / "tune"
@@ -185,8 +191,5 @@ def test_reproduce_cpu_holdout_mode_never_trains_or_evaluates_on_its_images(cifa
     assert len(unseen) == 200 and not (held & trained or held & unseen or trained & unseen)
 
     # The reported figures are accuracies on the held-out images, recomputed here.
-    info = data.dataset_info("cifar10")
-    images = ((x_held / 255.0 - np.array(info.mean)) / np.array(info.std)).astype(np.float32)
-    for key, directory in (("student", "student"), ("hard", "hard")):
-        logits = common.load_model(str(out / directory)).predict(images, verbose=0)
-        assert s["accuracy"][key] == pytest.approx(np.mean(logits.argmax(-1) == y_held))
+    for key in ("student", "hard"):
+        assert s["accuracy"][key] == pytest.approx(_accuracy(out / key, x_held, y_held))
