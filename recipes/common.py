@@ -38,10 +38,16 @@ Resume and re-run policy
     schedules, which are functions of the optimizer's iteration counter), epoch and, with an
     integer ``--save_freq``, the step inside the epoch. The run ends with the same total number of
     epochs as an uninterrupted one; ``history.csv`` keeps one row per epoch.
-    Re-running a *completed* run (``results.json`` present) trains nothing: it prints the stored
-    result and returns it. ``--overwrite`` deletes the directory's contents and trains afresh.
-    Resuming with different training options is refused (the error lists the differing options);
-    runtime-only options (``--distribute``, ``--progress``, ...) may change between attempts.
+    Re-running a *completed* run (``results.json`` present) with the same options trains
+    nothing: it prints the stored result and returns it; a runtime-only addition is carried out on
+    the finished model (``--export=int8`` exports, verifies and records it in results.json).
+    Resuming or re-running with different training options is refused, for a partial and a
+    finished run alike (the error lists the differing options); runtime-only options
+    (``RUNTIME_KEYS``: ``--distribute``, ``--progress``, ``--export``, ...) may change.
+    ``--overwrite`` deletes the directory and trains afresh, but only a directory that holds a
+    tfqkd run (its ``run_config.json``; never the working directory or one of its parents), and
+    only once every input has been checked: the recipe calls :meth:`Run.begin` after loading the
+    data and building its models, so a typo in ``--teacher`` never costs a finished run.
 
 Distribution
     ``make_strategy("none" | "mirrored" | "multi_worker", cpu_devices=N)``.
@@ -60,6 +66,7 @@ Typical recipe body::
     with run.strategy.scope():
         model = common.build_model(cfg.arch, cfg.width, run.data.info, cfg)
         model.compile(optimizer=common.make_optimizer(cfg, run.data.steps_per_epoch), ...)
+    run.begin()                                                   # inputs OK: --overwrite, config
     common.fit_with_resume(model, run.data.train, run.data.test, cfg.epochs, run.out,
                            save_freq=cfg.save_freq)
     return common.finish_run(run, model, "my model")              # evaluate, save, results.json
@@ -88,6 +95,7 @@ import sys
 import tempfile
 import time
 import types
+import zipfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -106,7 +114,8 @@ __all__ = [
     "define_common_flags", "config_from_flags", "make_config", "merge_presets", "make_strategy",
     "is_chief", "set_seed", "OutputDir", "Data", "load_data", "build_model", "make_lr_schedule",
     "make_optimizer", "fit_with_resume", "evaluate_accuracy", "write_results", "versions",
-    "load_model", "log", "atomic_write_text", "atomic_write_json", "HistoryLogger", "EpochLogger",
+    "load_model", "log", "run_main", "check_deletable", "Run", "start_run", "finish_run",
+    "atomic_write_text", "atomic_write_json", "HistoryLogger", "EpochLogger",
     "ScalarSummaries", "quiet_logs", "BENCHMARK_KD",
 ]
 
@@ -307,6 +316,36 @@ def _validate(cfg: Config) -> None:
     if getattr(cfg, "precise_bn_batches", 0) < 0:  # the quantized recipes' option
         raise ValueError(f"--precise_bn_batches={cfg.precise_bn_batches}: pass a number of "
                          "training batches >= 1, or 0 to skip the re-estimation.")
+    _check_numbers(cfg)
+
+
+#: Numeric option ranges checked for every recipe that has the option: name -> (test, accepted).
+#: Sweep options that hold comma-separated lists are strings and are checked by the sweep itself.
+_RANGES = {
+    "learning_rate": (lambda v: v > 0, "a number > 0 (e.g. 0.1 for batch 128)"),
+    "teacher_learning_rate": (lambda v: v > 0, "a number > 0 (or absent)"),
+    "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "warmup_epochs": (lambda v: v >= 0, "an integer >= 0"),
+    "validation_freq": (lambda v: v >= 0, "an integer >= 0 (0: evaluate only at the end)"),
+    "subset": (lambda v: v > 0, "a positive number of images (absent or 0: all)"),
+    "test_subset": (lambda v: v > 0, "a positive number of images (absent or 0: all)"),
+    "temperature": (lambda v: v > 0, "a number > 0 (e.g. 1, 2, 4)"),
+    "coefficient": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "coefficient_end": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "teacher_coefficient": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "width": (lambda v: v > 0, "a number > 0 (1 = ResNet20)"),
+    "teacher_width": (lambda v: v > 0, "a number > 0"),
+}
+
+
+def _check_numbers(cfg: Config) -> None:
+    for name, (ok, accepted) in _RANGES.items():
+        value = getattr(cfg, name, None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # absent, None, or a sweep's comma-separated list
+        if not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"--{name}={value!r} is out of range: pass {accepted}.")
 
 
 def config_from_flags(options: Iterable[Option], presets=None, flag_values=None) -> Config:
@@ -338,6 +377,27 @@ def make_config(options: Iterable[Option], presets=None, preset: str = "paper",
 # --------------------------------------------------------------------------------------------
 # Small utilities
 # --------------------------------------------------------------------------------------------
+
+def run_main(main: Any, options: Iterable[Option]) -> None:
+    """The ``__main__`` block of a recipe: defines the flags and runs ``main`` with absl.
+
+    Ctrl-C prints one line saying the checkpoints are kept and exits with status 130 (the shell's
+    code for SIGINT) instead of a long trace.
+    """
+    from absl import app
+
+    define_flags(options)
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("\ninterrupted (Ctrl-C). The last checkpoint is kept: run the same command to "
+                  "resume.", file=sys.stderr, flush=True)
+            os._exit(130)  # skip TensorFlow's teardown, which can hang or trace after SIGINT
+
+    app.run(wrapped)
+
 
 def log(msg: str) -> None:
     """Prints one timestamped line (flushed, so logs of killed runs are complete)."""
@@ -509,15 +569,19 @@ class OutputDir:
                  strategy: Optional[tf.distribute.Strategy] = None):
         if not path:
             raise ValueError("output_dir must be a non-empty path (pass --output_dir=DIR).")
-        self.root = os.path.abspath(path)
+        self.root = os.path.abspath(os.path.expanduser(path))
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise NotADirectoryError(
+                f"--output_dir {path!r} is a file, not a directory; pass a directory for the "
+                f"run's outputs (e.g. --output_dir={path}_run).")
         self.strategy = strategy
         self._started = time.time()
         self._previous_elapsed = 0.0
         self._attempt = 1
-        if overwrite and os.path.isdir(self.root) and self.chief:
-            log(f"--overwrite: deleting the previous run in {self.root}")
-            shutil.rmtree(self.root)
-        os.makedirs(self.root, exist_ok=True)
+        self.overwrite = bool(overwrite)
+        self.begun = False
+        if self.overwrite:
+            check_deletable(self.root)  # fail now, before anything is loaded or trained
 
     # Layout --------------------------------------------------------------------------------
     model_dir = property(lambda self: os.path.join(self.root, "model"))
@@ -556,24 +620,69 @@ class OutputDir:
         return res
 
     # Start / resume checks ----------------------------------------------------------------------
-    def start(self, cfg: Config, runtime_keys: Iterable[str] = ()) -> None:
-        """Records the configuration; refuses to resume a run trained with other options."""
-        ignore = set(RUNTIME_KEYS) | set(runtime_keys)
-        new = _jsonable(cfg.to_dict())
-        # Only a run that has saved training state is protected: one that failed before its
-        # first checkpoint (bad flag, missing data) may be re-run with corrected options.
-        has_state = os.path.isdir(os.path.join(self.checkpoint_dir, "backup"))
-        if has_state and os.path.isfile(self.config_path):
+    def has_state(self) -> bool:
+        """True when a previous attempt saved training state (a checkpoint) or finished."""
+        if self.is_complete():
+            return True
+        if not os.path.isdir(self.checkpoint_dir):
+            return False
+        return any(name != os.path.basename(self._state_path)
+                   for name in os.listdir(self.checkpoint_dir))
+
+    def check_options(self, cfg: Config, runtime_keys: Iterable[str] = ()) -> None:
+        """Refuses to resume (or re-report) a run trained with other training options.
+
+        Only a run that has saved training state (or finished) is protected: one that failed
+        before its first checkpoint (bad flag, missing data) may be re-run with corrected options.
+        """
+        if not self.has_state():
+            return
+        old = None
+        if os.path.isfile(self.config_path):
             with open(self.config_path) as f:
                 old = json.load(f)
-            diff = sorted(k for k in set(old) | set(new)
-                          if k not in ignore and old.get(k) != new.get(k))
-            if diff:
-                details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        elif self.is_complete():
+            old = self.read_results().get("flags")
+        if not isinstance(old, dict):
+            return
+        ignore = set(RUNTIME_KEYS) | set(runtime_keys)
+        new = _jsonable(cfg.to_dict())
+        diff = sorted(k for k in set(old) | set(new)
+                      if k not in ignore and old.get(k) != new.get(k))
+        if diff:
+            details = ", ".join(f"--{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+            if self.is_complete():
                 raise ValueError(
-                    f"{self.root} holds a partial run with different options ({details}). "
-                    f"Re-run with the original options to resume, pass --overwrite to discard "
-                    f"it, or choose another --output_dir.")
+                    f"{self.root} holds a finished run with different options ({details}). "
+                    f"Re-run with the original options to see its result, pass --overwrite to "
+                    f"delete it and train afresh, or choose another --output_dir.")
+            raise ValueError(
+                f"{self.root} holds a partial run with different options ({details}). "
+                f"Re-run with the original options to resume, pass --overwrite to discard "
+                f"it, or choose another --output_dir.")
+
+    def begin(self, cfg: Config, runtime_keys: Iterable[str] = ()) -> None:
+        """Starts writing: ``--overwrite`` deletes the old run now, then :meth:`start`.
+
+        Call it once every input has been validated (data loaded, models built or loaded), so
+        that a bad flag never deletes a finished run (:meth:`Run.begin` does this for recipes).
+        """
+        if self.begun:
+            return
+        if self.overwrite and self.chief and os.path.isdir(self.root) and os.listdir(self.root):
+            check_deletable(self.root)  # again: the folder may have changed since the start
+            log(f"--overwrite: deleting the previous run in {self.root}")
+            shutil.rmtree(self.root)
+        self.overwrite = False
+        self.start(cfg, runtime_keys)
+        self.begun = True
+
+    def start(self, cfg: Config, runtime_keys: Iterable[str] = ()) -> None:
+        """Records the configuration; refuses to resume a run trained with other options."""
+        self.check_options(cfg, runtime_keys)
+        new = _jsonable(cfg.to_dict())
+        has_state = self.has_state()
+        os.makedirs(self.root, exist_ok=True)
         if os.path.isfile(self._state_path):
             with open(self._state_path) as f:
                 state = json.load(f)
@@ -640,17 +749,121 @@ class OutputDir:
         return os.path.join(self.root, subdir, "model.h5")
 
 
-def load_model(path: str, compile: bool = False) -> keras.Model:
-    """Loads a model saved by a recipe (a ``model.h5`` or its run/``model`` directory).
+#: Files and folders a recipe or sweep writes at the top of its output directory; one of the
+#: first group must be present for ``--overwrite`` to delete the directory.
+RUN_MARKERS = ("run_config.json", "run_config_grid.json", "run_config_search.json")
 
-    Enters ``tfqkd.quantize_scope()`` so quantized models and tfqkd layers deserialize.
+
+def check_deletable(path: str, markers: Sequence[str] = RUN_MARKERS) -> None:
+    """Raises unless ``--overwrite`` may delete ``path``: a tfqkd run directory (or empty/absent).
+
+    Refused: a file; the working directory or one of its parents; the home directory; a folder
+    with a ``.git`` entry; a non-empty folder without a run marker (``run_config.json``).
+
+    Example:
+        >>> import os, tempfile
+        >>> d = tempfile.mkdtemp(); open(os.path.join(d, "notes.txt"), "w").close()
+        >>> check_deletable(d)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: --overwrite refuses to delete ...: it does not hold a tfqkd run ...
     """
-    candidates = [path, os.path.join(path, "model.h5"), os.path.join(path, "model", "model.h5")]
-    found = next((p for p in candidates if os.path.isfile(p)), None)
-    if found is None:
-        raise FileNotFoundError(
-            f"No saved model at {path!r} (looked for {candidates[1:]}); pass the output_dir of "
-            f"a completed recipe run or a model.h5 file.")
+    root = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(root):
+        return
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"--output_dir {path!r} is a file, not a run directory; pass "
+                                 "a directory.")
+    real = os.path.realpath(root)
+    cwd = os.path.realpath(os.getcwd())
+    home = os.path.realpath(os.path.expanduser("~"))
+    if real == cwd or cwd.startswith(real.rstrip(os.sep) + os.sep) or real in (home, os.sep):
+        raise ValueError(
+            f"--overwrite refuses to delete {root}: it is the working directory, one of its "
+            f"parents or the home directory. Pass a dedicated --output_dir (e.g. runs/NAME).")
+    entries = os.listdir(root)
+    if not entries:
+        return
+    if ".git" in entries:
+        raise ValueError(f"--overwrite refuses to delete {root}: it holds a .git repository. "
+                         "Pass a dedicated --output_dir (e.g. runs/NAME).")
+    if not any(os.path.isfile(os.path.join(root, m)) for m in markers):
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(
+            f"--overwrite refuses to delete {root}: it does not hold a tfqkd run (no "
+            f"{' or '.join(markers[:1])}; it holds {shown}). Choose another --output_dir, or "
+            f"delete the folder yourself if you really mean to.")
+
+
+def _find_model_file(path: str) -> str:
+    """The file (or SavedModel folder) behind any form the docs show: run dir, model dir, file."""
+    path = os.path.expanduser(path)
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+            return path  # a SavedModel directory
+        for sub in ("", "model"):
+            for name in ("model.h5", "model.keras"):
+                candidate = os.path.join(path, sub, name)
+                if os.path.isfile(candidate):
+                    return candidate
+    raise FileNotFoundError(
+        f"No saved model at {path!r} (looked for the file itself, {path}/model.h5, "
+        f"{path}/model/model.h5 and .keras / SavedModel forms); pass the output_dir of a "
+        f"completed recipe run, its model/ folder, or a .h5 / .keras file.")
+
+
+def _saved_keras_version(path: str) -> Optional[str]:
+    """The Keras version recorded in a saved model file, when it can be read cheaply."""
+    try:
+        if path.endswith(".keras") or (os.path.isfile(path) and zipfile.is_zipfile(path)):
+            with zipfile.ZipFile(path) as z:
+                return str(json.loads(z.read("metadata.json")).get("keras_version"))
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            v = f.attrs.get("keras_version")
+            return v.decode() if isinstance(v, bytes) else (str(v) if v is not None else None)
+    except Exception:  # unreadable: the caller reports the loader's own error
+        return None
+
+
+def _model_load_error(path: str, err: BaseException, what: str) -> Exception:
+    """A message for a model file that does not load: which file, for what, and the fix."""
+    text = str(err).split("\n")[0][:300]
+    version = _saved_keras_version(path) if os.path.isfile(path) else None
+    if version and version.startswith("3"):
+        return TypeError(
+            f"{what} {path!r} was saved by Keras {version} (Keras 3); tfqkd uses Keras 2 "
+            f"(tf_keras). Re-create and save the model with `from tfqkd import keras` (or "
+            f"`import tf_keras as keras`), or rebuild it in Keras 2 and copy the weights "
+            f"(`model.set_weights(...)`). Loader said: {text}")
+    if "Unknown layer" in text or "Unknown object" in text:
+        return ValueError(
+            f"{what} {path!r} uses a layer this process cannot rebuild ({text}). Models saved by "
+            f"tfqkd load inside `tfqkd.quantize_scope()` (recipes.common.load_model enters it); "
+            f"a layer of another package must be registered with "
+            f"`keras.utils.register_keras_serializable` before loading.")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return ValueError(f"{what} {path!r} is empty (0 bytes): the save did not finish. "
+                          f"Save the model again or point to another file.")
+    if isinstance(err, OSError) or "signature" in text or "not a zip" in text.lower():
+        return ValueError(
+            f"{what} {path!r} is not a readable Keras model file ({text}); it is corrupt or "
+            f"not a model. Save the model again (model.save('model.h5')) or point to another "
+            f"file.")
+    return ValueError(f"{what} {path!r} could not be loaded: {type(err).__name__}: {text}")
+
+
+def load_model(path: str, compile: bool = False, *, what: str = "model") -> keras.Model:
+    """Loads a model saved by a recipe or by tfqkd: a run dir, its ``model/`` dir, .h5, .keras.
+
+    Enters ``tfqkd.quantize_scope()`` so quantized models and tfqkd layers deserialize. A file
+    that does not load raises an error naming ``what`` (e.g. ``"--teacher"``), the file and the
+    fix (corrupt or empty file, a Keras 3 model, a layer of an unknown package).
+    """
+    found = _find_model_file(path)
     try:
         import tfqkd
 
@@ -660,7 +873,10 @@ def load_model(path: str, compile: bool = False) -> keras.Model:
 
         scope = tfmot.quantization.keras.quantize_scope()
     with scope:
-        return keras.models.load_model(found, compile=compile)
+        try:
+            return keras.models.load_model(found, compile=compile)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise _model_load_error(found, e, what) from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -1071,6 +1287,7 @@ class Run:
 
     ``finished`` holds the stored ``results.json`` when the output directory already has a
     completed run; then nothing else was set up (``data`` is None) and the recipe returns it.
+    Otherwise the recipe builds its models and calls :meth:`begin` before training.
     """
 
     cfg: Config
@@ -1079,23 +1296,51 @@ class Run:
     data: Optional[Data]
     finished: Optional[Dict[str, Any]] = None
 
+    def begin(self, runtime_keys: Iterable[str] = ()) -> None:
+        """Every input is validated: ``--overwrite`` deletes the old run, ``run_config.json`` is
+        written. Call it after loading the models and before training."""
+        self.out.begin(self.cfg, runtime_keys)
+
 
 def start_run(cfg: Config, default_dir: str,
               strategy: Optional[tf.distribute.Strategy] = None) -> Run:
     """Opens ``cfg.output_dir`` (or ``default_dir``), creates the strategy, seeds, loads data.
 
-    The order matters: a completed run is reported before TensorFlow is touched; the strategy
-    exists before any other TensorFlow state (MultiWorkerMirroredStrategy requires it);
-    ``run_config.json`` is written (and a resume with other options refused) before training.
+    The order matters: a completed run is reported (or refused, when the training options
+    differ) before TensorFlow is touched; the strategy exists before any other TensorFlow state
+    (MultiWorkerMirroredStrategy requires it); a resume with other options is refused before the
+    data are loaded. Nothing is written or deleted here: the recipe calls :meth:`Run.begin` once
+    its models are built, so a bad input fails with the output directory untouched.
     """
     out = OutputDir(cfg.output_dir or default_dir, overwrite=cfg.overwrite)
-    if out.is_complete():
-        return Run(cfg, out, strategy, None, out.report_complete())
+    if not cfg.overwrite:
+        out.check_options(cfg)  # a finished or partial run with other options: refused now
+        if out.is_complete():
+            return Run(cfg, out, strategy, None, _rerun_finished(cfg, out))
     strategy = strategy or make_strategy(cfg.distribute, cfg.cpu_devices)
     out.attach(strategy)
-    out.start(cfg)
     set_seed(cfg.seed)
     return Run(cfg, out, strategy, load_data(cfg))
+
+
+def _rerun_finished(cfg: Config, out: OutputDir) -> Dict[str, Any]:
+    """A finished run asked for again with the same options: its stored result, plus the
+    runtime-only additions not yet done (``--export=MODE``: export, verify, record)."""
+    res = out.report_complete()
+    mode = getattr(cfg, "export", "none") or "none"
+    done = (res.get("export") or {}).get("mode") == mode and os.path.isfile(
+        os.path.join(out.model_dir, f"model_{mode}.tflite"))
+    if mode == "none" or done or not out.chief:
+        return res
+    log(f"--export={mode}: exporting the finished model in {out.root}")
+    run = Run(cfg, out, tf.distribute.get_strategy(), load_data(cfg))
+    model = load_model(out.root, what="the finished run's model")
+    kept = {k: v for k, v in res.items()
+            if k not in ("flags", "versions", "wall_time_s", "total_wall_time_s", "attempts",
+                         "completed_at", "output_dir", "export", "parity")}
+    before = kept.pop("test_accuracy", None)
+    return finish_run(run, model, "exported finished model", export_mode=mode,
+                      extra={**kept, "test_accuracy_before_export": before})
 
 
 def load_or_build_student(cfg: Config, data: Data) -> "tuple[keras.Model, str]":
@@ -1105,7 +1350,7 @@ def load_or_build_student(cfg: Config, data: Data) -> "tuple[keras.Model, str]":
     ``cfg.arch``/``cfg.width`` model. Call inside the run's ``strategy.scope()``.
     """
     if cfg.student:
-        return load_model(cfg.student), f"float student {cfg.student}"
+        return load_model(cfg.student, what="--student"), f"float student {cfg.student}"
     model = build_model(cfg.arch, cfg.width, data.info, cfg)
     origin = f"a fresh float {model.name} (no --student given)"
     log(f"no --student: starting from {origin}")
@@ -1142,6 +1387,7 @@ def finish_run(run: Run, model: keras.Model, label: str, *,
     (full-integer modes align the student's biases with the file, see :func:`export_and_verify`).
     """
     extra = dict(extra or {})
+    run.out.begin(run.cfg)  # no-op when the recipe already began (it should, before training)
     if export_mode != "none" and run.out.chief:
         # Before evaluating and saving: an integer export aligns the student's biases.
         extra.update(export_and_verify(model, run.out, run.data, export_mode))

@@ -179,7 +179,7 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     with strategy.scope():
         float_student, origin = common.load_or_build_student(cfg, data)
         if cfg.teacher:
-            teacher = common.load_model(cfg.teacher)
+            teacher = common.load_model(cfg.teacher, what="--teacher")
             teacher_origin = f"teacher {cfg.teacher}"
         else:
             teacher = common.build_model(cfg.arch, cfg.teacher_width, data.info, cfg,
@@ -221,6 +221,7 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
             cbs.append(common.EpochLogger(_phase_epochs(cfg, phase), PHASE_NAMES[phase]))
         return cbs
 
+    run_.begin()  # inputs validated: --overwrite may delete the old run now
     state = qkd.read_phase_state(out.root)
     for phase in ("ss", "cs", "tu"):
         if state and state["phases"][phase]["status"] == "done":
@@ -288,7 +289,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    common.define_flags(OPTIONS)
-    app.run(main)
+    common.run_main(main, OPTIONS)

@@ -164,6 +164,7 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
         f"{cfg.probability:g} per layer, τ={cfg.temperature:g}, λ {cfg.coefficient:g} "
         f"{cfg.coefficient_schedule}, {cfg.soft_loss} loss, {data.num_train} training images, "
         f"{cfg.epochs} epochs")
+    run_.begin()  # inputs validated: --overwrite may delete the old run now
     common.fit_with_resume(model, data.train, data.test, cfg.epochs, run_.out, callbacks,
                            save_freq=cfg.save_freq, progress=cfg.progress,
                            validation_freq=cfg.validation_freq, name="speq")
@@ -208,7 +209,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    common.define_flags(OPTIONS)
-    app.run(main)
+    common.run_main(main, OPTIONS)

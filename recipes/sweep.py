@@ -270,40 +270,86 @@ def _summary(cfg, paths, figures, elapsed) -> Dict[str, Any]:
     return result
 
 
+def _check_list(cfg: common.Config, name: str, cast, ok, accepted: str) -> None:
+    for value in parse_list(getattr(cfg, name), cast, name):
+        if not ok(value):
+            raise ValueError(f"--{name}={getattr(cfg, name)!r}: {value!r} is out of range; "
+                             f"pass {accepted}.")
+
+
+def check_inputs(cfg: common.Config) -> List[Dict[str, Any]]:
+    """Parses and checks every list and saved teacher before anything is trained or deleted.
+
+    Returns the grid's trial configs (``--mode=grid``) or ``[]`` (search). A saved teacher given
+    by path is loaded once here, so a corrupt file fails now rather than after the baseline.
+
+    Example:
+        >>> check_inputs(make_config("smoke", temperatures="abc,0"))
+        Traceback (most recent call last):
+        ...
+        ValueError: --temperatures: cannot read 'abc,0' (could not convert string to float: 'abc').
+    """
+    _check_list(cfg, "temperatures", float, lambda v: v > 0, "numbers > 0 (e.g. 1,2,4)")
+    _check_list(cfg, "coefficient", float, lambda v: 0 <= v <= 1, "numbers in [0, 1]")
+    _check_list(cfg, "weight_bits", int, lambda v: 1 <= v <= 8, "bit-widths in 1..8")
+    _check_list(cfg, "schedules", str, lambda v: v.strip().lower() in tuning.SCHEDULES,
+                f"schedules among {', '.join(tuning.SCHEDULES)}")
+    if cfg.activation_bits is not None and not 1 <= cfg.activation_bits <= 8:
+        raise ValueError(f"--activation_bits must be in 1..8 (or absent: float activations), "
+                         f"got {cfg.activation_bits!r}.")
+    if cfg.teacher_epochs is not None and cfg.teacher_epochs < 1:
+        raise ValueError(f"--teacher_epochs must be >= 1 (or absent: --epochs), got "
+                         f"{cfg.teacher_epochs!r}.")
+    configs = grid(cfg) if cfg.mode == "grid" else []
+    if cfg.mode == "search":
+        search_space(cfg)
+    for key in _teacher_keys(cfg):
+        if os.path.isabs(key):
+            common.load_model(key, what="--teachers entry")
+    return configs
+
+
 def run(cfg: common.Config) -> Dict[str, Any]:
     """Runs (or continues) the sweep described by ``cfg``; returns the content of results.json."""
     start = time.time()
     paths = _paths(cfg)
-    if cfg.overwrite and not cfg.plot_only and os.path.isdir(paths["root"]):
+    if cfg.overwrite and not cfg.plot_only:
+        common.check_deletable(paths["root"])  # before anything is loaded
+    if cfg.plot_only:
+        os.makedirs(paths["root"], exist_ok=True)
+        figures = draw(cfg)
+        return _summary(cfg, paths, figures, time.time() - start)
+    # Every list, teacher and the data set are checked before training or deleting anything.
+    configs = check_inputs(cfg)
+    chief_oracle = False
+    if cfg.mode == "search":
+        from keras_tuner.src.distribute import utils as dist_utils
+
+        chief_oracle = dist_utils.is_chief_oracle()
+    data = None if chief_oracle else load_trial_data(cfg)
+    if cfg.overwrite and os.path.isdir(paths["root"]) and os.listdir(paths["root"]):
         import shutil
 
+        common.check_deletable(paths["root"])
         common.log(f"--overwrite: deleting the previous sweep in {paths['root']}")
         shutil.rmtree(paths["root"])
         cfg = cfg.replace(overwrite=False)
     os.makedirs(paths["root"], exist_ok=True)
-    if cfg.plot_only:
-        figures = draw(cfg)
-        return _summary(cfg, paths, figures, time.time() - start)
     common.atomic_write_json(os.path.join(paths["root"], f"run_config_{cfg.mode}.json"),
                              cfg.to_dict())
     common.set_seed(cfg.seed)
     if cfg.mode == "grid":
-        data = load_trial_data(cfg)
         if cfg.baseline:
             _baselines(cfg, data, paths)
-        configs = grid(cfg)
         common.log(f"grid of {len(configs)} trials -> {paths['csv']}")
         tuning.run_grid(configs, data, paths["csv"], teachers=make_teacher_pool(cfg),
                         log=common.log, **trial_settings(cfg))
     else:
         tuner = build_tuner(cfg)
-        from keras_tuner.src.distribute import utils as dist_utils
-
-        if dist_utils.is_chief_oracle():
+        if chief_oracle:
             # The chief only serves the oracle; workers train.
             tuner.search()
             return {"mode": "search", "role": "chief"}
-        data = load_trial_data(cfg)
         if cfg.baseline and not dist_utils.has_chief_oracle():
             _baselines(cfg, data, paths)
         remaining = tuner.remaining_trials
@@ -328,7 +374,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    common.define_flags(OPTIONS)
-    app.run(main)
+    common.run_main(main, OPTIONS)

@@ -69,7 +69,7 @@ def load_teachers(paths, strategy) -> list:
     teachers = []
     with strategy.scope():
         for p in paths:
-            t = common.load_model(p)
+            t = common.load_model(p, what="--teacher")
             t.trainable = False
             teachers.append(t)
     return teachers
@@ -113,6 +113,7 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     common.log(f"student {student.name}: {student.count_params():,} parameters, {mode}, "
                f"{data.num_train} training images, {cfg.epochs} epochs, "
                f"{strategy.num_replicas_in_sync} replica(s)")
+    run_.begin()  # inputs validated: --overwrite may delete the old run now
     common.fit_with_resume(model, data.train, data.test, cfg.epochs, run_.out,
                            save_freq=cfg.save_freq, progress=cfg.progress,
                            validation_freq=cfg.validation_freq, name="student")
@@ -127,7 +128,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    common.define_flags(OPTIONS)
-    app.run(main)
+    common.run_main(main, OPTIONS)

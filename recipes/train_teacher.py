@@ -69,6 +69,7 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     common.log(f"teacher {model.name}: {model.count_params():,} parameters, "
                f"{data.num_train} training images, {cfg.epochs} epochs, "
                f"{run_.strategy.num_replicas_in_sync} replica(s)")
+    run_.begin()  # inputs validated: --overwrite may delete the old run now
     common.fit_with_resume(model, data.train, data.test, cfg.epochs, run_.out,
                            save_freq=cfg.save_freq, progress=cfg.progress,
                            validation_freq=cfg.validation_freq, name="teacher")
@@ -83,7 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    common.define_flags(OPTIONS)
-    app.run(main)
+    common.run_main(main, OPTIONS)

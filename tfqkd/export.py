@@ -58,7 +58,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -117,19 +116,27 @@ def _check_writable(path: Union[str, os.PathLike]) -> str:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    """Writes via a temporary file in the same directory + ``os.replace``: all or nothing."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
+    """All or nothing, with the permissions of every other tfqkd output (``tfqkd._io``)."""
+    from tfqkd._io import atomic_write
+
+    atomic_write(path, data)
+
+
+def _open_interpreter(path: str, **kwargs):
+    """A LiteRT interpreter for ``path``, with an error naming the file when it is not a model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no TFLite file at {path!r}; create one with export_tflite().")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"TFLite file {path!r} is empty (0 bytes): the export did not finish. "
+                         "Export it again (export_tflite() or tools/export_tflite.py).")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return Interpreter(model_path=path, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"TFLite file {path!r} is not a valid TFLite model ({e}); it is corrupt "
+                         "or another kind of file. Export it again (export_tflite() or "
+                         "tools/export_tflite.py).") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -1359,12 +1366,8 @@ def verify_tflite(
         >>> verify_tflite(p, m, (x, np.zeros(4, "int32"))).top1_agreement
         1.0
     """
-    from ai_edge_litert.interpreter import Interpreter
-
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no TFLite file at {path!r}; create one with export_tflite().")
-    interpreter = Interpreter(model_path=path, num_threads=num_threads)
+    interpreter = _open_interpreter(path, num_threads=num_threads)
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
     current_batch = None

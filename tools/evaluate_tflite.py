@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -21,7 +22,8 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("tflite", None, "The .tflite file to evaluate.")
-flags.DEFINE_string("model", None, "The saved Keras model it was exported from.")
+flags.DEFINE_string("model", None, "The saved Keras model it was exported from (a recipe "
+                    "output_dir, its model/ directory, a .h5 or .keras file).")
 flags.DEFINE_string("dataset", "cifar10", "Data set: cifar10, cifar100, digits.")
 flags.DEFINE_enum("split", "test", ["train", "test"], "Split to evaluate on.")
 flags.DEFINE_string("data_dir", None, "Offline data source (default: $TFQKD_DATA_DIR).")
@@ -33,14 +35,15 @@ flags.mark_flags_as_required(["tflite", "model"])
 
 def main(argv):
     del argv
-    import tfqkd
     from tfqkd import data, export
-    from tfqkd._keras import keras
 
-    if not os.path.exists(FLAGS.model):
-        raise FileNotFoundError(f"--model {FLAGS.model!r} does not exist.")
-    with tfqkd.quantize_scope():
-        model = keras.models.load_model(FLAGS.model, compile=False)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from recipes import common
+
+    if not os.path.isfile(FLAGS.tflite):
+        raise FileNotFoundError(f"--tflite {FLAGS.tflite!r} does not exist; export one with "
+                                "tools/export_tflite.py.")
+    model = common.load_model(FLAGS.model, what="--model")
     dataset = data.load_dataset(FLAGS.dataset, FLAGS.split, data_dir=FLAGS.data_dir,
                                 batch_size=FLAGS.batch_size, augment=False, shuffle=False)
     report = export.verify_tflite(FLAGS.tflite, model, dataset, max_examples=FLAGS.num_eval,

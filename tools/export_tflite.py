@@ -25,7 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Saved Keras model (SavedModel directory or .h5).")
+flags.DEFINE_string("model", None, "Saved Keras model: a recipe output_dir, its model/ "
+                    "directory, a .h5 or .keras file, or a SavedModel directory.")
 flags.DEFINE_string("output", None, "Output .tflite path.")
 flags.DEFINE_enum("mode", "int8", ["float", "dynamic", "int8", "int4"], "Export mode.")
 flags.DEFINE_enum("method", "fakequant", ["fakequant", "ptq"], "How int8 fixes ranges.")
@@ -49,14 +50,17 @@ flags.mark_flags_as_required(["model", "output"])
 
 
 def load_model(path: str):
-    """Loads a model saved by tfqkd (QAT or float) inside tfqkd.quantize_scope()."""
-    import tfqkd
-    from tfqkd._keras import keras
+    """Loads a model saved by tfqkd (QAT or float) inside tfqkd.quantize_scope().
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--model {path!r} does not exist.")
-    with tfqkd.quantize_scope():
-        return keras.models.load_model(path, compile=False)
+    Accepts every form the docs show: a recipe's output directory, its ``model/`` directory, a
+    ``.h5`` or ``.keras`` file, or a SavedModel directory (``recipes.common.load_model``).
+    """
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from recipes import common
+
+    return common.load_model(path, what="--model")
 
 
 def main(argv):
