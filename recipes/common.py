@@ -795,7 +795,7 @@ def check_deletable(path: str, markers: Sequence[str] = RUN_MARKERS) -> None:
             f"delete the folder yourself if you really mean to.")
 
 
-def _find_model_file(path: str) -> str:
+def _find_model_file(path: str, what: str = "model") -> str:
     """The file (or SavedModel folder) behind any form the docs show: run dir, model dir, file."""
     path = os.path.expanduser(path)
     if os.path.isfile(path):
@@ -808,10 +808,13 @@ def _find_model_file(path: str) -> str:
                 candidate = os.path.join(path, sub, name)
                 if os.path.isfile(candidate):
                     return candidate
+        raise FileNotFoundError(
+            f"{what} {path!r} holds no saved model (looked for model.h5 / model.keras in it and "
+            f"in its model/ folder); pass the output_dir of a completed recipe run, its model/ "
+            f"folder, or a .h5 / .keras file.")
     raise FileNotFoundError(
-        f"No saved model at {path!r} (looked for the file itself, {path}/model.h5, "
-        f"{path}/model/model.h5 and .keras / SavedModel forms); pass the output_dir of a "
-        f"completed recipe run, its model/ folder, or a .h5 / .keras file.")
+        f"{what} {path!r} does not exist; pass the output_dir of a completed recipe run, its "
+        f"model/ folder, or a .h5 / .keras file.")
 
 
 def _saved_keras_version(path: str) -> Optional[str]:
@@ -863,7 +866,7 @@ def load_model(path: str, compile: bool = False, *, what: str = "model") -> kera
     that does not load raises an error naming ``what`` (e.g. ``"--teacher"``), the file and the
     fix (corrupt or empty file, a Keras 3 model, a layer of an unknown package).
     """
-    found = _find_model_file(path)
+    found = _find_model_file(path, what)
     try:
         import tfqkd
 

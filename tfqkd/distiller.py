@@ -171,6 +171,75 @@ def _check_model(model, role: str) -> None:
         )
 
 
+def _input_shape(model) -> Optional[Tuple[Optional[int], ...]]:
+    try:
+        shape = model.input_shape
+    except (AttributeError, RuntimeError):
+        return None
+    if not isinstance(shape, tuple) or not all(d is None or isinstance(d, int) for d in shape):
+        return None  # several inputs, or unknown: nothing to compare
+    return shape
+
+
+def _check_teacher_input(student, teacher, role: str) -> None:
+    """The teacher runs on the student's batches: their input shapes must agree."""
+    s, t = _input_shape(student), _input_shape(teacher)
+    if s is None or t is None:
+        return
+    if len(s) != len(t) or any(a is not None and b is not None and a != b
+                               for a, b in zip(s[1:], t[1:])):
+        raise ValueError(
+            f"The {role} {_model_name(teacher)!r} takes inputs of shape {t[1:]} but the student "
+            f"{_model_name(student)!r} takes {s[1:]}: the {role} runs on the student's batches. "
+            f"Use a {role} built for the same image size and channels (e.g. trained on the same "
+            f"data set), or put a resizing layer inside it."
+        )
+
+
+def _sparse_hard_loss(distiller) -> bool:
+    loss = getattr(distiller, "_hard_loss_id", None)
+    if loss is None:
+        return True
+    if isinstance(loss, str):
+        return "sparse" in loss.lower()
+    return isinstance(loss, keras.losses.SparseCategoricalCrossentropy)
+
+
+def _check_fit_data(distiller, x, y, training: bool = True) -> None:
+    """Checks what ``fit``/``evaluate`` get before Keras traces a step: a missing teacher and
+    one-hot labels otherwise fail deep inside the step with a graph error."""
+    if isinstance(x, tf.data.Dataset):
+        batch = x.element_spec
+    elif y is not None:
+        batch = (x, y)
+    elif isinstance(x, (tuple, list, dict)):
+        batch = x
+    else:
+        return  # a generator or a Sequence: checked when traced
+    try:
+        _, labels, _, teacher_logits = Distiller.unpack_data(batch)
+    except ValueError:
+        return  # train_step reports the malformed batch itself
+    if training and not distiller._has_teacher_source(teacher_logits):
+        raise ValueError(
+            f"This Distiller has no teacher (coefficient λ = "
+            f"{float(distiller.coefficient.numpy()):g}), and the batches carry no teacher "
+            "logits: pass `teacher=` (a model or a list), feed (x, y, teacher_logits) batches "
+            "(see tfqkd.distiller.precompute_teacher_logits), or train the student alone with "
+            "`student.fit` for hard labels only."
+        )
+    shape = getattr(labels, "shape", None)
+    n = _num_classes(distiller.student)
+    if (shape is not None and len(shape) == 2 and n and n > 1 and shape[-1] == n
+            and _sparse_hard_loss(distiller)):
+        raise ValueError(
+            f"The labels have shape {tuple(shape)}: they look one-hot, but the Distiller's hard "
+            "loss takes integer class ids (sparse categorical cross-entropy). Pass "
+            "`y.argmax(-1)` (or map `tf.argmax(y, -1)` over the data set), or compile with "
+            "`loss='categorical_crossentropy'` for one-hot labels."
+        )
+
+
 def _as_teacher_list(teacher: TeacherArg) -> Tuple[keras.Model, ...]:
     if teacher is None:
         return ()
@@ -289,6 +358,8 @@ class Distiller(keras.Model):
         teachers = _as_teacher_list(teacher)
         for i, t in enumerate(teachers):
             _check_model(t, "teacher" if len(teachers) == 1 else f"teacher[{i}]")
+        for i, t in enumerate(teachers):
+            _check_teacher_input(student, t, "teacher" if len(teachers) == 1 else f"teacher[{i}]")
         tau = check_temperature(temperature)
         lam = check_coefficient(coefficient)
         n_student = _num_classes(student)
@@ -587,6 +658,16 @@ class Distiller(keras.Model):
         self._loss_tracker.update_state(total + reg, sample_weight=sample_weight)
 
     # ---- steps -----------------------------------------------------------------------------
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """``Model.fit``, after checking the data for a teacher source and one-hot labels."""
+        _check_fit_data(self, x, y)
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        """``Model.evaluate``, after checking the labels (see :meth:`fit`)."""
+        _check_fit_data(self, x, y, training=False)
+        return super().evaluate(x, y, *args, **kwargs)
+
     def train_step(self, data):
         x, y, sample_weight, teacher_logits = self.unpack_data(data)
         if not self._has_teacher_source(teacher_logits):
