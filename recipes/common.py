@@ -1315,6 +1315,7 @@ def start_run(cfg: Config, default_dir: str,
     data are loaded. Nothing is written or deleted here: the recipe calls :meth:`Run.begin` once
     its models are built, so a bad input fails with the output directory untouched.
     """
+    _validate(cfg)  # again: a Config built with .replace() skipped make_config's checks
     out = OutputDir(cfg.output_dir or default_dir, overwrite=cfg.overwrite)
     if not cfg.overwrite:
         out.check_options(cfg)  # a finished or partial run with other options: refused now
