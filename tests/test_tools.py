@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from tfqkd.quantize import quantize_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
+sys.path.insert(0, str(REPO))  # the recipes package (test_export_tool_takes_a_recipe_run...)
 
 
 def _tool(script, *args, timeout=300, ok=True):
@@ -55,6 +57,31 @@ def test_export_and_evaluate_tools(digits_w2_model, tmp_path):
     eight_bit = ("stem_conv", "classifier")  # first_last_bits=8
     ternary = [layer for layer in report["layers"] if layer["layer"] not in eight_bit]
     assert ternary and all(layer["max_levels_per_channel"] <= 3 for layer in ternary)
+
+
+def test_export_tool_takes_a_recipe_run_in_every_documented_form(tmp_path):
+    """docs/export.md shows --model=RUN/model; recipes save RUN/model/model.h5."""
+    from recipes import train_teacher
+
+    run = tmp_path / "run"
+    train_teacher.run(train_teacher.make_config(
+        "smoke", dataset="digits", subset=None, test_subset=None, epochs=1, progress="none",
+        output_dir=str(run)))
+    out = tmp_path / "t.tflite"
+    p = _tool("export_tflite.py", f"--model={run / 'model'}", f"--output={out}", "--mode=float",
+              "--dataset=digits")
+    assert last_json_line(p.stdout)["export"]["bytes"] == out.stat().st_size
+    # The .tflite gets the permissions of every other output (tfqkd._io), not mkstemp's 0600.
+    assert out.stat().st_mode & 0o777 == (run / "model" / "model.h5").stat().st_mode & 0o777
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_export_tool_bad_input(tmp_path):
