@@ -59,7 +59,7 @@ def test_export_and_evaluate_tools(digits_w2_model, tmp_path):
     assert ternary and all(layer["max_levels_per_channel"] <= 3 for layer in ternary)
 
 
-def test_export_tool_takes_a_recipe_run_in_every_documented_form(tmp_path):
+def test_export_tool_takes_a_recipe_runs_model_folder(tmp_path):
     """docs/export.md shows --model=RUN/model; recipes save RUN/model/model.h5."""
     from recipes import train_teacher
 
