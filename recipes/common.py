@@ -688,7 +688,7 @@ class OutputDir:
                 state = json.load(f)
             self._previous_elapsed = float(state.get("elapsed_s", 0.0))
             self._attempt = int(state.get("attempt", 0)) + 1
-            if has_state and self.chief:
+            if has_state and not self.is_complete() and self.chief:
                 log(f"resuming the partial run in {self.root} (attempt {self._attempt})")
         if self.chief:
             atomic_write_json(self.config_path, new)
@@ -1330,13 +1330,14 @@ def start_run(cfg: Config, default_dir: str,
 def _rerun_finished(cfg: Config, out: OutputDir) -> Dict[str, Any]:
     """A finished run asked for again with the same options: its stored result, plus the
     runtime-only additions not yet done (``--export=MODE``: export, verify, record)."""
-    res = out.report_complete()
+    res = out.read_results()
     mode = getattr(cfg, "export", "none") or "none"
     done = (res.get("export") or {}).get("mode") == mode and os.path.isfile(
         os.path.join(out.model_dir, f"model_{mode}.tflite"))
     if mode == "none" or done or not out.chief:
-        return res
-    log(f"--export={mode}: exporting the finished model in {out.root}")
+        return out.report_complete()
+    log(f"{out.root} is already complete (test_accuracy={res.get('test_accuracy')}); "
+        f"--export={mode} was added: exporting the finished model")
     run = Run(cfg, out, tf.distribute.get_strategy(), load_data(cfg))
     model = load_model(out.root, what="the finished run's model")
     kept = {k: v for k, v in res.items()
