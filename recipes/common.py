@@ -378,7 +378,7 @@ def make_config(options: Iterable[Option], presets=None, preset: str = "paper",
 # Small utilities
 # --------------------------------------------------------------------------------------------
 
-def run_main(main: Any, options: Iterable[Option]) -> None:
+def run_main(main: Any, options: Iterable[Option] = ()) -> None:
     """The ``__main__`` block of a recipe: defines the flags and runs ``main`` with absl.
 
     Ctrl-C prints one line saying the checkpoints are kept and exits with status 130 (the shell's

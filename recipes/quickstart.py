@@ -123,11 +123,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
     flags.DEFINE_string("output_dir", "runs/quickstart", "Where the four stages write.")
     flags.DEFINE_integer("epochs", None, "Epochs of every stage (default: 30/30/15/15 for "
                          "teacher/student/2-bit hard/2-bit KD+CR).")
     flags.DEFINE_enum("progress", "none", ["auto", "bar", "line", "none"],
                       "Per-epoch display of each stage (default none: one line per stage).")
-    app.run(main)
+    common.run_main(main, ())  # Ctrl-C: one line, exit 130; finished stages are kept
