@@ -76,7 +76,8 @@ Public names: ``Option``, ``Config``, ``COMMON_OPTIONS``, ``PRESETS``, ``RUNTIME
 ``merge_presets``, ``make_strategy``, ``is_chief``, ``set_seed``, ``OutputDir``, ``Data``,
 ``load_data``, ``build_model``, ``make_lr_schedule``, ``make_optimizer``, ``fit_with_resume``,
 ``evaluate_accuracy``, ``write_results``, ``Run``, ``start_run``, ``load_or_build_student``,
-``export_and_verify``, ``finish_run``, ``versions``, ``load_model``, ``log``,
+``export_and_verify``, ``finish_run``, ``versions``, ``load_model``, ``check_deletable``,
+``RUN_MARKERS``, ``run_main``, ``log``,
 ``atomic_write_text``, ``atomic_write_json``, ``HistoryLogger``, ``EpochLogger``,
 ``ScalarSummaries``, ``quiet_logs``.
 """
@@ -114,7 +115,8 @@ __all__ = [
     "define_common_flags", "config_from_flags", "make_config", "merge_presets", "make_strategy",
     "is_chief", "set_seed", "OutputDir", "Data", "load_data", "build_model", "make_lr_schedule",
     "make_optimizer", "fit_with_resume", "evaluate_accuracy", "write_results", "versions",
-    "load_model", "log", "run_main", "check_deletable", "Run", "start_run", "finish_run",
+    "load_model", "log", "run_main", "check_deletable", "RUN_MARKERS", "Run", "start_run",
+    "finish_run",
     "atomic_write_text", "atomic_write_json", "HistoryLogger", "EpochLogger",
     "ScalarSummaries", "quiet_logs", "BENCHMARK_KD",
 ]
