@@ -109,6 +109,7 @@ if _REPO not in sys.path:
 
 from tfqkd._keras import keras, tf  # noqa: E402  (selects Keras 2 before anything else)
 from tfqkd._io import atomic_path, atomic_write  # noqa: E402
+from tfqkd.finite import StopOnNonFinite  # noqa: E402
 
 __all__ = [
     "Option", "Config", "COMMON_OPTIONS", "PRESETS", "RUNTIME_KEYS", "define_flags",
@@ -1219,6 +1220,8 @@ def fit_with_resume(
         keras.callbacks.BackupAndRestore(
             os.path.join(output_dir.checkpoint_dir, "backup"), save_freq=sf,
             delete_checkpoint=False),
+        # Raises at the first NaN/inf step, before the epoch's checkpoint or any result is written.
+        StopOnNonFinite(),
         ScalarSummaries(output_dir.log_dir, write=chief),
         *callbacks,
     ]

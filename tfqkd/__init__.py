@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 # Submodules load on first use so that `import tfqkd` stays fast and light-weight tools
 # (data loading, plotting) do not pay for tfmot or keras-tuner.
 _SUBMODULES = (
-    "batch_norm", "callbacks", "data", "distiller", "export", "losses", "models", "qkd", "quantize",
+    "batch_norm", "callbacks", "data", "distiller", "export", "finite", "losses", "models", "qkd",
+    "quantize",
     "quantizers", "speq", "tflite_layout", "tuning",
 )
 _LAZY_ATTRS = {

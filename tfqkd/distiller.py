@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from tfqkd import losses as _losses
+from tfqkd import finite as _finite
 from tfqkd._keras import keras, tf
 
 __all__ = ["Distiller", "precompute_teacher_logits"]
@@ -341,6 +342,12 @@ class Distiller(keras.Model):
     #: should carry gradient (to its own trainable weights) sets this to False.
     stop_teacher_gradient: bool = True
 
+    #: Check every train step's inputs, loss, gradients and weights for NaN/inf (recorded in
+    #: ``non_finite_flags`` for :class:`tfqkd.finite.StopOnNonFinite`) and skip a non-finite
+    #: update. ``tools/benchmark_distill.py`` measures its cost; set False on an instance to
+    #: compare.
+    check_finite: bool = True
+
     def __init__(
         self,
         student: keras.Model,
@@ -394,6 +401,9 @@ class Distiller(keras.Model):
             initializer=keras.initializers.Constant(tau),
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
         )
+        # What the last train step found non-finite (tfqkd.finite.CHECKS), read by
+        # StopOnNonFinite. Not tracked: a per-step flag is not state to checkpoint.
+        object.__setattr__(self, "non_finite_flags", _finite.new_flags_variable())
         # Metrics are not tracked either: their running totals are not model weights (they would
         # show up in count_params(), summary() and every checkpoint). `metrics` lists them.
         for attr, metric in (
@@ -679,7 +689,11 @@ class Distiller(keras.Model):
             self._check_classes(student_logits, teacher_probs)
             loss, hard, soft, total, reg = self.compute_distillation_loss(
                 y, student_logits, teacher_probs, sample_weight)
-        self.optimizer.minimize(loss, self.student.trainable_variables, tape=tape)
+        if self.check_finite:
+            # minimize + the non-finite checks (inputs, loss, gradients, weights after the step).
+            _finite.minimize_checked(self, loss, tape, self.student.trainable_variables, x)
+        else:
+            self.optimizer.minimize(loss, self.student.trainable_variables, tape=tape)
         self._update_trackers(hard, soft, total, tf.stop_gradient(reg), sample_weight)
         self._coefficient_tracker.update_state(self.coefficient)
         self._temperature_tracker.update_state(self.temperature)

@@ -41,6 +41,7 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
+from tfqkd import finite as _finite
 from tfqkd._io import atomic_write
 from tfqkd._keras import keras, tf
 from tfqkd.distiller import Distiller, _CurrentValue, check_coefficient, check_temperature
@@ -190,6 +191,8 @@ class CoStudying(keras.Model):
             )
         )
         self.teacher_optimizer = None
+        # What the last train step found non-finite (tfqkd.finite.CHECKS), for StopOnNonFinite.
+        object.__setattr__(self, "non_finite_flags", _finite.new_flags_variable())
         mean = keras.metrics.Mean
         self._trackers = {
             name: mean(name=name)
@@ -348,11 +351,18 @@ class CoStudying(keras.Model):
             total = s_loss + t_loss
         grads = tape.gradient(total, student_vars + teacher_vars)
         s_grads, t_grads = grads[: len(student_vars)], grads[len(student_vars):]
-        if self.teacher_optimizer is None:
-            self.optimizer.apply_gradients(zip(grads, student_vars + teacher_vars))
-        else:
-            self.optimizer.apply_gradients(zip(s_grads, student_vars))
-            self.teacher_optimizer.apply_gradients(zip(t_grads, teacher_vars))
+
+        def apply():
+            if self.teacher_optimizer is None:
+                self.optimizer.apply_gradients(zip(grads, student_vars + teacher_vars))
+            else:
+                self.optimizer.apply_gradients(zip(s_grads, student_vars))
+                self.teacher_optimizer.apply_gradients(zip(t_grads, teacher_vars))
+
+        # The update, unless the inputs, loss or gradients are not finite (checks recorded for
+        # tfqkd.finite.StopOnNonFinite, with the weights after the update).
+        _finite.guarded_update(self.non_finite_flags, x, total, grads,
+                               student_vars + teacher_vars, apply)
         return self._update_metrics(y, sample_weight, s_logits, t_logits, s_ex, t_ex, s_reg, t_reg)
 
     def test_step(self, data):
@@ -788,7 +798,7 @@ def run_qkd(
                     tu_coefficient_end=tu_coefficient_end, soft_loss=soft_loss,
                     temperature_squared=temperature_squared,
                 )
-            phase_callbacks = list(extra) + _phase_callbacks(callbacks, phase)
+            phase_callbacks = [_finite.StopOnNonFinite(), *extra, *_phase_callbacks(callbacks, phase)]
             if output_dir is not None:
                 # First in the list: the restore happens before any other callback starts, and
                 # the backup of an epoch is written before the tracker records that epoch.

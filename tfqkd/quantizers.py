@@ -147,11 +147,18 @@ def symmetric_quantize(w, bits: int, step) -> tf.Tensor:
     w = tf.convert_to_tensor(w, tf.float32)
     step = tf.convert_to_tensor(step, tf.float32)
     if bits == 1:
-        # sign(0) would give a third level 0; Eq. (1) has two levels, so 0 goes to +Δ.
-        return tf.where(w >= 0.0, step, -step) * tf.ones_like(w)
+        # sign(0) would give a third level 0; Eq. (1) has two levels, so 0 goes to +Δ. A NaN
+        # stays NaN (w >= 0 is False for NaN, which would silently make it −Δ).
+        return _keep_nan(w, tf.where(w >= 0.0, step, -step) * tf.ones_like(w))
     k = float(max_level(bits))
     n = tf.minimum(tf.floor(tf.abs(w) / step + 0.5), k)
     return tf.sign(w) * step * n
+
+
+def _keep_nan(source: tf.Tensor, value: tf.Tensor) -> tf.Tensor:
+    """``value`` with NaN wherever ``source`` is NaN: comparisons are False for NaN, so a
+    ``tf.where`` on them would otherwise turn a NaN into a level."""
+    return tf.where(tf.math.is_nan(source), source, value)
 
 
 def _reduction_axes(rank: int, axis) -> Tuple[Optional[list], Optional[Tuple[int, ...]]]:
@@ -488,7 +495,7 @@ class SymmetricQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         s = _straight_through(s, s * grad_scale)  # value s, gradient scaled by g (LSQ)
         x = tf.clip_by_value(w / s, -k, k)
         if self.bits == 1:
-            r = tf.where(x >= 0.0, 1.0, -1.0)
+            r = _keep_nan(x, tf.where(x >= 0.0, 1.0, -1.0))
         else:
             r = tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
         return _straight_through(r, x) * s
@@ -567,7 +574,8 @@ class ActivationQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             return tf.constant(self.clip_value, tf.float32)
         value = tf.convert_to_tensor(weights["clip"])
         if self.clip == "ema":
-            return tf.where(value > 0.0, value, self.clip_value)
+            # 0 = not yet trained; a NaN clip (diverged training) stays NaN, never a level.
+            return tf.where((value > 0.0) | tf.math.is_nan(value), value, self.clip_value)
         return value
 
     @_no_autograph
@@ -578,7 +586,8 @@ class ActivationQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
             if training:
                 batch_max = tf.stop_gradient(tf.reduce_max(x))
                 old = tf.convert_to_tensor(var)
-                new = tf.where(old > 0.0, self.ema_decay * old + (1.0 - self.ema_decay) * batch_max, batch_max)
+                started = (old > 0.0) | tf.math.is_nan(old)  # a NaN clip is never restarted
+                new = tf.where(started, self.ema_decay * old + (1.0 - self.ema_decay) * batch_max, batch_max)
                 with tf.control_dependencies([var.assign(new)]):
                     clip = tf.identity(new)
             else:
@@ -661,7 +670,8 @@ class RangeQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         if training:
             batch_lo = tf.stop_gradient(tf.minimum(tf.reduce_min(x), 0.0))
             batch_hi = tf.stop_gradient(tf.maximum(tf.reduce_max(x), 0.0))
-            seen = hi > lo
+            # A NaN range (diverged training) is kept NaN rather than restarted from this batch.
+            seen = (hi > lo) | tf.math.is_nan(hi) | tf.math.is_nan(lo)
             d = self.ema_decay
             lo = tf.where(seen, d * lo + (1.0 - d) * batch_lo, batch_lo)
             hi = tf.where(seen, d * hi + (1.0 - d) * batch_hi, batch_hi)

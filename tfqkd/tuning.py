@@ -45,6 +45,7 @@ import numpy as np
 
 from tfqkd._io import atomic_path, atomic_write
 from tfqkd._keras import keras, tf
+from tfqkd.finite import StopOnNonFinite
 
 __all__ = [
     "HYPERPARAMETERS",
@@ -298,7 +299,7 @@ def train_classifier(
         optimizer=_make_optimizer(optimizer, learning_rate, data.steps_per_epoch(), epochs),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    model.fit(data.train, epochs=epochs, verbose=verbose)
+    model.fit(data.train, epochs=epochs, verbose=verbose, callbacks=[StopOnNonFinite()])
     return model
 
 
@@ -669,8 +670,10 @@ def run_trial_config(
         # Schedules read progress from the optimizer's step counter: a continued trial (Hyperband)
         # starts it where the earlier rounds left it, not at zero.
         model.optimizer.iterations.assign(initial_epoch * steps)
+    # A diverged trial raises NonFiniteError: keras-tuner records the trial as failed instead of
+    # scoring a NaN model.
     model.fit(data.train, epochs=epochs, initial_epoch=initial_epoch, verbose=verbose,
-              callbacks=callbacks)
+              callbacks=[StopOnNonFinite(), *callbacks])
 
     metrics = {
         "val_accuracy": evaluate_accuracy(student, data.validation),

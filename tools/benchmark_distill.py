@@ -9,6 +9,8 @@ tracing and warm-up, it times one step of each configuration, rotating their ord
   baseline       a hand-written ``tf.function``: teacher forward (``training=False``) + the
                  student's hard-label train step with the same optimizer type;
   precomputed    ``Distiller.train_function`` fed ``(x, y, teacher_logits)``: no teacher forward;
+  unchecked      ``Distiller.train_function`` with ``check_finite = False``: without the per-step
+                 NaN/inf checks of inputs, loss, gradients and weights (``tfqkd.finite``);
   kd_by_hand     a hand-written ``tf.function`` KD step with the same loss (teacher forward,
                  softened targets, (1-l)*CE + l*KL, student update): separates the Distiller's own
                  overhead from the cost inherent to distillation (the student's backward pass
@@ -18,7 +20,8 @@ tracing and warm-up, it times one step of each configuration, rotating their ord
 
 Figures: medians (ms), ``overhead_ratio = distiller / baseline`` (target <= 1.05),
 ``framework_ratio = distiller / kd_by_hand`` and
-``precompute_speedup = distiller / precomputed``. The last line of output is one JSON object.
+``precompute_speedup = distiller / precomputed``, ``finite_check_ratio = distiller / unchecked``
+(the cost of the non-finite checks, paired per round). The last line of output is one JSON object.
 
 Example:
     CUDA_VISIBLE_DEVICES= python tools/benchmark_distill.py --steps=10 --warmup=2
@@ -94,6 +97,13 @@ def main(argv):
     live_fn = distiller.make_train_function()
     live_it = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
 
+    unchecked = Distiller(student, teacher, temperature=4.0, coefficient=0.5,
+                          soft_loss=FLAGS.soft_loss)
+    unchecked.check_finite = False
+    unchecked.compile(optimizer(), metrics=["accuracy"])
+    unchecked_fn = unchecked.make_train_function()
+    unchecked_it = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+
     teacher_logits = teacher(x, training=False)
     pre = Distiller(student, None, temperature=4.0, coefficient=0.5, soft_loss=FLAGS.soft_loss)
     pre.compile(optimizer(), metrics=["accuracy"])
@@ -154,6 +164,7 @@ def main(argv):
         "distiller": lambda: sync(live_fn(live_it)),
         "baseline": lambda: sync(baseline_fn(base_it)),
         "precomputed": lambda: sync(pre_fn(pre_it)),
+        "unchecked": lambda: sync(unchecked_fn(unchecked_it)),
         "kd_by_hand": lambda: sync(kd_by_hand_fn(base_it)),
         "student_only": lambda: sync(student_only_fn(base_it)),
         "teacher_fwd": lambda: sync(teacher_fn(base_it)),
@@ -198,6 +209,9 @@ def main(argv):
         "target_ratio": TARGET_RATIO,
         "target_met": ratio <= TARGET_RATIO,
         "precompute_speedup": round(med["distiller"] / med["precomputed"], 4),
+        "finite_check_ratio": round(med["distiller"] / med["unchecked"], 4),
+        "finite_check_ratio_paired_median": round(statistics.median(
+            a / b for a, b in zip(times["distiller"], times["unchecked"])), 4),
         "teacher_share_of_step": round(med["teacher_fwd"] / med["distiller"], 4),
         "tf_version": tf.__version__,
         "tfqkd_version": tfqkd.__version__,
