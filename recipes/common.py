@@ -109,7 +109,7 @@ if _REPO not in sys.path:
 
 from tfqkd._keras import keras, tf  # noqa: E402  (selects Keras 2 before anything else)
 from tfqkd._io import atomic_path, atomic_write  # noqa: E402
-from tfqkd.finite import StopOnNonFinite  # noqa: E402
+from tfqkd.finite import NonFiniteError, StopOnNonFinite  # noqa: E402
 
 __all__ = [
     "Option", "Config", "COMMON_OPTIONS", "PRESETS", "RUNTIME_KEYS", "define_flags",
@@ -385,7 +385,9 @@ def run_main(main: Any, options: Iterable[Option] = ()) -> None:
     """The ``__main__`` block of a recipe: defines the flags and runs ``main`` with absl.
 
     Ctrl-C prints one line saying the checkpoints are kept and exits with status 130 (the shell's
-    code for SIGINT) instead of a long trace.
+    code for SIGINT) instead of a long trace. A diverged run (``NonFiniteError``) and a bad input
+    (``ValueError``, a missing or misplaced file) print their message alone, ``error: ...``, and
+    exit with status 1; ``TFQKD_TRACEBACK=1`` shows the full trace instead.
     """
     from absl import app
 
@@ -398,6 +400,14 @@ def run_main(main: Any, options: Iterable[Option] = ()) -> None:
             print("\ninterrupted (Ctrl-C). The last checkpoint is kept: run the same command to "
                   "resume.", file=sys.stderr, flush=True)
             os._exit(130)  # skip TensorFlow's teardown, which can hang or trace after SIGINT
+        except (NonFiniteError, ValueError, FileNotFoundError, NotADirectoryError,
+                FileExistsError) as e:
+            if os.environ.get("TFQKD_TRACEBACK"):
+                raise
+            # The messages name the flag or file and the fix; a trace would bury them.
+            print(f"error: {e}\n(set TFQKD_TRACEBACK=1 to see the full trace)", file=sys.stderr,
+                  flush=True)
+            sys.exit(1)
 
     app.run(wrapped)
 
