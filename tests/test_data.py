@@ -185,7 +185,11 @@ def test_bad_subset(subset, match):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(name="mnist"), "cifar10, cifar100, digits"),
-    (dict(split="validation"), "train, test"),
+    (dict(split="valid"), "train, validation, test"),
+    (dict(split="validation"), "no validation split of its own: pass validation=0.1"),
+    (dict(validation=1.0), "validation must be a fraction"),
+    (dict(normalization="imagenet:alexnet"), "unknown Applications family 'alexnet'"),
+    (dict(image_size=(32,)), "image_size must be"),
     (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
     (dict(batch_size=2.5), "batch_size"),
     (dict(augment="yes"), "augment must be"),
@@ -201,7 +205,7 @@ def test_bad_arguments(kwargs, match):
 def test_dataset_info_unknown_name_lists_known():
     with pytest.raises(ValueError, match="cifar10, cifar100, digits"):
         data.dataset_info("imagenet")
-    with pytest.raises(ValueError, match="train, test"):
+    with pytest.raises(ValueError, match="train, validation, test"):
         data.load_arrays("digits", "val")
 
 
@@ -343,7 +347,7 @@ def test_folder_and_archive_sources_decode_with_tf_and_cache(small_jpeg_tree, tm
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root / "train", arcname="train")
         tar.add(root / "test", arcname="test")
-    data._MEMO.clear()
+    data.cache._MEMO.clear()
     for source in (archive, tmp_path):  # the archive itself, then the folder holding it
         x, y = data.load_arrays("cifar10", "train", data_dir=source)
         np.testing.assert_array_equal(x, want_x)
@@ -355,8 +359,8 @@ def test_folder_and_archive_sources_decode_with_tf_and_cache(small_jpeg_tree, tm
     assert not list(cache.glob("*.tmp"))
 
     # A second process (empty memory) reads the cache instead of decoding.
-    data._MEMO.clear()
-    monkeypatch.setattr(data, "_decode", _forbidden_decode)
+    data.cache._MEMO.clear()
+    monkeypatch.setattr(data.images, "decode_images", _forbidden_decode)
     x2, _ = data.load_arrays("cifar10", "train", data_dir=archive)
     np.testing.assert_array_equal(x2, want_x)
 
@@ -364,7 +368,7 @@ def test_folder_and_archive_sources_decode_with_tf_and_cache(small_jpeg_tree, tm
     monkeypatch.undo()
     monkeypatch.setenv("TFQKD_CACHE_DIR", str(cache))
     os.utime(archive, (1_000_000_000, 1_000_000_000))
-    data._MEMO.clear()
+    data.cache._MEMO.clear()
     data.load_arrays("cifar10", "train", data_dir=archive)
     assert len(list(cache.glob("cifar10-*.npz"))) == 3
 
@@ -378,7 +382,7 @@ def test_unwritable_cache_warns_but_loads(small_jpeg_tree, tmp_path, monkeypatch
     blocker = tmp_path / "file_not_dir"
     blocker.write_text("")
     monkeypatch.setenv("TFQKD_CACHE_DIR", str(blocker / "cache"))
-    data._MEMO.clear()
+    data.cache._MEMO.clear()
     with pytest.warns(UserWarning, match="TFQKD_CACHE_DIR"):
         _, y = data.load_arrays("cifar10", "test", data_dir=root)
     np.testing.assert_array_equal(y, np.arange(10))
@@ -403,7 +407,8 @@ def test_archive_with_missing_split_and_corrupt_jpeg(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    with pytest.raises(ValueError, match="cannot decode the train images"):
+    with pytest.raises(ValueError, match=r"a.tar.gz: cannot decode the image train/cat/0.jpg \(2 "
+                       r"undecodable images in all: train/cat/0.jpg: Unknown image file format"):
         data.load_arrays("cifar10", "train", data_dir=archive)
     only_train = tmp_path / "b.tar"
     with tarfile.open(only_train, "w") as tar:
@@ -425,9 +430,9 @@ def test_tfds_source_is_used_only_when_prepared_or_download_requested(tmp_path, 
 
     def fake_load_tfds(name, root, download):
         calls.append((name, root, download))
-        return data._validate_arrays(name, fake, "fake tfds")
+        return data.builtin._validate_arrays(name, fake, "fake tfds")
 
-    monkeypatch.setattr(data, "_load_tfds", fake_load_tfds)
+    monkeypatch.setattr(data.builtin, "_load_tfds", fake_load_tfds)
     prepared = tmp_path / "tfds"
     (prepared / "cifar10" / "3.0.2").mkdir(parents=True)
     (prepared / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
@@ -468,7 +473,7 @@ def cifar10_arrays(cifar10_archive, tmp_path_factory):
     previous = os.environ.get("TFQKD_CACHE_DIR")
     os.environ["TFQKD_CACHE_DIR"] = str(cache)
     try:
-        data._MEMO.clear()
+        data.cache._MEMO.clear()
         arrays = {s: data.load_arrays("cifar10", s, data_dir=cifar10_archive) for s in data.SPLITS}
     finally:
         if previous is None:
@@ -476,16 +481,16 @@ def cifar10_arrays(cifar10_archive, tmp_path_factory):
         else:
             os.environ["TFQKD_CACHE_DIR"] = previous
     return types.SimpleNamespace(archive=cifar10_archive, cache=cache, arrays=arrays,
-                                 memo=dict(data._MEMO))
+                                 memo=dict(data.cache._MEMO))
 
 
 @pytest.fixture
 def cifar10(cifar10_arrays, monkeypatch):
     """The decoded arrays back in memory, the session cache in use, and decoding forbidden."""
-    data._MEMO.clear()
-    data._MEMO.update(cifar10_arrays.memo)
+    data.cache._MEMO.clear()
+    data.cache._MEMO.update(cifar10_arrays.memo)
     monkeypatch.setenv("TFQKD_CACHE_DIR", str(cifar10_arrays.cache))
-    monkeypatch.setattr(data, "_decode", _forbidden_decode)
+    monkeypatch.setattr(data.images, "decode_images", _forbidden_decode)
     return cifar10_arrays
 
 
@@ -499,7 +504,7 @@ def test_cifar10_archive_contents(cifar10):
 
 
 def test_cifar10_disk_cache_gives_the_same_arrays(cifar10):
-    data._MEMO.clear()  # as in a new process: only the disk cache is left
+    data.cache._MEMO.clear()  # as in a new process: only the disk cache is left
     x, y = data.load_arrays("cifar10", "test", data_dir=cifar10.archive)
     np.testing.assert_array_equal(x, cifar10.arrays["test"][0])
     np.testing.assert_array_equal(y, cifar10.arrays["test"][1])
