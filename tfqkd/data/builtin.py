@@ -203,7 +203,7 @@ def _decode_tree(name: str, path: pathlib.Path) -> Dict[str, np.ndarray]:
                 f"{path} holds class folder {cls!r} ({member}), which is not a {name} class "
                 f"({', '.join(index)[:200]}...): is this the right archive or folder?")
         # Sorted by (label, file name): a deterministic order whatever the archive's member order.
-        items = sorted(files[split], key=lambda t: (index[t[0]], pathlib.PurePath(t[1]).name))
+        items = sorted(files[split], key=lambda t: (index[t[0]], t[1].rsplit("/", 1)[-1]))
         if not items:
             raise ValueError(
                 f"{path} holds no {split}/<class>/*.jpg images: expected train/<class>/*.jpg and "
