@@ -191,6 +191,7 @@ def test_bad_subset(subset, match):
     (dict(validation=1.0), "validation must be a fraction"),
     (dict(normalization="imagenet:alexnet"), "unknown Applications family 'alexnet'"),
     (dict(image_size=(32,)), "image_size must be"),
+    (dict(image_size="big"), "image_size must be"),
     (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
     (dict(batch_size=2.5), "batch_size"),
     (dict(augment="yes"), "augment must be"),
@@ -676,6 +677,17 @@ def test_folder_class_only_in_test_is_an_error(tmp_path, cifar_jpegs):
     (tmp_path / "test" / "zebra" / "1.jpg").write_bytes(cifar_jpegs[("test", "cat")][0])
     with pytest.raises(ValueError, match=r"test holds class folder zebra .* train/ lacks"):
         data.dataset_info(f"folder:{tmp_path}")
+
+
+def test_files_that_are_not_class_images_are_named_in_a_warning(tmp_path, cifar_jpegs):
+    _write_folder(tmp_path, cifar_jpegs)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "loose.jpg").write_bytes(cifar_jpegs[("train", "cat")][0])
+    (tmp_path / "train" / "cat" / ".DS_Store").write_text("hidden: ignored quietly")
+    with pytest.warns(UserWarning, match=r"ignored 2 entries .*: train/loose.jpg, "
+                                         r"train/cat/notes.txt$"):
+        x, _ = data.load_arrays(f"folder:{tmp_path}", "train")
+    assert len(x) == 15
 
 
 def test_folder_layout_errors_say_what_is_expected(tmp_path, cifar_jpegs):

@@ -53,8 +53,9 @@ def collect_tree(path: pathlib.Path, splits: Sequence[str] = ("train", "validati
                  ) -> Tuple[Dict[str, List[Item]], List[str]]:
     """The images of ``path/<split>/<class>/<file>`` (a folder or an archive of one).
 
-    Returns ``({split: [items]}, ignored)``: ``ignored`` names the files and folders inside class
-    folders that are not images tfqkd reads (hidden files aside), so that none is dropped silently.
+    Returns ``({split: [items]}, ignored)``: ``ignored`` names the files directly in a split folder
+    and the files and folders inside class folders that are not images tfqkd reads (hidden files
+    aside), so that none is dropped silently.
     Archive members may sit below a common prefix (``cifar10/train/cat/1.jpg``).
     """
     files: Dict[str, List[Item]] = {s: [] for s in splits}
@@ -80,6 +81,8 @@ def collect_tree(path: pathlib.Path, splits: Sequence[str] = ("train", "validati
         split = SPLIT_FOLDERS.get(folder.name)
         if split not in files or not folder.is_dir():
             continue
+        ignored += [str(f.relative_to(path)) for f in sorted(folder.iterdir())
+                    if f.is_file() and not f.name.startswith(".")]  # images outside a class
         for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
             for f in sorted(class_dir.iterdir()):
                 if f.name.startswith("."):
@@ -226,12 +229,13 @@ def report_corrupt(bad: Sequence[str], origin: str, skip_corrupt: bool) -> None:
 
 
 def ignored_warning(ignored: Sequence[str], origin: str) -> None:
-    """One warning for files in class folders that are not images tfqkd reads."""
+    """One warning for the files that are not images of a class folder."""
     if ignored:
         shown = ", ".join(ignored[:_SHOWN]) + (", ..." if len(ignored) > _SHOWN else "")
         _warn_once(
-            f"{origin}: ignored {len(ignored)} entr{'ies' if len(ignored) > 1 else 'y'} in class "
-            f"folders that are not {'/'.join(IMAGE_SUFFIXES)} images: {shown}")
+            f"{origin}: ignored {len(ignored)} entr{'ies' if len(ignored) > 1 else 'y'} that "
+            f"{'are' if len(ignored) > 1 else 'is'} not a {'/'.join(IMAGE_SUFFIXES)} image in a "
+            f"<split>/<class>/ folder: {shown}")
 
 
 def _warn_once(message: str) -> None:

@@ -90,6 +90,8 @@ def check_image_size(image_size: ImageSize) -> Optional[Tuple[int, int]]:
     """``None``, or ``(height, width)`` from an integer (square) or a pair of integers."""
     if image_size is None:
         return None
+    if isinstance(image_size, str) and image_size.strip().isdigit():
+        image_size = int(image_size)  # "96" from a command line or a config file
     if isinstance(image_size, (int, np.integer)) and not isinstance(image_size, bool):
         size = (int(image_size), int(image_size))
     else:
