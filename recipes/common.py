@@ -67,11 +67,11 @@ Typical recipe body::
 Public names: ``Option``, ``Config``, ``COMMON_OPTIONS``, ``PRESETS``, ``RUNTIME_KEYS``,
 ``define_flags``, ``define_common_flags``, ``config_from_flags``, ``make_config``,
 ``merge_presets``, ``make_strategy``, ``is_chief``, ``set_seed``, ``OutputDir``, ``Data``,
-``load_data``, ``data_source_kwargs``, ``build_model``, ``make_lr_schedule``, ``make_optimizer``,
-``fit_with_resume``, ``evaluate_accuracy``, ``write_results``, ``Run``, ``start_run``,
-``load_or_build_student``, ``export_and_verify``, ``finish_run``, ``versions``, ``load_model``, ``log``,
+``load_data``, ``build_model``, ``make_lr_schedule``, ``make_optimizer``, ``fit_with_resume``,
+``evaluate_accuracy``, ``write_results``, ``Run``, ``start_run``, ``load_or_build_student``,
+``export_and_verify``, ``finish_run``, ``versions``, ``load_model``, ``log``,
 ``atomic_write_text``, ``atomic_write_json``, ``HistoryLogger``, ``EpochLogger``,
-``ScalarSummaries``, ``quiet_logs``.
+``ScalarSummaries``, ``quiet_logs``, ``data_source_kwargs``.
 """
 
 from __future__ import annotations
@@ -104,10 +104,11 @@ from tfqkd._io import atomic_path, atomic_write  # noqa: E402
 __all__ = [
     "Option", "Config", "COMMON_OPTIONS", "PRESETS", "RUNTIME_KEYS", "define_flags",
     "define_common_flags", "config_from_flags", "make_config", "merge_presets", "make_strategy",
-    "is_chief", "set_seed", "OutputDir", "Data", "load_data", "data_source_kwargs", "build_model",
-    "make_lr_schedule", "make_optimizer", "fit_with_resume", "evaluate_accuracy", "write_results", "versions",
+    "is_chief", "set_seed", "OutputDir", "Data", "load_data", "build_model", "make_lr_schedule",
+    "make_optimizer", "fit_with_resume", "evaluate_accuracy", "write_results", "versions",
     "load_model", "log", "atomic_write_text", "atomic_write_json", "HistoryLogger", "EpochLogger",
     "ScalarSummaries", "quiet_logs", "BENCHMARK_KD",
+    "data_source_kwargs",
 ]
 
 #: KD settings of the CIFAR-10 reproduction benchmark (``tools/reproduce_cpu.py``), chosen there

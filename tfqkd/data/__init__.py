@@ -61,7 +61,8 @@ uses the canonical per-channel training mean/std of the original (lossless)
 data sets, so that the same constants serve every source and a model trained on one source works on
 another. Decoded with ``tf.io.decode_jpeg``, the offline JPEG copy of CIFAR-10 has training means
 (0.4868, 0.4822, 0.4414) and stds (0.2451, 0.2425, 0.2605): normalised, its channels have means
-within 0.02 of 0 and stds 0.99..1.0, at any ``image_size``. ``digits`` uses the mean/std of its training split.
+within 0.02 of 0 and stds 0.99..1.0, at any ``image_size``. ``digits`` uses the mean/std of its
+training split.
 
 Augmentation (training split by default): CIFAR and your own data pad 4 black pixels on each
 side (an eighth of the height at other sizes), crop a random window of the image's size and flip

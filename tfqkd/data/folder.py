@@ -62,9 +62,9 @@ def _decode(path: pathlib.Path, image_size: Optional[Tuple[int, int]]) -> Dict[s
         if extra:
             raise ValueError(
                 f"{origin}: {split} holds class folder{'s' if len(extra) > 1 else ''} "
-                f"{', '.join(extra)} with images that train/ lacks, so {'they have' if len(extra) > 1 else 'it has'} "
-                f"no label: add training images in train/{extra[0]}/ or remove the folder from "
-                f"{split}/.")
+                f"{', '.join(extra)} with images that train/ lacks, so "
+                f"{'they have' if len(extra) > 1 else 'it has'} no label: add training images in "
+                f"train/{extra[0]}/ or remove the folder from {split}/.")
     # One decode for every split: they share one size and one channel count.
     items, splits = [], []
     for split in ALL_SPLITS:

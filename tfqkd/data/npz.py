@@ -92,8 +92,9 @@ def load_npz(path: pathlib.Path) -> Source:
     """The arrays of an ``.npz`` data set, checked; kept in memory until another source loads."""
     origin = f"npz:{path}"
     if not path.is_file():
-        raise DataNotFoundError(f"{origin}: {path} {'is a folder' if path.is_dir() else 'does not exist'}; "
-                                "point npz: at a .npz file written by numpy.savez.")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise DataNotFoundError(
+            f"{origin}: {path} {what}; point npz: at a .npz file written by numpy.savez.")
     key = f"npz-{cache.source_key(path, 'npz')}"
     raw = cache.memo_get(key)
     if raw is None:

@@ -30,8 +30,8 @@ def parse_name(name: str) -> Tuple[str, str]:
         kind, sep, arg = name.partition(":")
         if sep and kind.lower() in _KINDS:
             if not arg:
-                raise ValueError(f"Data set {name!r} names no {'path' if kind != 'tfds' else 'data set'}"
-                                 f" after '{kind}:'.")
+                what = "data set" if kind.lower() == "tfds" else "path"
+                raise ValueError(f"Data set {name!r} names no {what} after '{kind}:'.")
             return kind.lower(), arg
         if name.lower() in builtin.KNOWN_DATASETS:
             return "builtin", name.lower()
@@ -213,12 +213,14 @@ def _split_arrays(name: str, split: str, *, data_dir, download, image_size, skip
             f"{source.origin} has its own validation split ({len(arrays['x_validation'])} "
             f"images): drop validation={validation!r}, or remove that split from the source to "
             "carve one from the training images.")
-    if split == "test" or (split == "validation" and own) or (split == "train" and fraction is None):
+    if split == "test" or (split == "validation" and own) \
+            or (split == "train" and fraction is None):
         return arrays[f"x_{split}"], arrays[f"y_{split}"], source
     if fraction is None:
         raise ValueError(
-            f"{source.origin} has no validation split of its own: pass validation=0.1 to hold out 10% of the training images, class by class, as the "
-            "validation split (and leave them out of train).")
+            f"{source.origin} has no validation split of its own: pass validation=0.1 to hold "
+            "out 10% of the training images, class by class, as the validation split (and leave "
+            "them out of train).")
     x, y = arrays["x_train"], arrays["y_train"]
     held = validation_indices(y, fraction, len(source.class_names))
     if split == "validation":

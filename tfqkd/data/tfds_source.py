@@ -78,6 +78,7 @@ def _decode(builder: Any, origin: str, image_size: Optional[Tuple[int, int]]
     import tensorflow_datasets as tfds
 
     image_key, label_key = _features(builder, origin)
+    features = builder.info.features
     splits = builder.info.splits
     names = {}
     for split, aliases in _SPLIT_NAMES.items():
@@ -98,7 +99,7 @@ def _decode(builder: Any, origin: str, image_size: Optional[Tuple[int, int]]
             split_of.append(split)
             ids.append(f"{tfds_split}[{i}]")
     x, kept, bad = images.decode_images(payloads, ids, origin=origin, image_size=image_size,
-                                        channels=1 if builder.info.features[image_key].shape[-1] == 1 else 3)
+                                        channels=1 if features[image_key].shape[-1] == 1 else 3)
     kept_splits = np.array(split_of)[kept]
     y = np.array(labels, np.int64)[kept]
     out = {"skipped": np.array([f"{n}: {r}" for n, r in bad], str)}
