@@ -80,9 +80,10 @@ Example:
     (TensorShape([32, 8, 8, 1]), 'float32', 'int32')
 """
 
-from tfqkd.data.builtin import DATA_DIR_ENV, KNOWN_DATASETS
-from tfqkd.data.cache import CACHE_DIR_ENV
-from tfqkd.data.info import SPLITS, DataNotFoundError, DatasetInfo
+# DATA_DIR_ENV, KNOWN_DATASETS, CACHE_DIR_ENV and SPLITS stay importable from here as before.
+from tfqkd.data.builtin import DATA_DIR_ENV, KNOWN_DATASETS  # noqa: F401
+from tfqkd.data.cache import CACHE_DIR_ENV  # noqa: F401
+from tfqkd.data.info import SPLITS, DataNotFoundError, DatasetInfo  # noqa: F401
 from tfqkd.data.pipeline import balanced_subset, load_dataset
 from tfqkd.data.sources import dataset_info, load_arrays
 

@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import pathlib
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 

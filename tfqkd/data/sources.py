@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Dict, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from tfqkd.data import builtin, cache, folder, images, normalization, npz, tfds_source
+from tfqkd.data import builtin, folder, images, normalization, npz, tfds_source
 from tfqkd.data.info import (
     DatasetInfo, ImageSize, PathLike, Source, check_image_size, check_split)
 
