@@ -166,7 +166,7 @@ def load_dataset(
     augment = split == "train" if augment is None else bool(augment)
     shuffle = split == "train" if shuffle is None else bool(shuffle)
 
-    x, y, _ = sources._split_arrays(name, split, validation=validation, **source_kw)
+    x, y, _ = sources.split_arrays(name, split, validation=validation, **source_kw)
     if subset is not None:
         keep = balanced_subset(y, subset, info.num_classes,
                                seed if subset_seed is None else subset_seed)

@@ -13,7 +13,7 @@ from tfqkd.data import builtin, folder, images, normalization, npz, tfds_source
 from tfqkd.data.info import (
     DatasetInfo, ImageSize, PathLike, Source, check_image_size, check_split)
 
-__all__ = ["dataset_info", "load_arrays", "parse_name", "validation_indices"]
+__all__ = ["dataset_info", "load_arrays", "parse_name", "split_arrays", "validation_indices"]
 
 _KINDS = ("folder", "npz", "tfds")
 Validation = Union[None, float]
@@ -188,9 +188,9 @@ def load_arrays(
         >>> len(xv), len(xt)
         (142, 1295)
     """
-    x, y, _ = _split_arrays(name, split, data_dir=data_dir, download=download,
-                            image_size=image_size, skip_corrupt=skip_corrupt,
-                            validation=validation)
+    x, y, _ = split_arrays(name, split, data_dir=data_dir, download=download,
+                           image_size=image_size, skip_corrupt=skip_corrupt,
+                           validation=validation)
     size = check_image_size(image_size)
     if size is not None and tuple(x.shape[1:3]) != size:
         x = np.concatenate([images.resize_uint8(x[i:i + 2048], size).numpy()
@@ -198,8 +198,8 @@ def load_arrays(
     return x, y
 
 
-def _split_arrays(name: str, split: str, *, data_dir, download, image_size, skip_corrupt,
-                  validation) -> Tuple[np.ndarray, np.ndarray, Source]:
+def split_arrays(name: str, split: str, *, data_dir, download, image_size, skip_corrupt,
+                 validation) -> Tuple[np.ndarray, np.ndarray, Source]:
     """One split's arrays at the source's own size (the pipelines resize them per batch)."""
     kind, arg = parse_name(name)
     split = check_split(split)
