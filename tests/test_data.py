@@ -645,6 +645,12 @@ def test_folder_labels_pixels_and_class_order(tmp_path, cifar_jpegs):
     # A relative path is taken relative to data_dir.
     x2, _ = data.load_arrays("folder:imgs", "train", data_dir=tmp_path)
     np.testing.assert_array_equal(x2, x)
+    # The same tree in a .tar.gz archive (below a prefix folder) gives the same arrays.
+    with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "imgs", arcname="flowers")
+    x3, y3 = data.load_arrays(f"folder:{tmp_path / 'imgs.tar.gz'}", "train")
+    np.testing.assert_array_equal(x3, x)
+    np.testing.assert_array_equal(y3, data.load_arrays(spec, "train")[1])
     # Batches: labels as loaded, images normalised with the training statistics.
     (xb, yb), = _batches(data.load_dataset(spec, "test", batch_size=6))
     np.testing.assert_array_equal(yb, data.load_arrays(spec, "test")[1])
@@ -751,6 +757,8 @@ def test_validation_split_is_carved_from_train_disjoint_and_fixed(tmp_path, cifa
         again = data.load_dataset(spec, "validation", validation=0.2, batch_size=1000, seed=7)
         (xb, yb), = _batches(again)  # another seed, the same images, in order
         np.testing.assert_array_equal(yb, yv)
+        np.testing.assert_allclose(_unnormalise(xb, data.dataset_info(spec)), xv / 255.0,
+                                   atol=1e-5)
     # A folder's own val/ split is the validation split; carving another is refused.
     (tmp_path / "imgs" / "val" / "cat").mkdir(parents=True)
     (tmp_path / "imgs" / "val" / "cat" / "v.jpg").write_bytes(cifar_jpegs[("test", "cat")][1])
