@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import sys
 import tarfile
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -241,4 +243,9 @@ def ignored_warning(ignored: Sequence[str], origin: str) -> None:
 def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
-        warnings.warn(message, UserWarning, stacklevel=4)
+        # Attribute the warning to the first caller outside tfqkd.data (the user's line).
+        package = os.path.dirname(os.path.abspath(__file__))
+        frame, level = sys._getframe(0), 1
+        while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(message, UserWarning, stacklevel=level)
