@@ -79,7 +79,7 @@ Public names: ``Option``, ``Config``, ``COMMON_OPTIONS``, ``PRESETS``, ``RUNTIME
 ``export_and_verify``, ``finish_run``, ``versions``, ``load_model``, ``check_deletable``,
 ``RUN_MARKERS``, ``run_main``, ``log``,
 ``atomic_write_text``, ``atomic_write_json``, ``HistoryLogger``, ``EpochLogger``,
-``ScalarSummaries``, ``quiet_logs``.
+``ScalarSummaries``, ``quiet_logs``, ``data_source_kwargs``.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ __all__ = [
     "finish_run",
     "atomic_write_text", "atomic_write_json", "HistoryLogger", "EpochLogger",
     "ScalarSummaries", "quiet_logs", "BENCHMARK_KD",
+    "data_source_kwargs",
 ]
 
 #: KD settings of the CIFAR-10 reproduction benchmark (``tools/reproduce_cpu.py``), chosen there
@@ -175,9 +176,17 @@ COMMON_OPTIONS: List[Option] = [
     Option("preset", "paper", "Budget preset: smoke (seconds, tiny model, little data), cpu "
            "(reduced offline budget on 2 cores), paper (the paper's full schedule). Explicit "
            "flags override the preset.", "enum", ("smoke", "cpu", "paper")),
-    Option("dataset", "cifar10", "Data set name: cifar10, cifar100 or digits."),
-    Option("data_dir", None, "Offline data source (archive, folder or npz; see tfqkd.data). "
-           "Default: $TFQKD_DATA_DIR, then tfds."),
+    Option("dataset", "cifar10", "Data set: cifar10, cifar100, digits, or your own data: "
+           "folder:PATH (PATH/train/<class>/*.jpg|png, PATH/test/<class>/...), npz:PATH "
+           "(x_train, y_train, x_test, y_test) or tfds:NAME (prepared offline; see docs/data.md)."),
+    Option("data_dir", None, "Offline data source (archive, folder or npz; see tfqkd.data); "
+           "tfds:NAME's data folder; the base of a relative folder:/npz: path. Default: "
+           "$TFQKD_DATA_DIR, then tfds."),
+    Option("image_size", None, "Resize every image to N x N pixels (absent: the data's own "
+           "size; needed when a folder's images differ in size).", "integer"),
+    Option("skip_corrupt_images", False, "Leave image files that do not decode out of the data "
+           "set, with one warning naming how many and the first few (default: such a file is an "
+           "error naming it).", "bool"),
     Option("subset", None, "Use a fixed class-balanced subset of this many training images "
            "(a multiple of the class count; absent or 0: all).", "integer"),
     Option("test_subset", None, "Evaluate on this many test images (class-balanced; absent or "
@@ -918,6 +927,14 @@ def _count(ds: tf.data.Dataset) -> int:
     return n
 
 
+def data_source_kwargs(cfg: Config) -> Dict[str, Any]:
+    """Where ``cfg.dataset`` is read from and how: the arguments every ``tfqkd.data`` call of a
+    run shares (``data_dir``, ``image_size``, ``skip_corrupt``)."""
+    image_size = getattr(cfg, "image_size", None)
+    return dict(data_dir=cfg.data_dir, image_size=image_size or None,
+                skip_corrupt=bool(getattr(cfg, "skip_corrupt_images", False)))
+
+
 def load_data(cfg: Config, *, augment: Optional[bool] = None) -> Data:
     """Loads ``cfg.dataset`` train/test pipelines via ``tfqkd.data.load_dataset``.
 
@@ -926,9 +943,10 @@ def load_data(cfg: Config, *, augment: Optional[bool] = None) -> Data:
     """
     from tfqkd import data as tdata
 
-    info = tdata.dataset_info(cfg.dataset)
-    common_kw = dict(data_dir=cfg.data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
-                     subset_seed=getattr(cfg, "subset_seed", None))
+    source_kw = data_source_kwargs(cfg)
+    info = tdata.dataset_info(cfg.dataset, **source_kw)
+    common_kw = dict(batch_size=cfg.batch_size, seed=cfg.seed,
+                     subset_seed=getattr(cfg, "subset_seed", None), **source_kw)
     train = tdata.load_dataset(cfg.dataset, "train", augment=augment, subset=cfg.subset,
                                drop_remainder=True, **common_kw)
     test = tdata.load_dataset(cfg.dataset, "test", subset=getattr(cfg, "test_subset", None),

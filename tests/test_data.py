@@ -6,6 +6,7 @@ test instead of silently costing 10 s.
 """
 
 import io
+import json
 import os
 import sys
 import tarfile
@@ -185,7 +186,12 @@ def test_bad_subset(subset, match):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(name="mnist"), "cifar10, cifar100, digits"),
-    (dict(split="validation"), "train, test"),
+    (dict(split="valid"), "train, validation, test"),
+    (dict(split="validation"), "no validation split of its own: pass validation=0.1"),
+    (dict(validation=1.0), "validation must be a fraction"),
+    (dict(normalization="imagenet:alexnet"), "unknown Applications family 'alexnet'"),
+    (dict(image_size=(32,)), "image_size must be"),
+    (dict(image_size="big"), "image_size must be"),
     (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
     (dict(batch_size=2.5), "batch_size"),
     (dict(augment="yes"), "augment must be"),
@@ -201,7 +207,7 @@ def test_bad_arguments(kwargs, match):
 def test_dataset_info_unknown_name_lists_known():
     with pytest.raises(ValueError, match="cifar10, cifar100, digits"):
         data.dataset_info("imagenet")
-    with pytest.raises(ValueError, match="train, test"):
+    with pytest.raises(ValueError, match="train, validation, test"):
         data.load_arrays("digits", "val")
 
 
@@ -343,7 +349,7 @@ def test_folder_and_archive_sources_decode_with_tf_and_cache(small_jpeg_tree, tm
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root / "train", arcname="train")
         tar.add(root / "test", arcname="test")
-    data._MEMO.clear()
+    data.cache._MEMO.clear()
     for source in (archive, tmp_path):  # the archive itself, then the folder holding it
         x, y = data.load_arrays("cifar10", "train", data_dir=source)
         np.testing.assert_array_equal(x, want_x)
@@ -355,8 +361,8 @@ def test_folder_and_archive_sources_decode_with_tf_and_cache(small_jpeg_tree, tm
     assert not list(cache.glob("*.tmp"))
 
     # A second process (empty memory) reads the cache instead of decoding.
-    data._MEMO.clear()
-    monkeypatch.setattr(data, "_decode", _forbidden_decode)
+    data.cache._MEMO.clear()
+    monkeypatch.setattr(data.images, "decode_images", _forbidden_decode)
     x2, _ = data.load_arrays("cifar10", "train", data_dir=archive)
     np.testing.assert_array_equal(x2, want_x)
 
@@ -364,7 +370,7 @@ def test_folder_and_archive_sources_decode_with_tf_and_cache(small_jpeg_tree, tm
     monkeypatch.undo()
     monkeypatch.setenv("TFQKD_CACHE_DIR", str(cache))
     os.utime(archive, (1_000_000_000, 1_000_000_000))
-    data._MEMO.clear()
+    data.cache._MEMO.clear()
     data.load_arrays("cifar10", "train", data_dir=archive)
     assert len(list(cache.glob("cifar10-*.npz"))) == 3
 
@@ -378,7 +384,7 @@ def test_unwritable_cache_warns_but_loads(small_jpeg_tree, tmp_path, monkeypatch
     blocker = tmp_path / "file_not_dir"
     blocker.write_text("")
     monkeypatch.setenv("TFQKD_CACHE_DIR", str(blocker / "cache"))
-    data._MEMO.clear()
+    data.cache._MEMO.clear()
     with pytest.warns(UserWarning, match="TFQKD_CACHE_DIR"):
         _, y = data.load_arrays("cifar10", "test", data_dir=root)
     np.testing.assert_array_equal(y, np.arange(10))
@@ -403,7 +409,8 @@ def test_archive_with_missing_split_and_corrupt_jpeg(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    with pytest.raises(ValueError, match="cannot decode the train images"):
+    with pytest.raises(ValueError, match=r"a.tar.gz: cannot decode the image train/cat/0.jpg \(2 "
+                       r"undecodable images in all: train/cat/0.jpg: Unknown image file format"):
         data.load_arrays("cifar10", "train", data_dir=archive)
     only_train = tmp_path / "b.tar"
     with tarfile.open(only_train, "w") as tar:
@@ -425,9 +432,9 @@ def test_tfds_source_is_used_only_when_prepared_or_download_requested(tmp_path, 
 
     def fake_load_tfds(name, root, download):
         calls.append((name, root, download))
-        return data._validate_arrays(name, fake, "fake tfds")
+        return data.builtin._validate_arrays(name, fake, "fake tfds")
 
-    monkeypatch.setattr(data, "_load_tfds", fake_load_tfds)
+    monkeypatch.setattr(data.builtin, "_load_tfds", fake_load_tfds)
     prepared = tmp_path / "tfds"
     (prepared / "cifar10" / "3.0.2").mkdir(parents=True)
     (prepared / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
@@ -468,7 +475,7 @@ def cifar10_arrays(cifar10_archive, tmp_path_factory):
     previous = os.environ.get("TFQKD_CACHE_DIR")
     os.environ["TFQKD_CACHE_DIR"] = str(cache)
     try:
-        data._MEMO.clear()
+        data.cache._MEMO.clear()
         arrays = {s: data.load_arrays("cifar10", s, data_dir=cifar10_archive) for s in data.SPLITS}
     finally:
         if previous is None:
@@ -476,16 +483,16 @@ def cifar10_arrays(cifar10_archive, tmp_path_factory):
         else:
             os.environ["TFQKD_CACHE_DIR"] = previous
     return types.SimpleNamespace(archive=cifar10_archive, cache=cache, arrays=arrays,
-                                 memo=dict(data._MEMO))
+                                 memo=dict(data.cache._MEMO))
 
 
 @pytest.fixture
 def cifar10(cifar10_arrays, monkeypatch):
     """The decoded arrays back in memory, the session cache in use, and decoding forbidden."""
-    data._MEMO.clear()
-    data._MEMO.update(cifar10_arrays.memo)
+    data.cache._MEMO.clear()
+    data.cache._MEMO.update(cifar10_arrays.memo)
     monkeypatch.setenv("TFQKD_CACHE_DIR", str(cifar10_arrays.cache))
-    monkeypatch.setattr(data, "_decode", _forbidden_decode)
+    monkeypatch.setattr(data.images, "decode_images", _forbidden_decode)
     return cifar10_arrays
 
 
@@ -499,7 +506,7 @@ def test_cifar10_archive_contents(cifar10):
 
 
 def test_cifar10_disk_cache_gives_the_same_arrays(cifar10):
-    data._MEMO.clear()  # as in a new process: only the disk cache is left
+    data.cache._MEMO.clear()  # as in a new process: only the disk cache is left
     x, y = data.load_arrays("cifar10", "test", data_dir=cifar10.archive)
     np.testing.assert_array_equal(x, cifar10.arrays["test"][0])
     np.testing.assert_array_equal(y, cifar10.arrays["test"][1])
@@ -559,3 +566,373 @@ def test_cifar10_subset(cifar10):
     np.testing.assert_array_equal(np.bincount(y), np.full(10, 50))
     with pytest.raises(ValueError, match="at most 50000"):
         data.load_dataset("cifar10", "train", data_dir=cifar10.archive, subset=60_000)
+
+
+# ------------------------------------------------------------------------------------------------
+# Your own data: folder:, npz:, tfds: specs, built from real CIFAR-10 JPEGs
+
+
+_CLASSES = ("truck", "airplane", "cat")  # written in this order; labels follow sorted names
+
+
+@pytest.fixture(scope="session")
+def cifar_jpegs(cifar10_archive):
+    """Raw JPEG bytes of a few CIFAR-10 images: {(split, class): [bytes, ...]}."""
+    want = {("train", c): 5 for c in _CLASSES}
+    want.update({("test", c): 2 for c in _CLASSES})
+    got = {k: [] for k in want}
+    with tarfile.open(cifar10_archive, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            key = tuple(parts[-3:-1])
+            if member.isfile() and key in got and len(got[key]) < want[key]:
+                got[key].append(tar.extractfile(member).read())
+                if all(len(got[k]) == n for k, n in want.items()):
+                    break
+    assert all(len(got[k]) == n for k, n in want.items())
+    return got
+
+
+def _decode(blob):
+    """The test's own decode of a file's bytes (TensorFlow's decoder, as tfqkd promises)."""
+    return tf.io.decode_image(blob, channels=3, expand_animations=False).numpy()
+
+
+def _resized(img, size):
+    """The documented resize: bilinear, antialiased, rounded to uint8."""
+    out = tf.image.resize(tf.cast(img, tf.float32), size, method="bilinear", antialias=True)
+    return np.clip(np.round(out.numpy()), 0, 255).astype(np.uint8)
+
+
+def _write_folder(root, cifar_jpegs, sizes=None):
+    """root/<split>/<class>/ with JPEGs (raw CIFAR bytes) and PNGs (re-encoded, maybe resized).
+
+    Returns {split: [(class, relative path, bytes)]} in the order tfqkd promises (class index =
+    sorted class name, then file name).
+    """
+    written = {"train": [], "test": []}
+    for (split, cls), blobs in cifar_jpegs.items():
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        for i, blob in enumerate(blobs):
+            if i % 2:  # every other image a PNG, at another size when asked
+                img = _decode(blob)
+                if sizes:
+                    img = _resized(img, sizes[(i // 2) % len(sizes)])
+                blob, name = tf.io.encode_png(img).numpy(), f"{i:02d}.png"
+            else:
+                name = f"{i:02d}.jpg"
+            (root / split / cls / name).write_bytes(blob)
+            written[split].append((cls, f"{split}/{cls}/{name}", blob))
+    order = sorted(_CLASSES)
+    return {s: sorted(v, key=lambda t: (order.index(t[0]), t[1])) for s, v in written.items()}
+
+
+def test_folder_labels_pixels_and_class_order(tmp_path, cifar_jpegs):
+    written = _write_folder(tmp_path / "imgs", cifar_jpegs)
+    spec = f"folder:{tmp_path / 'imgs'}"
+    info = data.dataset_info(spec)
+    assert info.class_names == ("airplane", "cat", "truck")  # sorted folder names
+    assert (info.num_classes, info.input_shape, info.train_size, info.test_size) == \
+        (3, (32, 32, 3), 15, 6)
+    for split in ("train", "test"):
+        x, y = data.load_arrays(spec, split)
+        np.testing.assert_array_equal(y, [info.class_names.index(c) for c, _, _ in written[split]])
+        np.testing.assert_array_equal(x, np.stack([_decode(b) for _, _, b in written[split]]))
+    # The JPEGs are the archive's own files: the same pixels as the CIFAR-10 loader gives.
+    x_jpg = _decode(cifar_jpegs[("train", "cat")][0])
+    x, _ = data.load_arrays(spec, "train")
+    np.testing.assert_array_equal(x[5], x_jpg)  # airplane 0..4, then cat/00.jpg
+    # A relative path is taken relative to data_dir.
+    x2, _ = data.load_arrays("folder:imgs", "train", data_dir=tmp_path)
+    np.testing.assert_array_equal(x2, x)
+    # The same tree in a .tar.gz archive (below a prefix folder) gives the same arrays.
+    with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "imgs", arcname="flowers")
+    x3, y3 = data.load_arrays(f"folder:{tmp_path / 'imgs.tar.gz'}", "train")
+    np.testing.assert_array_equal(x3, x)
+    np.testing.assert_array_equal(y3, data.load_arrays(spec, "train")[1])
+    # Batches: labels as loaded, images normalised with the training statistics.
+    (xb, yb), = _batches(data.load_dataset(spec, "test", batch_size=6))
+    np.testing.assert_array_equal(yb, data.load_arrays(spec, "test")[1])
+    np.testing.assert_allclose(_unnormalise(xb, info), data.load_arrays(spec, "test")[0] / 255.0,
+                               atol=1e-5)
+
+
+def test_folder_of_mixed_sizes_needs_image_size_then_resizes(tmp_path, cifar_jpegs):
+    written = _write_folder(tmp_path / "imgs", cifar_jpegs, sizes=[(48, 40), (20, 28)])
+    spec = f"folder:{tmp_path / 'imgs'}"
+    with pytest.raises(ValueError, match=r"do not all have one size .*48x40.*image_size"):
+        data.load_arrays(spec, "train")
+    info = data.dataset_info(spec, image_size=(24, 20))
+    assert info.input_shape == (24, 20, 3)
+    x, y = data.load_arrays(spec, "train", image_size=(24, 20))
+    want = np.stack([_resized(_decode(b), (24, 20)) for _, _, b in written["train"]])
+    np.testing.assert_array_equal(x, want)
+    # The pipeline gives the same pixels, augmentation aside.
+    (xb, _), = _batches(data.load_dataset(spec, "train", image_size=(24, 20), batch_size=32,
+                                          shuffle=False, augment=False))
+    np.testing.assert_allclose(_unnormalise(xb, info), want / 255.0, atol=1e-5)
+    aug, = _batches(data.load_dataset(spec, "train", image_size=(24, 20), batch_size=32,
+                                      shuffle=False, augment=True, seed=0))
+    _assert_are_shifted_crops(aug[0], want, info, padding=3, flip=True)  # 24 / 8 = 3 pixels
+
+
+def test_folder_class_only_in_test_is_an_error(tmp_path, cifar_jpegs):
+    _write_folder(tmp_path, cifar_jpegs)
+    (tmp_path / "test" / "zebra").mkdir()
+    (tmp_path / "test" / "zebra" / "1.jpg").write_bytes(cifar_jpegs[("test", "cat")][0])
+    with pytest.raises(ValueError, match=r"test holds class folder zebra .* train/ lacks"):
+        data.dataset_info(f"folder:{tmp_path}")
+
+
+def test_files_that_are_not_class_images_are_named_in_a_warning(tmp_path, cifar_jpegs):
+    _write_folder(tmp_path, cifar_jpegs)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "loose.jpg").write_bytes(cifar_jpegs[("train", "cat")][0])
+    (tmp_path / "train" / "cat" / ".DS_Store").write_text("hidden: ignored quietly")
+    with pytest.warns(UserWarning, match=r"ignored 2 entries .*: train/loose.jpg, "
+                                         r"train/cat/notes.txt$"):
+        x, _ = data.load_arrays(f"folder:{tmp_path}", "train")
+    assert len(x) == 15
+
+
+def test_folder_layout_errors_say_what_is_expected(tmp_path, cifar_jpegs):
+    for cls in ("cat", "dog"):  # class folders without train/ and test/
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "1.jpg").write_bytes(cifar_jpegs[("test", "cat")][0])
+    with pytest.raises(ValueError, match=r"no train/<class>/ and no test/<class>/ .*folders cat, "
+                                         r"dog: if these are classes, move them into"):
+        data.load_arrays(f"folder:{tmp_path}", "train")
+    with pytest.raises(data.DataNotFoundError, match="does not exist"):
+        data.load_arrays(f"folder:{tmp_path / 'nope'}", "train")
+    with pytest.raises(ValueError, match=f"is a path: pass folder:{tmp_path}"):
+        data.load_arrays(str(tmp_path), "train")
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path, cifar_jpegs, monkeypatch):
+    monkeypatch.setenv("TFQKD_CACHE_DIR", str(tmp_path / "cache"))
+    written = _write_folder(tmp_path / "imgs", cifar_jpegs)
+    bad = tmp_path / "imgs" / "train" / "cat" / "03a.jpg"  # sorts between two good cat images
+    bad.write_bytes(cifar_jpegs[("train", "cat")][0][:100])  # a truncated JPEG
+    (tmp_path / "imgs" / "test" / "truck" / "x.png").write_bytes(b"")  # an empty file
+    spec = f"folder:{tmp_path / 'imgs'}"
+    for attempt in ("decoded", "from the cache"):
+        data.cache._MEMO.clear()
+        with pytest.raises(ValueError) as e:
+            data.load_arrays(spec, "train")
+        message = str(e.value)
+        assert "cannot decode the image train/cat/03a.jpg" in message, attempt
+        assert "2 undecodable images" in message and "test/truck/x.png" in message
+        assert "skip_corrupt=True" in message and "--skip_corrupt_images" in message
+        assert "no class folders" not in message and "no train/" not in message
+    assert len(list((tmp_path / "cache").glob("folder-*.npz"))) == 1  # decoded once
+    data.images._WARNED.clear()
+    with pytest.warns(UserWarning, match=r"skipped 2 undecodable images .*train/cat/03a.jpg"):
+        x, y = data.load_arrays(spec, "train", skip_corrupt=True)
+    # The good images keep their own labels and pixels: nothing shifted onto the wrong label.
+    np.testing.assert_array_equal(x, np.stack([_decode(b) for _, _, b in written["train"]]))
+    np.testing.assert_array_equal(y, [sorted(_CLASSES).index(c) for c, _, _ in written["train"]])
+    assert len(data.load_arrays(spec, "test", skip_corrupt=True)[0]) == 6
+
+
+def test_corrupt_image_in_a_cifar_folder_is_named(tmp_path, small_jpeg_tree):
+    root, _ = small_jpeg_tree
+    (root / "train" / "cat" / "9999.jpg").write_bytes(b"\xff\xd8 not really")
+    with pytest.raises(ValueError, match=r"cannot decode the image train/cat/9999.jpg"):
+        data.load_arrays("cifar10", "train", data_dir=root)
+
+
+def test_validation_split_is_carved_from_train_disjoint_and_fixed(tmp_path, cifar_jpegs):
+    _write_folder(tmp_path / "imgs", cifar_jpegs)
+    for spec in ("digits", f"folder:{tmp_path / 'imgs'}"):
+        x_all, y_all = data.load_arrays(spec, "train")
+        xv, yv = data.load_arrays(spec, "validation", validation=0.2)
+        xt, yt = data.load_arrays(spec, "train", validation=0.2)
+        assert len(xv) + len(xt) == len(x_all)
+        flat = {bytes(img) for img in x_all}
+        assert {bytes(i) for i in xv} | {bytes(i) for i in xt} <= flat
+        assert not {bytes(i) for i in xv} & {bytes(i) for i in xt}, "an image in both splits"
+        counts, all_counts = np.bincount(yv), np.bincount(y_all)
+        np.testing.assert_array_equal(counts, np.round(0.2 * all_counts))  # class by class
+        again = data.load_dataset(spec, "validation", validation=0.2, batch_size=1000, seed=7)
+        (xb, yb), = _batches(again)  # another seed, the same images, in order
+        np.testing.assert_array_equal(yb, yv)
+        np.testing.assert_allclose(_unnormalise(xb, data.dataset_info(spec)), xv / 255.0,
+                                   atol=1e-5)
+    # A folder's own val/ split is the validation split; carving another is refused.
+    (tmp_path / "imgs" / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "imgs" / "val" / "cat" / "v.jpg").write_bytes(cifar_jpegs[("test", "cat")][1])
+    spec = f"folder:{tmp_path / 'imgs'}"
+    xv, yv = data.load_arrays(spec, "validation")
+    np.testing.assert_array_equal(xv[0], _decode(cifar_jpegs[("test", "cat")][1]))
+    assert yv.tolist() == [1] and data.dataset_info(spec).validation_size == 1
+    with pytest.raises(ValueError, match="has its own validation split"):
+        data.load_arrays(spec, "train", validation=0.1)
+
+
+def test_statistics_come_from_the_training_split_only(tmp_path, cifar_jpegs, monkeypatch):
+    monkeypatch.setenv("TFQKD_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "imgs"
+    _write_folder(root, cifar_jpegs)
+    white = tf.io.encode_png(np.full((32, 32, 3), 255, np.uint8)).numpy()
+    for i in range(20):  # a test split far brighter than the training one
+        (root / "test" / "cat" / f"w{i}.png").write_bytes(white)
+    spec = f"folder:{root}"
+    x, _ = data.load_arrays(spec, "train")
+    pixels = x.astype(np.float64) / 255.0
+    info = data.dataset_info(spec)
+    np.testing.assert_allclose(info.mean, pixels.mean(axis=(0, 1, 2)), rtol=1e-9)
+    np.testing.assert_allclose(info.std, pixels.std(axis=(0, 1, 2)), rtol=1e-6)
+    stats = list((tmp_path / "cache").glob("*-stats-*.json"))
+    assert len(stats) == 1  # cached beside the arrays
+    # At another size, statistics of the resized training images.
+    xs, _ = data.load_arrays(spec, "train", image_size=16)
+    np.testing.assert_allclose(data.dataset_info(spec, image_size=16).mean,
+                               (xs.astype(np.float64) / 255).mean(axis=(0, 1, 2)), rtol=1e-9)
+
+
+def test_applications_preprocess_input_and_callable_normalization(tmp_path, cifar_jpegs):
+    _write_folder(tmp_path, cifar_jpegs)
+    spec = f"folder:{tmp_path}"
+    x, _ = data.load_arrays(spec, "test")
+    (xb, _), = _batches(data.load_dataset(spec, "test", normalization="imagenet:mobilenet_v2"))
+    np.testing.assert_allclose(xb, x / 127.5 - 1.0, atol=1e-5)  # MobileNetV2's own scaling
+    (xr, _), = _batches(data.load_dataset(spec, "test", normalization="imagenet:resnet50"))
+    bgr = x[..., ::-1].astype(np.float32) - np.array([103.939, 116.779, 123.68], np.float32)
+    np.testing.assert_allclose(xr, bgr, atol=1e-3)  # caffe style: BGR, ImageNet means
+    (xc, _), = _batches(data.load_dataset(spec, "test", normalization=lambda p: p - 100.0))
+    np.testing.assert_allclose(xc, x - 100.0, atol=1e-4)
+
+
+def test_builtin_image_size_resizes_arrays_and_batches_alike():
+    x, y = data.load_arrays("digits", "test", image_size=(12, 10))
+    x8, y8 = data.load_arrays("digits", "test")
+    np.testing.assert_array_equal(x, _resized(x8, (12, 10)))
+    np.testing.assert_array_equal(y, y8)
+    info = data.dataset_info("digits", image_size=(12, 10))
+    (xb, yb), = _batches(data.load_dataset("digits", "test", image_size=(12, 10),
+                                           batch_size=360))
+    assert info.input_shape == (12, 10, 1) and xb.shape == (360, 12, 10, 1)
+    np.testing.assert_allclose(_unnormalise(xb, info), x / 255.0, atol=1e-5)
+
+
+def _npz(path, **arrays):
+    base = dict(x_train=np.zeros((6, 4, 4, 3), np.uint8), y_train=np.array([0, 1, 2, 0, 1, 2]),
+                x_test=np.zeros((3, 4, 4, 3), np.uint8), y_test=np.array([2, 1, 0]))
+    base.update(arrays)
+    np.savez(path, **{k: v for k, v in base.items() if v is not None})
+    return f"npz:{path}"
+
+
+def test_npz_source_arrays_class_names_and_validation(tmp_path, cifar_jpegs):
+    xtr = np.stack([_decode(b) for b in cifar_jpegs[("train", "cat")]])
+    xte = np.stack([_decode(b) for b in cifar_jpegs[("test", "cat")]])
+    spec = _npz(tmp_path / "d.npz", x_train=xtr, y_train=np.array([0, 1, 0, 1, 0]), x_test=xte,
+                y_test=np.array([[1], [0]]), x_val=xte[:1], y_val=np.array([1]),
+                class_names=np.array(["cat", "not_cat"]))
+    info = data.dataset_info(spec)
+    assert info.class_names == ("cat", "not_cat") and info.validation_size == 1
+    assert info.input_shape == (32, 32, 3) and (info.train_size, info.test_size) == (5, 2)
+    np.testing.assert_allclose(info.mean, (xtr / 255.0).mean(axis=(0, 1, 2)), rtol=1e-9)
+    x, y = data.load_arrays(spec, "test")
+    np.testing.assert_array_equal(x, xte)
+    np.testing.assert_array_equal(y, [1, 0])
+    np.testing.assert_array_equal(data.load_arrays(spec, "validation")[0], xte[:1])
+    # Grey (N, H, W) images and no class names: classes 0..max(y_train).
+    grey = _npz(tmp_path / "g.npz", x_train=np.zeros((6, 5, 5), np.uint8),
+                x_test=np.zeros((3, 5, 5), np.uint8))
+    info = data.dataset_info(grey)
+    assert info.input_shape == (5, 5, 1) and info.class_names == ("0", "1", "2")
+
+
+def test_random_bytes_npz_is_refused_without_pickle_advice(tmp_path):
+    path = tmp_path / "random.npz"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+    with pytest.raises(ValueError) as e:
+        data.load_arrays(f"npz:{path}", "train")
+    assert str(path) in str(e.value) and "not a .npz archive" in str(e.value)
+    assert "pickle" not in str(e.value).lower()
+    with pytest.raises(ValueError) as e:  # the same for a built-in set's .npz
+        data.load_arrays("cifar10", "train", data_dir=path)
+    assert "not a .npz archive" in str(e.value) and "pickle" not in str(e.value).lower()
+    # An object array (pickled) is refused as unsafe, never unpickled.
+    spec = _npz(tmp_path / "obj.npz", class_names=np.array(["a", {"b": 1}, "c"], dtype=object))
+    with pytest.raises(ValueError, match=r"'class_names' holds Python objects .* never loads"):
+        data.load_arrays(spec, "train")
+    truncated = tmp_path / "cut.npz"
+    truncated.write_bytes((tmp_path / "obj.npz").read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"cut.npz is a damaged .npz archive"):
+        data.load_arrays(f"npz:{truncated}", "train")
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(y_test=np.array([2, 5, 0])), r"y_test has labels in \[0, 5\]: label 5 \(index 1, one "
+                                       r"of 1 out of range\) is not one of the 3 classes 0\.\.2 "
+                                       r"\(one more than y_train's largest label, 2"),
+    (dict(y_train=np.array([0, 1, 2, 0, 1, 3]), class_names=np.array(["a", "b", "c"])),
+     r"y_train has labels in \[0, 3\]: label 3 .*3 classes 0\.\.2 \(the 3 entries of its "
+     r"class_names array\)"),
+    (dict(y_train=np.array([0, -1, 2, 0, 1, 2])), r"label -1 \(index 1"),
+    (dict(y_train=np.eye(3)[[0, 1, 2, 0, 1, 2]]), r"looks one-hot: .*argmax"),
+    (dict(x_test=np.zeros((3, 4, 4, 3), np.float32)), r"x_test has dtype float32, expected uint8"),
+    (dict(x_test=np.zeros((3, 5, 5, 3), np.uint8)), r"differ in shape"),
+    (dict(x_test=None, y_test=None), r"lacks x_test and y_test"),
+])
+def test_npz_bad_contents_name_the_file_split_and_label(tmp_path, change, match):
+    spec = _npz(tmp_path / "bad.npz", **change)
+    with pytest.raises(ValueError, match=match) as e:
+        data.dataset_info(spec)
+    assert str(tmp_path / "bad.npz") in str(e.value)
+
+
+def test_tfds_spec_reads_a_data_set_prepared_offline(tmp_path, cifar_jpegs):
+    import tensorflow_datasets as tfds
+
+    features = tfds.features.FeaturesDict({
+        "picture": tfds.features.Image(shape=(None, None, 3)),
+        "kind": tfds.features.ClassLabel(names=["cat", "truck"]),
+        "note": tfds.features.Text(),
+    })
+    raw = {s: [(_decode(b), 0) for b in cifar_jpegs[(s, "cat")]]
+           + [(_decode(b), 1) for b in cifar_jpegs[(s, "truck")]] for s in ("train", "test")}
+    split_data = {s: [(i, {"picture": img, "kind": k, "note": "x"})
+                      for i, (img, k) in enumerate(items)] for s, items in raw.items()}
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="tiny_cifar_shapes", version="1.0.0", features=features, split_datasets=split_data,
+        data_dir=str(tmp_path / "tfds"), disable_shuffling=True)
+    spec = "tfds:tiny_cifar_shapes"
+    info = data.dataset_info(spec, data_dir=tmp_path / "tfds")
+    assert info.class_names == ("cat", "truck") and (info.train_size, info.test_size) == (10, 4)
+    x, y = data.load_arrays(spec, "test", data_dir=tmp_path / "tfds")
+    np.testing.assert_array_equal(x, np.stack([img for img, _ in raw["test"]]))  # PNG: lossless
+    np.testing.assert_array_equal(y, [k for _, k in raw["test"]])
+    x, _ = data.load_arrays("tfds:tiny_cifar_shapes:1.0.0", "train", data_dir=tmp_path / "tfds",
+                            image_size=16)
+    assert x.shape == (10, 16, 16, 3)
+    # Not prepared where it is looked for: a clear error, and no download attempted.
+    with pytest.raises(data.DataNotFoundError, match=r"tfds:tiny_cifar_shapes.*download=True"):
+        data.load_arrays(spec, "train", data_dir=tmp_path / "empty")
+    with pytest.raises(data.DataNotFoundError, match=r"'mnist' is not prepared in .*empty.*"
+                                                     r"does not download"):
+        data.load_arrays("tfds:mnist", "train", data_dir=tmp_path / "empty")
+
+
+def test_recipe_runs_on_an_image_folder(tmp_path, cifar_jpegs):
+    from conftest import REPO, run_script, subprocess_env
+
+    _write_folder(tmp_path / "imgs", cifar_jpegs, sizes=[(40, 40)])
+    out = tmp_path / "run"
+    env = subprocess_env(PYTHONPATH=str(REPO), TFQKD_CACHE_DIR=str(tmp_path / "cache"))
+    args = ["--preset=smoke", f"--dataset=folder:{tmp_path / 'imgs'}", "--image_size=24",
+            "--subset=0", "--test_subset=0", "--batch_size=5", "--epochs=1",
+            f"--output_dir={out}"]
+    run_script(REPO / "recipes" / "train_teacher.py", *args, env=env)
+    res = json.loads((out / "results.json").read_text())
+    assert res["flags"]["dataset"] == f"folder:{tmp_path / 'imgs'}"
+    assert res["num_train"] == 15 and res["num_test"] == 6  # 3 batches of 5; every test image
+    if str(REPO) not in sys.path:  # as tests/test_recipes.py: the checkout's recipes package
+        sys.path.insert(0, str(REPO))
+    from recipes import common
+
+    model = common.load_model(str(out))
+    assert model.input_shape == (None, 24, 24, 3) and model.output_shape == (None, 3)

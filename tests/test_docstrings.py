@@ -8,7 +8,7 @@ import pytest
 
 import tfqkd
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(tfqkd.__path__, "tfqkd."))
+MODULES = sorted(m.name for m in pkgutil.walk_packages(tfqkd.__path__, "tfqkd."))
 
 
 def test_every_module_is_collected():
