@@ -290,6 +290,11 @@ def define_common_flags(flag_values=None) -> None:
     define_flags(COMMON_OPTIONS, flag_values)
 
 
+#: Every option's default, by name, as resolved so far: a run saved before an option existed
+#: ran with its default, so resuming it with the default is not a change of options.
+_OPTION_DEFAULTS: Dict[str, Any] = {}
+
+
 def _resolve(options, presets, preset, explicit: Mapping[str, Any]) -> Config:
     options = list(options)
     names = {o.name for o in options}
@@ -300,6 +305,7 @@ def _resolve(options, presets, preset, explicit: Mapping[str, Any]) -> Config:
     if preset not in table:
         raise ValueError(f"Unknown preset {preset!r}; use one of {sorted(table)}.")
     values = {o.name: o.default for o in options}
+    _OPTION_DEFAULTS.update(_jsonable(values))
     values.update({k: v for k, v in table[preset].items() if k in names})
     values.update(explicit)
     values["preset"] = preset
@@ -669,6 +675,9 @@ class OutputDir:
             return
         ignore = set(RUNTIME_KEYS) | set(runtime_keys)
         new = _jsonable(cfg.to_dict())
+        # An option missing from the old run's record did not exist then: it ran with the default.
+        old = {**{k: _OPTION_DEFAULTS[k] for k in new if k not in old and k in _OPTION_DEFAULTS},
+               **old}
         diff = sorted(k for k in set(old) | set(new)
                       if k not in ignore and old.get(k) != new.get(k))
         if diff:

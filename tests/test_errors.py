@@ -141,6 +141,21 @@ def test_finished_run_with_other_training_options_is_refused(finished_teacher):
     assert _snapshot(finished_teacher) == before
 
 
+def test_run_saved_before_an_option_existed_resumes_with_its_default(run_copy):
+    # A run recorded before --image_size / --skip_corrupt_images existed ran with their defaults.
+    config_path = run_copy / "run_config.json"
+    stored = json.loads(config_path.read_text())
+    cfg = common.Config(**stored).replace(output_dir=str(run_copy))
+    older = {k: v for k, v in stored.items() if k not in ("image_size", "skip_corrupt_images")}
+    assert older != stored, "the options this test drops are no longer recipe options"
+    config_path.write_text(json.dumps(older))
+    res = train_teacher.run(cfg)
+    assert res == json.loads((run_copy / "results.json").read_text())
+    # A non-default value for the missing option is a change, and is refused.
+    with pytest.raises(ValueError, match=r"--skip_corrupt_images: False -> True"):
+        train_teacher.run(cfg.replace(skip_corrupt_images=True))
+
+
 def test_export_added_to_a_finished_run_is_carried_out(tmp_path):
     out = tmp_path / "q"
     cfg = quantize_distill.make_config("smoke", **DIGITS, output_dir=str(out),
