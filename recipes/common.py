@@ -112,7 +112,7 @@ from tfqkd._io import atomic_path, atomic_write  # noqa: E402
 from tfqkd.finite import NonFiniteError, StopOnNonFinite  # noqa: E402
 
 __all__ = [
-    "Option", "Config", "COMMON_OPTIONS", "PRESETS", "RUNTIME_KEYS", "define_flags",
+    "data_kwargs_for_model", "Option", "Config", "COMMON_OPTIONS", "PRESETS", "RUNTIME_KEYS", "define_flags",
     "define_common_flags", "config_from_flags", "make_config", "merge_presets", "make_strategy",
     "is_chief", "set_seed", "OutputDir", "Data", "load_data", "build_model", "make_lr_schedule",
     "make_optimizer", "fit_with_resume", "evaluate_accuracy", "write_results", "versions",
@@ -942,6 +942,24 @@ def data_source_kwargs(cfg: Config) -> Dict[str, Any]:
     image_size = getattr(cfg, "image_size", None)
     return dict(data_dir=cfg.data_dir, image_size=image_size or None,
                 skip_corrupt=bool(getattr(cfg, "skip_corrupt_images", False)))
+
+
+def data_kwargs_for_model(model: keras.Model, *, data_dir: Optional[str] = None,
+                          image_size: Optional[int] = None,
+                          skip_corrupt: bool = False) -> Dict[str, Any]:
+    """``tfqkd.data`` arguments that feed ``model`` its own input size (for the tools).
+
+    ``image_size`` wins when given; else the images are brought to the model's input height and
+    width (a no-op where they already have it; a model trained with ``--image_size`` gets the
+    size it was trained at).
+    """
+    kw: Dict[str, Any] = dict(data_dir=data_dir, skip_corrupt=bool(skip_corrupt))
+    wanted = tuple(model.input_shape[1:3])
+    if image_size:
+        kw["image_size"] = int(image_size)
+    elif None not in wanted:
+        kw["image_size"] = tuple(int(d) for d in wanted)
+    return kw
 
 
 def load_data(cfg: Config, *, augment: Optional[bool] = None) -> Data:

@@ -936,3 +936,14 @@ def test_recipe_runs_on_an_image_folder(tmp_path, cifar_jpegs):
 
     model = common.load_model(str(out))
     assert model.input_shape == (None, 24, 24, 3) and model.output_shape == (None, 3)
+    # The tools feed the model its own input size: no --image_size needed after training with it.
+    tflite = tmp_path / "teacher.tflite"
+    exported = run_script(REPO / "tools" / "export_tflite.py", f"--model={out}",
+                          f"--output={tflite}", "--mode=int8", "--num_calibration=15",
+                          f"--dataset=folder:{tmp_path / 'imgs'}", "--verify", "--num_eval=6",
+                          env=env)
+    report = json.loads(exported.stdout.strip().splitlines()[-1])["report"]
+    assert report["num_examples"] == 6 and report["top1_agreement"] >= 5 / 6
+    evaluated = run_script(REPO / "tools" / "evaluate_tflite.py", f"--tflite={tflite}",
+                           f"--model={out}", f"--dataset=folder:{tmp_path / 'imgs'}", env=env)
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["num_examples"] == 6

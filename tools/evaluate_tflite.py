@@ -24,7 +24,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("tflite", None, "The .tflite file to evaluate.")
 flags.DEFINE_string("model", None, "The saved Keras model it was exported from (a recipe "
                     "output_dir, its model/ directory, a .h5 or .keras file).")
-flags.DEFINE_string("dataset", "cifar10", "Data set: cifar10, cifar100, digits.")
+flags.DEFINE_string("dataset", "cifar10", "Data set: cifar10, cifar100, digits, folder:PATH, npz:PATH or tfds:NAME (docs/data.md).")
+flags.DEFINE_integer("image_size", None, "Resize images to this size (default: the model's "
+                     "input size when the data set's differs).")
+flags.DEFINE_bool("skip_corrupt_images", False, "Skip images that do not decode (counted "
+                  "in one warning) instead of failing.")
 flags.DEFINE_enum("split", "test", ["train", "test"], "Split to evaluate on.")
 flags.DEFINE_string("data_dir", None, "Offline data source (default: $TFQKD_DATA_DIR).")
 flags.DEFINE_integer("num_eval", None, "Evaluate only this many images (default: all).")
@@ -44,7 +48,10 @@ def main(argv):
         raise FileNotFoundError(f"--tflite {FLAGS.tflite!r} does not exist; export one with "
                                 "tools/export_tflite.py.")
     model = common.load_model(FLAGS.model, what="--model")
-    dataset = data.load_dataset(FLAGS.dataset, FLAGS.split, data_dir=FLAGS.data_dir,
+    data_kw = common.data_kwargs_for_model(model, data_dir=FLAGS.data_dir,
+                                           image_size=FLAGS.image_size,
+                                           skip_corrupt=FLAGS.skip_corrupt_images)
+    dataset = data.load_dataset(FLAGS.dataset, FLAGS.split, **data_kw,
                                 batch_size=FLAGS.batch_size, augment=False, shuffle=False)
     report = export.verify_tflite(FLAGS.tflite, model, dataset, max_examples=FLAGS.num_eval,
                                   num_threads=FLAGS.num_threads)

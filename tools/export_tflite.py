@@ -30,7 +30,11 @@ flags.DEFINE_string("model", None, "Saved Keras model: a recipe output_dir, its 
 flags.DEFINE_string("output", None, "Output .tflite path.")
 flags.DEFINE_enum("mode", "int8", ["float", "dynamic", "int8", "int4"], "Export mode.")
 flags.DEFINE_enum("method", "fakequant", ["fakequant", "ptq"], "How int8 fixes ranges.")
-flags.DEFINE_string("dataset", "cifar10", "Data set for calibration/verification: cifar10, cifar100, digits.")
+flags.DEFINE_string("dataset", "cifar10", "Data set: cifar10, cifar100, digits, folder:PATH, npz:PATH or tfds:NAME (docs/data.md).")
+flags.DEFINE_integer("image_size", None, "Resize images to this size (default: the model's "
+                     "input size when the data set's differs).")
+flags.DEFINE_bool("skip_corrupt_images", False, "Skip images that do not decode (counted "
+                  "in one warning) instead of failing.")
 flags.DEFINE_string("data_dir", None, "Offline data source (default: $TFQKD_DATA_DIR).")
 flags.DEFINE_integer("num_calibration", 500, "Calibration images (int8 / int4).")
 flags.DEFINE_bool("int8_io", False, "int8 input/output tensors (int8 / int4 modes).")
@@ -71,10 +75,15 @@ def main(argv):
     from tfqkd import data, export
 
     model = load_model(FLAGS.model)
+    from recipes import common
+
+    data_kw = common.data_kwargs_for_model(model, data_dir=FLAGS.data_dir,
+                                           image_size=FLAGS.image_size,
+                                           skip_corrupt=FLAGS.skip_corrupt_images)
     calibration = None
     if FLAGS.mode in ("int8", "int4"):
         n = FLAGS.num_calibration
-        calibration = data.load_dataset(FLAGS.dataset, "train", data_dir=FLAGS.data_dir,
+        calibration = data.load_dataset(FLAGS.dataset, "train", **data_kw,
                                         batch_size=min(100, n), augment=False, shuffle=True,
                                         seed=0).take((n + 99) // 100 if n >= 100 else 1)
     info = export.export_tflite(model, FLAGS.output, calibration, mode=FLAGS.mode,
@@ -96,7 +105,7 @@ def main(argv):
               f"{stats['bits_per_weight']:.3f} bits/weight overall)")
         result["packed"] = stats
     if FLAGS.verify:
-        test = data.load_dataset(FLAGS.dataset, "test", data_dir=FLAGS.data_dir, batch_size=100,
+        test = data.load_dataset(FLAGS.dataset, "test", **data_kw, batch_size=100,
                                  augment=False, shuffle=False)
         report = export.verify_tflite(FLAGS.output, model, test, max_examples=FLAGS.num_eval)
         print(report)
