@@ -97,7 +97,7 @@ import tempfile
 import time
 import types
 import zipfile
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -1067,8 +1067,11 @@ def load_or_build_model(spec: str, cfg: Config, info: Any, *, what: str) -> kera
     from tfqkd import models
 
     if is_model_name(spec):
+        # --alpha is the width of the families that have one (a MobileNet student next to an
+        # EfficientNet teacher): the others build at their only width.
+        alpha = cfg.alpha if models.has_alpha(spec) else 1.0
         return models.get(spec, int(_info_get(info, "num_classes")),
-                          tuple(_info_get(info, "input_shape")), alpha=cfg.alpha, seed=cfg.seed)
+                          tuple(_info_get(info, "input_shape")), alpha=alpha, seed=cfg.seed)
     return load_model(spec, what=what)
 
 
@@ -1091,7 +1094,8 @@ def build_model(arch: str, width: float, info: Any, cfg: Config, *,
         return models.tiny_resnet(num_classes, shape, width=width,
                                   weight_decay=cfg.weight_decay, seed=seed)
     if is_model_name(arch):
-        return models.get(arch, num_classes, shape, alpha=getattr(cfg, "alpha", 1.0), seed=seed)
+        alpha = getattr(cfg, "alpha", 1.0) if models.has_alpha(arch) else 1.0
+        return models.get(arch, num_classes, shape, alpha=alpha, seed=seed)
     raise ValueError(f"--arch must be resnet, tiny or a tfqkd.models.get name "
                      f"({', '.join(models.names())}), got {arch!r}.")
 

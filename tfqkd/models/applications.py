@@ -37,7 +37,7 @@ import numpy as np
 from tfqkd._keras import keras, tf
 from tfqkd.models import resnet as _resnet
 
-__all__ = ["get", "names", "preprocess_input", "min_input_size", "takes_raw_pixels",
+__all__ = ["get", "names", "has_alpha", "preprocess_input", "min_input_size", "takes_raw_pixels",
            "expects_raw_pixels", "input_adapter"]
 
 # name -> (tf_keras.applications module, constructor, has alpha, takes raw 0..255 pixels)
@@ -92,6 +92,17 @@ def min_input_size(name: str) -> int:
         (32, 4)
     """
     return _MIN_SIZE if _key(name) in _APPLICATIONS else 4
+
+
+def has_alpha(name: str) -> bool:
+    """True for the families with a width multiplier ``alpha`` (MobileNet V1/V2/V3).
+
+    Example:
+        >>> has_alpha("mobilenet_v2"), has_alpha("efficientnet_b0")
+        (True, False)
+    """
+    key = _key(name)
+    return key in _APPLICATIONS and _APPLICATIONS[key][2]
 
 
 def takes_raw_pixels(name: str) -> bool:
