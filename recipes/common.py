@@ -959,7 +959,8 @@ def data_source_kwargs(cfg: Config) -> Dict[str, Any]:
 def data_kwargs_for_model(model: keras.Model, *, data_dir: Optional[str] = None,
                           image_size: Optional[int] = None,
                           skip_corrupt: bool = False) -> Dict[str, Any]:
-    """``tfqkd.data`` arguments that feed ``model`` its own input size (for the tools).
+    """``tfqkd.data`` arguments that feed ``model`` its own input size and normalisation (raw
+    pixels for a model that preprocesses itself, see :func:`input_normalization`; for the tools).
 
     ``image_size`` wins when given; else the images are brought to the model's input height and
     width (a no-op where they already have it; a model trained with ``--image_size`` gets the
@@ -971,6 +972,10 @@ def data_kwargs_for_model(model: keras.Model, *, data_dir: Optional[str] = None,
         kw["image_size"] = int(image_size)
     elif None not in wanted:
         kw["image_size"] = tuple(int(d) for d in wanted)
+    from tfqkd import models
+
+    if models.expects_raw_pixels(model):  # the recipes trained it on raw pixels too
+        kw["normalization"] = RAW_PIXELS
     return kw
 
 

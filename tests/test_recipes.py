@@ -422,3 +422,22 @@ def test_quantize_distill_applications_student_and_teacher_by_name(tmp_path):
     assert tfqkd.models.softmax_layer(model) == "quant_predictions"
     probs = model(np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype("float32")).numpy()
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
+
+
+def test_recipe_normalisation_and_teacher_input_adapter():
+    """Raw 0..255 pixels for a model that preprocesses itself, mean/std for the others; a teacher
+    of the other kind sees, through its adapter, exactly the inputs it would get on its own."""
+    cfg = common.Config(student="mobilenet_v2", arch="resnet", alpha=0.35)
+    assert common.input_normalization(cfg) is None
+    assert common.input_normalization(cfg.replace(student="efficientnet_b0")) == common.RAW_PIXELS
+    info = {"mean": (0.2, 0.4, 0.6), "std": (0.1, 0.2, 0.3), "input_shape": (32, 32, 3),
+            "num_classes": 5}
+    teacher = tfqkd.models.get("mobilenet_v3_small", 5, (32, 32, 3), alpha=0.35)
+    adapted = common.adapt_teacher(teacher, cfg, info)
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    student_inputs = (pixels / 255.0 - np.array(info["mean"], "float32")) / np.array(
+        info["std"], "float32")
+    np.testing.assert_allclose(adapted(student_inputs).numpy(), teacher(pixels).numpy(),
+                               atol=1e-4)
+    # Same convention: the teacher is used as it is.
+    assert common.adapt_teacher(teacher, cfg.replace(student="efficientnet_b0"), info) is teacher

@@ -116,7 +116,7 @@ def takes_raw_pixels(name: str) -> bool:
 
 def expects_raw_pixels(model: keras.Model) -> bool:
     """True when a built model preprocesses its inputs itself: its first layer after the input is
-    a ``Rescaling`` layer (EfficientNet/V2, MobileNetV3, also after saving and loading).
+    a ``Rescaling`` layer (EfficientNet/V2, MobileNetV3, also quantized, saved and loaded).
 
     Example:
         >>> expects_raw_pixels(get("mobilenet_v3_small", 3, (32, 32, 3), alpha=0.35))
@@ -124,10 +124,11 @@ def expects_raw_pixels(model: keras.Model) -> bool:
         >>> expects_raw_pixels(get("tiny_resnet", 3, (8, 8, 1)))
         False
     """
-    for layer in getattr(model, "layers", ())[:3]:
-        if isinstance(layer, keras.layers.InputLayer):
+    for layer in getattr(model, "layers", ())[:4]:
+        # Skip the input and tfmot's input quantizer (a QAT model); look inside QAT wrappers.
+        if isinstance(layer, keras.layers.InputLayer) or type(layer).__name__ == "QuantizeLayer":
             continue
-        return isinstance(layer, keras.layers.Rescaling)
+        return isinstance(getattr(layer, "layer", layer), keras.layers.Rescaling)
     return False
 
 
