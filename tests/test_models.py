@@ -254,3 +254,16 @@ def test_logits_model_returns_logit_models_as_is_and_rejects_nested_softmax():
     seq = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
     with pytest.raises(ValueError, match="nested model"):
         models.logits_model(keras.Model(inp, seq(inp)))
+
+
+def test_logits_model_of_a_tfmot_default_qat_model():
+    # tfmot's own 8-bit scheme wraps a softmax Dense's activation in a QuantizeAwareActivation
+    # that quantizes the softmax INPUT: the view keeps that quantizer and drops the softmax.
+    import tensorflow_model_optimization as tfmot
+    q = tfmot.quantization.keras.quantize_model(_softmax_models()["dense"])
+    head = q.get_layer("quant_head")
+    assert head._quantize_activations  # the case under test
+    view = models.logits_model(q)
+    x = tf.random.stateless_normal((4, 8, 8, 1), seed=(7, 8))
+    q(x, training=True)  # move the EMA ranges off their initial values
+    _assert_logits_of(q, view, x)
