@@ -97,7 +97,7 @@ import tempfile
 import time
 import types
 import zipfile
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -170,6 +170,13 @@ class Config(types.SimpleNamespace):
 #: Options every recipe has. Defaults are the paper preset (common CIFAR practice):
 #: SGD momentum 0.9, lr 0.1 at batch 128 (the usual linear-scaling reference point of He et al.),
 #: weight decay 1e-4 (ResNet paper), cosine decay to 0 over the run, 200 epochs.
+
+def _model_names() -> Tuple[str, ...]:
+    from tfqkd.models import applications
+
+    return tuple(n for n in applications.names() if n not in ("resnet20", "wide_resnet20",
+                                                               "tiny_resnet"))
+
 COMMON_OPTIONS: List[Option] = [
     Option("output_dir", None, "Directory for model/, checkpoints/, logs/, history.csv, "
            "results.json. Default: runs/<recipe>."),
@@ -184,6 +191,9 @@ COMMON_OPTIONS: List[Option] = [
            "$TFQKD_DATA_DIR, then tfds."),
     Option("image_size", None, "Resize every image to N x N pixels (absent: the data's own "
            "size; needed when a folder's images differ in size).", "integer"),
+    Option("alpha", 1.0, "Width multiplier of a --student / --teacher / --arch given as a "
+           "tf_keras.applications name (mobilenet, mobilenet_v2, mobilenet_v3_*: e.g. 0.35; "
+           "other families have none).", "float"),
     Option("skip_corrupt_images", False, "Leave image files that do not decode out of the data "
            "set, with one warning naming how many and the first few (default: such a file is an "
            "error naming it).", "bool"),
@@ -203,8 +213,10 @@ COMMON_OPTIONS: List[Option] = [
     Option("momentum", 0.9, "SGD momentum.", "float"),
     Option("weight_decay", 1e-4, "Weight decay, applied by tfqkd.models as an L2 regularizer "
            "with gradient weight_decay*w.", "float"),
-    Option("arch", "resnet", "Architecture family: resnet (ResNet20 / WideResNet20xN) or tiny "
-           "(tfqkd.models.tiny_resnet, for smoke tests).", "enum", ("resnet", "tiny")),
+    Option("arch", "resnet", "Architecture family: resnet (ResNet20 / WideResNet20xN), tiny "
+           "(tfqkd.models.tiny_resnet, for smoke tests) or a tf_keras.applications name of "
+           "tfqkd.models.get (mobilenet_v2, efficientnet_b0, ...; with --alpha).", "enum",
+           ("resnet", "tiny", *_model_names())),
     Option("seed", 0, "Random seed (weights, data order, augmentation).", "integer"),
     Option("distribute", "none", "tf.distribute strategy: none, mirrored (all local GPUs, else "
            "the logical CPUs) or multi_worker (MultiWorkerMirroredStrategy from TF_CONFIG).",
@@ -947,7 +959,8 @@ def data_source_kwargs(cfg: Config) -> Dict[str, Any]:
 def data_kwargs_for_model(model: keras.Model, *, data_dir: Optional[str] = None,
                           image_size: Optional[int] = None,
                           skip_corrupt: bool = False) -> Dict[str, Any]:
-    """``tfqkd.data`` arguments that feed ``model`` its own input size (for the tools).
+    """``tfqkd.data`` arguments that feed ``model`` its own input size and normalisation (raw
+    pixels for a model that preprocesses itself, see :func:`input_normalization`; for the tools).
 
     ``image_size`` wins when given; else the images are brought to the model's input height and
     width (a no-op where they already have it; a model trained with ``--image_size`` gets the
@@ -959,6 +972,10 @@ def data_kwargs_for_model(model: keras.Model, *, data_dir: Optional[str] = None,
         kw["image_size"] = int(image_size)
     elif None not in wanted:
         kw["image_size"] = tuple(int(d) for d in wanted)
+    from tfqkd import models
+
+    if models.expects_raw_pixels(model):  # the recipes trained it on raw pixels too
+        kw["normalization"] = RAW_PIXELS
     return kw
 
 
@@ -973,7 +990,8 @@ def load_data(cfg: Config, *, augment: Optional[bool] = None) -> Data:
     source_kw = data_source_kwargs(cfg)
     info = tdata.dataset_info(cfg.dataset, **source_kw)
     common_kw = dict(batch_size=cfg.batch_size, seed=cfg.seed,
-                     subset_seed=getattr(cfg, "subset_seed", None), **source_kw)
+                     subset_seed=getattr(cfg, "subset_seed", None),
+                     normalization=input_normalization(cfg), **source_kw)
     train = tdata.load_dataset(cfg.dataset, "train", augment=augment, subset=cfg.subset,
                                drop_remainder=True, **common_kw)
     test = tdata.load_dataset(cfg.dataset, "test", subset=getattr(cfg, "test_subset", None),
@@ -986,6 +1004,80 @@ def load_data(cfg: Config, *, augment: Optional[bool] = None) -> Data:
     num_train = steps * cfg.batch_size
     num_test = sum(int(y.shape[0]) for _, y in test)
     return Data(train, test, info, steps, num_train, num_test)
+
+
+def is_model_name(spec: Any) -> bool:
+    """True when ``spec`` (a --student / --teacher / --arch value) names a model that
+    ``tfqkd.models.get`` builds, rather than a saved model's path."""
+    from tfqkd import models
+
+    if not isinstance(spec, str) or os.path.exists(spec):
+        return False
+    try:
+        models.min_input_size(spec)  # raises ValueError for a name models.get does not know
+        return True
+    except ValueError:
+        return False
+
+
+#: The data normalisation of a model that preprocesses itself: raw 0..255 pixels (an
+#: ``imagenet:<family>`` whose preprocess_input is the identity).
+RAW_PIXELS = "imagenet:efficientnet"
+
+
+def input_normalization(cfg: Config) -> Optional[str]:
+    """How the recipes normalise images for the model they train (``normalization=`` of
+    ``tfqkd.data.load_dataset``): raw 0..255 pixels for a model that preprocesses inside itself
+    (EfficientNet/V2, MobileNetV3: ``tfqkd.models.expects_raw_pixels``), else the per-channel
+    mean/std of the training split (``None``), as for the CIFAR ResNets: the recipes train from
+    random weights, where the ImageNet preprocessing has no advantage, and one convention for
+    every other family keeps teachers and students of different families comparable."""
+    from tfqkd import models
+
+    spec = getattr(cfg, "student", None) or getattr(cfg, "arch", None)
+    if is_model_name(spec):
+        return RAW_PIXELS if models.takes_raw_pixels(spec) else None
+    if isinstance(spec, str) and os.path.exists(spec):
+        return RAW_PIXELS if models.expects_raw_pixels(load_model(spec, what="--student")) \
+            else None
+    return None
+
+
+def adapt_teacher(teacher: keras.Model, cfg: Config, info: Any) -> keras.Model:
+    """``teacher`` made to take the student's inputs: when one of them preprocesses itself (raw
+    pixels) and the other takes mean/std-normalised images, a fixed 1x1 input adapter
+    (``tfqkd.models.input_adapter``, exact) is put in front of the teacher."""
+    from tfqkd import models
+    from tfqkd.data.normalization import normalizer
+
+    student_raw = input_normalization(cfg) == RAW_PIXELS
+    if models.expects_raw_pixels(teacher) == student_raw:
+        return teacher
+    mean, std = _info_get(info, "mean"), _info_get(info, "std")
+    mean_std = normalizer(None, mean, std)
+    raw = lambda x: x  # noqa: E731
+    channels = int(_info_get(info, "input_shape")[-1])
+    adapter = models.input_adapter(
+        raw if student_raw else (lambda x: mean_std(x / 255.0)),
+        (lambda x: mean_std(x / 255.0)) if student_raw else raw, channels)
+    inputs = keras.Input(tuple(_info_get(info, "input_shape")))
+    log(f"teacher {teacher.name}: inputs converted from the student's "
+        f"{'raw pixels' if student_raw else 'mean/std-normalised images'} (input adapter)")
+    return keras.Model(inputs, teacher(adapter(inputs)), name=f"{teacher.name}_adapted")
+
+
+def load_or_build_model(spec: str, cfg: Config, info: Any, *, what: str) -> keras.Model:
+    """A model from a --student / --teacher value: a ``tfqkd.models.get`` name (fresh float
+    weights, ``--alpha``, at the data's ``--image_size``) or a saved model's path."""
+    from tfqkd import models
+
+    if is_model_name(spec):
+        # --alpha is the width of the families that have one (a MobileNet student next to an
+        # EfficientNet teacher): the others build at their only width.
+        alpha = cfg.alpha if models.has_alpha(spec) else 1.0
+        return models.get(spec, int(_info_get(info, "num_classes")),
+                          tuple(_info_get(info, "input_shape")), alpha=alpha, seed=cfg.seed)
+    return load_model(spec, what=what)
 
 
 def _info_get(info: Any, key: str) -> Any:
@@ -1006,7 +1098,11 @@ def build_model(arch: str, width: float, info: Any, cfg: Config, *,
     if arch == "tiny":
         return models.tiny_resnet(num_classes, shape, width=width,
                                   weight_decay=cfg.weight_decay, seed=seed)
-    raise ValueError(f"--arch must be resnet or tiny, got {arch!r}.")
+    if is_model_name(arch):
+        alpha = getattr(cfg, "alpha", 1.0) if models.has_alpha(arch) else 1.0
+        return models.get(arch, num_classes, shape, alpha=alpha, seed=seed)
+    raise ValueError(f"--arch must be resnet, tiny or a tfqkd.models.get name "
+                     f"({', '.join(models.names())}), got {arch!r}.")
 
 
 def make_lr_schedule(cfg: Config, steps_per_epoch: int, epochs: Optional[int] = None):
@@ -1414,6 +1510,11 @@ def load_or_build_student(cfg: Config, data: Data) -> "tuple[keras.Model, str]":
     ``cfg.student`` (a saved float student) when given, else a freshly initialised
     ``cfg.arch``/``cfg.width`` model. Call inside the run's ``strategy.scope()``.
     """
+    if cfg.student and is_model_name(cfg.student):
+        model = load_or_build_model(cfg.student, cfg, data.info, what="--student")
+        origin = f"a fresh float {model.name} (--student={cfg.student}, alpha={cfg.alpha:g})"
+        log(f"--student: starting from {origin}")
+        return model, origin
     if cfg.student:
         return load_model(cfg.student, what="--student"), f"float student {cfg.student}"
     model = build_model(cfg.arch, cfg.width, data.info, cfg)

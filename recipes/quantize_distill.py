@@ -57,10 +57,13 @@ QUANT_OPTIONS = [
 ]
 
 OPTIONS = common.COMMON_OPTIONS + KD_OPTIONS + QUANT_OPTIONS + [
-    Option("student", None, "Float student to quantize (train_student output_dir or model.h5). "
-           "Absent: start from a fresh float ResNet20 (of --width)."),
+    Option("student", None, "Float student to quantize: a saved model (train_student "
+           "output_dir or model.h5) or a tfqkd.models.get name (mobilenet_v2, efficientnet_b0, "
+           "...: a fresh float model with --alpha at --image_size). Absent: a fresh float "
+           "ResNet20 (of --width)."),
     Option("width", 1.0, "Width of the fresh float student when --student is absent.", "float"),
-    Option("teacher", None, "Teacher model (output_dir or model.h5); repeat for an ensemble. "
+    Option("teacher", None, "Teacher model (output_dir or model.h5; or a tfqkd.models.get "
+           "name: a fresh, untrained model, for smoke tests); repeat for an ensemble. "
            "Absent: hard labels only (the baseline).", "multi_string"),
     Option("coefficient_schedule", "constant", "λ schedule: constant, linear (CR: "
            "--coefficient -> --coefficient_end over training), cosine or step.", "enum",
@@ -147,7 +150,7 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
         float_student, origin = common.load_or_build_student(cfg, data)
         student = quantize(float_student, cfg)
         if teacher_paths:
-            teachers = load_teachers(teacher_paths, strategy)
+            teachers = load_teachers(teacher_paths, strategy, cfg, data.info)
             model = make_distiller(student, teachers, cfg)
             compile_distiller(model, cfg, data.steps_per_epoch)
         else:

@@ -62,14 +62,20 @@ def make_config(preset: str = "paper", **overrides) -> common.Config:
     return common.make_config(OPTIONS, PRESETS, preset, **overrides)
 
 
-def load_teachers(paths, strategy) -> list:
-    """Loads saved teacher models (frozen) inside ``strategy``'s scope."""
+def load_teachers(paths, strategy, cfg=None, info=None) -> list:
+    """Loads saved teacher models (frozen) inside ``strategy``'s scope; with ``cfg`` and the
+    data ``info`` a path may also be a ``tfqkd.models.get`` name (a fresh model) and a teacher
+    taking other inputs than the student gets an input adapter (``common.adapt_teacher``)."""
     if isinstance(paths, str):
         paths = [paths]
     teachers = []
     with strategy.scope():
         for p in paths:
-            t = common.load_model(p, what="--teacher")
+            if cfg is None:
+                t = common.load_model(p, what="--teacher")
+            else:
+                t = common.adapt_teacher(
+                    common.load_or_build_model(p, cfg, info, what="--teacher"), cfg, info)
             t.trainable = False
             teachers.append(t)
     return teachers
@@ -100,7 +106,7 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     with strategy.scope():
         student = common.build_model(cfg.arch, cfg.width, data.info, cfg)
         if cfg.teacher:
-            teachers = load_teachers(cfg.teacher, strategy)
+            teachers = load_teachers(cfg.teacher, strategy, cfg, data.info)
             model = make_distiller(student, teachers, cfg)
             compile_distiller(model, cfg, data.steps_per_epoch)
             mode = f"KD from {cfg.teacher} (τ={cfg.temperature:g}, λ={cfg.coefficient:g})"

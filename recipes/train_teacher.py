@@ -49,10 +49,14 @@ def make_config(preset: str = "paper", **overrides) -> common.Config:
 
 
 def compile_classifier(model: keras.Model, cfg: common.Config, steps_per_epoch: int) -> None:
-    """Compiles a logits classifier: SGD + schedule, sparse CE from logits, top-1 accuracy."""
+    """Compiles a classifier: SGD + schedule, sparse CE (from logits, or from the probabilities
+    of a softmax-ended model such as an Applications model), top-1 accuracy."""
+    from tfqkd.models import softmax_layer
+
     model.compile(
         optimizer=common.make_optimizer(cfg, steps_per_epoch),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=softmax_layer(model) is None),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
 

@@ -438,17 +438,95 @@ def _softmax_teachers():
     return {"fc": dense_softmax, "probs": layer, "act": act, "seqfc": nested}
 
 
+def _logits_twin(teacher, name):
+    """An independent logits model computing what ``teacher``'s softmax receives."""
+    if name in ("probs", "act"):
+        return keras.Model(teacher.inputs, teacher.get_layer("fc").output)
+    dense = teacher.get_layer("fc") if name == "fc" else teacher.layers[-1].layers[-1]
+    inp = keras.Input((8, 8, 1))
+    twin = keras.Model(inp, keras.layers.Dense(10)(keras.layers.Flatten()(inp)))
+    twin.set_weights(dense.get_weights())
+    return twin
+
+
 @pytest.mark.parametrize("layer_name", ["fc", "probs", "act", "seqfc"])
-def test_teacher_ending_in_softmax(layer_name):
+def test_softmax_teacher_gives_the_loss_of_its_logits(layer_name):
+    keras.utils.set_random_seed(4)
     teacher = _softmax_teachers()[layer_name]
-    with pytest.raises(ValueError, match=rf"ends in a softmax \(layer '{layer_name}'\).*logits"):
-        Distiller(_student(), teacher)
+    twin = _logits_twin(teacher, layer_name)
+    x, y = _data(8)
+    tau = 3.0
+    z = twin(x).numpy()
+    results = []
+    for t in (teacher, twin):
+        d = Distiller(_student(), t, temperature=tau, coefficient=0.7)
+        _compile(d, keras.optimizers.SGD(0.0))
+        np.testing.assert_allclose(d.teacher_probabilities(x), _softmax(z, tau), atol=1e-5)
+        results.append(d.evaluate(x, y, verbose=0, return_dict=True))
+        # precomputed logits of a softmax teacher soften to the same targets
+        (_, _, logits), = precompute_teacher_logits(t, tf.data.Dataset.from_tensors((x, y)))
+        np.testing.assert_allclose(d.soften(logits), _softmax(z, tau), atol=1e-5)
+    assert results[0]["soft_loss"] == pytest.approx(results[1]["soft_loss"], rel=1e-5)
+    assert results[0]["soft_loss"] > 0
 
 
-def test_the_suggested_softmax_fix_works():
-    teacher = _softmax_teachers()["probs"]
-    stripped = keras.Model(teacher.inputs, teacher.layers[-1].input)
-    Distiller(_student(), stripped)  # no error
+def _softmax_student(seed=1):
+    base = _student(seed)
+    return keras.Model(base.inputs, keras.layers.Activation("softmax", name="probs")(base.output))
+
+
+def test_softmax_student_trains_through_its_logits_and_keeps_its_head(tmp_path):
+    keras.utils.set_random_seed(0)
+    student = _softmax_student()
+    plain = keras.Model(student.inputs, student.get_layer("classifier").output)  # same variables
+    x, y = _data(16)
+    teacher = _teacher()
+    with pytest.warns(UserWarning, match=r"ends in a softmax \(layer 'probs'\).*logits_model"):
+        d = Distiller(student, teacher, temperature=2.0, coefficient=0.5)
+    assert d.student is student
+    ref = Distiller(_clone(plain), teacher, temperature=2.0, coefficient=0.5)
+    for m in (d, ref):
+        _compile(m, keras.optimizers.SGD(0.1), metrics=["accuracy"])
+    before = _weights(plain)
+    h = d.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False).history
+    h_ref = ref.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False).history
+    # The same step as distilling the logits model (its twin): loss and update agree.
+    assert h["loss"][0] == pytest.approx(h_ref["loss"][0], rel=1e-5)
+    _assert_same_update(before, _weights(plain), _weights(ref.student))
+    probs = d.student(x).numpy()
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert probs.min() >= 0
+    path = str(tmp_path / "student.h5")
+    d.student.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded(x).numpy(), probs, atol=1e-6)
+
+
+def test_qat_softmax_student_distils_saves_and_loads(tmp_path):
+    inp = keras.Input((8, 8, 1))
+    hidden = keras.layers.Conv2D(4, 3, activation="relu")(inp)
+    flat = keras.layers.GlobalAveragePooling2D()(hidden)
+    model = keras.Model(inp, keras.layers.Dense(10, activation="softmax", name="head")(flat))
+    q = tfqkd.quantize_model(model, weight_bits=4, activation_bits=8)
+    x, y = _data(16)
+    with pytest.warns(UserWarning, match="quant_head"):
+        d = Distiller(q, _teacher(), temperature=2.0)
+    _compile(d, keras.optimizers.SGD(0.1))
+    before = _weights(q)
+    d.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert any(not np.allclose(a, b) for a, b in zip(before, _weights(q)))
+    probs = d.student(x).numpy()
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-2)
+    path = str(tmp_path / "q.h5")
+    d.student.save(path)
+    with tfqkd.quantize_scope():
+        loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded(x).numpy(), probs, atol=1e-5)
+
+
+def test_nested_softmax_student_is_a_clear_error():
+    with pytest.raises(ValueError, match="nested model.*'seqfc'"):
+        Distiller(_softmax_teachers()["seqfc"], _teacher())
 
 
 def test_student_not_built():

@@ -142,11 +142,13 @@ def test_finished_run_with_other_training_options_is_refused(finished_teacher):
 
 
 def test_run_saved_before_an_option_existed_resumes_with_its_default(run_copy):
-    # A run recorded before --image_size / --skip_corrupt_images existed ran with their defaults.
+    # A run recorded before --image_size / --skip_corrupt_images / --alpha existed ran with their
+    # defaults.
     config_path = run_copy / "run_config.json"
     stored = json.loads(config_path.read_text())
     cfg = common.Config(**stored).replace(output_dir=str(run_copy))
-    older = {k: v for k, v in stored.items() if k not in ("image_size", "skip_corrupt_images")}
+    older = {k: v for k, v in stored.items()
+             if k not in ("image_size", "skip_corrupt_images", "alpha")}
     assert older != stored, "the options this test drops are no longer recipe options"
     config_path.write_text(json.dumps(older))
     res = train_teacher.run(cfg)

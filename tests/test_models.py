@@ -132,3 +132,138 @@ def test_tiny_resnet_has_every_layer_type():
 def test_paper_widths():
     assert models.PAPER_WIDTHS[0] == 1 and 10 in models.PAPER_WIDTHS
     assert list(models.PAPER_WIDTHS) == sorted(models.PAPER_WIDTHS)
+
+
+# ---- Applications models by name (build only: 32x32, alpha 0.35 where there is a width) -------
+FAMILIES = {
+    "mobilenet": 0.25, "mobilenet_v2": 0.35, "mobilenet_v3_small": 0.35,
+    "mobilenet_v3_large": 0.35, "efficientnet_b0": 1.0, "efficientnet_v2_b0": 1.0,
+    "resnet50": 1.0, "resnet50_v2": 1.0, "densenet121": 1.0, "nasnet_mobile": 1.0,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_get_builds_every_family_with_a_softmax_head(name):
+    model = models.get(name, 7, (32, 32, 3), alpha=FAMILIES[name])
+    assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 7)
+    assert models.softmax_layer(model) is not None
+    plain = models.get(name, 7, (32, 32, 3), alpha=FAMILIES[name], include_softmax=False)
+    assert models.softmax_layer(plain) is None and plain.output_shape == (None, 7)
+
+
+def test_get_cifar_names_and_errors(tmp_path):
+    assert models.get("tiny_resnet", 10, (8, 8, 1), seed=0).count_params() == \
+        models.tiny_resnet(10, seed=0).count_params()
+    assert models.get("wide_resnet20", 10, (32, 32, 3), width=2).name == "wide_resnet20x2"
+    with pytest.raises(ValueError, match="at least 32x32 pixels.*--image_size=32"):
+        models.get("mobilenet_v2", 10, (31, 31, 3))
+    with pytest.raises(ValueError, match="resnet50 has no width multiplier"):
+        models.get("resnet50", 10, (32, 32, 3), alpha=0.5)
+    with pytest.raises(ValueError, match="never downloads.*local path"):
+        models.get("mobilenet_v2", 10, (32, 32, 3), weights="imagenet")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models.get("mobilenet_v2", 10, (32, 32, 3), weights=str(tmp_path / "nope.h5"))
+    with pytest.raises(ValueError, match="unknown model name 'alexnet'"):
+        models.get("alexnet", 10, (32, 32, 3))
+    assert models.min_input_size("MobileNetV2") == 32
+
+
+def test_get_reads_local_weights_and_rejects_another_head(tmp_path):
+    keras.utils.set_random_seed(0)
+    source = models.get("mobilenet_v2", 5, (32, 32, 3), alpha=0.35)
+    path = str(tmp_path / "w.h5")
+    source.save_weights(path)
+    loaded = models.get("mobilenet_v2", 5, (32, 32, 3), alpha=0.35, weights=path)
+    assert _weights_equal(source, loaded)
+    with pytest.raises(ValueError, match="could not load weights.*num_classes=10"):
+        models.get("mobilenet_v2", 10, (32, 32, 3), alpha=0.35, weights=path)
+
+
+def test_preprocess_input_is_the_family_function_and_raw_pixel_families():
+    x = tf.constant([[[[0.0, 127.5, 255.0]]]])
+    np.testing.assert_allclose(models.preprocess_input("mobilenet_v2")(x), [[[[-1.0, 0.0, 1.0]]]])
+    for name in ("efficientnet_b0", "efficientnet_v2_b0", "mobilenet_v3_small"):
+        assert models.takes_raw_pixels(name)
+        np.testing.assert_allclose(models.preprocess_input(name)(x), x)  # the identity
+    assert not models.takes_raw_pixels("resnet50") and not models.takes_raw_pixels("tiny_resnet")
+    # the data pipeline's "imagenet:<family>" is the same function
+    from tfqkd.data import normalization
+    assert normalization.applications_preprocess_input("densenet121") is \
+        models.preprocess_input("densenet121")
+
+
+def test_input_adapter_maps_one_preprocessing_onto_another():
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 3, 3, 3)).astype("float32")
+    for src, dst in (("mobilenet_v2", "efficientnet_b0"), ("resnet50", "densenet121")):
+        f, g = models.preprocess_input(src), models.preprocess_input(dst)
+        adapter = models.input_adapter(f, g)
+        np.testing.assert_allclose(adapter(f(pixels.copy())), g(pixels.copy()), atol=1e-3)
+
+
+# ---- logits_model ------------------------------------------------------------------------------
+def _softmax_models():
+    base = models.tiny_resnet(10, seed=3)
+    features = base.get_layer("pool").output
+    dense = keras.Model(base.inputs, keras.layers.Dense(10, activation="softmax", name="head")(
+        features))
+    act = keras.Model(base.inputs, keras.layers.Activation("softmax", name="sm")(base.output))
+    return {"dense": dense, "activation": act}
+
+
+def _assert_logits_of(model, view, x):
+    """log p - z is the same for every class (the logits up to a per-example constant),
+    with p from the ORIGINAL model (numpy log), z from the view."""
+    p = model(x, training=False).numpy().astype(np.float64)
+    z = view(x, training=False).numpy().astype(np.float64)
+    assert not np.allclose(p.sum(-1), z.sum(-1))  # z are not the probabilities
+    diff = np.log(p) - z
+    np.testing.assert_allclose(diff - diff[:, :1], 0.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["dense", "activation"])
+def test_logits_model_shares_variables(kind):
+    model = _softmax_models()[kind]
+    view = models.logits_model(model)
+    assert view is not model and models.softmax_layer(view) is None
+    assert models.logits_model(view) is view
+    x = tf.random.stateless_normal((4, 8, 8, 1), seed=(3, 4))
+    _assert_logits_of(model, view, x)
+    assert {id(v) for v in view.trainable_variables} == {id(v) for v in model.trainable_variables}
+    # Training the view trains the original.
+    view.compile(keras.optimizers.SGD(0.5),
+                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = model(x, training=False).numpy()
+    view.train_on_batch(x, np.arange(4))
+    assert not np.allclose(before, model(x, training=False).numpy())
+    _assert_logits_of(model, view, x)
+
+
+@pytest.mark.parametrize("kind", ["dense", "activation"])
+def test_logits_model_of_a_qat_model(kind):
+    import tfqkd
+    q = tfqkd.quantize_model(_softmax_models()[kind], weight_bits=4, activation_bits=8)
+    view = models.logits_model(q)
+    x = tf.random.stateless_normal((4, 8, 8, 1), seed=(5, 6))
+    _assert_logits_of(q, view, x)
+
+
+def test_logits_model_returns_logit_models_as_is_and_rejects_nested_softmax():
+    logits = models.tiny_resnet(10, seed=0)
+    assert models.logits_model(logits) is logits
+    inp = keras.Input((4,))
+    seq = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    with pytest.raises(ValueError, match="nested model"):
+        models.logits_model(keras.Model(inp, seq(inp)))
+
+
+def test_logits_model_of_a_tfmot_default_qat_model():
+    # tfmot's own 8-bit scheme wraps a softmax Dense's activation in a QuantizeAwareActivation
+    # that quantizes the softmax INPUT: the view keeps that quantizer and drops the softmax.
+    import tensorflow_model_optimization as tfmot
+    q = tfmot.quantization.keras.quantize_model(_softmax_models()["dense"])
+    head = q.get_layer("quant_head")
+    assert head._quantize_activations  # the case under test
+    view = models.logits_model(q)
+    x = tf.random.stateless_normal((4, 8, 8, 1), seed=(7, 8))
+    q(x, training=True)  # move the EMA ranges off their initial values
+    _assert_logits_of(q, view, x)

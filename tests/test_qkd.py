@@ -172,6 +172,15 @@ def test_costudying_rejects_class_mismatch_and_same_model():
         cs.compile(optimizer="sgd", loss="mse")
 
 
+
+def test_softmax_models_are_refused_with_the_logits_model_fix():
+    logits = tfqkd.models.tiny_resnet(10, seed=0)
+    probs = keras.Model(logits.inputs, keras.layers.Softmax(name="probs")(logits.output))
+    other = tfqkd.models.tiny_resnet(10, seed=1)
+    with pytest.raises(ValueError, match=r"student .* softmax \(layer 'probs'\).*logits_model"):
+        CoStudying(probs, other)
+    CoStudying(tfqkd.models.logits_model(probs), other)  # the suggested fix works
+
 def test_costudying_resume_with_teacher_optimizer_is_exact(tmp_path):
     # BackupAndRestore must bring back both optimizers' momentum: an interrupted and resumed
     # run ends with exactly the weights of an uninterrupted one.

@@ -21,6 +21,8 @@ RECIPES = REPO / "recipes"
 sys.path.insert(0, str(REPO))
 
 from recipes import common  # noqa: E402
+import numpy as np  # noqa: E402
+import tfqkd  # noqa: E402
 from conftest import last_json_line, run_script, subprocess_env  # noqa: E402
 
 #: Every complete output directory holds these.
@@ -403,3 +405,39 @@ def test_quantize_distill_precise_bn_rewrites_the_saved_statistics(tmp_path):
     with pytest.raises(ValueError, match="--precise_bn_batches=-1"):
         trained("negative", -1)
     assert not (tmp_path / "negative").exists()
+
+
+def test_quantize_distill_applications_student_and_teacher_by_name(tmp_path):
+    """--student / --teacher as tfqkd.models.get names with --alpha and --image_size: a 4-bit
+    MobileNetV2 (softmax head kept) distilled from an EfficientNetB0 on digits at 32x32."""
+    out = tmp_path / "mnv2"
+    _run("quantize_distill.py", "--preset=smoke", "--dataset=digits", "--student=mobilenet_v2",
+         "--alpha=0.35", "--image_size=32", "--teacher=efficientnet_b0", "--weight_bits=4",
+         "--epochs=1", "--subset=70", "--test_subset=30", "--batch_size=32",
+         "--precise_bn_batches=1", f"--output_dir={out}")
+    for name in OUTPUT_FILES:
+        assert (out / name).is_file(), f"{out / name} missing"
+    model = common.load_model(str(out))
+    assert model.input_shape == (None, 32, 32, 1)
+    assert tfqkd.models.softmax_layer(model) == "quant_predictions"
+    probs = model(np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype("float32")).numpy()
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
+
+
+def test_recipe_normalisation_and_teacher_input_adapter():
+    """Raw 0..255 pixels for a model that preprocesses itself, mean/std for the others; a teacher
+    of the other kind sees, through its adapter, exactly the inputs it would get on its own."""
+    cfg = common.Config(student="mobilenet_v2", arch="resnet", alpha=0.35)
+    assert common.input_normalization(cfg) is None
+    assert common.input_normalization(cfg.replace(student="efficientnet_b0")) == common.RAW_PIXELS
+    info = {"mean": (0.2, 0.4, 0.6), "std": (0.1, 0.2, 0.3), "input_shape": (32, 32, 3),
+            "num_classes": 5}
+    teacher = tfqkd.models.get("mobilenet_v3_small", 5, (32, 32, 3), alpha=0.35)
+    adapted = common.adapt_teacher(teacher, cfg, info)
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    student_inputs = (pixels / 255.0 - np.array(info["mean"], "float32")) / np.array(
+        info["std"], "float32")
+    np.testing.assert_allclose(adapted(student_inputs).numpy(), teacher(pixels).numpy(),
+                               atol=1e-4)
+    # Same convention: the teacher is used as it is.
+    assert common.adapt_teacher(teacher, cfg.replace(student="efficientnet_b0"), info) is teacher

@@ -41,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -48,8 +49,9 @@ import numpy as np
 from tfqkd import losses as _losses
 from tfqkd import finite as _finite
 from tfqkd._keras import keras, tf
+from tfqkd.models.heads import logits_model, softmax_layer
 
-__all__ = ["Distiller", "precompute_teacher_logits"]
+__all__ = ["Distiller", "precompute_teacher_logits", "teacher_logits"]
 
 TeacherArg = Union[keras.Model, Sequence[keras.Model], None]
 
@@ -100,53 +102,6 @@ def _num_classes(model) -> Optional[int]:
     return None if not shape or shape[-1] is None else int(shape[-1])
 
 
-def _is_softmax(fn) -> bool:
-    if fn is None:
-        return False
-    if fn is keras.activations.softmax or fn is tf.nn.softmax:
-        return True
-    name = getattr(fn, "__name__", None) or getattr(fn, "name", None)
-    return isinstance(name, str) and name in ("softmax", "log_softmax")
-
-
-def _output_layer(model):
-    """The layer producing a model's (first) output: for functional models the one recorded in
-    the output tensor's history (``layers[-1]`` is not always it), else the last layer."""
-    outputs = getattr(model, "outputs", None)
-    if outputs:
-        history = getattr(outputs[0], "_keras_history", None)
-        if history is not None and getattr(history, "layer", None) is not None:
-            return history.layer
-    layers = getattr(model, "layers", None)
-    return layers[-1] if layers else None
-
-
-def _final_softmax_layer(model) -> Optional[str]:
-    """Name of the layer that makes ``model`` end in a softmax, else None.
-
-    Looks through nested models (the last layer of a Sequential inside a functional model) and the
-    wrappers tfmot puts around layers (``QuantizeWrapperV2.layer``, ``QuantizeAwareActivation``).
-    """
-    last = _output_layer(model)
-    seen = 0
-    while last is not None and seen < 8:  # unwrap wrappers / nested models
-        seen += 1
-        if isinstance(last, keras.layers.Softmax):
-            return last.name
-        act = getattr(last, "activation", None)
-        # tfmot replaces `activation` by a QuantizeAwareActivation holding the original one.
-        inner_act = getattr(act, "activation", None)
-        if _is_softmax(act) or _is_softmax(inner_act):
-            return last.name
-        if isinstance(last, keras.Model):
-            last = _output_layer(last)
-        elif getattr(last, "layer", None) is not None:  # keras.layers.Wrapper / QuantizeWrapper
-            last = last.layer
-        else:
-            return None
-    return None
-
-
 def _check_model(model, role: str) -> None:
     if not isinstance(model, keras.Model):
         hint = ""
@@ -159,16 +114,6 @@ def _check_model(model, role: str) -> None:
             f"The {role} {_model_name(model)!r} is not built, so its weights do not exist yet. "
             f"Build it first: call `{role}.build((None, *input_shape))`, call it on a batch "
             "(`model(x[:1])`), or create it as a functional model with a `keras.Input`."
-        )
-    layer = _final_softmax_layer(model)
-    if layer is not None:
-        raise ValueError(
-            f"The {role} {_model_name(model)!r} ends in a softmax (layer {layer!r}), but "
-            "distillation needs logits: the losses soften them as softmax(logits / tau) and "
-            "softmax outputs cannot be re-tempered. Strip the softmax, e.g. "
-            f"`{role} = keras.Model({role}.inputs, {role}.layers[-1].input)` for a separate Softmax "
-            "/ Activation layer, or rebuild the last Dense layer with `activation=None` and copy "
-            "the weights (`new.set_weights(old.get_weights())`)."
         )
 
 
@@ -265,6 +210,35 @@ def _rank(t) -> Optional[int]:
     return None if shape is None else shape.rank if hasattr(shape, "rank") else len(shape)
 
 
+#: Probabilities below this are clipped before the log (float32's smallest normal is ~1.2e-38):
+#: a softmax teacher's exact zeros would otherwise give -inf logits and NaN soft targets.
+PROBABILITY_EPSILON = 1e-30
+
+
+def teacher_logits(teacher: keras.Model, x, softmax: Optional[bool] = None) -> tf.Tensor:
+    """The teacher's logits on ``x`` in float32 (no gradient is needed: called outside tapes).
+
+    A softmax-ended teacher (``softmax``: whether it is; None checks with
+    :func:`tfqkd.models.softmax_layer`) gives ``log(max(p, 1e-30))``: the log-probabilities
+    are the logits up to a per-example constant, and ``softmax`` ignores constants, so
+    ``softmax(log p / tau) = p**(1/tau) / sum p**(1/tau)`` is exactly the tempered target
+    (only probabilities below 1e-30 are clipped).
+
+    Example:
+        >>> from tfqkd import keras
+        >>> inputs = keras.Input((3,))
+        >>> t = keras.Model(inputs, keras.layers.Softmax()(inputs))
+        >>> [round(float(v), 4) for v in tf.nn.softmax(teacher_logits(t, tf.constant([[1., 2., 3.]])))[0]]
+        [0.09, 0.2447, 0.6652]
+    """
+    if softmax is None:
+        softmax = softmax_layer(teacher) is not None
+    out = tf.cast(teacher(x, training=False), tf.float32)
+    if softmax:
+        out = tf.math.log(tf.maximum(out, PROBABILITY_EPSILON))
+    return out
+
+
 class _CurrentValue(keras.metrics.Metric):
     """Reports the latest value given to it (not an average): lambda and tau in the logs.
 
@@ -300,8 +274,15 @@ class Distiller(keras.Model):
     """Trains ``student`` on ``(1 - lambda) * hard + lambda * soft`` with ``teacher``'s soft targets.
 
     Args:
-        student: The model to train; outputs logits (no softmax). Must be built.
-        teacher: A model outputting logits, a list of such models (an ensemble: the soft targets
+        student: The model to train. Must be built. If it ends in a softmax (a ``Softmax`` /
+            ``Activation("softmax")`` layer or a Dense/Conv with ``activation="softmax"``, also
+            inside tfmot's QAT wrappers) it is trained through
+            ``tfqkd.models.logits_model(student)``, a view of its logits sharing its variables
+            (a warning names the layer); ``distiller.student`` stays the model given, head
+            included, for saving and export. Accuracy metrics are unchanged (same argmax).
+        teacher: A model outputting logits or ending in a softmax (its log-probabilities, clipped
+            at ``PROBABILITY_EPSILON``, are used as logits: equal up to a per-example constant, so
+            ``softmax(log p / tau)`` is exact), a list of such models (an ensemble: the soft targets
             are the average of the teachers' softened probabilities, paper section 4.6), or
             ``None`` when every batch carries precomputed teacher logits (see
             :func:`precompute_teacher_logits`) or a subclass overrides
@@ -383,6 +364,19 @@ class Distiller(keras.Model):
             raise ValueError(f"temperature_squared must be True or False, got {temperature_squared!r}.")
 
         self.student = student
+        # A softmax-ended student trains through a view of its logits that shares its variables
+        # (not tracked: the same variables are tracked through `student`); `student` keeps the
+        # head the user asked for, and is what is saved and exported.
+        object.__setattr__(self, "_student_logits", logits_model(student))
+        head = softmax_layer(student)
+        if head is not None:
+            warnings.warn(
+                f"The student {_model_name(student)!r} ends in a softmax (layer {head!r}): the "
+                "Distiller trains it through tfqkd.models.logits_model(student), the same "
+                "variables without the softmax; distiller.student keeps its softmax head.",
+                stacklevel=2)
+        object.__setattr__(self, "_teacher_softmax",
+                           tuple(softmax_layer(t) is not None for t in teachers))
         # Not tracked (object.__setattr__ bypasses Keras' attribute tracking): the teacher's
         # weights must not appear in `trainable_variables` (the optimizer would build slots for
         # them, BackupAndRestore would rebuild them) nor in the Distiller's checkpoints.
@@ -527,7 +521,8 @@ class Distiller(keras.Model):
                 "(x, y, teacher_logits) (see tfqkd.distiller.precompute_teacher_logits), or "
                 "override teacher_probabilities() in a subclass."
             )
-        probs = [self.soften(t(x, training=False)) for t in self._teachers]
+        probs = [self.soften(teacher_logits(t, x, softmax))
+                 for t, softmax in zip(self._teachers, self._teacher_softmax)]
         return probs[0] if len(probs) == 1 else tf.add_n(probs) / float(len(probs))
 
     def _has_teacher_source(self, teacher_logits) -> bool:
@@ -685,7 +680,7 @@ class Distiller(keras.Model):
         with tf.control_dependencies(self._check_variables()):
             teacher_probs = self._soft_targets(x, teacher_logits)
         with tf.GradientTape() as tape:
-            student_logits = self.student(x, training=True)
+            student_logits = self._student_logits(x, training=True)
             self._check_classes(student_logits, teacher_probs)
             loss, hard, soft, total, reg = self.compute_distillation_loss(
                 y, student_logits, teacher_probs, sample_weight)
@@ -702,7 +697,7 @@ class Distiller(keras.Model):
 
     def test_step(self, data):
         x, y, sample_weight, teacher_logits = self.unpack_data(data)
-        student_logits = self.student(x, training=False)
+        student_logits = self._student_logits(x, training=False)
         hard = self._per_example_hard(y, student_logits)
         soft = None
         if self._has_teacher_source(teacher_logits):
@@ -719,8 +714,9 @@ class Distiller(keras.Model):
         return results
 
     def call(self, inputs, training=None):
-        """The student's logits (``predict`` on a Distiller predicts with the student)."""
-        return self.student(inputs, training=training)
+        """The student's logits (``predict`` on a Distiller predicts with the student; a
+        softmax-ended student gives the logits before its softmax)."""
+        return self._student_logits(inputs, training=training)
 
     # ---- config ----------------------------------------------------------------------------
     def get_config(self) -> Dict[str, Any]:
@@ -806,10 +802,11 @@ def precompute_teacher_logits(
         raise ValueError("precompute_teacher_logits needs a teacher model or a list of models.")
     for i, t in enumerate(teachers):
         _check_model(t, "teacher" if len(teachers) == 1 else f"teacher[{i}]")
+    softmax_heads = [softmax_layer(t) is not None for t in teachers]
 
     @tf.function(reduce_retracing=True)
     def forward(x):
-        outs = [tf.cast(t(x, training=False), tf.float32) for t in teachers]
+        outs = [teacher_logits(t, x, softmax) for t, softmax in zip(teachers, softmax_heads)]
         return outs[0] if len(outs) == 1 else tf.stack(outs, axis=1)
 
     parts: List[List[np.ndarray]] = []

@@ -169,6 +169,17 @@ class CoStudying(keras.Model):
                 f"class-count mismatch: the student outputs {s_classes} logits and the teacher "
                 f"{t_classes}; build both for the same number of classes."
             )
+        from tfqkd.models import softmax_layer
+
+        for role, model in (("student", student), ("teacher", teacher)):
+            head = softmax_layer(model)
+            if head is not None:
+                # Co-studying trains both models on their logits; a softmax output would be
+                # softened a second time. (tfqkd.Distiller, used for tutoring, handles it.)
+                raise ValueError(
+                    f"the {role} {model.name!r} ends in a softmax (layer {head!r}); co-studying "
+                    f"needs logits: pass tfqkd.models.logits_model({role}) (the same variables "
+                    "without the softmax) and keep the original model for saving.")
         self.student = student
         self.teacher = teacher
         self.num_classes = s_classes

@@ -432,12 +432,12 @@ class SPEQ(Distiller):
         """
         if self.teacher_bn == "inference":
             with stochastic_precision(True):
-                return self.student(x, training=False)
+                return self._student_logits(x, training=False)
         state = self.student.non_trainable_variables
         saved = [tf.identity(v) for v in state]
         with tf.control_dependencies(saved):
             with stochastic_precision(True):
-                logits = self.student(x, training=True)
+                logits = self._student_logits(x, training=True)
         with tf.control_dependencies([logits]):
             restored = [v.assign(s) for v, s in zip(state, saved)]
         with tf.control_dependencies(restored):

@@ -20,8 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-import re
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -34,36 +32,22 @@ __all__ = ["Normalization", "normalizer", "applications_preprocess_input",
 
 Normalization = Union[None, str, Callable[[tf.Tensor], tf.Tensor]]
 
-# tf_keras.applications module of each family (matched on the name without "_", "-", case).
-_FAMILIES = (
-    (r"mobilenetv3", "mobilenet_v3"), (r"mobilenetv2", "mobilenet_v2"), (r"mobilenet", "mobilenet"),
-    (r"efficientnetv2", "efficientnet_v2"), (r"efficientnet", "efficientnet"),
-    (r"resnetrs", "resnet_rs"), (r"resnet\d*v2", "resnet_v2"), (r"resnet", "resnet"),
-    (r"densenet", "densenet"), (r"nasnet", "nasnet"), (r"inceptionresnetv2", "inception_resnet_v2"),
-    (r"inceptionv3", "inception_v3"), (r"xception", "xception"), (r"vgg16", "vgg16"),
-    (r"vgg19", "vgg19"), (r"convnext", "convnext"), (r"regnet", "regnet"),
-)
-
-
 def applications_preprocess_input(family: str) -> Callable:
-    """``tf_keras.applications.<module>.preprocess_input`` of a model family.
-
-    The one place that maps a family to its preprocessing; it can be pointed at
-    ``tfqkd.models.preprocess_input`` once that exists, so both agree.
+    """``tf_keras.applications.<module>.preprocess_input`` of a model family: delegates to
+    :func:`tfqkd.models.preprocess_input`, the one owner of that mapping, so data pipelines and
+    models agree (the identity for families that preprocess inside the model: EfficientNet,
+    EfficientNetV2, MobileNetV3 take raw 0..255 pixels).
 
     Example:
         >>> applications_preprocess_input("ResNet50V2").__module__
         'tf_keras.src.applications.resnet_v2'
     """
-    key = re.sub(r"[^a-z0-9]", "", str(family).lower())
-    for pattern, module in _FAMILIES:
-        if re.match(pattern, key):
-            return importlib.import_module(f"tf_keras.applications.{module}").preprocess_input
-    raise ValueError(
-        f"normalization='imagenet:{family}': unknown Applications family {family!r}; use one of "
-        "mobilenet, mobilenet_v2, mobilenet_v3, efficientnet_b0..b7, efficientnet_v2_*, resnet50, "
-        "resnet50_v2, densenet121, nasnet_mobile, inception_v3, xception, vgg16, convnext_*, "
-        "regnet*.")
+    from tfqkd.models import applications  # lazy: data loading does not need the model zoo
+
+    try:
+        return applications.preprocess_input(family)
+    except ValueError as err:
+        raise ValueError(f"normalization='imagenet:{family}': {err}") from None
 
 
 def normalizer(normalization: Normalization, mean: Sequence[float] = (0.0,),
