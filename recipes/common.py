@@ -898,15 +898,9 @@ def load_model(path: str, compile: bool = False, *, what: str = "model") -> kera
     fix (corrupt or empty file, a Keras 3 model, a layer of an unknown package).
     """
     found = _find_model_file(path, what)
-    try:
-        import tfqkd
+    import tfqkd  # an import failure propagates (a fallback scope only hid it behind load errors)
 
-        scope = tfqkd.quantize_scope()
-    except Exception:  # tfqkd.quantize not importable: fall back to tfmot's scope
-        import tensorflow_model_optimization as tfmot
-
-        scope = tfmot.quantization.keras.quantize_scope()
-    with scope:
+    with tfqkd.quantize_scope():
         try:
             return keras.models.load_model(found, compile=compile)
         except (OSError, ValueError, TypeError, KeyError) as e:
@@ -1046,16 +1040,19 @@ def make_optimizer(cfg: Config, steps_per_epoch: int, epochs: Optional[int] = No
 # --------------------------------------------------------------------------------------------
 
 def _current_lr(model) -> Optional[float]:
+    """The learning rate of the optimizer's next step; None only for a model without optimizer.
+
+    A failure to read it raises (it used to be swallowed, silently dropping ``lr`` from history).
+    """
     opt = getattr(model, "optimizer", None)
     if opt is None:
         return None
-    lr = opt.learning_rate
-    try:
-        if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-            return float(lr(opt.iterations))
-        return float(keras.backend.get_value(lr))
-    except Exception:
-        return None
+    # tf_keras' optimizer shows a schedule as the variable of its last step; the schedule itself
+    # gives the rate of the next one (what the epoch-end row means).
+    lr = getattr(opt, "_learning_rate", None)
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        return float(lr(opt.iterations))
+    return float(keras.backend.get_value(opt.learning_rate))
 
 
 def _extra_state(model) -> Dict[str, Any]:

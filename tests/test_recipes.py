@@ -98,6 +98,27 @@ def test_presets_and_explicit_flags_override():
         assert d.temperature_squared is want and float(d.temperature.numpy()) == 3.0
 
 
+def test_history_records_the_scheduled_learning_rate(tmp_path):
+    # Every row carries ``lr``: the schedule's rate at the row's optimizer step (a failure to read
+    # it used to drop the column silently).
+    import numpy as np
+    from tfqkd._keras import keras
+
+    cfg = common.make_config(common.COMMON_OPTIONS, preset="smoke", epochs=3,
+                             learning_rate=0.1, lr_schedule="cosine")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(common.make_optimizer(cfg, steps_per_epoch=5),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = np.ones((20, 4), "float32"), np.zeros(20, "int32")
+    model.fit(x, y, batch_size=4, epochs=3, verbose=0,
+              callbacks=[common.HistoryLogger(str(tmp_path / "history.csv"))])
+    rows = _history(tmp_path)
+    sched = common.make_lr_schedule(cfg, steps_per_epoch=5)
+    assert [int(r["iterations"]) for r in rows] == [5, 10, 15]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([float(sched(s)) for s in (5, 10, 15)])
+    assert float(rows[0]["lr"]) > float(rows[1]["lr"]) > float(rows[2]["lr"]) >= 0
+
+
 def test_common_helpers(tmp_path, monkeypatch):
     # Learning-rate schedules are functions of the optimizer step: resume-safe by construction.
     cfg = common.make_config(common.COMMON_OPTIONS, preset="smoke", epochs=4,
