@@ -50,6 +50,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                  f"(CI=1 or TFQKD_REQUIRE_DATA=1 makes them fail)", yellow=True)
 
 
+def packed_ternary_bits(kernels, per_channel: bool = False) -> float:
+    """Bits per ternary weight that tfqkd's packed archive takes, from its format alone.
+
+    Each ternary tensor is base-3 digits, 5 per byte (3^5 = 243 <= 256: 1.6 bits, against the
+    log2(3) = 1.585 floor) plus its float32 steps: one per tensor (tfqkd's default) or one per
+    output channel. Plain 2-bit packing would take >= 2 bits, so an equality with this fails it.
+    """
+    import numpy as np
+
+    kernels = [np.asarray(k) for k in kernels]
+    bits = sum(8 * -(-k.size // 5) + 32 * (k.shape[-1] if per_channel else 1) for k in kernels)
+    return bits / sum(k.size for k in kernels)
+
+
 #: Prelude of a script that compares one device with MirroredStrategy over two logical CPUs.
 #: It must run in a fresh process: logical devices are fixed before anything initialises them.
 #: Defines ``keras``, ``tf``, ``np``, ``json``, a batch-norm-free ``net(seed, width)`` (replicas
