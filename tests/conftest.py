@@ -64,6 +64,43 @@ def packed_ternary_bits(kernels, per_channel: bool = False) -> float:
     return bits / sum(k.size for k in kernels)
 
 
+def run_test_set(run_dir):
+    """The test images and labels a recipe run evaluated on (from its run_config.json), as numpy."""
+    import json
+    import sys
+
+    import numpy as np
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # the recipes package
+    from recipes import common
+    from tfqkd import data
+
+    cfg = common.Config(**json.loads((pathlib.Path(run_dir) / "run_config.json").read_text()))
+    test = data.load_dataset(cfg.dataset, "test", subset=cfg.test_subset, batch_size=256,
+                             seed=cfg.seed, subset_seed=getattr(cfg, "subset_seed", None),
+                             **common.data_source_kwargs(cfg))
+    batches = list(test.as_numpy_iterator())
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+def saved_model_accuracy(run_dir, model: str = "model") -> float:
+    """Top-1 accuracy of a recipe run's saved ``run_dir/<model>/`` on the run's test images.
+
+    Computed here in numpy from the model's predictions, to check the accuracy a run reports
+    against the model it saved (the run's own figure comes from ``common.evaluate_accuracy``).
+    """
+    import numpy as np
+
+    from recipes import common
+
+    x, y = run_test_set(run_dir)
+    net = common.load_model(str(pathlib.Path(run_dir) / model))
+    pred = np.concatenate([np.argmax(net(x[i:i + 256], training=False).numpy(), -1)
+                           for i in range(0, len(x), 256)])
+    return float(np.mean(pred == y))
+
+
 #: Prelude of a script that compares one device with MirroredStrategy over two logical CPUs.
 #: It must run in a fresh process: logical devices are fixed before anything initialises them.
 #: Defines ``keras``, ``tf``, ``np``, ``json``, a batch-norm-free ``net(seed, width)`` (replicas

@@ -21,7 +21,8 @@ RECIPES = REPO / "recipes"
 sys.path.insert(0, str(REPO))
 
 from recipes import common  # noqa: E402
-from conftest import last_json_line, run_script, subprocess_env  # noqa: E402
+from conftest import (last_json_line, run_script, run_test_set,  # noqa: E402
+                      saved_model_accuracy, subprocess_env)
 
 #: Every complete output directory holds these.
 OUTPUT_FILES = ("model/model.h5", "history.csv", "results.json", "run_config.json")
@@ -48,7 +49,8 @@ def _assert_complete(run_dir):
     for key in ("test_accuracy", "flags", "versions", "wall_time_s"):
         assert key in res
     assert set(res["versions"]) == {"python", "tensorflow", "tf_keras", "tfmot", "tfqkd"}
-    assert 0.0 <= res["test_accuracy"] <= 1.0
+    # The reported accuracy is the saved model's: recomputed here from its predictions.
+    assert res["test_accuracy"] == pytest.approx(saved_model_accuracy(run_dir), abs=1e-9)
     return res
 
 
@@ -177,7 +179,24 @@ def test_quickstart_prints_table_and_writes_tflite(tmp_path, capsys):
     tflite = pathlib.Path(summary["tflite_path"])
     assert tflite.is_file() and tflite.suffix == ".tflite"
     assert summary["tflite_bytes"] == tflite.stat().st_size
-    assert 0.0 <= summary["tflite_keras_agreement"] <= 1.0
+    # The file's figures, recomputed: LiteRT on the run's test images against the saved student.
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    x, y = run_test_set(tmp_path / "qs" / "q2_kd_cr")
+    it = Interpreter(model_path=str(tflite))
+    inp, out_ = it.get_input_details()[0], it.get_output_details()[0]
+    assert inp["dtype"] == np.float32  # float I/O: the file quantizes its input itself
+    it.resize_tensor_input(inp["index"], x.shape)
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], x)
+    it.invoke()
+    file_pred = it.get_tensor(out_["index"]).argmax(-1)
+    keras_pred = common.load_model(str(tmp_path / "qs" / "q2_kd_cr"))(x).numpy().argmax(-1)
+    # one image of slack: a near-tie may round either way in a different batching
+    assert summary["tflite_keras_agreement"] == pytest.approx(
+        np.mean(file_pred == keras_pred), abs=1.01 / len(y))
+    assert summary["tflite_top1"] == pytest.approx(np.mean(file_pred == y), abs=1.01 / len(y))
     for stage in ("teacher", "student", "q2_hard", "q2_kd_cr"):
         _assert_complete(tmp_path / "qs" / stage)
     # The 2-bit KD + CR stage really ran the CR schedule from 0.5 down.
@@ -404,10 +423,14 @@ def test_quantize_distill_precise_bn_rewrites_the_saved_statistics(tmp_path):
     # Off: the saved model carries the statistics training ended with (the last checkpoint's).
     res = trained("off", 0)
     assert "precise_bn" not in res and not any(_re_estimated(tmp_path / "off"))
-    # On (the default, 100 batches): every layer's statistics were re-estimated before saving.
+    assert res["test_accuracy"] == pytest.approx(saved_model_accuracy(tmp_path / "off"), abs=1e-9)
+    # On (the default, 100 batches): every layer's statistics were re-estimated before saving,
+    # and the reported accuracy is the re-estimated model's; "before" counts the same test images.
     res = trained("on")
     assert res["precise_bn"]["batches"] == 100 and res["precise_bn"]["layers"] == 6
-    assert 0.0 <= res["precise_bn"]["test_accuracy_before"] <= 1.0
+    assert res["test_accuracy"] == pytest.approx(saved_model_accuracy(tmp_path / "on"), abs=1e-9)
+    hits_before = res["precise_bn"]["test_accuracy_before"] * res["num_test"]
+    assert hits_before == pytest.approx(round(hits_before), abs=1e-6)
     assert all(_re_estimated(tmp_path / "on"))
 
     # A student without batch norm (a user's own model) is left as it is; 0 turns the step off.
