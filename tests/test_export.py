@@ -235,8 +235,11 @@ def test_snap_makes_4bit_levels_exact(tmp_path):
         ref = _folded_reference(q, entry["layer"], plain)
         np.testing.assert_allclose(values * scale, ref, rtol=1e-5, atol=1e-7)
         assert max(len(r) for r in _per_channel_levels(values, entry["axis"])) <= 15
+    # An untrained float-activation net on 32 random inputs: near-ties abound. Measured for this
+    # setup at seeds 2..7: 0.906 (seed 2, this one), 0.969, then 1.0 four times; the bound
+    # leaves two images below the minimum.
     r = export.verify_tflite(tmp_path / "s.tflite", q, (x, np.zeros(32, "int32")))
-    assert r.top1_agreement >= 0.9
+    assert r.top1_agreement >= 0.85
 
 
 # ------------------------------------------------------------------------------------------
