@@ -63,7 +63,7 @@ def teacher_dir(tmp_path_factory):
     cfg = train_teacher.make_config("smoke", dataset="digits", subset=None, test_subset=None,
                                     epochs=2, output_dir=str(out), progress="none")
     res = train_teacher.run(cfg)
-    assert res["test_accuracy"] > 0.2  # 10 classes: well above chance after 2 epochs
+    assert res["test_accuracy"] > 0.5  # seeds 0-4 measured 0.72-0.80 (chance 0.1)
     return out
 
 
