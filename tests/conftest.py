@@ -12,6 +12,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+
 def _cifar10_archive() -> pathlib.Path:
     """The offline CIFAR-10 archive: ``$TFQKD_DATA_DIR`` (a folder holding it, or the archive
     itself) as the library reads it, else ``../shared/data`` beside the checkout (see
@@ -24,7 +25,7 @@ def _cifar10_archive() -> pathlib.Path:
 CIFAR10_ARCHIVE = _cifar10_archive()
 #: Without the archive, CIFAR cases skip on a developer's machine; CI (``CI=1``, or
 #: ``TFQKD_REQUIRE_DATA=1`` as .ci/run sets) must not skip them, so there they fail.
-REQUIRE_DATA = any(os.environ.get(v, "") not in ("", "0", "false")
+REQUIRE_DATA = any(os.environ.get(v, "").lower() not in ("", "0", "false")
                    for v in ("CI", "TFQKD_REQUIRE_DATA"))
 _MISSING = "offline CIFAR-10 archive not found at"
 
