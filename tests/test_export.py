@@ -91,7 +91,9 @@ def test_ternary_weights_land_exactly_on_levels(tiny, tmp_path, mode, storage):
         assert int8["bytes"] - path.stat().st_size >= 0.45 * n
     report = export.verify_tflite(path, q, (x, y))
     assert report.weight_storage == {storage: n}
-    assert report.top1_agreement >= 0.9
+    # Fixture seeds 0-7 (data, net): agreement int8 0.988-1.0, int4 0.957-1.0 of the 256 images
+    # (flips only at Keras top-2 margins <= 0.028), max |logit diff| 0.014-0.048.
+    assert report.top1_agreement >= 0.9 and report.max_logit_diff < 0.1, report
     assert all(layer["max_levels_per_channel"] <= 3 for layer in report.layers)
 
 

@@ -312,20 +312,19 @@ def test_w4a4_student_runs_three_phases_and_exports_int8(digits, tmp_path):
     interpreter.allocate_tensors()
     inp = interpreter.get_input_details()[0]
     outp = interpreter.get_output_details()[0]
-    x, _ = next(iter(test))
-    x = x[:16].numpy()
-    preds = []
-    for image in x:
-        value = image[None]
-        if inp["dtype"] != np.float32:
-            scale, zero = inp["quantization"]
-            value = np.round(value / scale + zero).astype(inp["dtype"])
-        interpreter.set_tensor(inp["index"], value)
-        interpreter.invoke()
-        preds.append(np.argmax(interpreter.get_tensor(outp["index"])[0]))
-    keras_preds = np.argmax(student(x, training=False).numpy(), axis=-1)
-    # int8 rounding may flip near-ties; most predictions agree with the Keras student
-    assert np.mean(np.array(preds) == keras_preds) >= 0.75
+    x = np.concatenate([batch[0].numpy() for batch in test])  # the 200 test digits
+    assert inp["dtype"] == np.float32 and len(x) == 200  # float I/O: the file quantizes itself
+    interpreter.resize_tensor_input(inp["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], x)
+    interpreter.invoke()
+    file_logits = interpreter.get_tensor(outp["index"])
+    keras_logits = student(x, training=False).numpy()
+    # 6 steps of training leave many near-ties, which int8 rounding may flip. Measured over 8
+    # seeds of this setup (student/teacher init, global seed): agreement 0.835-0.995, max |logit
+    # diff| 0.20-0.31 (logit std 0.55-0.91); 16 images at one seed gave 0.75-1.0, too few.
+    agree = np.mean(file_logits.argmax(-1) == keras_logits.argmax(-1))
+    assert agree >= 0.75 and np.abs(file_logits - keras_logits).max() < 0.45, agree
     assert any(d["dtype"] == np.int8 for d in interpreter.get_tensor_details())
 
 

@@ -44,7 +44,9 @@ def test_export_and_evaluate_tools(digits_w2_model, tmp_path):
     result = last_json_line(p.stdout)
     assert out.is_file() and result["export"]["bytes"] == out.stat().st_size
     assert result["report"]["num_examples"] == 300
-    assert result["report"]["top1_agreement"] >= 0.9
+    # Fixture seeds 0-7: agreement 0.9967-1.0 of the 300 test digits, max |logit diff| 0.027-0.045.
+    assert result["report"]["top1_agreement"] >= 0.98
+    assert result["report"]["max_logit_diff"] < 0.1
     # The packed archive takes what its format defines: 1.6 bits per level + a float32 step per
     # tensor for the 2-bit layers (stem and classifier are 8-bit): 1.64 bits here.
     with tfqkd.quantize_scope():
