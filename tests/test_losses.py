@@ -93,9 +93,11 @@ def test_kl_and_cosine_ranges(z_t, z_s, tau):
 
 def test_mixed_precision_logits_are_computed_in_float32():
     p_t = np.array([[0.5, 0.5]], "float32")
-    z_s = tf.constant([[0.0, 0.0]], tf.float16)
-    out = losses.soft_cross_entropy(p_t, z_s, 1.0)
+    # z / τ = 120,000 overflows float16 (max 65,504): computed in float16, this is inf or NaN.
+    z_s = tf.constant([[0.0, 60000.0]], tf.float16)
+    out = losses.soft_cross_entropy(p_t, z_s, 0.5)
     assert out.dtype == tf.float32
+    np.testing.assert_allclose(out.numpy(), [0.5 * 120000.0], rtol=1e-6)  # -0.5 * log p_0
 
 
 def test_get_names_aliases_and_callables():
