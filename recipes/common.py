@@ -148,6 +148,9 @@ class Option:
     help: str
     kind: str = "string"
     choices: Optional[Sequence[str]] = None
+    #: Defaults the option had before: a run recorded with one of them resumes with it when the
+    #: option is not given explicitly (see :meth:`OutputDir.check_options`).
+    former_defaults: Sequence[Any] = ()
 
 
 class Config(types.SimpleNamespace):
@@ -159,11 +162,15 @@ class Config(types.SimpleNamespace):
     """
 
     def to_dict(self) -> Dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
+        # ``_explicit`` (names given explicitly, set by make_config / the flags) is not an option
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()
+                if not k.startswith("_")}
 
     def replace(self, **changes: Any) -> "Config":
         d = dict(vars(self))
         d.update(changes)
+        if "_explicit" in d:
+            d["_explicit"] = frozenset(d["_explicit"]) | set(changes)
         return Config(**d)
 
 
@@ -305,6 +312,8 @@ def define_common_flags(flag_values=None) -> None:
 #: Every option's default, by name, as resolved so far: a run saved before an option existed
 #: ran with its default, so resuming it with the default is not a change of options.
 _OPTION_DEFAULTS: Dict[str, Any] = {}
+#: Former defaults by option name (``Option.former_defaults``), as resolved so far.
+_FORMER_DEFAULTS: Dict[str, List[Any]] = {}
 
 
 def _resolve(options, presets, preset, explicit: Mapping[str, Any]) -> Config:
@@ -318,15 +327,34 @@ def _resolve(options, presets, preset, explicit: Mapping[str, Any]) -> Config:
         raise ValueError(f"Unknown preset {preset!r}; use one of {sorted(table)}.")
     values = {o.name: o.default for o in options}
     _OPTION_DEFAULTS.update(_jsonable(values))
+    _FORMER_DEFAULTS.update({o.name: _jsonable(list(o.former_defaults))
+                             for o in options if o.former_defaults})
     values.update({k: v for k, v in table[preset].items() if k in names})
     values.update(explicit)
     values["preset"] = preset
     for key in ("subset", "test_subset"):  # 0 on the command line means "all" (None)
         if key in values and values[key] == 0:
             values[key] = None
-    cfg = Config(**values)
+    cfg = Config(**values, _explicit=frozenset(explicit))
     _validate(cfg)
     return cfg
+
+
+def _adopt_former_defaults(cfg: Config, old: Mapping[str, Any]) -> Dict[str, Any]:
+    """Options of a recorded run that had a former default: taken into ``cfg`` (in place) when
+    ``cfg`` has today's default and the option was not given explicitly. Returns them."""
+    explicit = getattr(cfg, "_explicit", None)
+    if explicit is None:  # a Config not built by make_config / the flags: nothing is implicit
+        return {}
+    adopted = {}
+    for name, formers in _FORMER_DEFAULTS.items():
+        if name in explicit or name not in old or not hasattr(cfg, name):
+            continue
+        now = _jsonable(getattr(cfg, name))
+        if old[name] != now and old[name] in formers and now == _OPTION_DEFAULTS.get(name):
+            setattr(cfg, name, old[name])
+            adopted[name] = old[name]
+    return adopted
 
 
 def _validate(cfg: Config) -> None:
@@ -686,10 +714,17 @@ class OutputDir:
         if not isinstance(old, dict):
             return
         ignore = set(RUNTIME_KEYS) | set(runtime_keys)
+        # An option missing from the old run's record did not exist then: it ran with the default
+        # of that time (its first default, when the default changed since).
+        first = {k: (_FORMER_DEFAULTS.get(k) or [_OPTION_DEFAULTS.get(k)])[0]
+                 for k in cfg.to_dict() if k in _OPTION_DEFAULTS}
+        old = {**{k: v for k, v in first.items() if k not in old}, **old}
+        adopted = _adopt_former_defaults(cfg, old)
+        if adopted:
+            log(f"{self.root} was recorded with former defaults, kept for this run: "
+                + ", ".join(f"--{k}={v!r}" for k, v in sorted(adopted.items()))
+                + " (pass them explicitly to change them)")
         new = _jsonable(cfg.to_dict())
-        # An option missing from the old run's record did not exist then: it ran with the default.
-        old = {**{k: _OPTION_DEFAULTS[k] for k in new if k not in old and k in _OPTION_DEFAULTS},
-               **old}
         diff = sorted(k for k in set(old) | set(new)
                       if k not in ignore and old.get(k) != new.get(k))
         if diff:
@@ -910,15 +945,9 @@ def load_model(path: str, compile: bool = False, *, what: str = "model") -> kera
     fix (corrupt or empty file, a Keras 3 model, a layer of an unknown package).
     """
     found = _find_model_file(path, what)
-    try:
-        import tfqkd
+    import tfqkd  # an import failure propagates (a fallback scope only hid it behind load errors)
 
-        scope = tfqkd.quantize_scope()
-    except Exception:  # tfqkd.quantize not importable: fall back to tfmot's scope
-        import tensorflow_model_optimization as tfmot
-
-        scope = tfmot.quantization.keras.quantize_scope()
-    with scope:
+    with tfqkd.quantize_scope():
         try:
             return keras.models.load_model(found, compile=compile)
         except (OSError, ValueError, TypeError, KeyError) as e:
@@ -1142,16 +1171,19 @@ def make_optimizer(cfg: Config, steps_per_epoch: int, epochs: Optional[int] = No
 # --------------------------------------------------------------------------------------------
 
 def _current_lr(model) -> Optional[float]:
+    """The learning rate of the optimizer's next step; None only for a model without optimizer.
+
+    A failure to read it raises (it used to be swallowed, silently dropping ``lr`` from history).
+    """
     opt = getattr(model, "optimizer", None)
     if opt is None:
         return None
-    lr = opt.learning_rate
-    try:
-        if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-            return float(lr(opt.iterations))
-        return float(keras.backend.get_value(lr))
-    except Exception:
-        return None
+    # tf_keras' optimizer shows a schedule as the variable of its last step; the schedule itself
+    # gives the rate of the next one (what the epoch-end row means).
+    lr = getattr(opt, "_learning_rate", None)
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        return float(lr(opt.iterations))
+    return float(keras.backend.get_value(opt.learning_rate))
 
 
 def _extra_state(model) -> Dict[str, Any]:

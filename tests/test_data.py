@@ -943,7 +943,10 @@ def test_recipe_runs_on_an_image_folder(tmp_path, cifar_jpegs):
                           f"--dataset=folder:{tmp_path / 'imgs'}", "--verify", "--num_eval=6",
                           env=env)
     report = json.loads(exported.stdout.strip().splitlines()[-1])["report"]
+    # Seeds 0-7 of this run: 6/6 agree every time, max |logit diff| 0.022-0.058, while some
+    # images are near-ties (top-2 margins down to 0.002): one flip is allowed, the logits must match.
     assert report["num_examples"] == 6 and report["top1_agreement"] >= 5 / 6
+    assert report["max_logit_diff"] < 0.15, report
     evaluated = run_script(REPO / "tools" / "evaluate_tflite.py", f"--tflite={tflite}",
                            f"--model={out}", f"--dataset=folder:{tmp_path / 'imgs'}", env=env)
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["num_examples"] == 6

@@ -309,10 +309,13 @@ def test_subclass_overrides_soft_targets():
     x, y = _data()
     d = UniformTargets(_student(), None, coefficient=1.0, soft_loss="ce")
     _compile(d, keras.optimizers.SGD(0.1))
+    z = d.student(x, training=True).numpy().astype(np.float64)  # the logits of the step (τ = 1)
     logs = d.train_on_batch(x, y, return_dict=True)
-    z_s = d.student(x, training=True).numpy()  # weights changed, so only a loose sanity check
-    assert logs["soft_loss"] >= np.log(NUM_CLASSES) - 1e-4  # CE with uniform targets >= log C
-    assert np.isfinite(z_s).all()
+    # H(uniform, softmax(z)) = logsumexp(z) - mean(z), per example: the override's targets were
+    # used (the teacher's would give another value; any logits give >= log C, so check exactly).
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    want = float(np.mean(lse - z.mean(-1)))
+    assert logs["soft_loss"] == pytest.approx(want, rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------
@@ -635,8 +638,9 @@ def test_two_bit_student_end_to_end(tmp_path):
     x, y = _digits()
     x_train, y_train, x_test, y_test = x[:1000], y[:1000], x[1000:1400], y[1000:1400]
     # fit's shuffling draws from TensorFlow's global generator, whose state depends on the tests
-    # that ran before in this worker: seed it, or the accuracy below varies from run to run
-    # (seeds 0-3: 0.59-0.64; an unseeded CI run once measured 0.49).
+    # that ran before in this worker: seeded for a reproducible run, but the bounds below hold
+    # for any seed (keras.utils.set_random_seed 0-9: accuracy after 0.578-0.780, from 0.0925;
+    # hard loss 2.13-2.17 -> 1.21-1.26; an unseeded CI run once measured 0.49).
     keras.utils.set_random_seed(0)
     teacher = models.tiny_resnet(10, width=2, seed=0)
     teacher.compile(keras.optimizers.Adam(3e-3),
@@ -652,8 +656,8 @@ def test_two_bit_student_end_to_end(tmp_path):
               callbacks=[CoefficientScheduler("linear", 0.5, 0.0)])
     after = d.evaluate(x_test, y_test, batch_size=200, verbose=0, return_dict=True)
     # (The total loss may rise while lambda moves weight from the soft to the larger hard term.)
-    assert h.history["hard_loss"][-1] < h.history["hard_loss"][0]
-    assert after["accuracy"] > max(0.5, before["accuracy"] + 0.3), (before, after)
+    assert h.history["hard_loss"][-1] < 0.75 * h.history["hard_loss"][0]
+    assert after["accuracy"] > max(0.35, before["accuracy"] + 0.25), (before, after)
     assert h.history["coefficient"][-1] == 0.0
     for a, b in zip(t_weights, _weights(teacher)):
         np.testing.assert_array_equal(a, b)

@@ -158,6 +158,45 @@ def test_run_saved_before_an_option_existed_resumes_with_its_default(run_copy):
         train_teacher.run(cfg.replace(skip_corrupt_images=True))
 
 
+def test_run_recorded_with_former_kd_defaults_resumes_with_them(tmp_path, capsys):
+    # τ = 2 without τ² were the defaults until 2026-12-04; such a run, asked for again without
+    # those flags, keeps them (the defaults are now τ = 4 with τ²); an explicit flag is a change.
+    out = tmp_path / "kd"
+    out.mkdir()
+
+    def recorded(**options):
+        stored = quantize_distill.make_config("smoke", output_dir=str(out), **options).to_dict()
+        (out / "run_config.json").write_text(json.dumps(stored))
+        (out / "results.json").write_text(json.dumps({"test_accuracy": 0.5, "flags": stored}))
+        return stored
+
+    stored = recorded(temperature=2.0, temperature_squared=False)
+    cfg = quantize_distill.make_config("smoke", output_dir=str(out))
+    assert (cfg.temperature, cfg.temperature_squared) == (4.0, True)
+    common.OutputDir(str(out)).check_options(cfg)
+    assert (cfg.temperature, cfg.temperature_squared) == (2.0, False)
+    assert "--temperature=2.0, --temperature_squared=False" in capsys.readouterr().out
+    assert cfg.to_dict() == stored
+    explicit = quantize_distill.make_config("smoke", output_dir=str(out), temperature=4.0)
+    with pytest.raises(ValueError, match=r"--temperature: 2.0 -> 4.0"):
+        common.OutputDir(str(out)).check_options(explicit)
+    # A record from before --temperature_squared existed ran without τ²: kept as well.
+    recorded(temperature=2.0)
+    older = {k: v for k, v in stored.items() if k != "temperature_squared"}
+    (out / "run_config.json").write_text(json.dumps(older))
+    cfg = quantize_distill.make_config("smoke", output_dir=str(out))
+    common.OutputDir(str(out)).check_options(cfg)
+    assert (cfg.temperature, cfg.temperature_squared) == (2.0, False)
+    # A run recorded with today's defaults keeps them; a Config read back from a record has no
+    # implicit options, so a changed value there is refused, not adopted.
+    recorded()
+    cfg = quantize_distill.make_config("smoke", output_dir=str(out))
+    common.OutputDir(str(out)).check_options(cfg)
+    assert (cfg.temperature, cfg.temperature_squared) == (4.0, True)
+    with pytest.raises(ValueError, match=r"--temperature: 4.0 -> 2.0"):
+        common.OutputDir(str(out)).check_options(common.Config(**stored))
+
+
 def test_export_added_to_a_finished_run_is_carried_out(tmp_path):
     out = tmp_path / "q"
     cfg = quantize_distill.make_config("smoke", **DIGITS, output_dir=str(out),

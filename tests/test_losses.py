@@ -81,16 +81,23 @@ def test_kl_is_ce_minus_teacher_entropy():
 def test_kl_and_cosine_ranges(z_t, z_s, tau):
     p_t = _softmax(np.array([z_t]), 1.0).astype("float32")
     z_s = np.array([z_s], "float32")
-    assert losses.kl_divergence(p_t, z_s, tau).numpy()[0] >= -1e-5
+    # Gibbs' inequality and the cosine range, and the float64 formulas, at extreme logits
+    # (|z| / τ up to 200): a float32 softmax without log-sum-exp would overflow or give NaN.
+    kl = losses.kl_divergence(p_t, z_s, tau).numpy()[0]
+    assert kl >= -1e-5
+    np.testing.assert_allclose(kl, _np_kl(p_t.astype(np.float64), z_s, tau)[0], rtol=1e-4, atol=1e-3)
     cos = losses.cosine_distance(p_t, z_s, tau).numpy()[0]
     assert -1e-6 <= cos <= 1.0 + 1e-6
+    np.testing.assert_allclose(cos, _np_cosine(p_t.astype(np.float64), z_s, tau)[0], atol=1e-5)
 
 
 def test_mixed_precision_logits_are_computed_in_float32():
     p_t = np.array([[0.5, 0.5]], "float32")
-    z_s = tf.constant([[0.0, 0.0]], tf.float16)
-    out = losses.soft_cross_entropy(p_t, z_s, 1.0)
+    # z / τ = 120,000 overflows float16 (max 65,504): computed in float16, this is inf or NaN.
+    z_s = tf.constant([[0.0, 60000.0]], tf.float16)
+    out = losses.soft_cross_entropy(p_t, z_s, 0.5)
     assert out.dtype == tf.float32
+    np.testing.assert_allclose(out.numpy(), [0.5 * 120000.0], rtol=1e-6)  # -0.5 * log p_0
 
 
 def test_get_names_aliases_and_callables():

@@ -14,7 +14,7 @@ import pytest
 import tfqkd
 from tfqkd._keras import keras, tf
 from tfqkd.qkd import CoStudying, read_phase_state, run_qkd
-from conftest import run_two_cpu_script
+from conftest import run_two_cpu_script, saved_model_accuracy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -321,20 +321,19 @@ def test_w4a4_student_runs_three_phases_and_exports_int8(digits, tmp_path):
     interpreter.allocate_tensors()
     inp = interpreter.get_input_details()[0]
     outp = interpreter.get_output_details()[0]
-    x, _ = next(iter(test))
-    x = x[:16].numpy()
-    preds = []
-    for image in x:
-        value = image[None]
-        if inp["dtype"] != np.float32:
-            scale, zero = inp["quantization"]
-            value = np.round(value / scale + zero).astype(inp["dtype"])
-        interpreter.set_tensor(inp["index"], value)
-        interpreter.invoke()
-        preds.append(np.argmax(interpreter.get_tensor(outp["index"])[0]))
-    keras_preds = np.argmax(student(x, training=False).numpy(), axis=-1)
-    # int8 rounding may flip near-ties; most predictions agree with the Keras student
-    assert np.mean(np.array(preds) == keras_preds) >= 0.75
+    x = np.concatenate([batch[0].numpy() for batch in test])  # the 200 test digits
+    assert inp["dtype"] == np.float32 and len(x) == 200  # float I/O: the file quantizes itself
+    interpreter.resize_tensor_input(inp["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], x)
+    interpreter.invoke()
+    file_logits = interpreter.get_tensor(outp["index"])
+    keras_logits = student(x, training=False).numpy()
+    # 6 steps of training leave many near-ties, which int8 rounding may flip. Measured over 8
+    # seeds of this setup (student/teacher init, global seed): agreement 0.835-0.995, max |logit
+    # diff| 0.20-0.31 (logit std 0.55-0.91); 16 images at one seed gave 0.75-1.0, too few.
+    agree = np.mean(file_logits.argmax(-1) == keras_logits.argmax(-1))
+    assert agree >= 0.75 and np.abs(file_logits - keras_logits).max() < 0.45, agree
     assert any(d["dtype"] == np.int8 for d in interpreter.get_tensor_details())
 
 
@@ -413,8 +412,14 @@ def test_recipe_killed_in_co_studying_resumes_in_co_studying(tmp_path):
     assert results["attempts"] == 2
     assert sorted(results["phases"]) == ["cs", "ss", "tu"]
     for phase in ("ss", "cs", "tu"):  # evaluated at each phase's end despite --validation_freq=0
-        assert 0.0 <= results["phases"][phase]["student_accuracy"] <= 1.0
-        assert 0.0 <= results["phases"][phase]["teacher_accuracy"] <= 1.0
-    assert 0.0 <= results["test_accuracy"] <= 1.0
+        for who in ("student_accuracy", "teacher_accuracy"):  # counts of the 50 test images
+            hits = results["phases"][phase][who] * 50
+            assert hits == pytest.approx(round(hits), abs=1e-4), (phase, who, hits)
+    # The reported figures are the saved models' (recomputed from their predictions), and the
+    # teacher is frozen while it tutors: its accuracy at the end of tutoring is the final one.
+    assert results["test_accuracy"] == pytest.approx(saved_model_accuracy(out), abs=1e-9)
+    teacher_acc = saved_model_accuracy(out, "teacher")
+    assert results["teacher_accuracy"] == pytest.approx(teacher_acc, abs=1e-9)
+    assert results["phases"]["tu"]["teacher_accuracy"] == pytest.approx(teacher_acc, abs=1e-6)
     assert results["precise_bn"]["layers"] > 0  # default: the tutored student's BN re-estimated
     assert (out / "model" / "model.h5").exists() and (out / "teacher" / "model.h5").exists()

@@ -55,7 +55,8 @@ def trained_w2(digits):
 
 def test_w2_tiny_resnet_trains_and_is_ternary(trained_w2, digits):
     q, losses = trained_w2
-    assert losses[-1] < losses[0] * 0.9, losses
+    # last/first epoch loss over seeds 0-5 (init and shuffling): 0.713-0.749
+    assert losses[-1] < losses[0] * 0.85, losses
     assert isinstance(q.get_layer("quant_stage1_block1_conv1"), tfmot.quantization.keras.QuantizeWrapperV2)
     kernels = quantized_weights(q)
     assert set(kernels) == {"stem_conv", "stage1_block1_conv1", "stage1_block1_conv2",
@@ -189,7 +190,7 @@ def test_w4a4_trains_and_activations_on_grid(digits, tmp_path):
              and isinstance(l.layer, keras.layers.ReLU)]
     assert len(relus) == 5
     losses = _fit(q, x, y, epochs=4, eager=True)
-    assert losses[-1] < losses[0] * 0.95, losses
+    assert losses[-1] < losses[0] * 0.85, losses  # seeds 0-5 (init, shuffling): 0.662-0.700
     wrapper = q.get_layer("quant_stage1_block1_relu1")
     clip = float(wrapper._output_quantizer_vars["clip"])
     assert clip > 0

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import saved_model_accuracy
 from tfqkd._keras import keras, tf
 from tfqkd import speq
 from tfqkd.quantizers import ActivationQuantizer
@@ -250,7 +251,9 @@ def test_w4a4_speq_trains_with_scheduler_saves_and_exports_int8(tmp_path):
     assert all(np.isfinite(hist["soft_loss"])) and max(hist["soft_loss"]) > 0
     assert hist["hard_loss"][-1] < hist["hard_loss"][0]
     acc = float(np.mean(student.predict(xt, verbose=0).argmax(-1) == yt))
-    assert acc > 0.5, acc  # chance is 0.1
+    # Measured over 8 seeds (keras.utils.set_random_seed 0..7, same protocol without the
+    # strategy): 0.773-0.849, median 0.832; chance is 0.1. The bound leaves ~3 std below the min.
+    assert acc > 0.7, acc
 
     # The student saves and reloads with its stochastic quantizers (registered, serialisable).
     path = str(tmp_path / "student.h5")
@@ -266,8 +269,9 @@ def test_w4a4_speq_trains_with_scheduler_saves_and_exports_int8(tmp_path):
     info = export_tflite(student, str(tmp_path / "speq.tflite"), x[:200], mode="int8")
     report = verify_tflite(info["path"], student,
                            tf.data.Dataset.from_tensor_slices((xt, yt)).batch(300))
-    assert report.top1_agreement > 0.75, report
-    assert report.tflite_top1 > 0.5, report
+    # Same 8 seeds: agreement 0.932-0.956, TFLite top-1 0.785-0.860.
+    assert report.top1_agreement > 0.9, report
+    assert report.tflite_top1 > 0.7, report
 
 
 # ---------------------------------------------------------------- recipe
@@ -284,7 +288,11 @@ def test_recipe_smoke_run_writes_results_and_a_rerun_trains_nothing(tmp_path):
     stored = json.loads((out / "results.json").read_text())
     assert stored == json.loads(json.dumps(res))
     assert res["mode"] == "speq" and res["flags"]["high_bits"] == "8"
-    assert 0.0 <= res["test_accuracy"] <= 1.0 and 0.0 <= res["stochastic_teacher_accuracy"] <= 1.0
+    # The reported accuracy is the saved student's (recomputed from its predictions); the
+    # stochastic teacher's is a count of the 100 test images (one random-precision pass).
+    assert res["test_accuracy"] == pytest.approx(saved_model_accuracy(out), abs=1e-9)
+    assert res["stochastic_teacher_accuracy"] * 100 == pytest.approx(
+        round(res["stochastic_teacher_accuracy"] * 100), abs=1e-6)
     # The recipes' default: batch-norm statistics re-estimated on the trained SPEQ student.
     assert res["precise_bn"]["batches"] == 100 and res["precise_bn"]["layers"] > 0
     for name in ("history.csv", "run_config.json", "model/model.h5"):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import tfqkd
-from conftest import last_json_line, run_script
+from conftest import last_json_line, packed_ternary_bits, run_script
 from tfqkd._keras import keras
-from tfqkd.quantize import quantize_model
+from tfqkd.quantize import quantize_model, quantized_weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
@@ -44,8 +44,16 @@ def test_export_and_evaluate_tools(digits_w2_model, tmp_path):
     result = last_json_line(p.stdout)
     assert out.is_file() and result["export"]["bytes"] == out.stat().st_size
     assert result["report"]["num_examples"] == 300
-    assert result["report"]["top1_agreement"] >= 0.9
-    assert result["packed"]["bits_per_ternary_weight"] <= 2.1
+    # Fixture seeds 0-7: agreement 0.9967-1.0 of the 300 test digits, max |logit diff| 0.027-0.045.
+    assert result["report"]["top1_agreement"] >= 0.98
+    assert result["report"]["max_logit_diff"] < 0.1
+    # The packed archive takes what its format defines: 1.6 bits per level + a float32 step per
+    # tensor for the 2-bit layers (stem and classifier are 8-bit): 1.64 bits here.
+    with tfqkd.quantize_scope():
+        kernels = quantized_weights(keras.models.load_model(digits_w2_model, compile=False))
+    ternary = [v for k, v in kernels.items() if k not in ("stem_conv", "classifier")]
+    assert result["packed"]["bits_per_ternary_weight"] == pytest.approx(
+        packed_ternary_bits(ternary))
     assert "top-1 agreement" in p.stdout
 
     e = _tool("evaluate_tflite.py", f"--tflite={out}", f"--model={digits_w2_model}",
@@ -98,7 +106,11 @@ def test_benchmark_tflite_reports_every_figure():
     assert set(r["file_bytes"]) == {"float", "int8", "int4", "int8_s2d"}
     assert r["int8_over_float_size"] == r["file_bytes"]["int8"] / r["file_bytes"]["float"]
     assert r["int8_over_float_size"] < 0.3 and r["int4_over_float_size"] < 0.2
-    assert r["packed_bits_per_ternary_weight"] <= 2.1
+    # ResNet20's 20 ternary kernels at 5 trits per byte + one float32 step each: 1.6026 bits.
+    r20 = quantize_model(tfqkd.models.resnet20(seed=0), weight_bits=2, activation_bits=8)
+    ternary = [v for k, v in quantized_weights(r20).items() if k not in ("stem_conv", "classifier")]
+    assert r["packed_bits_per_ternary_weight"] == pytest.approx(packed_ternary_bits(ternary))
+    assert r["packed_bits_per_ternary_weight"] < 1.61
     assert r["int8_max_levels_per_channel_ternary_layers"] <= 3
     assert r["faster_int8_layout"] in ("compact", "space_to_depth", "mixed")
     assert r["host"]["cores"] >= 1 and isinstance(r["host"]["isa"], list)
@@ -106,7 +118,7 @@ def test_benchmark_tflite_reports_every_figure():
     assert all(v > 0 for v in r["latency_ms"].values())
     assert set(r["targets_met"]) == {"int8_size_le_0.27", "int8_latency_le_0.6",
                                      "int4_lowbit_weights_le_4_bits",
-                                     "packed_le_2.1_bits_per_ternary"}
+                                     "packed_le_1.61_bits_per_ternary"}
 
 
 def test_reproduce_cpu_repeats_methods_over_seeds_on_fixed_images(cifar10_archive, tmp_path):

@@ -203,14 +203,25 @@ def test_smoke_grid_writes_rows_and_figures_resumes_and_replots(tmp_path, monkey
     result = sweep.run(cfg)
 
     rows = tuning.read_results(os.path.join(out, "trials.csv"))
-    assert len(rows) == 4 and len(trials) == 4 + 1  # + the hard-label baseline
-    assert {(r["temperature"], r["teacher"]) for r in rows} == {
-        (1.0, "1"), (1.0, "2"), (4.0, "1"), (4.0, "2")}
+    assert len(rows) == 8 and len(trials) == 8 + 1  # + the hard-label baseline
+    # The README's τ × teacher × CR grid, in small: constant λ against CR's linear fade.
+    assert {(r["temperature"], r["teacher"], r["schedule"]) for r in rows} == {
+        (t, w, s) for t in (1.0, 4.0) for w in ("1", "2") for s in ("constant", "linear")}
+    # Measured over sweep seeds 0-3 (32 trials): students 0.458-0.822, teachers 0.858-0.983,
+    # baseline 0.69-0.76 of the 360 test digits (chance 0.1); bounds well below those minima.
     for r in rows:
-        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["wall_time"] > 0
-        assert 0.0 <= r["teacher_accuracy"] <= 1.0
+        assert r["test_accuracy"] > 0.3 and r["wall_time"] > 0, r
+    assert result["trials"] == 8 and result["baseline_test_accuracy"] > 0.5
     assert sorted(os.listdir(os.path.join(out, "teachers"))) == ["teacher_1.h5", "teacher_2.h5"]
-    assert result["trials"] == 4 and result["baseline_test_accuracy"] is not None
+    # The teachers' reported accuracy is the cached files' (recomputed from their predictions).
+    from tfqkd import data as data_lib
+
+    x, y = next(iter(data_lib.load_dataset("digits", "test", batch_size=10_000)))
+    for width in ("1", "2"):
+        teacher = tuning._load_model(os.path.join(out, "teachers", f"teacher_{width}.h5"))
+        acc = float(np.mean(teacher(x, training=False).numpy().argmax(-1) == y.numpy()))
+        reported = [r["teacher_accuracy"] for r in rows if r["teacher"] == width]
+        assert reported == pytest.approx([acc] * 4, abs=1e-9) and acc > 0.75
 
     import matplotlib.image
 
@@ -237,7 +248,7 @@ def test_smoke_grid_writes_rows_and_figures_resumes_and_replots(tmp_path, monkey
     sweep.run(cfg)
     assert len(trials) == 1
     assert tuning.config_key(trials[0]) == tuning.config_key(rows[-1])
-    assert len(tuning.read_results(csv_path)) == 4
+    assert len(tuning.read_results(csv_path)) == 8
 
     # --plot_only redraws from the CSV without training.
     for name in ("accuracy_vs_teacher", "cr_comparison", "heatmap"):
@@ -312,7 +323,9 @@ def test_random_search_finds_best_and_a_rerun_redoes_nothing(tmp_path, data, tea
     assert best_hp["teacher"] == tuning._teacher_key(teacher_path)
     # The saved student of the best trial is the trained one: same accuracy when reloaded.
     student = tuner.load_model(best_trial)
-    assert tuning.evaluate_accuracy(student, data.validation) == pytest.approx(best_trial.score)
+    hits = [np.argmax(student(x, training=False).numpy(), -1) == y.numpy()
+            for x, y in data.validation]  # recomputed here, not with tuning.evaluate_accuracy
+    assert np.mean(np.concatenate(hits)) == pytest.approx(best_trial.score)
 
     _CountingTuner.calls = []
     again = _tuner(directory, tuning.make_oracle("random", max_trials=3, seed=3), teacher_path)

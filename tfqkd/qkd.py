@@ -836,7 +836,10 @@ def run_qkd(
             student_acc = _accuracy(student, val_ds, validation_steps)
         teacher_acc = logs.get(_VAL_KEYS[phase][1]) if _VAL_KEYS[phase][1] else None
         if teacher_acc is None:
-            teacher_acc = teacher_accuracy if teacher_accuracy is not None else _accuracy(
+            # Co-studying trains the teacher: without validation logs it is measured again (the
+            # figure carried from before the phase would be the untrained teacher's).
+            carried = teacher_accuracy if phase != "cs" else None
+            teacher_acc = carried if carried is not None else _accuracy(
                 teacher, val_ds, validation_steps)
         teacher_accuracy = teacher_acc
         result = {

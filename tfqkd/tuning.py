@@ -309,12 +309,11 @@ def _load_model(path: str) -> keras.Model:
         if os.path.isfile(candidate):
             path = candidate
             break
-    try:
-        from tfqkd.quantize import quantize_scope
-        scope = quantize_scope()
-    except Exception:  # quantize module unavailable: plain Keras models still load
-        scope = contextlib.nullcontext()
-    with scope:
+    # Imported here (not at module top) to keep ``import tfqkd.tuning`` light; an import failure
+    # propagates: hiding it only turns into a confusing "Unknown layer" load error later.
+    from tfqkd.quantize import quantize_scope
+
+    with quantize_scope():
         return keras.models.load_model(path, compile=False)
 
 

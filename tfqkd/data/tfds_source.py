@@ -117,7 +117,20 @@ def _check_cached(arrays: Dict[str, np.ndarray], origin: str) -> Dict[str, np.nd
 
 def load_tfds(name: str, *, data_dir: Optional[PathLike], image_size: Optional[Tuple[int, int]],
               download: bool, skip_corrupt: bool) -> Source:
-    """The arrays of a prepared tensorflow-datasets data set, decoded once and cached."""
+    """The arrays of a prepared tensorflow-datasets data set, decoded once and cached.
+
+    Nothing is downloaded unless ``download=True``: a data set not prepared in ``data_dir`` is an
+    error that says how to prepare it.
+
+    Example:
+        >>> import tempfile
+        >>> try:
+        ...     load_tfds("mnist", data_dir=tempfile.mkdtemp(), image_size=None, download=False,
+        ...               skip_corrupt=False)
+        ... except DataNotFoundError as e:
+        ...     print("is not prepared" in str(e), "download=True" in str(e))
+        True True
+    """
     origin = f"tfds:{name}"
     builder = _builder(name, data_dir, download, origin)
     folder = pathlib.Path(os.fspath(builder.data_dir))
