@@ -351,3 +351,55 @@ def test_resnet20_packed_archive(resnet20_w2, tmp_path):
     for layer, weights in want.items():
         for name, value in weights.items():
             assert np.array_equal(got[layer][name], value), (layer, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Regression: layers of Keras Applications models (depthwise convolutions, constant operands)
+# --------------------------------------------------------------------------------------------
+def _depthwise_net(hard_swish=False):
+    """Conv -> BN -> ReLU -> DepthwiseConv -> BN -> ReLU (or hard-swish with float constants)."""
+    init = keras.initializers.GlorotUniform(seed=1)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, kernel_initializer=init)(inp)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False,
+                                     depthwise_initializer=init)(h)
+    h = keras.layers.BatchNormalization()(h)
+    if hard_swish:  # as MobileNetV3 builds it: TFOpLambda layers with Python float operands
+        h = keras.layers.Multiply()([h, keras.layers.ReLU(6.0)(h + 3.0) * (1.0 / 6.0)])
+    else:
+        h = keras.layers.ReLU()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(10, kernel_initializer=init)(h))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_depthwise_kernels_export_with_exact_levels(tmp_path, mode):
+    # Failed before: the DepthwiseConv2D branch reshaped with a TensorShape + [-1] (crash), then
+    # XNNPACK refused the file of a dead channel block (collapsed activation range).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    q = quantize_model(_depthwise_net(), weight_bits=2, activation_bits=8, first_last_bits=None)
+    path = tmp_path / "dw.tflite"
+    export.export_tflite(q, path, x, mode=mode)
+    plain = export.forward_model(q)
+    entries = {e["layer"]: e for e in export.tflite_weight_levels(
+        path, [layer.name for layer in plain.layers]) if e["layer"]}
+    dw = [e for name, e in entries.items()
+          if isinstance(plain.get_layer(name), keras.layers.DepthwiseConv2D)]
+    assert len(dw) == 1 and dw[0]["axis"] == 3  # TFLite depthwise: per channel on the last axis
+    # Ternary trained kernel: at most 3 integer levels per channel, symmetric.
+    assert dw[0]["max_levels_per_channel"] <= 3
+    report = export.verify_tflite(path, q, (x, np.zeros(32, "int32")))
+    assert report.num_examples == 32
+
+
+def test_constant_operands_rebuild(tmp_path):
+    # Failed before: "Unexpectedly found an instance of type float" (x + 3.0 in a hard-swish).
+    x = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype("float32")
+    net = _depthwise_net(hard_swish=True)
+    np.testing.assert_allclose(export.forward_model(net)(x).numpy(), net(x).numpy(), rtol=1e-6)
+    q = quantize_model(net, weight_bits=4, activation_bits=8, first_last_bits=None)
+    info = export.export_tflite(q, tmp_path / "hs.tflite", x, mode="int8")
+    assert info["bytes"] > 0

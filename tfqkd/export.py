@@ -268,7 +268,9 @@ def _rebuild(model: keras.Model, layer_fn: Callable, input_fn: Optional[Callable
         tensors[id(old)] = input_fn(new) if input_fn else new
 
     def lookup(x):
-        if keras.backend.is_keras_tensor(x):
+        # Call arguments may hold Python constants (MobileNetV3's hard-swish: ``x + 3.0``,
+        # ``x * (1 / 6)``), which is_keras_tensor rejects: pass them through as they are.
+        if tf.is_tensor(x) and keras.backend.is_keras_tensor(x):
             return tensors[id(x)]
         return x
 
@@ -693,7 +695,7 @@ class _FakeQuantKernelLayer(keras.layers.Layer):
         kernel = self._kernel
         if self._kind == "DepthwiseConv2D":
             # Output channel of a depthwise kernel (h, w, cin, mult) is cin*mult: quantize on it.
-            flat = tf.reshape(kernel, kernel.shape[:2] + [-1])
+            flat = tf.reshape(kernel, list(kernel.shape[:2]) + [-1])
             flat = tf.quantization.fake_quant_with_min_max_vars_per_channel(
                 flat, -self._fq_max, self._fq_max, num_bits=self._num_bits, narrow_range=True)
             kernel = tf.reshape(flat, self._kernel.shape)
@@ -721,7 +723,13 @@ class _FakeQuantActivation(keras.layers.Layer):
     def __init__(self, lo, hi, name):
         super().__init__(name=name)
         self._lo = float(min(lo, 0.0))
-        self._hi = float(max(hi, 0.0, self._lo + 1e-6))
+        self._hi = float(max(hi, 0.0))
+        if self._hi - self._lo < 1e-4:
+            # A (near-)constant tensor, e.g. a channel block that is dead on the calibration
+            # data: any range represents it, but a collapsed one gives its producer and consumers
+            # requantization ratios (in_scale * w_scale / out_scale) of 1e3..1e-10, which XNNPACK
+            # refuses ("failed to create XNNPACK runtime"). Use a unit range instead.
+            self._hi = self._lo + 1.0
 
     def call(self, inputs):
         return tf.quantization.fake_quant_with_min_max_vars(inputs, self._lo, self._hi,
