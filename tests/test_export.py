@@ -403,3 +403,64 @@ def test_constant_operands_rebuild(tmp_path):
     q = quantize_model(net, weight_bits=4, activation_bits=8, first_last_bits=None)
     info = export.export_tflite(q, tmp_path / "hs.tflite", x, mode="int8")
     assert info["bytes"] > 0
+
+
+def _applications_like_net():
+    """The layers Applications models add: preprocessing, swish, SE, concat, avg-pool, standalone
+    batch norm, a Reshape head to batch-1 constants and a softmax."""
+    seeds = iter(range(20, 40))  # distinct kernels (identical constants are merged)
+
+    def init():
+        return keras.initializers.GlorotUniform(seed=next(seeds))
+
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Rescaling(1.0 / 255.0)(inp)
+    h = keras.layers.Normalization(mean=[0.5, 0.4, 0.3], variance=[0.1, 0.2, 0.3])(h)
+    h = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, kernel_initializer=init())(h)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.Activation("swish")(h)
+    se = keras.layers.GlobalAveragePooling2D(keepdims=True)(h)
+    se = keras.layers.Conv2D(4, 1, activation="swish", kernel_initializer=init())(se)
+    se = keras.layers.Conv2D(8, 1, activation="sigmoid", kernel_initializer=init())(se)
+    h = keras.layers.Multiply()([h, se])
+    b = keras.layers.BatchNormalization()(h)  # standalone: not after a kernel layer
+    b = keras.layers.ReLU()(b)
+    b = keras.layers.Conv2D(4, 1, kernel_initializer=init())(b)
+    h = keras.layers.Concatenate()([h, b])
+    h = keras.layers.AveragePooling2D(2)(h)
+    h = keras.layers.GlobalAveragePooling2D(keepdims=True)(h)
+    h = keras.layers.Conv2D(10, 1, kernel_initializer=init())(h)
+    h = keras.layers.Reshape((10,))(h)
+    return keras.Model(inp, keras.layers.Activation("softmax")(h))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_applications_layers_become_integer_ops(tmp_path, mode):
+    # Failed before: preprocessing/swish/sigmoid/softmax stayed float (MUL, ADD, LOGISTIC,
+    # SOFTMAX), avg-pool/concat broke the converter's same-scale constraint, and the batch-1
+    # Reshape head made verify_tflite crash in XNNPACK.
+    from tfqkd._flatbuffer import op_names, read
+
+    x = np.random.default_rng(2).uniform(0, 255, size=(16, 8, 8, 3)).astype("float32")
+    net = _applications_like_net()
+    for layer in net.layers:  # non-trivial batch-norm statistics
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(np.linspace(-0.2, 0.2, n))
+            layer.moving_variance.assign(np.linspace(0.5, 2.0, n))
+    q = quantize_model(net, weight_bits=4, activation_bits=8, first_last_bits=None)
+    path = tmp_path / "apps.tflite"
+    export.export_tflite(q, path, x, mode=mode)  # raises if any op stayed float
+    model_obj = read(path.read_bytes())
+    names = op_names(model_obj)
+    sg = model_obj.subgraphs[0]
+    ops = [names[op.opcodeIndex] for op in sg.operators]
+    assert "SOFTMAX" in ops and "LOGISTIC" in ops and "CONCATENATION" in ops
+    softmax = sg.operators[ops.index("SOFTMAX")]
+    q_out = sg.tensors[softmax.outputs[0]].quantization
+    assert sg.tensors[softmax.outputs[0]].type == 9  # int8
+    assert q_out.scale[0] == pytest.approx(1 / 256) and int(q_out.zeroPoint[0]) == -128
+    report = export.verify_tflite(path, q, (x, np.zeros(16, "int32")))
+    assert report.num_examples == 16
+    # Probabilities: the file's are on the 1/256 grid, within a few steps of the student's.
+    assert report.max_logit_diff < 0.1
