@@ -22,6 +22,13 @@ requires_cifar10 = pytest.mark.skipif(
 )
 
 
+def pytest_configure(config):
+    # Markers of steps CI can run on their own (``-m applications`` / ``-m "not applications"``).
+    config.addinivalue_line(
+        "markers", "applications: Keras Applications families through quantize -> distil -> "
+        "export (the slowest tests; tests/test_applications.py)")
+
+
 @pytest.fixture(scope="session")
 def cifar10_archive():
     if not CIFAR10_ARCHIVE.exists():
