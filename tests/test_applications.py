@@ -33,6 +33,8 @@ FAMILIES = {
     "resnet50_v2": lambda **k: A.ResNet50V2(**k),
     "densenet121": lambda **k: A.DenseNet121(**k),
 }
+#: Families whose "int4" export fails with a clear ExportError (docs/export.md, Applications).
+INT4_UNSUPPORTED = ("mobilenet_v3_small", "mobilenet_v3_large")
 
 
 def build(family, classifier_activation=None):
@@ -98,6 +100,13 @@ def test_family_w2a8_whole_path(family, cifar, tmp_path):
     assert np.isfinite(logits).all() and logits.std() > 0  # not a dead network
     for mode in ("int8", "int4"):
         path = os.path.join(tmp_path, f"{family}_{mode}.tflite")
+        if mode == "int4" and family in INT4_UNSUPPORTED:
+            # Known limit: the low-bit converter path leaves the hard-swish's ADD/MUL by Python
+            # constants float. The error names the layers and that int8 converts.
+            with pytest.raises(export.ExportError, match=r"tf\.__operators__\.add.*mode='int8'"):
+                export.export_tflite(q, path, xt, mode=mode)
+            assert not os.path.exists(path)
+            continue
         export.export_tflite(q, path, xt, mode=mode)
         _check_file(path, q, xv, yv)
     # Packed archive: the forward weights at their bit-width, bit-exact round trip.
