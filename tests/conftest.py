@@ -30,6 +30,13 @@ REQUIRE_DATA = any(os.environ.get(v, "").lower() not in ("", "0", "false")
 _MISSING = "offline CIFAR-10 archive not found at"
 
 
+def pytest_configure(config):
+    # Markers of steps CI can run on their own (``-m applications`` / ``-m "not applications"``).
+    config.addinivalue_line(
+        "markers", "applications: Keras Applications families through quantize -> distil -> "
+        "export (the slowest tests; tests/test_applications.py)")
+
+
 @pytest.fixture(scope="session")
 def cifar10_archive():
     if not CIFAR10_ARCHIVE.exists():

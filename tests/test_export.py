@@ -390,3 +390,116 @@ def test_resnet20_packed_archive(resnet20_w2, tmp_path):
     for layer, weights in want.items():
         for name, value in weights.items():
             assert np.array_equal(got[layer][name], value), (layer, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Regression: layers of Keras Applications models (depthwise convolutions, constant operands)
+# --------------------------------------------------------------------------------------------
+def _depthwise_net(hard_swish=False):
+    """Conv -> BN -> ReLU -> DepthwiseConv -> BN -> ReLU (or hard-swish with float constants)."""
+    init = keras.initializers.GlorotUniform(seed=1)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, kernel_initializer=init)(inp)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False,
+                                     depthwise_initializer=init)(h)
+    h = keras.layers.BatchNormalization()(h)
+    if hard_swish:  # as MobileNetV3 builds it: TFOpLambda layers with Python float operands
+        h = keras.layers.Multiply()([h, keras.layers.ReLU(6.0)(h + 3.0) * (1.0 / 6.0)])
+    else:
+        h = keras.layers.ReLU()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(10, kernel_initializer=init)(h))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_depthwise_kernels_export_with_exact_levels(tmp_path, mode):
+    # Failed before: the DepthwiseConv2D branch reshaped with a TensorShape + [-1] (crash), then
+    # XNNPACK refused the file of a dead channel block (collapsed activation range).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    q = quantize_model(_depthwise_net(), weight_bits=2, activation_bits=8, first_last_bits=None)
+    path = tmp_path / "dw.tflite"
+    export.export_tflite(q, path, x, mode=mode)
+    plain = export.forward_model(q)
+    entries = {e["layer"]: e for e in export.tflite_weight_levels(
+        path, [layer.name for layer in plain.layers]) if e["layer"]}
+    dw = [e for name, e in entries.items()
+          if isinstance(plain.get_layer(name), keras.layers.DepthwiseConv2D)]
+    assert len(dw) == 1 and dw[0]["axis"] == 3  # TFLite depthwise: per channel on the last axis
+    # Ternary trained kernel: at most 3 integer levels per channel, symmetric.
+    assert dw[0]["max_levels_per_channel"] <= 3
+    report = export.verify_tflite(path, q, (x, np.zeros(32, "int32")))
+    assert report.num_examples == 32
+
+
+def test_constant_operands_rebuild(tmp_path):
+    # Failed before: "Unexpectedly found an instance of type float" (x + 3.0 in a hard-swish).
+    x = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype("float32")
+    net = _depthwise_net(hard_swish=True)
+    np.testing.assert_allclose(export.forward_model(net)(x).numpy(), net(x).numpy(), rtol=1e-6)
+    q = quantize_model(net, weight_bits=4, activation_bits=8, first_last_bits=None)
+    info = export.export_tflite(q, tmp_path / "hs.tflite", x, mode="int8")
+    assert info["bytes"] > 0
+
+
+def _applications_like_net():
+    """The layers Applications models add: preprocessing, swish, SE, concat, avg-pool, standalone
+    batch norm, a Reshape head to batch-1 constants and a softmax."""
+    seeds = iter(range(20, 40))  # distinct kernels (identical constants are merged)
+
+    def init():
+        return keras.initializers.GlorotUniform(seed=next(seeds))
+
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Rescaling(1.0 / 255.0)(inp)
+    h = keras.layers.Normalization(mean=[0.5, 0.4, 0.3], variance=[0.1, 0.2, 0.3])(h)
+    h = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, kernel_initializer=init())(h)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.Activation("swish")(h)
+    se = keras.layers.GlobalAveragePooling2D(keepdims=True)(h)
+    se = keras.layers.Conv2D(4, 1, activation="swish", kernel_initializer=init())(se)
+    se = keras.layers.Conv2D(8, 1, activation="sigmoid", kernel_initializer=init())(se)
+    h = keras.layers.Multiply()([h, se])
+    b = keras.layers.BatchNormalization()(h)  # standalone: not after a kernel layer
+    b = keras.layers.ReLU()(b)
+    b = keras.layers.Conv2D(4, 1, kernel_initializer=init())(b)
+    h = keras.layers.Concatenate()([h, b])
+    h = keras.layers.AveragePooling2D(2)(h)
+    h = keras.layers.GlobalAveragePooling2D(keepdims=True)(h)
+    h = keras.layers.Conv2D(10, 1, kernel_initializer=init())(h)
+    h = keras.layers.Reshape((10,))(h)
+    return keras.Model(inp, keras.layers.Activation("softmax")(h))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_applications_layers_become_integer_ops(tmp_path, mode):
+    # Failed before: preprocessing/swish/sigmoid/softmax stayed float (MUL, ADD, LOGISTIC,
+    # SOFTMAX), avg-pool/concat broke the converter's same-scale constraint, and the batch-1
+    # Reshape head made verify_tflite crash in XNNPACK.
+    from tfqkd._flatbuffer import op_names, read
+
+    x = np.random.default_rng(2).uniform(0, 255, size=(16, 8, 8, 3)).astype("float32")
+    net = _applications_like_net()
+    for layer in net.layers:  # non-trivial batch-norm statistics
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(np.linspace(-0.2, 0.2, n))
+            layer.moving_variance.assign(np.linspace(0.5, 2.0, n))
+    q = quantize_model(net, weight_bits=4, activation_bits=8, first_last_bits=None)
+    path = tmp_path / "apps.tflite"
+    export.export_tflite(q, path, x, mode=mode)  # raises if any op stayed float
+    model_obj = read(path.read_bytes())
+    names = op_names(model_obj)
+    sg = model_obj.subgraphs[0]
+    ops = [names[op.opcodeIndex] for op in sg.operators]
+    assert "SOFTMAX" in ops and "LOGISTIC" in ops and "CONCATENATION" in ops
+    softmax = sg.operators[ops.index("SOFTMAX")]
+    q_out = sg.tensors[softmax.outputs[0]].quantization
+    assert sg.tensors[softmax.outputs[0]].type == 9  # int8
+    assert q_out.scale[0] == pytest.approx(1 / 256) and int(q_out.zeroPoint[0]) == -128
+    report = export.verify_tflite(path, q, (x, np.zeros(16, "int32")))
+    assert report.num_examples == 16
+    # Probabilities: the file's are on the 1/256 grid, within a few steps of the student's.
+    assert report.max_logit_diff < 0.1

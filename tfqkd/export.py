@@ -268,7 +268,9 @@ def _rebuild(model: keras.Model, layer_fn: Callable, input_fn: Optional[Callable
         tensors[id(old)] = input_fn(new) if input_fn else new
 
     def lookup(x):
-        if keras.backend.is_keras_tensor(x):
+        # Call arguments may hold Python constants (MobileNetV3's hard-swish: ``x + 3.0``,
+        # ``x * (1 / 6)``), which is_keras_tensor rejects: pass them through as they are.
+        if tf.is_tensor(x) and keras.backend.is_keras_tensor(x):
             return tensors[id(x)]
         return x
 
@@ -678,7 +680,7 @@ def _snap_int8_levels(content: bytes, levels_by_layer: Dict[str, np.ndarray]
 class _FakeQuantKernelLayer(keras.layers.Layer):
     """Conv2D / DepthwiseConv2D / Dense with constant folded weights behind a per-channel FakeQuant."""
 
-    def __init__(self, template, kernel, bias, fq_max, num_bits, name):
+    def __init__(self, template, kernel, bias, fq_max, num_bits, name, linear=False):
         super().__init__(name=name)
         self._kind = type(template).__name__
         self._template = template
@@ -686,14 +688,16 @@ class _FakeQuantKernelLayer(keras.layers.Layer):
         self._bias = tf.constant(bias, tf.float32)
         self._fq_max = tf.constant(fq_max, tf.float32)
         self._num_bits = int(num_bits)
-        self._activation = keras.activations.get(getattr(template, "activation", None))
+        # linear: the activation runs after its own FakeQuant (_IntegerActivation).
+        self._activation = keras.activations.get(
+            None if linear else getattr(template, "activation", None))
 
     def call(self, inputs):
         t = self._template
         kernel = self._kernel
         if self._kind == "DepthwiseConv2D":
             # Output channel of a depthwise kernel (h, w, cin, mult) is cin*mult: quantize on it.
-            flat = tf.reshape(kernel, kernel.shape[:2] + [-1])
+            flat = tf.reshape(kernel, list(kernel.shape[:2]) + [-1])
             flat = tf.quantization.fake_quant_with_min_max_vars_per_channel(
                 flat, -self._fq_max, self._fq_max, num_bits=self._num_bits, narrow_range=True)
             kernel = tf.reshape(flat, self._kernel.shape)
@@ -721,11 +725,63 @@ class _FakeQuantActivation(keras.layers.Layer):
     def __init__(self, lo, hi, name):
         super().__init__(name=name)
         self._lo = float(min(lo, 0.0))
-        self._hi = float(max(hi, 0.0, self._lo + 1e-6))
+        self._hi = float(max(hi, 0.0))
+        if self._hi - self._lo < 1e-4:
+            # A (near-)constant tensor, e.g. a channel block that is dead on the calibration
+            # data: any range represents it, but a collapsed one gives its producer and consumers
+            # requantization ratios (in_scale * w_scale / out_scale) of 1e3..1e-10, which XNNPACK
+            # refuses ("failed to create XNNPACK runtime"). Use a unit range instead.
+            self._hi = self._lo + 1.0
 
     def call(self, inputs):
         return tf.quantization.fake_quant_with_min_max_vars(inputs, self._lo, self._hi,
                                                             num_bits=8, narrow_range=False)
+
+
+#: Output ranges TFLite's int8 kernels require: LOGISTIC and SOFTMAX scale 1/256 and zero point
+#: -128, TANH scale 1/128 and zero point 0 (FakeQuant ranges giving exactly those grids).
+_PINNED_RANGES = {"softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0),
+                  "tanh": (-1.0, 127.0 / 128.0)}
+#: Activations that are not a ReLU the converter fuses: they get an input FakeQuant of their own.
+_SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh", "swish", "silu")
+#: Layers TFLite runs with the same scale on input and output (the converter rejects others).
+_SAME_SCALE_LAYERS = (keras.layers.AveragePooling2D, keras.layers.MaxPooling2D,
+                      keras.layers.Reshape, keras.layers.Flatten, keras.layers.ZeroPadding2D,
+                      keras.layers.Cropping2D)
+
+
+def _activation_kind(layer) -> str:
+    """Name of the activation a kernel or ``Activation`` layer applies (``"linear"`` if none)."""
+    act = getattr(layer, "activation", None)
+    if act is None:
+        return "linear"
+    return getattr(act, "__name__", type(act).__name__)
+
+
+class _IntegerActivation(keras.layers.Layer):
+    """An activation as TFLite's integer kernels run it; swish gets its sigmoid on the 1/256 grid."""
+
+    def __init__(self, kind, name):
+        super().__init__(name=name)
+        self._kind = kind
+
+    def call(self, inputs):
+        if self._kind in ("swish", "silu"):  # x * sigmoid(x): LOGISTIC (pinned grid), then MUL
+            lo, hi = _PINNED_RANGES["sigmoid"]
+            gate = tf.quantization.fake_quant_with_min_max_vars(tf.sigmoid(inputs), lo, hi,
+                                                                num_bits=8)
+            return inputs * gate
+        return keras.activations.get(self._kind)(inputs)
+
+
+def _linear_clone(layer):
+    """``layer`` without its activation (same weights), to measure pre-activation ranges."""
+    config = layer.get_config()
+    config["activation"] = "linear"
+    clone = layer.__class__.from_config(config)
+    clone.build(layer.input_shape)
+    clone.set_weights(layer.get_weights())
+    return clone
 
 
 def _is_plain_relu(layer) -> bool:
@@ -825,16 +881,52 @@ def _weight_grid(q: np.ndarray, g: np.ndarray, bits: int, depthwise: bool,
     return np.maximum(fq_max, 1e-12), bits
 
 
-def _calibrate_ranges(source: keras.Model, names: Sequence[str], samples: Iterable[np.ndarray]
+def _channel_affine(layer, channels: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """``(a, b)`` per channel with ``layer(x) == a * x + b`` for a per-channel affine layer, else None.
+
+    Batch norm (not folded into a kernel), ``Normalization`` and ``Rescaling`` (the preprocessing
+    layers of MobileNetV3 / EfficientNet) are such maps. TFLite has no integer kernel for a float
+    MUL/ADD by constants, so the fake-quant graph runs them as a 1x1 depthwise convolution.
+    """
+    def per_channel(v) -> np.ndarray:
+        v = np.asarray(v, np.float64).reshape(-1)
+        return np.broadcast_to(v, (channels,)).copy() if v.size in (1, channels) else None
+
+    if isinstance(layer, keras.layers.BatchNormalization):
+        if layer.axis not in ([-1], [3], -1, 3):
+            return None
+        params = dict(zip([_weight_short_name(w) for w in layer.weights], layer.get_weights()))
+        gamma = params.get("gamma", np.ones(channels))
+        a = gamma / np.sqrt(params["moving_variance"] + layer.epsilon)
+        return a, params.get("beta", np.zeros(channels)) - params["moving_mean"] * a
+    if isinstance(layer, keras.layers.Rescaling):
+        a, b = per_channel(layer.scale), per_channel(layer.offset)
+        return None if a is None or b is None else (a, b)
+    if isinstance(layer, keras.layers.Normalization):
+        mean = per_channel(layer.mean.numpy() if hasattr(layer.mean, "numpy") else layer.mean)
+        var = per_channel(layer.variance.numpy() if hasattr(layer.variance, "numpy")
+                          else layer.variance)
+        if mean is None or var is None:
+            return None
+        std = np.maximum(np.sqrt(var), keras.backend.epsilon())
+        return (std, mean) if layer.invert else (1.0 / std, -mean / std)
+    return None
+
+
+def _calibrate_ranges(source: keras.Model, names: Sequence[str], samples: Iterable[np.ndarray],
+                      pre: Sequence[Any] = ()
                       ) -> Tuple[List[Tuple[float, float]], List[Tuple[float, float]]]:
     """(min, max) of every model input and of the output of each (inner) layer in ``names``.
 
     Measured on ``source``, the student itself: its activation quantizers clip, so downstream
     ranges of the student are much narrower than those of the unclipped float rebuild.
+    ``pre``: ``(layer name, fn)`` pairs; their ranges (appended after those of ``names``) are of
+    ``fn(input of that layer in source)``, e.g. a kernel layer's output before its activation.
     """
     by_inner = {_inner(layer).name: layer for layer in source.layers}
-    probe = keras.Model(source.inputs, [by_inner[name].output for name in names])
-    n_in, n_out = len(source.inputs), len(names)
+    probe = keras.Model(source.inputs, [by_inner[name].output for name in names] +
+                        [by_inner[name].input for name, _ in pre])
+    n_in, n_out = len(source.inputs), len(names) + len(pre)
     lo = np.full(n_in + n_out, np.inf)
     hi = np.full(n_in + n_out, -np.inf)
     batch: List[np.ndarray] = []
@@ -842,8 +934,10 @@ def _calibrate_ranges(source: keras.Model, names: Sequence[str], samples: Iterab
     def update(xs):
         x = np.concatenate(xs, axis=0)
         outs = probe(x, training=False)
-        outs = outs if isinstance(outs, (list, tuple)) else [outs]
-        for i, v in enumerate([x] + [o.numpy() for o in outs]):
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        for k, (_, fn) in enumerate(pre):
+            outs[len(names) + k] = fn(outs[len(names) + k])
+        for i, v in enumerate([x] + [np.asarray(o) for o in outs]):
             lo[i] = min(lo[i], float(np.min(v)))
             hi[i] = max(hi[i], float(np.max(v)))
 
@@ -856,6 +950,41 @@ def _calibrate_ranges(source: keras.Model, names: Sequence[str], samples: Iterab
         update(batch)
     ranges = list(zip(lo.tolist(), hi.tolist()))
     return ranges[:n_in], ranges[n_in:]
+
+
+def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]]) -> None:
+    """Gives pooling/reshape/concatenation outputs and their inputs one range, in place.
+
+    TFLite runs these ops with the same scale on every input and the output, and the converter
+    rejects a file where the FakeQuant ranges differ ("same scale constraint"). Layers linked by
+    such ops form groups (union-find; DenseNet chains concatenations through its blocks); each
+    group gets the union of its members' ranges.
+    """
+    parent: Dict[int, int] = {}
+
+    def find(a: int) -> int:
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for layer in plain.layers:
+        if not isinstance(layer, _SAME_SCALE_LAYERS + (keras.layers.Concatenate,)) or \
+                id(layer) not in ranges:
+            continue
+        for node in layer._inbound_nodes:  # noqa: SLF001
+            for inbound in tf.nest.flatten(node.inbound_layers):
+                if id(inbound) in ranges:
+                    parent[find(id(inbound))] = find(id(layer))
+    groups: Dict[int, List[int]] = {}
+    for key in ranges:
+        if key in parent:
+            groups.setdefault(find(key), []).append(key)
+    for members in groups.values():
+        lo = min(ranges[m][0] for m in members)
+        hi = max(ranges[m][1] for m in members)
+        for m in members:
+            ranges[m] = (lo, hi)
 
 
 def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]],
@@ -890,12 +1019,32 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
             continue
         fq_layers.append(layer)
     # A fused conv(+BN)+ReLU output is quantized with the ReLU's range: keep the student's.
-    in_ranges, out_ranges = _calibrate_ranges(source or plain, [layer.name for layer in fq_layers],
-                                              samples)
+    # Kernel layers ending in softmax/sigmoid/swish...: their pre-activation output gets a range.
+    split = [layer for layer in plain.layers if isinstance(layer, _KERNEL_LAYERS)
+             and _activation_kind(layer) in _SPLIT_ACTIVATIONS]
+    in_ranges, out_ranges = _calibrate_ranges(
+        source or plain, [layer.name for layer in fq_layers], samples,
+        pre=[(layer.name, _linear_clone(layer)) for layer in split])
     in_ranges = [fixed or r for fixed, r in zip(list(input_ranges or []) + [None] * len(in_ranges),
                                                in_ranges)]
+    pre_ranges = {id(layer): r for layer, r in zip(split, out_ranges[len(fq_layers):])}
     ranges = {id(layer): fixed_ranges.get(layer.name, r) for layer, r in zip(fq_layers, out_ranges)}
+    for layer in fq_layers:
+        if _activation_kind(layer) in _PINNED_RANGES:
+            ranges[id(layer)] = _PINNED_RANGES[_activation_kind(layer)]
+    _share_ranges(plain, ranges)
     used_bits: Dict[str, int] = {}
+    affine = {}
+    for layer in plain.layers:
+        if id(layer) in folded_bns or isinstance(layer, _KERNEL_LAYERS) or \
+                len(layer._inbound_nodes) != 1:  # noqa: SLF001
+            continue
+        shape = layer.input_shape if not isinstance(layer.input_shape, list) else None
+        if shape is None or len(shape) != 4 or shape[-1] is None:
+            continue
+        found = _channel_affine(layer, int(shape[-1]))
+        if found is not None:
+            affine[id(layer)] = found
 
     def input_fn(x):
         lo, hi = in_ranges.pop(0)
@@ -912,9 +1061,23 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
                                         per_tensor=isinstance(layer, keras.layers.Dense))
             used_bits[layer.name] = used
             out = _FakeQuantKernelLayer(layer, kernel, bias, fq_max.astype(np.float32), used,
-                                        name=layer.name)(*args)
+                                        name=layer.name, linear=id(layer) in pre_ranges)(*args)
+            if id(layer) in pre_ranges:
+                lo, hi = pre_ranges[id(layer)]
+                out = _FakeQuantActivation(lo, hi, name=layer.name + "_pre_fq")(out)
+                out = _IntegerActivation(_activation_kind(layer), name=layer.name + "_act")(out)
+        elif isinstance(layer, keras.layers.Activation) and \
+                _activation_kind(layer) in _SPLIT_ACTIVATIONS:
+            out = _IntegerActivation(_activation_kind(layer), name=layer.name)(args[0])
         elif id(layer) in folded_bns:
             out = args[0]  # folded into the kernel layer; its output range applies here
+        elif id(layer) in affine:
+            a, b = affine[id(layer)]
+            # 8-bit per-channel grid with level 127 at |a_c|: the multiplier is exact.
+            out = _FakeQuantKernelLayer(
+                keras.layers.DepthwiseConv2D(1), a.reshape(1, 1, -1, 1).astype(np.float32),
+                b.astype(np.float32), np.maximum(np.abs(a), 1e-12).astype(np.float32), 8,
+                name=layer.name)(args[0])
         else:
             out = _clone_plain_layer(layer)(*args, **kwargs)
         if id(layer) in ranges:
@@ -925,7 +1088,8 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     rebuilt = _rebuild(plain, layer_fn, input_fn)
     # Copy weights of layers rebuilt by cloning (everything but kernel layers and folded BNs).
     for layer in plain.layers:
-        if isinstance(layer, _KERNEL_LAYERS) or id(layer) in folded_bns or not layer.weights:
+        if isinstance(layer, _KERNEL_LAYERS) or id(layer) in folded_bns or \
+                id(layer) in affine or not layer.weights:
             continue
         rebuilt.get_layer(layer.name).set_weights(layer.get_weights())
     return rebuilt, used_bits
@@ -1337,6 +1501,31 @@ def _batches(dataset, limit: Optional[int]) -> Iterable[Tuple[np.ndarray, np.nda
         yield x, y
 
 
+def _invoke_batch(interpreter, inp, out, feed: np.ndarray) -> np.ndarray:
+    """Outputs for a batch; one image at a time when the file is fixed to batch 1.
+
+    A file whose graph holds batch-1 constants (Keras Applications' ``Reshape((classes,))``
+    head becomes RESHAPE to ``[1, classes]``) cannot be resized to a larger batch: LiteRT
+    fails in XNNPACK's reshape then. The deployed file runs one image per call anyway.
+    """
+    if int(interpreter.get_input_details()[0]["shape"][0]) == feed.shape[0]:
+        try:
+            interpreter.set_tensor(inp["index"], feed)
+            interpreter.invoke()
+            return interpreter.get_tensor(out["index"])
+        except (RuntimeError, ValueError):
+            if feed.shape[0] == 1:
+                raise
+    interpreter.resize_tensor_input(inp["index"], (1,) + tuple(feed.shape[1:]))
+    interpreter.allocate_tensors()
+    rows = []
+    for i in range(feed.shape[0]):
+        interpreter.set_tensor(inp["index"], feed[i:i + 1])
+        interpreter.invoke()
+        rows.append(interpreter.get_tensor(out["index"]).copy())
+    return np.concatenate(rows, axis=0)
+
+
 def verify_tflite(
     path: Union[str, os.PathLike],
     model: keras.Model,
@@ -1371,20 +1560,23 @@ def verify_tflite(
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
     current_batch = None
+    one_by_one = False
     n = agree = keras_ok = tfl_ok = 0
     max_diff = 0.0
     for x, y in _batches(dataset, max_examples):
-        if x.shape[0] != current_batch:
-            interpreter.resize_tensor_input(inp["index"], (x.shape[0],) + tuple(inp["shape"][1:]))
-            interpreter.allocate_tensors()
-            current_batch = x.shape[0]
+        if x.shape[0] != current_batch and not one_by_one:
+            try:
+                interpreter.resize_tensor_input(inp["index"],
+                                                (x.shape[0],) + tuple(inp["shape"][1:]))
+                interpreter.allocate_tensors()
+                current_batch = x.shape[0]
+            except (RuntimeError, ValueError):
+                one_by_one = True  # see _invoke_batch
         feed = x
         if inp["dtype"] != np.float32:
             scale, zero = inp["quantization"]
             feed = quantize_input(x, scale, zero, inp["dtype"])
-        interpreter.set_tensor(inp["index"], feed)
-        interpreter.invoke()
-        logits = interpreter.get_tensor(out["index"])
+        logits = _invoke_batch(interpreter, inp, out, feed)
         if out["dtype"] != np.float32:
             scale, zero = out["quantization"]
             logits = (logits.astype(np.float32) - zero) * scale

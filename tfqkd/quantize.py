@@ -279,7 +279,11 @@ def _check_layers(model: keras.Model) -> None:
         raise ValueError(
             f"cannot quantize the weights of layer(s) {', '.join(problems)}: tfqkd quantizes "
             f"{supported} kernels (BatchNormalization stays float). Replace these layers with "
-            "supported ones, or quantize the model without them.")
+            "supported ones, or quantize the model without them."
+            + (" A SeparableConv2D (NASNet, Xception) is a DepthwiseConv2D followed by a 1x1 "
+               "Conv2D (use_bias on the second): build the model with those two layers, which "
+               "tfqkd quantizes and exports." if any("SeparableConv2D" in p for p in problems)
+               else ""))
 
 
 # --------------------------------------------------------------------------------------------
