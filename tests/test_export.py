@@ -503,3 +503,63 @@ def test_applications_layers_become_integer_ops(tmp_path, mode):
     assert report.num_examples == 16
     # Probabilities: the file's are on the 1/256 grid, within a few steps of the student's.
     assert report.max_logit_diff < 0.1
+
+
+def _relu6_net():
+    """MobileNetV2's pattern: conv -> BN -> ReLU6, depthwise -> BN -> ReLU6, 1x1 conv -> BN."""
+    init = keras.initializers.GlorotUniform(seed=2)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False,
+                            kernel_initializer=init, name="stem")(inp)
+    h = keras.layers.ReLU(6.0, name="stem_relu")(keras.layers.BatchNormalization()(h))
+    h = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False,
+                                     depthwise_initializer=init)(h)
+    h = keras.layers.ReLU(6.0)(keras.layers.BatchNormalization()(h))
+    h = keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 1, use_bias=False,
+                                                              kernel_initializer=init)(h))
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(10, kernel_initializer=init)(h))
+
+
+def test_w8_relu6_file_matches_the_student_at_the_first_layer(tmp_path):
+    """Failed before on two counts, each alone enough (checked by reverting each fix): (a) 8-bit
+    kernels whose smallest used level is not 1 were put on a calibrated grid instead of the
+    student's step; (b) MobileNet-style inputs (pixels / 127.5 - 1) lie exactly on rounding
+    ties of the [-1, 1] input grid, where the student rounds up and the file to even. The first
+    ReLU6 output (no earlier layer to carry a difference) must then equal the student's, up to
+    one step of integer rounding."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = (rng.integers(0, 256, size=(64, 8, 8, 3)) / 127.5 - 1.0).astype("float32")
+    y = rng.integers(0, 10, size=64)
+    q = quantize_model(_relu6_net(), weight_bits=8, activation_bits=8, per_channel=True)
+    _fit(q, x, y, steps=4)
+    path = str(tmp_path / "relu6.tflite")
+    export.export_tflite(q, path, x, mode="int8")
+    it = Interpreter(model_path=path, experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    ops = it._get_ops_details()  # noqa: SLF001 (the op graph: which tensor feeds which op)
+    conv = next(op for op in ops if op["op_name"] == "CONV_2D")
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    # (a) the stem's int8 kernel holds the student's integer levels (times 127 // max level).
+    levels = tfqkd.quantize.quantization_info(q)["stem"]["levels"].astype(np.int64)  # HWIO
+    file_kernel = it.get_tensor(conv["inputs"][1]).astype(np.int64)  # OHWI
+    kmax = np.abs(levels).reshape(-1, levels.shape[-1]).max(axis=0)
+    np.testing.assert_array_equal(file_kernel, np.transpose(levels * (127 // kmax), (3, 0, 1, 2)))
+    # (b): the stem's ReLU6 output, image by image.
+    inp = it.get_input_details()[0]
+    student = keras.Model(q.inputs, q.get_layer("quant_stem_relu").output)
+    out = details[conv["outputs"][0]]
+    scale, zero = out["quantization"]
+    assert out["dtype"] == np.int8 and scale > 0
+    steps = []
+    for image in x[:16]:
+        it.set_tensor(inp["index"], image[None])
+        it.invoke()
+        got = (it.get_tensor(out["index"]).astype(np.float32) - zero) * scale
+        steps.append(np.abs(got - student(image[None], training=False).numpy()) / scale)
+    steps = np.concatenate([s.ravel() for s in steps])
+    assert steps.max() <= 1.01, steps.max()
+    assert np.mean(steps < 0.01) >= 0.99, np.mean(steps < 0.01)

@@ -468,6 +468,8 @@ def _is_converter_error(err: BaseException) -> bool:
 def _quantizer_range(quantizer, qvars) -> Optional[Tuple[float, float]]:
     """The fixed range an activation quantizer uses at inference, if it has one."""
     try:
+        if hasattr(quantizer, "range_of"):  # tfqkd RangeQuantizer (its widened range)
+            return quantizer.range_of(qvars)
         if hasattr(quantizer, "clip_of"):  # tfqkd ActivationQuantizer (and subclasses): [0, c]
             return 0.0, float(np.asarray(quantizer.clip_of(qvars)))
         if isinstance(qvars, dict) and "min_var" in qvars and "max_var" in qvars:  # tfmot
@@ -486,6 +488,25 @@ def _student_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, flo
                                  getattr(layer, "_output_quantizer_vars", {}))
             if r is not None and np.isfinite(r).all() and r[1] > r[0]:
                 out[layer.layer.name] = r
+    return out
+
+
+def _student_weight_levels(model: keras.Model) -> Dict[str, Tuple[np.ndarray, np.ndarray, bool]]:
+    """{layer name: (integer levels, step, per_channel)} of every kernel a tfqkd quantizer rounds.
+
+    Read from the quantizer (:func:`tfqkd.quantize.quantization_info`), not inferred from the
+    rounded kernel: an 8-bit kernel's smallest used level is often not 1.
+    """
+    from tfqkd.quantize import quantization_info  # tfqkd.quantize imports this module's users
+
+    out = {}
+    for key, info in quantization_info(model).items():
+        name, _, weight = key.partition("/")
+        if weight and weight not in ("kernel", "depthwise_kernel"):
+            continue
+        step = np.asarray(info["step"], np.float32)
+        out[name] = (info["levels"].astype(np.int32),
+                     step if info["per_channel"] else step.reshape(()), bool(info["per_channel"]))
     return out
 
 
@@ -785,11 +806,13 @@ def _linear_clone(layer):
 
 
 def _is_plain_relu(layer) -> bool:
+    # ReLU and ReLU6 (MobileNet, MobileNetV2): TFLite fuses both into the producing conv/add, so
+    # the file rounds only their output, as the student's activation quantizer does.
     if isinstance(layer, keras.layers.ReLU):
-        return (layer.max_value is None and float(layer.threshold) == 0.0
-                and float(layer.negative_slope) == 0.0)
+        return (layer.max_value is None or float(layer.max_value) == 6.0) and \
+            float(layer.threshold) == 0.0 and float(layer.negative_slope) == 0.0
     if isinstance(layer, keras.layers.Activation):
-        return getattr(layer.activation, "__name__", "") == "relu"
+        return getattr(layer.activation, "__name__", "") in ("relu", "relu6")
     return False
 
 
@@ -847,13 +870,17 @@ def _fold(layer, bn) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _weight_grid(q: np.ndarray, g: np.ndarray, bits: int, depthwise: bool,
-                 per_tensor: bool = False) -> Tuple[np.ndarray, int]:
+                 per_tensor: bool = False, levels=None) -> Tuple[np.ndarray, int]:
     """Per-channel FakeQuant range that puts ``k * d_c * g_c`` exactly on a ``bits`` grid.
 
     Returns (max_c, bits actually used: ``bits`` if the levels fit, else 8). With
     ``per_tensor`` (dense kernels) the grid is shared by all channels, exact when the step is.
+    ``levels`` is ``(k, step, per_channel)`` as the student's quantizer states it; without it
+    they are inferred from ``q`` (which fails for 8-bit kernels whose smallest used level is
+    far from 1, and for depthwise kernels with one step per input channel).
     """
-    levels = _integer_levels(q)
+    if levels is None:
+        levels = _integer_levels(q)
     qmax = 2 ** (bits - 1) - 1
     flat = q.reshape(q.shape[:2] + (-1,)) if depthwise else q
     out_ch = flat.shape[-1]
@@ -874,7 +901,9 @@ def _weight_grid(q: np.ndarray, g: np.ndarray, bits: int, depthwise: bool,
     if kmax.max() > qmax:
         bits, qmax = 8, 127
     if depthwise and per_channel:
-        step = np.repeat(step, flat.shape[-1] // step.shape[0]) if step.ndim else step
+        step = np.asarray(step).reshape(-1)  # (cin, mult) from the quantizer: channel c*mult+m
+        if step.size != out_ch:
+            step = np.repeat(step, out_ch // step.size)
     step = np.broadcast_to(np.asarray(step, np.float64), (out_ch,)) * np.abs(g)
     n = np.where(kmax > 0, qmax // np.maximum(kmax, 1), 1)
     fq_max = np.where(kmax > 0, step / n * qmax, np.maximum(absmax, 1e-8))
@@ -992,7 +1021,8 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
                      fixed_ranges: Optional[Dict[str, Tuple[float, float]]] = None,
                      source: Optional[keras.Model] = None,
                      input_ranges: Optional[Sequence[Optional[Tuple[float, float]]]] = None,
-                     ) -> Tuple[keras.Model, Dict[str, int]]:
+                     weight_levels: Optional[Dict[str, Tuple[np.ndarray, np.ndarray, bool]]]
+                     = None) -> Tuple[keras.Model, Dict[str, int]]:
     """The plain model as a QAT-style graph the converter turns into a full-integer file.
 
     Batch norm is folded into the preceding kernel; kernels get a per-channel FakeQuant whose
@@ -1001,8 +1031,11 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     student's own range where its activation quantizer has one (``fixed_ranges``, by layer
     name) and the calibrated min/max elsewhere. ``input_ranges`` (per model input, None =
     calibrate) likewise fixes the input's range to that of the student's input quantizer.
+    ``weight_levels`` (by layer name, :func:`_student_weight_levels`) are the kernels' integer
+    levels and steps as the student's quantizers state them.
     """
     fixed_ranges = dict(fixed_ranges or {})
+    weight_levels = dict(weight_levels or {})
     plan = _fold_plan(plain)
     folded_bns = {id(bn) for bn in plan.values()}
     consumers = _consumers(plain)
@@ -1058,7 +1091,8 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
             want = 4 if (low_bit and want <= 4) else 8
             fq_max, used = _weight_grid(layer.get_weights()[0], g, want,
                                         isinstance(layer, keras.layers.DepthwiseConv2D),
-                                        per_tensor=isinstance(layer, keras.layers.Dense))
+                                        per_tensor=isinstance(layer, keras.layers.Dense),
+                                        levels=weight_levels.get(layer.name))
             used_bits[layer.name] = used
             out = _FakeQuantKernelLayer(layer, kernel, bias, fq_max.astype(np.float32), used,
                                         name=layer.name, linear=id(layer) in pre_ranges)(*args)
@@ -1320,7 +1354,8 @@ def export_tflite(
             plain, bits_by_layer,
             _iter_samples(representative_data, input_rank, num_calibration),
             low_bit=mode == "int4", fixed_ranges=_student_activation_ranges(model), source=model,
-            input_ranges=_student_input_ranges(model))
+            input_ranges=_student_input_ranges(model),
+            weight_levels=_student_weight_levels(model))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

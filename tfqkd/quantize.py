@@ -397,6 +397,11 @@ class TfqkdQuantizeLayoutTransform(_tfmot_q.QuantizeLayoutTransform):
         ).transform()
 
 
+#: The model input's range is widened by this fraction (see ``RangeQuantizer``'s ``widen``): no
+#: regular pixel grid then falls on a rounding tie, where TensorFlow and TFLite round apart.
+INPUT_RANGE_WIDEN = 1.0 / 1024
+
+
 def _input_layer_quantize():
     """tfmot's ``InputLayerQuantize`` transform with tfqkd's :class:`RangeQuantizer` in the layer.
 
@@ -412,7 +417,7 @@ def _input_layer_quantize():
 
     class InputLayerRangeQuantize(default_8bit_transforms.InputLayerQuantize):
         def replacement(self, match_layer):
-            layer = quantize_layer.QuantizeLayer(RangeQuantizer(8))
+            layer = quantize_layer.QuantizeLayer(RangeQuantizer(8, widen=INPUT_RANGE_WIDEN))
             config = keras.utils.legacy.serialize_keras_object(layer)
             config["name"] = layer.name
             return transforms.LayerNode(config, input_layers=[match_layer])

@@ -646,8 +646,16 @@ class RangeQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         True
     """
 
-    def __init__(self, bits: int = 8, ema_decay: float = 0.99):
+    def __init__(self, bits: int = 8, ema_decay: float = 0.99, widen: float = 0.0):
         self.bits = check_bits(bits, "bits")
+        if not 0.0 <= float(widen) < 0.5:
+            raise ValueError(f"widen must be in [0, 0.5), got {widen!r}.")
+        # Rounds on [min, max] * (1 + widen). The model input gets widen = 1/1024: inputs on a
+        # regular pixel grid (x / 127.5 - 1, MobileNet's preprocessing) would otherwise sit
+        # exactly halfway between two int8 levels of the [-1, 1] range, where TensorFlow's
+        # FakeQuant rounds up and TFLite's QUANTIZE rounds to even (XNNPACK) or away from zero
+        # (reference kernels): the student and its file would disagree on every other pixel.
+        self.widen = float(widen)
         if self.bits < 2:
             raise ValueError(f"RangeQuantizer needs bits >= 2 (got {bits!r}): an asymmetric "
                              "range with an exact zero needs at least 2 levels per side.")
@@ -679,13 +687,24 @@ class RangeQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
                 lo, hi = tf.identity(lo), tf.identity(hi)
         lo, hi = tf.stop_gradient(lo), tf.stop_gradient(hi)
         empty = hi <= lo
+        if self.widen:
+            lo, hi = lo * (1.0 + self.widen), hi * (1.0 + self.widen)
         q = tf.quantization.fake_quant_with_min_max_vars(
             x, tf.where(empty, -1.0, lo), tf.where(empty, 1.0, hi), num_bits=self.bits,
             narrow_range=False)
         return tf.where(empty, x, q)
 
+    def range_of(self, weights) -> Tuple[float, float]:
+        """The ``(min, max)`` this quantizer rounds on at inference (what the file must use)."""
+        scale = 1.0 + self.widen
+        return (float(np.asarray(weights["min_var"])) * scale,
+                float(np.asarray(weights["max_var"])) * scale)
+
     def get_config(self) -> Dict[str, Any]:
-        return {"bits": self.bits, "ema_decay": self.ema_decay}
+        config = {"bits": self.bits, "ema_decay": self.ema_decay}
+        if self.widen:
+            config["widen"] = self.widen
+        return config
 
     def __eq__(self, other):
         return isinstance(other, RangeQuantizer) and self.get_config() == other.get_config()
@@ -694,4 +713,5 @@ class RangeQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
         return not self.__eq__(other)
 
     def __repr__(self):
-        return f"RangeQuantizer(bits={self.bits}, ema_decay={self.ema_decay})"
+        widen = f", widen={self.widen}" if self.widen else ""
+        return f"RangeQuantizer(bits={self.bits}, ema_decay={self.ema_decay}{widen})"
