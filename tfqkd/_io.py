@@ -12,9 +12,13 @@ import os
 import tempfile
 from typing import IO, Iterator, Union
 
-__all__ = ["atomic_open", "atomic_path", "atomic_write"]
+__all__ = ["atomic_open", "atomic_path", "atomic_write", "writes_in_progress"]
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+#: Number of atomic writes under way (a Ctrl-C handler interrupts one by raising, so that its
+#: temporary file is removed, and exits at once otherwise; see ``writes_in_progress``).
+_WRITES = 0
 
 # mkstemp creates 0600 files; finished files should get the permissions a plain open() would give.
 _UMASK = os.umask(0)
@@ -42,6 +46,8 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
     os.close(fd)
+    global _WRITES
+    _WRITES += 1
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)
         yield tmp
@@ -50,6 +56,18 @@ def atomic_path(path: PathLike) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+    finally:
+        _WRITES -= 1
+
+
+def writes_in_progress() -> bool:
+    """Whether an :func:`atomic_path` / :func:`atomic_open` block is running in this process.
+
+    Example:
+        >>> writes_in_progress()
+        False
+    """
+    return _WRITES > 0
 
 
 @contextlib.contextmanager
