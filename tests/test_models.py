@@ -241,10 +241,21 @@ def test_logits_model_shares_variables(kind):
 @pytest.mark.parametrize("kind", ["dense", "activation"])
 def test_logits_model_of_a_qat_model(kind):
     import tfqkd
-    q = tfqkd.quantize_model(_softmax_models()[kind], weight_bits=4, activation_bits=8)
+    # W4A32: the softmax output is not rounded, so log p - z is exactly constant.
+    q = tfqkd.quantize_model(_softmax_models()[kind], weight_bits=4)
     view = models.logits_model(q)
     x = tf.random.stateless_normal((4, 8, 8, 1), seed=(5, 6))
     _assert_logits_of(q, view, x)
+    # W4A8: the student rounds its softmax output on TFLite's int8 SOFTMAX grid (1/256), as the
+    # file does; the view's logits give those probabilities after softmax and that rounding.
+    q8 = tfqkd.quantize_model(_softmax_models()[kind], weight_bits=4, activation_bits=8)
+    view8 = models.logits_model(q8)
+    q8(x, training=True)  # the range quantizers see data
+    p = q8(x, training=False).numpy().astype(np.float64)
+    z = view8(x, training=False).numpy().astype(np.float64)
+    soft = np.exp(z - z.max(-1, keepdims=True))
+    soft /= soft.sum(-1, keepdims=True)
+    np.testing.assert_allclose(p * 256, np.clip(np.floor(soft * 256 + 0.5), 0, 255), atol=1e-3)
 
 
 def test_logits_model_returns_logit_models_as_is_and_rejects_nested_softmax():

@@ -271,10 +271,16 @@ def test_already_quantized_and_non_relu_activation():
     q = quantize_model(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(q)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="tanh"),
-                              keras.layers.Dense(2)])
-    with pytest.warns(UserWarning, match="stays float"):
-        quantize_model(model, activation_bits=4)
+    inp = keras.Input((4,))
+    h = keras.layers.Dense(3, activation="tanh", name="tanh_fc")(inp)
+    h = keras.layers.Dense(3, name="fc")(h) * 0.5  # a TensorFlow op in the graph: TFOpLambda
+    model = keras.Model(inp, keras.layers.Dense(2)(h))
+    with pytest.warns(UserWarning, match=r"'tf.math.multiply.*' stay float.*rounds their outputs"):
+        q = quantize_model(model, activation_bits=4)
+    # The tanh output is rounded on TFLite's TANH grid, its input by a range quantizer.
+    cfg = q.get_layer("quant_tanh_fc").quantize_config
+    assert repr(cfg.output_quantizer) == "FixedRangeQuantizer(bits=8, min=-1.0, max=0.9921875)"
+    assert type(cfg.pre_activation_quantizer).__name__ == "RangeQuantizer"
 
 
 # -- tensors the integer file rounds -------------------------------------------------------

@@ -491,6 +491,19 @@ def _student_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, flo
     return out
 
 
+def _student_pre_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, float]]:
+    """{inner layer name: (min, max)} of the quantizer before a fused softmax / sigmoid / tanh."""
+    out = {}
+    for layer in model.layers:
+        for act in getattr(layer, "_quantize_activations", None) or []:
+            if not (_is_wrapper(layer) and getattr(act, "_should_pre_quantize", lambda: False)()):
+                continue
+            r = _quantizer_range(act.quantizer, getattr(act, "_pre_activation_vars", {}))
+            if r is not None and np.isfinite(r).all() and r[1] > r[0]:
+                out[layer.layer.name] = r
+    return out
+
+
 def _student_weight_levels(model: keras.Model) -> Dict[str, Tuple[np.ndarray, np.ndarray, bool]]:
     """{layer name: (integer levels, step, per_channel)} of every kernel a tfqkd quantizer rounds.
 
@@ -1022,7 +1035,8 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
                      source: Optional[keras.Model] = None,
                      input_ranges: Optional[Sequence[Optional[Tuple[float, float]]]] = None,
                      weight_levels: Optional[Dict[str, Tuple[np.ndarray, np.ndarray, bool]]]
-                     = None) -> Tuple[keras.Model, Dict[str, int]]:
+                     = None, pre_activation_ranges: Optional[Dict[str, Tuple[float, float]]] = None,
+                     ) -> Tuple[keras.Model, Dict[str, int]]:
     """The plain model as a QAT-style graph the converter turns into a full-integer file.
 
     Batch norm is folded into the preceding kernel; kernels get a per-channel FakeQuant whose
@@ -1032,7 +1046,8 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     name) and the calibrated min/max elsewhere. ``input_ranges`` (per model input, None =
     calibrate) likewise fixes the input's range to that of the student's input quantizer.
     ``weight_levels`` (by layer name, :func:`_student_weight_levels`) are the kernels' integer
-    levels and steps as the student's quantizers state them.
+    levels and steps as the student's quantizers state them; ``pre_activation_ranges`` the
+    student's ranges before fused softmax / sigmoid / tanh activations (else calibrated).
     """
     fixed_ranges = dict(fixed_ranges or {})
     weight_levels = dict(weight_levels or {})
@@ -1060,7 +1075,9 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
         pre=[(layer.name, _linear_clone(layer)) for layer in split])
     in_ranges = [fixed or r for fixed, r in zip(list(input_ranges or []) + [None] * len(in_ranges),
                                                in_ranges)]
-    pre_ranges = {id(layer): r for layer, r in zip(split, out_ranges[len(fq_layers):])}
+    pre_fixed = dict(pre_activation_ranges or {})
+    pre_ranges = {id(layer): pre_fixed.get(layer.name, r)
+                  for layer, r in zip(split, out_ranges[len(fq_layers):])}
     ranges = {id(layer): fixed_ranges.get(layer.name, r) for layer, r in zip(fq_layers, out_ranges)}
     for layer in fq_layers:
         if _activation_kind(layer) in _PINNED_RANGES:
@@ -1355,7 +1372,8 @@ def export_tflite(
             _iter_samples(representative_data, input_rank, num_calibration),
             low_bit=mode == "int4", fixed_ranges=_student_activation_ranges(model), source=model,
             input_ranges=_student_input_ranges(model),
-            weight_levels=_student_weight_levels(model))
+            weight_levels=_student_weight_levels(model),
+            pre_activation_ranges=_student_pre_activation_ranges(model))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

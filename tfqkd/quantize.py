@@ -58,11 +58,13 @@ from tfqkd.quantize_configs import (
     DepthwiseConv2DQuantizeConfig,
     is_quantizable_relu_layer,
     is_relu_activation,
+    PRE_QUANTIZED_ACTIVATIONS,
 )
 from tfqkd.quantizers import (
     CLIP_KINDS,
     STEP_KINDS,
     ActivationQuantizer,
+    FixedRangeQuantizer,
     RangeQuantizer,
     SymmetricQuantizer,
     check_bits,
@@ -203,6 +205,34 @@ _REQUANTIZING_POOLS: Tuple[type, ...] = tuple(
 )
 
 
+#: Layers computing a new tensor elementwise or by channel (Applications models: swish and
+#: sigmoid activations, squeeze-excite products, DenseNet's concatenations, MobileNetV3 /
+#: EfficientNet preprocessing); the integer file stores each output with a range of its own.
+_ELEMENTWISE_OUTPUTS: Tuple[type, ...] = tuple(
+    cls for cls in (
+        keras.layers.Multiply,
+        keras.layers.Subtract,
+        keras.layers.Concatenate,
+        keras.layers.LeakyReLU,
+        keras.layers.PReLU,
+        keras.layers.ELU,
+        keras.layers.Softmax,
+        getattr(keras.layers, "Rescaling", None),
+        getattr(keras.layers, "Normalization", None),
+    ) if cls is not None
+)
+
+#: Outputs on the grid TFLite's integer kernels fix: (min, max) by activation name.
+PINNED_OUTPUT_RANGES: Dict[str, Tuple[float, float]] = {
+    "softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
+
+
+def _activation_name(layer) -> str:
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    return getattr(getattr(layer, "activation", None), "__name__", "linear")
+
+
 def integer_graph_tensors(model: keras.Model) -> List[str]:
     """Names of the layers whose output a full-integer graph quantizes but a ReLU quantizer does not.
 
@@ -215,7 +245,11 @@ def integer_graph_tensors(model: keras.Model) -> List[str]:
       entering a residual ``Add``;
     * outputs of ``Conv2D`` / ``DepthwiseConv2D`` / ``Dense`` layers without a fused ReLU that feed
       neither exactly one BN (folded into the kernel) nor exactly one ReLU, e.g. the logits;
-    * average-pooling outputs (the integer mean requantizes).
+    * average-pooling outputs (the integer mean requantizes);
+    * outputs of non-ReLU ``Activation`` layers (swish, sigmoid, softmax...), and of
+      ``Multiply``, ``Subtract``, ``Concatenate``, ``LeakyReLU`` / ``PReLU`` / ``ELU``,
+      ``Softmax``, ``Rescaling`` and ``Normalization`` layers (Applications models); softmax,
+      sigmoid and tanh outputs on TFLite's fixed grids (:data:`PINNED_OUTPUT_RANGES`).
 
     Example:
         >>> import tfqkd
@@ -245,15 +279,22 @@ def integer_graph_tensors(model: keras.Model) -> List[str]:
             bn_next = only(layer.name, lambda c: isinstance(c, keras.layers.BatchNormalization))
             if not (relu_next or bn_next):
                 out.append(layer.name)
-        elif isinstance(layer, _REQUANTIZING_POOLS):
+        elif isinstance(layer, _REQUANTIZING_POOLS + _ELEMENTWISE_OUTPUTS):
+            out.append(layer.name)
+        elif type(layer) is keras.layers.Activation and not is_quantizable_relu_layer(layer) \
+                and _activation_name(layer) != "linear":
             out.append(layer.name)
     return out
 
 
-def _integer_output_quantizer():
+def _integer_output_quantizer(layer=None):
     # Like tfmot's default_8bit activations: 8-bit, asymmetric EMA min/max (signed tensors such
     # as pre-add BN outputs keep their negative half), the FakeQuantWithMinMaxVars rounding the
-    # exporter puts into the file; but the EMA starts from the data, not from ±6.
+    # exporter puts into the file; but the EMA starts from the data, not from ±6. Softmax /
+    # sigmoid / tanh outputs: the fixed grid of TFLite's integer kernel.
+    pinned = PINNED_OUTPUT_RANGES.get(_activation_name(layer)) if layer is not None else None
+    if pinned is not None:
+        return FixedRangeQuantizer(8, *pinned)
     return RangeQuantizer(8)
 
 
@@ -359,12 +400,18 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
             config_cls, axis = SUPPORTED_WEIGHT_LAYERS[type(layer)]
             bits = self.layer_bits.get(layer.name, self.weight_bits)
             weight_q = SymmetricQuantizer(bits, step=self.step, per_channel=self.per_channel, axis=axis)
-            output_q = _integer_output_quantizer() if layer.name in self.output_layers else None
-            return config_cls(weight_q, self._make_activation_quantizer(), output_quantizer=output_q)
+            output_q = None
+            pre_q = None
+            if layer.name in self.output_layers:
+                output_q = _integer_output_quantizer(layer)
+                if _activation_name(layer) in PRE_QUANTIZED_ACTIVATIONS:
+                    pre_q = RangeQuantizer(8)  # the kernel's own output, before its softmax
+            return config_cls(weight_q, self._make_activation_quantizer(), output_quantizer=output_q,
+                              pre_activation_quantizer=pre_q)
         if self.supports(layer) and is_quantizable_relu_layer(layer):
             return ActivationQuantizeConfig(self._make_activation_quantizer())
         if self.supports(layer):
-            return OutputQuantizeConfig(_integer_output_quantizer())
+            return OutputQuantizeConfig(_integer_output_quantizer(layer))
         raise ValueError(
             f"layer {layer.name!r} ({type(layer).__name__}) is not quantized by tfqkd; supported: "
             f"{', '.join(c.__name__ for c in SUPPORTED_WEIGHT_LAYERS)} (+ ReLU with activation_bits).")
@@ -529,20 +576,27 @@ def quantize_model(
     registry = scheme.get_quantize_registry()
 
     if activation_bits is not None:
-        for layer in model.layers:
-            act = getattr(layer, "activation", None)
-            float_act = (
-                (type(layer) is keras.layers.Activation and not is_relu_activation(act))
-                or (_is_weight_layer(layer) and act is not None and not is_relu_activation(act)
-                    and getattr(act, "__name__", "") != "linear")
-                or (isinstance(layer, (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.PReLU,
-                                       keras.layers.ELU)) and not is_quantizable_relu_layer(layer))
-            )
-            if float_act:
-                warnings.warn(
-                    f"activation of layer {layer.name!r} ({type(layer).__name__}) is not a plain "
-                    "ReLU, so it stays float; only ReLU outputs are quantized to activation_bits.",
-                    stacklevel=2)
+        # Tensors the integer file rounds but the student cannot: raw TensorFlow ops in the
+        # graph (TFOpLambda, e.g. MobileNetV3's hard-swish `x + 3.0`, `* (1 / 6)`), ReLUs with a
+        # threshold or slope, and the pre-activation of a fused swish.
+        rounded = set(registry.output_layers)
+        float_layers = [
+            layer.name for layer in model.layers
+            if (type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda")
+                or (type(layer) is keras.layers.ReLU and not is_quantizable_relu_layer(layer))
+                or (_is_weight_layer(layer) and layer.name in rounded
+                    and _activation_name(layer) not in PRE_QUANTIZED_ACTIVATIONS
+                    and not is_relu_activation(getattr(layer, "activation", None))
+                    and _activation_name(layer) != "linear"))]
+        if float_layers:
+            shown = ", ".join(repr(n) for n in float_layers[:8])
+            more = f" and {len(float_layers) - 8} more" if len(float_layers) > 8 else ""
+            warnings.warn(
+                f"layer(s) {shown}{more} stay float in the student, but an integer TFLite file "
+                "rounds their outputs to int8 (TensorFlow ops in the graph, ReLUs with a threshold "
+                "or slope, the input of a fused swish): the file can disagree with the student "
+                "there. Non-ReLU activations are rounded at 8 bits, ReLU outputs at "
+                "activation_bits.", stacklevel=2)
 
     def annotate(layer):
         if registry.supports(layer):

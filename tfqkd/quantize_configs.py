@@ -42,10 +42,15 @@ __all__ = [
     "OutputQuantizeConfig",
     "is_relu_activation",
     "is_quantizable_relu_layer",
+    "PRE_QUANTIZED_ACTIVATIONS",
 ]
 
 _serialize = keras.utils.legacy.serialize_keras_object
 _deserialize = keras.utils.legacy.deserialize_keras_object
+
+#: Fused activations whose INPUT the integer file rounds (tfmot's QuantizeAwareActivation quantizes
+#: before them): they run as their own SOFTMAX / LOGISTIC / TANH op after the kernel's output.
+PRE_QUANTIZED_ACTIVATIONS = frozenset({"softmax", "sigmoid", "tanh"})
 
 #: Activation functions whose output is non-negative, hence fit an unsigned activation quantizer.
 _RELU_NAMES = frozenset({"relu", "relu6"})
@@ -103,6 +108,10 @@ class KernelQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         output_quantizer: Optional quantizer of the layer's output (tfqkd gives the classifier
             an 8-bit range-tracking one with ``activation_bits``: the integer file rounds the
             logits to int8).
+        pre_activation_quantizer: Optional quantizer of the input of a fused softmax, sigmoid
+            or tanh (``Dense(activation="softmax")``, a squeeze-excite gate): the integer file
+            rounds the pre-activation tensor before its SOFTMAX / LOGISTIC / TANH op. tfmot's
+            ``QuantizeAwareActivation`` applies it before those activations.
 
     Example:
         >>> cfg = DenseQuantizeConfig(SymmetricQuantizer(4))
@@ -118,8 +127,10 @@ class KernelQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         activation_quantizer=None,
         weight_attrs: Optional[Sequence[str]] = None,
         output_quantizer=None,
+        pre_activation_quantizer=None,
     ):
         self.weight_quantizer = _deserialize_quantizer(weight_quantizer)
+        self.pre_activation_quantizer = _deserialize_quantizer(pre_activation_quantizer)
         self.activation_quantizer = _deserialize_quantizer(activation_quantizer)
         self.weight_attrs = list(weight_attrs or self.weight_attrs_default)
         self.output_quantizer = _deserialize_quantizer(output_quantizer)
@@ -134,6 +145,9 @@ class KernelQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
     def get_activations_and_quantizers(self, layer) -> List:
         if self._quantizes_activation(layer):
             return [(layer.activation, self.activation_quantizer)]
+        if self.pre_activation_quantizer is not None and getattr(
+                getattr(layer, "activation", None), "__name__", None) in PRE_QUANTIZED_ACTIVATIONS:
+            return [(layer.activation, self.pre_activation_quantizer)]
         return []
 
     def set_quantize_weights(self, layer, quantize_weights) -> None:
@@ -166,6 +180,8 @@ class KernelQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         }
         if self.output_quantizer is not None:  # absent key: configs saved before it existed load
             config["output_quantizer"] = _serialize(self.output_quantizer)
+        if self.pre_activation_quantizer is not None:
+            config["pre_activation_quantizer"] = _serialize(self.pre_activation_quantizer)
         return config
 
     @classmethod

@@ -52,6 +52,7 @@ __all__ = [
     "SymmetricQuantizer",
     "ActivationQuantizer",
     "RangeQuantizer",
+    "FixedRangeQuantizer",
     "GAUSSIAN_STEP_RATIO",
     "STEP_KINDS",
     "CLIP_KINDS",
@@ -715,3 +716,49 @@ class RangeQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
     def __repr__(self):
         widen = f", widen={self.widen}" if self.widen else ""
         return f"RangeQuantizer(bits={self.bits}, ema_decay={self.ema_decay}{widen})"
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class FixedRangeQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
+    """``bits``-bit rounding on a fixed ``[min, max]``: the grids TFLite's integer kernels demand.
+
+    TFLite's int8 ``SOFTMAX`` and ``LOGISTIC`` (sigmoid) outputs have scale 1/256 and zero point
+    -128, i.e. the range ``[0, 255/256]``; ``TANH`` has ``[-1, 127/128]``. tfqkd rounds those
+    outputs on the same grid in the student (:func:`tfqkd.quantize.quantize_model` with
+    ``activation_bits``), so the file and the student agree on them, ties included.
+
+    Example:
+        >>> q = FixedRangeQuantizer(8, 0.0, 255.0 / 256.0)
+        >>> float(q(tf.constant(0.3), False, {}).numpy()) * 256
+        77.0
+    """
+
+    def __init__(self, bits: int = 8, min: float = 0.0, max: float = 255.0 / 256.0):  # noqa: A002
+        self.bits = check_bits(bits, "bits")
+        if not float(min) <= 0.0 <= float(max) or float(max) <= float(min):
+            raise ValueError(f"need min <= 0 <= max and min < max, got [{min!r}, {max!r}].")
+        self.min, self.max = float(min), float(max)
+
+    def build(self, tensor_shape, name: str, layer) -> Dict[str, tf.Variable]:
+        return {}
+
+    @_no_autograph
+    def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
+        return tf.quantization.fake_quant_with_min_max_args(
+            tf.convert_to_tensor(inputs), min=self.min, max=self.max, num_bits=self.bits)
+
+    def range_of(self, weights) -> Tuple[float, float]:
+        """The fixed ``(min, max)``."""
+        return self.min, self.max
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"bits": self.bits, "min": self.min, "max": self.max}
+
+    def __eq__(self, other):
+        return isinstance(other, FixedRangeQuantizer) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __repr__(self):
+        return f"FixedRangeQuantizer(bits={self.bits}, min={self.min}, max={self.max})"
