@@ -789,7 +789,8 @@ def _activation_kind(layer) -> str:
     act = getattr(layer, "activation", None)
     if act is None:
         return "linear"
-    return getattr(act, "__name__", type(act).__name__)
+    name = getattr(act, "__name__", type(act).__name__)
+    return "swish" if name == "integer_swish" else name  # the student's swish as the file runs it
 
 
 class _IntegerActivation(keras.layers.Layer):
@@ -994,14 +995,17 @@ def _calibrate_ranges(source: keras.Model, names: Sequence[str], samples: Iterab
     return ranges[:n_in], ranges[n_in:]
 
 
-def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]]) -> None:
+def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
+                  fixed: Optional[set] = None) -> None:
     """Gives pooling/reshape/concatenation outputs and their inputs one range, in place.
 
     TFLite runs these ops with the same scale on every input and the output, and the converter
     rejects a file where the FakeQuant ranges differ ("same scale constraint"). Layers linked by
     such ops form groups (union-find; DenseNet chains concatenations through its blocks); each
-    group gets the union of its members' ranges.
+    group gets the union of its members' ranges; of the ``fixed`` members' only (the student's
+    own ranges) where the group has any, so that the file rounds as the student does.
     """
+    fixed = fixed or set()
     parent: Dict[int, int] = {}
 
     def find(a: int) -> int:
@@ -1023,8 +1027,9 @@ def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]]) ->
         if key in parent:
             groups.setdefault(find(key), []).append(key)
     for members in groups.values():
-        lo = min(ranges[m][0] for m in members)
-        hi = max(ranges[m][1] for m in members)
+        chosen = [m for m in members if m in fixed] or members
+        lo = min(ranges[m][0] for m in chosen)
+        hi = max(ranges[m][1] for m in chosen)
         for m in members:
             ranges[m] = (lo, hi)
 
@@ -1082,7 +1087,9 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     for layer in fq_layers:
         if _activation_kind(layer) in _PINNED_RANGES:
             ranges[id(layer)] = _PINNED_RANGES[_activation_kind(layer)]
-    _share_ranges(plain, ranges)
+    _share_ranges(plain, ranges, fixed={id(layer) for layer in fq_layers
+                                        if layer.name in fixed_ranges
+                                        or _activation_kind(layer) in _PINNED_RANGES})
     used_bits: Dict[str, int] = {}
     affine = {}
     for layer in plain.layers:

@@ -43,6 +43,7 @@ __all__ = [
     "is_relu_activation",
     "is_quantizable_relu_layer",
     "PRE_QUANTIZED_ACTIVATIONS",
+    "integer_swish",
 ]
 
 _serialize = keras.utils.legacy.serialize_keras_object
@@ -81,6 +82,32 @@ def is_quantizable_relu_layer(layer: keras.layers.Layer) -> bool:
     if type(layer) is keras.layers.Activation:
         return is_relu_activation(layer.activation)
     return False
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+def integer_swish(x):
+    """Swish as an int8 TFLite file computes it: ``x * Q(sigmoid(x))``, Q on LOGISTIC's grid.
+
+    TFLite has no integer swish: the file runs ``LOGISTIC`` (output scale 1/256, zero point -128)
+    then ``MUL``. tfqkd's QAT layers use this function in place of ``swish`` (gradients pass
+    straight through the rounding).
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.array([-2.0, 0.5, 3.0], np.float32)
+        >>> gate = np.floor(256 / (1 + np.exp(-x)) + 0.5) / 256
+        >>> bool(np.allclose(integer_swish(x).numpy(), x * gate, atol=1e-6))
+        True
+    """
+    import tensorflow as tf
+
+    gate = tf.quantization.fake_quant_with_min_max_args(tf.sigmoid(x), min=0.0, max=255.0 / 256.0,
+                                                        num_bits=8)
+    return x * gate
+
+
+def _is_swish(fn) -> bool:
+    return getattr(fn, "__name__", None) in ("swish", "silu")
 
 
 def _deserialize_quantizer(config):
@@ -167,6 +194,8 @@ class KernelQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         # Called with what get_activations_and_quantizers returned: nothing, or the activation.
         if quantize_activations:
             layer.activation = quantize_activations[0]
+        elif self.output_quantizer is not None and _is_swish(getattr(layer, "activation", None)):
+            layer.activation = integer_swish  # the int8 file's LOGISTIC + MUL
 
     def get_output_quantizers(self, layer) -> List:
         return [] if self.output_quantizer is None else [self.output_quantizer]
@@ -261,7 +290,9 @@ class OutputQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         pass
 
     def set_quantize_activations(self, layer, quantize_activations) -> None:
-        pass
+        # A swish Activation layer computes it as the int8 file does (LOGISTIC + MUL).
+        if type(layer) is keras.layers.Activation and _is_swish(layer.activation):
+            layer.activation = integer_swish
 
     def get_output_quantizers(self, layer) -> List:
         return [self.output_quantizer]
