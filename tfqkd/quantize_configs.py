@@ -84,7 +84,6 @@ def is_quantizable_relu_layer(layer: keras.layers.Layer) -> bool:
     return False
 
 
-@keras.utils.register_keras_serializable(package="tfqkd")
 def integer_swish(x):
     """Swish as an int8 TFLite file computes it: ``x * Q(sigmoid(x))``, Q on LOGISTIC's grid.
 
@@ -106,8 +105,14 @@ def integer_swish(x):
     return x * gate
 
 
+# Saved as "swish" (Keras serialises an unregistered function by its name): a saved QAT model
+# stores the standard activation, and its quantize config swaps this one in again when the
+# wrapper is built on load. The exporter reads it as swish too.
+integer_swish.__name__ = "swish"
+
+
 def _is_swish(fn) -> bool:
-    return getattr(fn, "__name__", None) in ("swish", "silu")
+    return getattr(fn, "__name__", None) in ("swish", "silu")  # integer_swish included
 
 
 def _deserialize_quantizer(config):
