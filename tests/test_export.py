@@ -599,7 +599,8 @@ def test_swish_and_squeeze_excite_round_as_the_file_does(tmp_path, seed):
     h = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, kernel_initializer=init)(inp)
     h = keras.layers.Activation("swish", name="stem_act")(keras.layers.BatchNormalization()(h))
     se = keras.layers.GlobalAveragePooling2D(keepdims=True)(h)
-    se = keras.layers.Conv2D(2, 1, activation="swish", kernel_initializer=init)(se)
+    se = keras.layers.Conv2D(2, 1, activation="swish", kernel_initializer=init,
+                             name="se_reduce")(se)
     se = keras.layers.Conv2D(8, 1, activation="sigmoid", kernel_initializer=init, name="gate")(se)
     h = keras.layers.Multiply()([h, se])
     h = keras.layers.GlobalAveragePooling2D()(h)
@@ -616,6 +617,14 @@ def test_swish_and_squeeze_excite_round_as_the_file_does(tmp_path, seed):
                                lambda op, name: op["op_name"] == "MUL" and "stem_act" in name)
     assert steps.max() <= 2.01, steps.max()
     assert np.mean(steps < 0.01) >= 0.995, np.mean(steps < 0.01)
+    # A swish fused into a conv is split (conv, then its own swish layer) so that the student
+    # rounds the conv's output as the file does; the caller's model is left as it was.
+    assert model.get_layer("se_reduce").activation.__name__ == "swish"
+    assert len(model.get_layer("se_reduce")._inbound_nodes) == 1  # noqa: SLF001
+    reduce = keras.Model(q.inputs, q.get_layer("quant_se_reduce_swish").output)
+    steps = _file_tensor_steps(path, reduce, x[:16],
+                               lambda op, name: op["op_name"] == "MUL" and "se_reduce" in name)
+    assert steps.max() <= 1.01, steps.max()  # seeds 0-5: at most 1 step (0-1 of 32 values)
     gate = keras.Model(q.inputs, q.get_layer("quant_gate").output)
     steps = _file_tensor_steps(path, gate, x[:16],
                                lambda op, name: op["op_name"] == "LOGISTIC" and "gate" in name)

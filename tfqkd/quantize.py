@@ -298,6 +298,37 @@ def _integer_output_quantizer(layer=None):
     return RangeQuantizer(8)
 
 
+def _split_fused_swish(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` with each ``Conv2D/Dense(activation="swish")`` split in two layers.
+
+    The kernel layer becomes linear and an ``Activation("swish")`` named ``<layer>_swish``
+    follows it (same weights, same function). The int8 file rounds the kernel's output before
+    its LOGISTIC and MUL; as a layer of its own the student rounds it too (EfficientNet's
+    squeeze-excite ``se_reduce``). ``model`` itself is not changed.
+    """
+    fused = {id(layer) for layer in model.layers if _is_weight_layer(layer) and getattr(
+        getattr(layer, "activation", None), "__name__", None) in ("swish", "silu")}
+    if not fused:
+        return model
+    from tfqkd.export import _rebuild  # the functional-graph re-runner (export's forward model)
+
+    copy = keras.models.clone_model(model)  # new layers: the caller's model gains no nodes
+    copy.set_weights(model.get_weights())
+    by_name = {layer.name: layer for layer in model.layers}
+
+    def layer_fn(layer, args, kwargs):
+        if id(by_name.get(layer.name)) not in fused:
+            return layer(*args, **kwargs)
+        config = layer.get_config()
+        activation, config["activation"] = config["activation"], "linear"
+        linear = type(layer).from_config(config)
+        out = linear(*args, **kwargs)
+        linear.set_weights(layer.get_weights())
+        return keras.layers.Activation(activation, name=f"{layer.name}_swish")(out)
+
+    return _rebuild(copy, layer_fn)
+
+
 def _check_layers(model: keras.Model) -> None:
     """Raises on layers tfqkd cannot quantize that would otherwise silently stay float."""
     problems = []
@@ -561,6 +592,8 @@ def quantize_model(
     if not model.built:
         raise ValueError("model is not built: call model.build(input_shape) or give it an Input.")
     _check_layers(model)
+    if activation_bits is not None:
+        model = _split_fused_swish(model)
 
     layer_bits: Dict[str, int] = {}
     if first_last_bits is not None:

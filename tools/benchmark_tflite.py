@@ -232,13 +232,16 @@ def main(argv):
         float_model = tfqkd.models.resnet20(seed=FLAGS.seed)
         modes = MODES
     else:
-        from check_applications import FAMILIES, build  # tools/ (this script's directory)
+        from check_applications import FAMILIES  # tools/: family -> its smallest width
 
         if FLAGS.model not in FAMILIES:
             raise SystemExit(f"error: unknown --model {FLAGS.model!r}; choose resnet20 or one of "
                              f"{sorted(FAMILIES)}")
         size = FLAGS.image_size
-        float_model = build(FLAGS.model, size, FLAGS.alpha, classifier_activation=None)
+        keras.utils.set_random_seed(FLAGS.seed)
+        float_model = tfqkd.models.get(FLAGS.model, 10, (size, size, 3),
+                                       alpha=FLAGS.alpha or FAMILIES[FLAGS.model],
+                                       include_softmax=False)
         for layer in float_model.layers:  # batch norm at the statistics of one batch
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = 0.0
@@ -295,7 +298,8 @@ def main(argv):
     latency = {f"{m}_t{t}_ms": medians[(m, t)] for m, t in configs}
     lat = lambda mode, t: latency[f"{mode}_t{t}_ms"] / latency[f"float_t{t}_ms"]  # noqa: E731
     result = {
-        "model": tag, "image_size": size, "alpha": FLAGS.alpha, "rounds": FLAGS.rounds,
+        "model": tag, "image_size": size, "rounds": FLAGS.rounds,
+        "alpha": None if FLAGS.model == "resnet20" else FLAGS.alpha or FAMILIES[FLAGS.model],
         "inner": FLAGS.inner, "host": host_cpu(), "file_bytes": sizes, "io_dtype": "float32",
         "export_errors": export_errors,
         "latency_ms": latency,
