@@ -610,8 +610,8 @@ def quantize_model(
 
     if activation_bits is not None:
         # Tensors the integer file rounds but the student cannot: raw TensorFlow ops in the
-        # graph (TFOpLambda, e.g. MobileNetV3's hard-swish `x + 3.0`, `* (1 / 6)`), ReLUs with a
-        # threshold or slope, and the pre-activation of a fused swish.
+        # graph (TFOpLambda, e.g. MobileNetV3's hard-swish `x + 3.0`, `* (1 / 6)`) and ReLUs
+        # with a threshold or slope (a fused swish was split off above).
         rounded = set(registry.output_layers)
         float_layers = [
             layer.name for layer in model.layers
@@ -627,7 +627,8 @@ def quantize_model(
             warnings.warn(
                 f"layer(s) {shown}{more} stay float in the student, but an integer TFLite file "
                 "rounds their outputs to int8 (TensorFlow ops in the graph, ReLUs with a threshold "
-                "or slope, the input of a fused swish): the file can disagree with the student "
+                "or slope, the input of an activation other than ReLU, softmax, sigmoid, tanh or "
+                "swish fused into a Conv/Dense): the file can disagree with the student "
                 "there. Non-ReLU activations are rounded at 8 bits, ReLU outputs at "
                 "activation_bits.", stacklevel=2)
 
