@@ -121,6 +121,20 @@ def test_benchmark_tflite_reports_every_figure():
                                      "packed_le_1.61_bits_per_ternary"}
 
 
+def test_benchmark_tflite_applications_model_side_by_side():
+    """--model=<Applications name>: float, int8 and int4 files of one W8A8 model in one JSON."""
+    p = _tool("benchmark_tflite.py", "--model=mobilenet", "--weight_bits=8", "--per_channel",
+              "--rounds=1", "--inner=1", "--warmup=1", "--threads=1", "--num_calibration=8",
+              "--json_only")
+    r = last_json_line(p.stdout)
+    assert r["model"] == "mobilenet_w8a8" and r["alpha"] == 0.25 and r["export_errors"] == {}
+    assert set(r["file_bytes"]) == {"float", "int8", "int4"}
+    # 8-bit weights: int8 and int4 files hold the same int8 kernels, about a quarter of float.
+    assert r["file_bytes"]["int8"] == r["file_bytes"]["int4"]
+    assert r["int8_over_float_size"] == r["file_bytes"]["int8"] / r["file_bytes"]["float"] < 0.35
+    assert set(r["targets_met"]) == {"int8_size_le_0.27", "int8_latency_le_0.5"}
+
+
 def test_reproduce_cpu_repeats_methods_over_seeds_on_fixed_images(cifar10_archive, tmp_path):
     out = tmp_path / "repro"
     args = (f"--data_dir={cifar10_archive.parent}", f"--output_dir={out}", "--subset=500",

@@ -52,8 +52,8 @@ flags.DEFINE_integer("num_calibration", 100, "Calibration images (random normal,
 flags.DEFINE_string("output_dir", None, "Keep the files here (default: a temporary directory).")
 flags.DEFINE_integer("seed", 0, "Seed of the model and the random data.")
 flags.DEFINE_bool("json_only", False, "Print only the final JSON line.")
-flags.DEFINE_string("model", "resnet20", "resnet20 (tfqkd's CIFAR ResNet20) or a Keras "
-                    "Applications family of tools/check_applications.py (mobilenet_v2, ...).")
+flags.DEFINE_string("model", "resnet20", "resnet20 (tfqkd's CIFAR ResNet20) or a "
+                    "Keras Applications model by name (tfqkd.models.names(): mobilenet_v2, ...).")
 flags.DEFINE_integer("image_size", 32, "Input size of an Applications model.")
 flags.DEFINE_float("alpha", None, "Width of an Applications model (default: its smallest).")
 flags.DEFINE_integer("weight_bits", 2, "Student weight bits (8 for the W8A8 targets).")
@@ -232,15 +232,13 @@ def main(argv):
         float_model = tfqkd.models.resnet20(seed=FLAGS.seed)
         modes = MODES
     else:
-        from check_applications import FAMILIES  # tools/: family -> its smallest width
-
-        if FLAGS.model not in FAMILIES:
+        if FLAGS.model not in tfqkd.models.names():
             raise SystemExit(f"error: unknown --model {FLAGS.model!r}; choose resnet20 or one of "
-                             f"{sorted(FAMILIES)}")
+                             f"{tfqkd.models.names()}")
         size = FLAGS.image_size
         keras.utils.set_random_seed(FLAGS.seed)
         float_model = tfqkd.models.get(FLAGS.model, 10, (size, size, 3),
-                                       alpha=FLAGS.alpha or FAMILIES[FLAGS.model],
+                                       alpha=FLAGS.alpha or tfqkd.models.smallest_alpha(FLAGS.model),
                                        include_softmax=False)
         for layer in float_model.layers:  # batch norm at the statistics of one batch
             if isinstance(layer, keras.layers.BatchNormalization):
@@ -299,7 +297,8 @@ def main(argv):
     lat = lambda mode, t: latency[f"{mode}_t{t}_ms"] / latency[f"float_t{t}_ms"]  # noqa: E731
     result = {
         "model": tag, "image_size": size, "rounds": FLAGS.rounds,
-        "alpha": None if FLAGS.model == "resnet20" else FLAGS.alpha or FAMILIES[FLAGS.model],
+        "alpha": None if FLAGS.model == "resnet20" else
+        FLAGS.alpha or tfqkd.models.smallest_alpha(FLAGS.model),
         "inner": FLAGS.inner, "host": host_cpu(), "file_bytes": sizes, "io_dtype": "float32",
         "export_errors": export_errors,
         "latency_ms": latency,

@@ -45,12 +45,10 @@ flags.DEFINE_string("mode", "int8", "Export mode: int8 or int4.")
 flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_float("target_agreement", 0.995, "Top-1 agreement a family must reach.")
 
-#: family -> width (alpha) used; the smallest published width where the family has one.
-FAMILIES = {
-    "mobilenet": 0.25, "mobilenet_v2": 0.35, "mobilenet_v3_small": 0.75,
-    "mobilenet_v3_large": 0.75, "efficientnet_b0": 1.0, "efficientnet_v2_b0": 1.0,
-    "resnet50": 1.0, "resnet50_v2": 1.0, "densenet121": 1.0, "nasnet_mobile": 1.0,
-}
+#: The families checked ("all"); each at its smallest width (tfqkd.models.smallest_alpha).
+FAMILIES = ("mobilenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+            "efficientnet_b0", "efficientnet_v2_b0", "resnet50", "resnet50_v2", "densenet121",
+            "nasnet_mobile")
 
 
 def _batches(x, y, batch_size=64):
@@ -71,7 +69,7 @@ def _check(family, data, tmp):
     xt, yt, xv, yv = data
     size = FLAGS.image_size
     # The Applications model as Keras builds it: softmax head on.
-    teacher = models.get(family, 10, (size, size, 3), alpha=FAMILIES[family])
+    teacher = models.get(family, 10, (size, size, 3), alpha=models.smallest_alpha(family))
     teacher.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(),
                     metrics=["accuracy"])
     teacher.fit(xt, yt, batch_size=64, epochs=max(1, FLAGS.teacher_steps * 64 // len(xt)),

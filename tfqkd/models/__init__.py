@@ -18,12 +18,12 @@ from tfqkd.models.resnet import (  # noqa: F401
     PAPER_WIDTHS, cifar_resnet, resnet20, tiny_resnet, wide_resnet20)
 from tfqkd.models.applications import (  # noqa: F401
     expects_raw_pixels, get, has_alpha, input_adapter, min_input_size, names, preprocess_input,
-    takes_raw_pixels)
+    smallest_alpha, takes_raw_pixels)
 from tfqkd.models.heads import logits_model, softmax_layer  # noqa: F401
 
 __all__ = [
     "resnet20", "wide_resnet20", "tiny_resnet", "cifar_resnet", "PAPER_WIDTHS",
-    "get", "names", "has_alpha", "preprocess_input", "min_input_size", "takes_raw_pixels", "expects_raw_pixels",
+    "get", "names", "has_alpha", "smallest_alpha", "preprocess_input", "min_input_size", "takes_raw_pixels", "expects_raw_pixels",
     "input_adapter",
     "logits_model", "softmax_layer",
 ]

@@ -37,7 +37,7 @@ import numpy as np
 from tfqkd._keras import keras, tf
 from tfqkd.models import resnet as _resnet
 
-__all__ = ["get", "names", "has_alpha", "preprocess_input", "min_input_size", "takes_raw_pixels",
+__all__ = ["get", "names", "has_alpha", "smallest_alpha", "preprocess_input", "min_input_size", "takes_raw_pixels",
            "expects_raw_pixels", "input_adapter"]
 
 # name -> (tf_keras.applications module, constructor, has alpha, takes raw 0..255 pixels)
@@ -103,6 +103,21 @@ def has_alpha(name: str) -> bool:
     """
     key = _key(name)
     return key in _APPLICATIONS and _APPLICATIONS[key][2]
+
+
+#: The smallest width with published ImageNet weights, per family with an ``alpha``.
+_SMALLEST_ALPHA = {"mobilenet": 0.25, "mobilenet_v2": 0.35, "mobilenet_v3_small": 0.75,
+                   "mobilenet_v3_large": 0.75}
+
+
+def smallest_alpha(name: str) -> float:
+    """The smallest published width of ``name`` (1.0 for a family without ``alpha``).
+
+    Example:
+        >>> smallest_alpha("mobilenet_v2"), smallest_alpha("resnet50")
+        (0.35, 1.0)
+    """
+    return _SMALLEST_ALPHA.get(_key(name), 1.0)
 
 
 def takes_raw_pixels(name: str) -> bool:
