@@ -629,3 +629,27 @@ def test_swish_and_squeeze_excite_round_as_the_file_does(tmp_path, seed):
     steps = _file_tensor_steps(path, gate, x[:16],
                                lambda op, name: op["op_name"] == "LOGISTIC" and "gate" in name)
     assert steps.max() <= 2.01, steps.max()  # its input, the SE conv's swish, is 1 step off
+
+
+def test_packed_weights_restore_a_normalization_layer(tmp_path):
+    """load_packed_weights into a model whose Normalization had other statistics: the layer's
+    derived mean/variance tensors are recomputed (before, it kept using the old ones: a zeroed
+    EfficientNet gave outputs of 1e11 after the restore)."""
+    inp = keras.Input((4, 4, 3))
+    norm = keras.layers.Normalization(axis=-1)
+    h = keras.layers.Conv2D(4, 1, kernel_initializer=keras.initializers.GlorotUniform(seed=0))(
+        norm(inp))
+    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h)))
+    norm.set_weights([np.array([100.0, 50.0, 10.0]), np.array([400.0, 100.0, 4.0]), np.array(1)])
+    norm.finalize_state()
+    q = quantize_model(model, weight_bits=4)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
+    archive = str(tmp_path / "n.tfqkdpw")
+    export.pack_weights(q, archive)
+    want = export.forward_model(q)(x).numpy()
+    blank = export.forward_model(q)
+    blank(x)  # built and run with the statistics it has now
+    blank.set_weights([np.ones_like(w) for w in blank.get_weights()])
+    blank(x)
+    restored = export.load_packed_weights(blank, archive)
+    np.testing.assert_array_equal(restored(x).numpy(), want)

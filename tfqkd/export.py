@@ -321,6 +321,9 @@ def forward_model(model: keras.Model) -> keras.Model:
             except KeyError as err:
                 raise ExportError(f"layer {new.name!r}: weight {err} not found in the original "
                                   f"layer (has {sorted(weights)}).") from err
+    from tfqkd.quantize import finalize_layer_states
+
+    finalize_layer_states(plain)  # a Normalization layer's statistics come from its weights
     return plain
 
 
@@ -1149,6 +1152,9 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
                 id(layer) in affine or not layer.weights:
             continue
         rebuilt.get_layer(layer.name).set_weights(layer.get_weights())
+    from tfqkd.quantize import finalize_layer_states
+
+    finalize_layer_states(rebuilt)
     return rebuilt, used_bits
 
 
@@ -1882,6 +1888,9 @@ def load_packed_weights(model: keras.Model, path: Union[str, os.PathLike]) -> ke
             assignments.append((var, values[short]))
     for var, value in assignments:  # only after every check passed: all or nothing
         var.assign(value)
+    from tfqkd.quantize import finalize_layer_states
+
+    finalize_layer_states(model)  # Normalization derives its statistics from its weights
     for layer in model.layers:
         if _is_wrapper(layer) and layer.layer.name in grouped:
             forward = _layer_forward_weights(layer)

@@ -677,6 +677,28 @@ def _copy_weights(src: keras.Model, dst: keras.Model) -> None:
                 own_b[name].assign(var)
         else:
             b.set_weights(a.get_weights())
+    finalize_layer_states(dst)
+
+
+def finalize_layer_states(model: keras.Model) -> None:
+    """Recomputes the state layers derive from their weights after ``set_weights`` / ``assign``.
+
+    A ``Normalization`` layer computes its mean and variance tensors from its ``adapt_mean`` /
+    ``adapt_variance`` weights once (``finalize_state``); assigning new weights afterwards leaves
+    the old tensors in use (e.g. EfficientNet's ImageNet statistics would be lost on a copy).
+
+    Example:
+        >>> layer = keras.layers.Normalization(axis=-1)
+        >>> _ = keras.Sequential([keras.Input((2,)), layer])
+        >>> layer.set_weights([np.ones(2), np.full(2, 4.0), np.array(1)])
+        >>> finalize_layer_states(keras.Sequential([layer]))
+        >>> layer(np.array([[3.0, 5.0]], np.float32)).numpy().tolist()
+        [[1.0, 2.0]]
+    """
+    for layer in model.submodules:
+        if isinstance(layer, keras.layers.Layer) and layer.built and \
+                type(layer).__name__ == "Normalization" and hasattr(layer, "finalize_state"):
+            layer.finalize_state()
 
 
 def _weight_vars(model: keras.Model) -> Iterator[Tuple[Any, Any, Any, Any]]:
