@@ -538,29 +538,18 @@ def test_w8_relu6_file_matches_the_student_at_the_first_layer(tmp_path):
     _fit(q, x, y, steps=4)
     path = str(tmp_path / "relu6.tflite")
     export.export_tflite(q, path, x, mode="int8")
-    it = Interpreter(model_path=path, experimental_preserve_all_tensors=True)
+    it = Interpreter(model_path=path)
     it.allocate_tensors()
     ops = it._get_ops_details()  # noqa: SLF001 (the op graph: which tensor feeds which op)
     conv = next(op for op in ops if op["op_name"] == "CONV_2D")
-    details = {d["index"]: d for d in it.get_tensor_details()}
     # (a) the stem's int8 kernel holds the student's integer levels (times 127 // max level).
     levels = tfqkd.quantize.quantization_info(q)["stem"]["levels"].astype(np.int64)  # HWIO
     file_kernel = it.get_tensor(conv["inputs"][1]).astype(np.int64)  # OHWI
     kmax = np.abs(levels).reshape(-1, levels.shape[-1]).max(axis=0)
     np.testing.assert_array_equal(file_kernel, np.transpose(levels * (127 // kmax), (3, 0, 1, 2)))
-    # (b): the stem's ReLU6 output, image by image.
-    inp = it.get_input_details()[0]
+    # (b): the stem's ReLU6 output (the first CONV_2D's, fused), image by image.
     student = keras.Model(q.inputs, q.get_layer("quant_stem_relu").output)
-    out = details[conv["outputs"][0]]
-    scale, zero = out["quantization"]
-    assert out["dtype"] == np.int8 and scale > 0
-    steps = []
-    for image in x[:16]:
-        it.set_tensor(inp["index"], image[None])
-        it.invoke()
-        got = (it.get_tensor(out["index"]).astype(np.float32) - zero) * scale
-        steps.append(np.abs(got - student(image[None], training=False).numpy()) / scale)
-    steps = np.concatenate([s.ravel() for s in steps])
+    steps = _file_tensor_steps(path, student, x[:16], lambda op, name: op["op_name"] == "CONV_2D")
     assert steps.max() <= 1.01, steps.max()
     assert np.mean(steps < 0.01) >= 0.99, np.mean(steps < 0.01)
 
@@ -576,6 +565,7 @@ def _file_tensor_steps(path, student, x, tensor_filter):
     op = next(o for o in ops if tensor_filter(o, details[o["outputs"][0]]["name"]))
     out = details[op["outputs"][0]]
     scale, zero = out["quantization"]
+    assert out["dtype"] == np.int8 and scale > 0
     inp = it.get_input_details()[0]
     steps = []
     for image in x:

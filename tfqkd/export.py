@@ -83,6 +83,8 @@ __all__ = [
     "pack_weights",
     "load_packed_weights",
     "packed_archive_stats",
+    "PINNED_OUTPUT_RANGES",
+    "activation_name",
 ]
 
 #: Export modes understood by :func:`export_tflite`.
@@ -776,9 +778,11 @@ class _FakeQuantActivation(keras.layers.Layer):
 
 
 #: Output ranges TFLite's int8 kernels require: LOGISTIC and SOFTMAX scale 1/256 and zero point
-#: -128, TANH scale 1/128 and zero point 0 (FakeQuant ranges giving exactly those grids).
-_PINNED_RANGES = {"softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0),
-                  "tanh": (-1.0, 127.0 / 128.0)}
+#: -128, TANH scale 1/128 and zero point 0 (FakeQuant ranges giving exactly those grids). The
+#: student rounds these outputs on the same grids (tfqkd.quantize).
+PINNED_OUTPUT_RANGES: Dict[str, Tuple[float, float]] = {
+    "softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0),
+    "tanh": (-1.0, 127.0 / 128.0)}
 #: Activations that are not a ReLU the converter fuses: they get an input FakeQuant of their own.
 _SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh", "swish", "silu")
 #: Layers TFLite runs with the same scale on input and output (the converter rejects others).
@@ -787,12 +791,23 @@ _SAME_SCALE_LAYERS = (keras.layers.AveragePooling2D, keras.layers.MaxPooling2D,
                       keras.layers.Cropping2D)
 
 
-def _activation_kind(layer) -> str:
-    """Name of the activation a kernel or ``Activation`` layer applies (``"linear"`` if none)."""
+def activation_name(layer) -> str:
+    """Name of the activation a kernel, ``Activation`` or ``Softmax`` layer applies.
+
+    ``"linear"`` if none; tfqkd's ``integer_swish`` reads as ``"swish"``.
+
+    Example:
+        >>> activation_name(keras.layers.Dense(2, activation="sigmoid"))
+        'sigmoid'
+        >>> activation_name(keras.layers.Softmax()), activation_name(keras.layers.Flatten())
+        ('softmax', 'linear')
+    """
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
     act = getattr(layer, "activation", None)
     if act is None:
         return "linear"
-    return getattr(act, "__name__", type(act).__name__)  # integer_swish is named "swish"
+    return getattr(act, "__name__", type(act).__name__)
 
 
 class _IntegerActivation(keras.layers.Layer):
@@ -804,7 +819,7 @@ class _IntegerActivation(keras.layers.Layer):
 
     def call(self, inputs):
         if self._kind in ("swish", "silu"):  # x * sigmoid(x): LOGISTIC (pinned grid), then MUL
-            lo, hi = _PINNED_RANGES["sigmoid"]
+            lo, hi = PINNED_OUTPUT_RANGES["sigmoid"]
             gate = tf.quantization.fake_quant_with_min_max_vars(tf.sigmoid(inputs), lo, hi,
                                                                 num_bits=8)
             return inputs * gate
@@ -1076,7 +1091,7 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     # A fused conv(+BN)+ReLU output is quantized with the ReLU's range: keep the student's.
     # Kernel layers ending in softmax/sigmoid/swish...: their pre-activation output gets a range.
     split = [layer for layer in plain.layers if isinstance(layer, _KERNEL_LAYERS)
-             and _activation_kind(layer) in _SPLIT_ACTIVATIONS]
+             and activation_name(layer) in _SPLIT_ACTIVATIONS]
     in_ranges, out_ranges = _calibrate_ranges(
         source or plain, [layer.name for layer in fq_layers], samples,
         pre=[(layer.name, _linear_clone(layer)) for layer in split])
@@ -1087,11 +1102,11 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
                   for layer, r in zip(split, out_ranges[len(fq_layers):])}
     ranges = {id(layer): fixed_ranges.get(layer.name, r) for layer, r in zip(fq_layers, out_ranges)}
     for layer in fq_layers:
-        if _activation_kind(layer) in _PINNED_RANGES:
-            ranges[id(layer)] = _PINNED_RANGES[_activation_kind(layer)]
+        if activation_name(layer) in PINNED_OUTPUT_RANGES:
+            ranges[id(layer)] = PINNED_OUTPUT_RANGES[activation_name(layer)]
     _share_ranges(plain, ranges, fixed={id(layer) for layer in fq_layers
                                         if layer.name in fixed_ranges
-                                        or _activation_kind(layer) in _PINNED_RANGES})
+                                        or activation_name(layer) in PINNED_OUTPUT_RANGES})
     used_bits: Dict[str, int] = {}
     affine = {}
     for layer in plain.layers:
@@ -1125,10 +1140,10 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
             if id(layer) in pre_ranges:
                 lo, hi = pre_ranges[id(layer)]
                 out = _FakeQuantActivation(lo, hi, name=layer.name + "_pre_fq")(out)
-                out = _IntegerActivation(_activation_kind(layer), name=layer.name + "_act")(out)
+                out = _IntegerActivation(activation_name(layer), name=layer.name + "_act")(out)
         elif isinstance(layer, keras.layers.Activation) and \
-                _activation_kind(layer) in _SPLIT_ACTIVATIONS:
-            out = _IntegerActivation(_activation_kind(layer), name=layer.name)(args[0])
+                activation_name(layer) in _SPLIT_ACTIVATIONS:
+            out = _IntegerActivation(activation_name(layer), name=layer.name)(args[0])
         elif id(layer) in folded_bns:
             out = args[0]  # folded into the kernel layer; its output range applies here
         elif id(layer) in affine:

@@ -50,6 +50,8 @@ import numpy as np
 import tensorflow_model_optimization as tfmot
 
 from tfqkd._keras import keras, tf
+# The TFLite facts the scheme mirrors (export itself imports this module only inside functions).
+from tfqkd.export import PINNED_OUTPUT_RANGES, activation_name
 from tfqkd.quantize_configs import (
     ActivationQuantizeConfig,
     OutputQuantizeConfig,
@@ -58,6 +60,7 @@ from tfqkd.quantize_configs import (
     DepthwiseConv2DQuantizeConfig,
     is_quantizable_relu_layer,
     is_relu_activation,
+    is_swish,
     PRE_QUANTIZED_ACTIVATIONS,
 )
 from tfqkd.quantizers import (
@@ -222,17 +225,6 @@ _ELEMENTWISE_OUTPUTS: Tuple[type, ...] = tuple(
     ) if cls is not None
 )
 
-#: Outputs on the grid TFLite's integer kernels fix: (min, max) by activation name.
-PINNED_OUTPUT_RANGES: Dict[str, Tuple[float, float]] = {
-    "softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
-
-
-def _activation_name(layer) -> str:
-    if isinstance(layer, keras.layers.Softmax):
-        return "softmax"
-    return getattr(getattr(layer, "activation", None), "__name__", "linear")
-
-
 def integer_graph_tensors(model: keras.Model) -> List[str]:
     """Names of the layers whose output a full-integer graph quantizes but a ReLU quantizer does not.
 
@@ -249,7 +241,7 @@ def integer_graph_tensors(model: keras.Model) -> List[str]:
     * outputs of non-ReLU ``Activation`` layers (swish, sigmoid, softmax...), and of
       ``Multiply``, ``Subtract``, ``Concatenate``, ``LeakyReLU`` / ``PReLU`` / ``ELU``,
       ``Softmax``, ``Rescaling`` and ``Normalization`` layers (Applications models); softmax,
-      sigmoid and tanh outputs on TFLite's fixed grids (:data:`PINNED_OUTPUT_RANGES`).
+      sigmoid and tanh outputs on TFLite's fixed grids (:data:`tfqkd.export.PINNED_OUTPUT_RANGES`).
 
     Example:
         >>> import tfqkd
@@ -282,7 +274,7 @@ def integer_graph_tensors(model: keras.Model) -> List[str]:
         elif isinstance(layer, _REQUANTIZING_POOLS + _ELEMENTWISE_OUTPUTS):
             out.append(layer.name)
         elif type(layer) is keras.layers.Activation and not is_quantizable_relu_layer(layer) \
-                and _activation_name(layer) != "linear":
+                and activation_name(layer) != "linear":
             out.append(layer.name)
     return out
 
@@ -292,7 +284,7 @@ def _integer_output_quantizer(layer=None):
     # as pre-add BN outputs keep their negative half), the FakeQuantWithMinMaxVars rounding the
     # exporter puts into the file; but the EMA starts from the data, not from ±6. Softmax /
     # sigmoid / tanh outputs: the fixed grid of TFLite's integer kernel.
-    pinned = PINNED_OUTPUT_RANGES.get(_activation_name(layer)) if layer is not None else None
+    pinned = PINNED_OUTPUT_RANGES.get(activation_name(layer)) if layer is not None else None
     if pinned is not None:
         return FixedRangeQuantizer(8, *pinned)
     return RangeQuantizer(8)
@@ -306,14 +298,15 @@ def _split_fused_swish(model: keras.Model) -> keras.Model:
     its LOGISTIC and MUL; as a layer of its own the student rounds it too (EfficientNet's
     squeeze-excite ``se_reduce``). ``model`` itself is not changed.
     """
-    fused = {id(layer) for layer in model.layers if _is_weight_layer(layer) and getattr(
-        getattr(layer, "activation", None), "__name__", None) in ("swish", "silu")}
+    fused = {id(layer) for layer in model.layers
+             if _is_weight_layer(layer) and is_swish(getattr(layer, "activation", None))}
     if not fused:
         return model
     from tfqkd.export import _rebuild  # the functional-graph re-runner (export's forward model)
 
     copy = keras.models.clone_model(model)  # new layers: the caller's model gains no nodes
     copy.set_weights(model.get_weights())
+    finalize_layer_states(copy)
     by_name = {layer.name: layer for layer in model.layers}
 
     def layer_fn(layer, args, kwargs):
@@ -435,7 +428,7 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
             pre_q = None
             if layer.name in self.output_layers:
                 output_q = _integer_output_quantizer(layer)
-                if _activation_name(layer) in PRE_QUANTIZED_ACTIVATIONS:
+                if activation_name(layer) in PRE_QUANTIZED_ACTIVATIONS:
                     pre_q = RangeQuantizer(8)  # the kernel's own output, before its softmax
             return config_cls(weight_q, self._make_activation_quantizer(), output_quantizer=output_q,
                               pre_activation_quantizer=pre_q)
@@ -618,9 +611,9 @@ def quantize_model(
             if (type(layer).__name__ in ("TFOpLambda", "SlicingOpLambda")
                 or (type(layer) is keras.layers.ReLU and not is_quantizable_relu_layer(layer))
                 or (_is_weight_layer(layer) and layer.name in rounded
-                    and _activation_name(layer) not in PRE_QUANTIZED_ACTIVATIONS
+                    and activation_name(layer) not in PRE_QUANTIZED_ACTIVATIONS
                     and not is_relu_activation(getattr(layer, "activation", None))
-                    and _activation_name(layer) != "linear"))]
+                    and activation_name(layer) != "linear"))]
         if float_layers:
             shown = ", ".join(repr(n) for n in float_layers[:8])
             more = f" and {len(float_layers) - 8} more" if len(float_layers) > 8 else ""

@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import tensorflow_model_optimization as tfmot
 
-from tfqkd._keras import keras
+from tfqkd._keras import keras, tf
+from tfqkd.export import PINNED_OUTPUT_RANGES
 from tfqkd.quantizers import SymmetricQuantizer  # noqa: F401  (the examples below use it)
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "is_quantizable_relu_layer",
     "PRE_QUANTIZED_ACTIVATIONS",
     "integer_swish",
+    "is_swish",
 ]
 
 _serialize = keras.utils.legacy.serialize_keras_object
@@ -98,10 +100,8 @@ def integer_swish(x):
         >>> bool(np.allclose(integer_swish(x).numpy(), x * gate, atol=1e-6))
         True
     """
-    import tensorflow as tf
-
-    gate = tf.quantization.fake_quant_with_min_max_args(tf.sigmoid(x), min=0.0, max=255.0 / 256.0,
-                                                        num_bits=8)
+    lo, hi = PINNED_OUTPUT_RANGES["sigmoid"]
+    gate = tf.quantization.fake_quant_with_min_max_args(tf.sigmoid(x), min=lo, max=hi, num_bits=8)
     return x * gate
 
 
@@ -111,8 +111,14 @@ def integer_swish(x):
 integer_swish.__name__ = "swish"
 
 
-def _is_swish(fn) -> bool:
-    return getattr(fn, "__name__", None) in ("swish", "silu")  # integer_swish included
+def is_swish(fn: Any) -> bool:
+    """Whether ``fn`` (an activation function) is swish / SiLU (``integer_swish`` included).
+
+    Example:
+        >>> is_swish(keras.activations.swish), is_swish(integer_swish), is_swish(keras.activations.relu)
+        (True, True, False)
+    """
+    return getattr(fn, "__name__", None) in ("swish", "silu")
 
 
 def _deserialize_quantizer(config):
@@ -199,7 +205,7 @@ class KernelQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         # Called with what get_activations_and_quantizers returned: nothing, or the activation.
         if quantize_activations:
             layer.activation = quantize_activations[0]
-        elif self.output_quantizer is not None and _is_swish(getattr(layer, "activation", None)):
+        elif self.output_quantizer is not None and is_swish(getattr(layer, "activation", None)):
             layer.activation = integer_swish  # the int8 file's LOGISTIC + MUL
 
     def get_output_quantizers(self, layer) -> List:
@@ -296,7 +302,7 @@ class OutputQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
 
     def set_quantize_activations(self, layer, quantize_activations) -> None:
         # A swish Activation layer computes it as the int8 file does (LOGISTIC + MUL).
-        if type(layer) is keras.layers.Activation and _is_swish(layer.activation):
+        if type(layer) is keras.layers.Activation and is_swish(layer.activation):
             layer.activation = integer_swish
 
     def get_output_quantizers(self, layer) -> List:
