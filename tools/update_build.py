@@ -17,8 +17,9 @@ What it writes, all derived from the files (nothing is listed per module here):
 * each target's ``deps``: the targets owning the first-party modules its files import (``import``
   statements anywhere in the file, read with ``ast``); a script imported by another file is a dep
   as its ``py_binary``; every test also depends on the conftest.py library of its folder;
-* each test's ``data``: the scripts it runs by file name (a string literal such as
-  ``"train_teacher.py"``), and, if it names ``"BUILD"``, the sources BUILD is checked against.
+* each test's ``data``: pytest's configuration file if the repository has one (pytest.ini, ...),
+  the scripts it runs by file name (a string literal such as ``"train_teacher.py"``), and, if it
+  names ``"BUILD"``, the sources BUILD is checked against.
 
 Attributes set by hand on an existing target (``size``, ``tags``, ``timeout``, ...) are kept.
 Third-party packages are not Bazel targets: they come from the Python environment the toolchain
@@ -42,6 +43,9 @@ SOURCE_DIRS = ("tfqkd", "recipes", "tools", "tests")
 SCRIPT_DIRS = ("recipes", "tools")
 #: The pytest runner every py_test uses as its ``main``.
 RUNNER = "tests/bazel_pytest_main.py"
+#: pytest's configuration files: each py_test gets those present as data, so that pytest runs
+#: with the same settings under Bazel (it looks for them above the test file, in the runfiles).
+PYTEST_CONFIGS = ("pytest.ini", "pyproject.toml", "tox.ini", "setup.cfg")
 #: Attributes update_build writes itself; any other attribute in BUILD is kept as it is.
 GENERATED = ("name", "srcs", "deps", "data", "main", "args")
 #: What a new py_test gets until someone sets its size in BUILD.
@@ -238,7 +242,7 @@ def plan(repo: pathlib.Path = REPO) -> List[Target]:
             conftest = "/".join(folder[:i]) + "/conftest.py"
             if conftest in owner:
                 deps.add(":" + owner[conftest])
-        data = scripts_named([rel])
+        data = [c for c in PYTEST_CONFIGS if (repo / c).is_file()] + scripts_named([rel])
         if "BUILD" in _string_literals(trees[rel]):
             data.append(":build_inputs")
             needs_tree = True
