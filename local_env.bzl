@@ -1,10 +1,11 @@
 """Repositories made from the machine, for an offline Bazel 4.2 (Debian's bazel-bootstrap).
 
 python_env: a Python 3 toolchain whose interpreter is the environment's own python (TensorFlow's
-python_configure, reduced to what tfqkd needs). The interpreter is $PYTHON_BIN_PATH if set, else the first `python3` on PATH: with a virtualenv
-activated, that virtualenv, so Bazel targets import the packages pip installed there. The path is
-kept as found (not resolved through symlinks), which keeps the virtualenv's site-packages.
-Changing either variable re-runs the rule; `bazel sync --configure` forces it.
+python_configure, reduced to what tfqkd needs). The interpreter is $PYTHON_BIN_PATH if set, else
+the first `python3` on PATH: with a virtualenv activated, that virtualenv, so Bazel targets import
+the packages pip installed there. The path is kept as found (not resolved through symlinks),
+which keeps the virtualenv's site-packages. Changing either variable re-runs the rule;
+`bazel sync --configure` forces it.
 
 native_rules: @rules_cc and @rules_java as Bazel's native rules under their names. Bazel's own
 toolchain set-up, which every py_binary resolves, loads @rules_cc//cc:defs.bzl and

@@ -69,13 +69,15 @@ def test_deps_hold_every_first_party_import(targets, files):
     for name, t in targets.items():
         for src in t.get("srcs", []):
             owners.setdefault(src, set()).add(name)
-    uncovered = []
+    uncovered, imports = [], {}  # imports: file -> the first-party files it imports (parsed once)
     for name, t in sorted(targets.items()):
         srcs = t.get("srcs", [])
         deps = {_label(d) for d in t.get("deps", [])}
         for src in filter(lambda s: (REPO / s).is_file(), srcs):  # missing: the test above
-            tree = update_build.parse(REPO, src)
-            for imported in sorted(update_build.imported_files(src, tree, index)):
+            if src not in imports:
+                tree = update_build.parse(REPO, src)
+                imports[src] = update_build.imported_files(src, tree, index)
+            for imported in sorted(imports[src]):
                 if imported not in srcs and not owners.get(imported, set()) & deps:
                     uncovered.append(f"{name}: {src} imports {imported} "
                                      f"(in {sorted(owners.get(imported, ())) or 'no target'})")

@@ -337,7 +337,7 @@ def generate(repo: pathlib.Path = REPO) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true",
-                        help="exit 1 (changing nothing) if BUILD differs from what would be written")
+                        help="exit 1 (changing nothing) if BUILD differs from what it would write")
     args = parser.parse_args(argv)
     text, build = generate(), REPO / "BUILD"
     if args.check:
