@@ -52,7 +52,7 @@ def main(argv):
     from tfqkd import speq
     from tfqkd._keras import keras
     from tfqkd.training import evaluate_accuracy
-    from recipes.speq import parse_high_bits, stochastic_teacher_accuracy
+    from recipes.speq import parse_high_bits
 
     train = tdata.load_dataset("digits", "train", batch_size=FLAGS.batch_size, augment=False,
                                seed=0)
@@ -99,7 +99,7 @@ def main(argv):
             runs[method].append(acc)
             line = f"seed {seed} {method:<5} {acc:.4f}  ({times[method][-1]:.1f} s)"
             if method == "speq":
-                teacher_acc.append(stochastic_teacher_accuracy(student, test))
+                teacher_acc.append(speq.stochastic_teacher_accuracy(student, test))
                 line += f"  stochastic teacher {teacher_acc[-1]:.4f}"
             print(line, flush=True)
 
