@@ -6,6 +6,9 @@ smallest used level is often not 1; a per-channel depthwise kernel has one step 
 channel and multiplier).
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -124,3 +127,12 @@ def test_integer_levels_of_plain_values():
     assert k.tolist() == [[1, -2], [0, 3]] and float(step) == 0.25 and not per_channel
     assert integer_levels(np.array([[0.1], [0.3333]], np.float32)) is None
     assert integer_levels(np.array([[np.nan, 1.0]], np.float32)) is None
+
+
+def test_quantize_side_does_not_import_the_exporter():
+    # The reader sits on the quantize side; the exporter imports it, never the other way round
+    # (no import cycle, no function-level imports between the two).
+    code = ("import sys, tfqkd.quantize, tfqkd.qat_weights, tfqkd.quantize_configs; "
+            "print(sorted(m for m in sys.modules if m.startswith('tfqkd.export')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -94,7 +94,7 @@ def _layer_variables(layer) -> Dict[str, Any]:
     return found
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays inside: compare fields yourself
 class QuantizedWeight:
     """One weight of a layer as the forward pass uses it, with its integer levels if it has any.
 

@@ -164,7 +164,6 @@ def _check_layers(model: keras.Model) -> None:
                else ""))
 
 
-
 def quantize_model(
     model: keras.Model,
     weight_bits: int = 2,
@@ -310,14 +309,12 @@ def _copy_weights(src: keras.Model, dst: keras.Model) -> None:
     finalize_layer_states(dst)
 
 
-
 def _init_learned_steps(qmodel: keras.Model) -> None:
     for _, weight, quantizer, qvars in _weight_vars(qmodel):
         if isinstance(quantizer, SymmetricQuantizer) and quantizer.step == "learned" and "step" in qvars:
             axis = quantizer.axis if quantizer.per_channel else None
             qvars["step"].assign(tf.reshape(l2_optimal_step(weight, quantizer.bits, axis=axis),
                                             qvars["step"].shape))
-
 
 
 #: tfqkd modules that define Keras-serialisable objects; importing them registers those objects.

@@ -70,7 +70,6 @@ def _is_weight_layer(layer) -> bool:
     return type(layer) in SUPPORTED_WEIGHT_LAYERS
 
 
-
 def _check_optional_bits(bits, name):
     return None if bits is None else check_bits(bits, name)
 
@@ -96,7 +95,6 @@ def _check_options(weight_bits, activation_bits, first_last_bits, per_channel, s
                 "activation_quantizer was given but activation_bits=None, so no activation would "
                 "be quantized; pass activation_bits (e.g. 4) as well.")
     return weight_bits, activation_bits, first_last_bits, bool(per_channel)
-
 
 
 def _parents(model: keras.Model) -> Dict[str, Set[str]]:
@@ -233,8 +231,6 @@ def integer_graph_tensors(model: keras.Model) -> List[str]:
     return out
 
 
-
-
 def _integer_output_quantizer(layer=None):
     # Like tfmot's default_8bit activations: 8-bit, asymmetric EMA min/max (signed tensors such
     # as pre-add BN outputs keep their negative half), the FakeQuantWithMinMaxVars rounding the
@@ -244,7 +240,6 @@ def _integer_output_quantizer(layer=None):
     if pinned is not None:
         return FixedRangeQuantizer(8, *pinned)
     return RangeQuantizer(8)
-
 
 
 class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):

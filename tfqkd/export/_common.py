@@ -22,10 +22,8 @@ __all__ = ["ExportError", "MODES"]
 MODES: Tuple[str, ...] = ("float", "dynamic", "int8", "int4")
 
 
-
 class ExportError(RuntimeError):
     """The TFLite converter (or the rebuild before it) rejected the model; the message says why."""
-
 
 
 def _check_writable(path: Union[str, os.PathLike]) -> str:
@@ -42,7 +40,6 @@ def _check_writable(path: Union[str, os.PathLike]) -> str:
         raise PermissionError(f"cannot write {path!r}: directory {directory!r} is not writable; "
                               "choose another output path.")
     return path
-
 
 
 def _open_interpreter(path: str, **kwargs):

@@ -146,7 +146,6 @@ def _diagnose(model: keras.Model, failed_mode: str, err: Exception,
     return ExportError(" ".join(lines))
 
 
-
 def _tflite_layout_levels(plain: keras.Model, kernels: Dict[str, QuantizedWeight]
                           ) -> Dict[str, np.ndarray]:
     """{layer: integer levels of its kernel, output channel first} for conv/dense kernels.
@@ -235,7 +234,6 @@ def _snap_int8_levels(content: bytes, levels_by_layer: Dict[str, np.ndarray]
     if not changed:
         return content, 0
     return _write_flatbuffer(model_obj), changed
-
 
 
 def _align_student_biases(model: keras.Model, plain: keras.Model, content: bytes

@@ -114,7 +114,6 @@ def _student_input_ranges(model: keras.Model) -> List[Optional[Tuple[float, floa
     return out
 
 
-
 class _FakeQuantKernelLayer(keras.layers.Layer):
     """Conv2D / DepthwiseConv2D / Dense with constant folded weights behind a per-channel FakeQuant."""
 
@@ -176,15 +175,12 @@ class _FakeQuantActivation(keras.layers.Layer):
                                                             num_bits=8, narrow_range=False)
 
 
-
-
 #: Activations that are not a ReLU the converter fuses: they get an input FakeQuant of their own.
 _SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh", "swish", "silu")
 #: Layers TFLite runs with the same scale on input and output (the converter rejects others).
 _SAME_SCALE_LAYERS = (keras.layers.AveragePooling2D, keras.layers.MaxPooling2D,
                       keras.layers.Reshape, keras.layers.Flatten, keras.layers.ZeroPadding2D,
                       keras.layers.Cropping2D)
-
 
 
 class _IntegerActivation(keras.layers.Layer):
@@ -222,7 +218,6 @@ def _is_plain_relu(layer) -> bool:
     if isinstance(layer, keras.layers.Activation):
         return getattr(layer.activation, "__name__", "") in ("relu", "relu6")
     return False
-
 
 
 def _weight_grid(q: np.ndarray, g: np.ndarray, bits: int, depthwise: bool,

@@ -89,7 +89,6 @@ def _clone_plain_layer(layer):
     return inner.__class__.from_config(config)
 
 
-
 def forward_model(model: keras.Model) -> keras.Model:
     """A plain float Keras model of the same architecture whose kernels are the forward ``Q(w)``.
 

@@ -34,7 +34,6 @@ _TYPE_NAMES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 7
                9: "int8", 10: "float64", 17: "int4"}
 
 
-
 def tflite_weight_levels(path: Union[str, os.PathLike], layer_names: Sequence[str] = ()
                          ) -> List[Dict[str, Any]]:
     """Reads every conv/dense weight tensor back from the LiteRT interpreter.
@@ -95,7 +94,6 @@ def tflite_weight_levels(path: Union[str, os.PathLike], layer_names: Sequence[st
     return out
 
 
-
 @dataclasses.dataclass
 class ParityReport:
     """How a ``.tflite`` file compares with its Keras model on a data set (:func:`verify_tflite`).
@@ -145,7 +143,6 @@ class ParityReport:
         return "\n".join(lines)
 
 
-
 def _batches(dataset, limit: Optional[int]) -> Iterable[Tuple[np.ndarray, np.ndarray]]:
     if isinstance(dataset, tuple) and len(dataset) == 2 and not isinstance(dataset[0], tuple):
         x, y = (_as_numpy(dataset[0]), _as_numpy(dataset[1]))
@@ -188,7 +185,6 @@ def _invoke_batch(interpreter, inp, out, feed: np.ndarray) -> np.ndarray:
         interpreter.invoke()
         rows.append(interpreter.get_tensor(out["index"]).copy())
     return np.concatenate(rows, axis=0)
-
 
 
 def verify_tflite(
@@ -277,7 +273,6 @@ def verify_tflite(
     if print_report:
         print(report)
     return report
-
 
 
 def quantize_input(x: Any, scale: float, zero_point: int, dtype: Any = np.int8) -> np.ndarray:

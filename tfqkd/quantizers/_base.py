@@ -22,7 +22,6 @@ def _keep_nan(source: tf.Tensor, value: tf.Tensor) -> tf.Tensor:
     return tf.where(tf.math.is_nan(source), source, value)
 
 
-
 def _straight_through(value: tf.Tensor, grad_source: tf.Tensor) -> tf.Tensor:
     """``value`` in the forward pass, the gradient of ``grad_source`` in the backward pass.
 

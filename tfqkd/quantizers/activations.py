@@ -121,7 +121,6 @@ class ActivationQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qu
                 "ema_decay": self.ema_decay}
 
 
-
 @keras.utils.register_keras_serializable(package="tfqkd")
 class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantizer):
     """Asymmetric ``bits``-bit quantizer of a signed tensor with an EMA-tracked ``[min, max]`` range.
@@ -209,7 +208,6 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
         if self.widen:
             config["widen"] = self.widen
         return config
-
 
 
 @keras.utils.register_keras_serializable(package="tfqkd")

@@ -57,7 +57,6 @@ L2_ITERATIONS = 4
 L2_CANDIDATES = 8
 
 
-
 def check_bits(bits: Any, name: str = "bits") -> int:
     """Returns ``bits`` as an ``int`` after checking that it is an integer in 1..8.
 
@@ -124,8 +123,6 @@ def symmetric_quantize(w, bits: int, step) -> tf.Tensor:
     k = float(max_level(bits))
     n = tf.minimum(tf.floor(tf.abs(w) / step + 0.5), k)
     return tf.sign(w) * step * n
-
-
 
 
 def _reduction_axes(rank: int, axis) -> Tuple[Optional[list], Optional[Tuple[int, ...]]]:

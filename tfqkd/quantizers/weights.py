@@ -68,8 +68,6 @@ def _quantize_fn(w, bits, kind, axis, iterations):
     return _graph_function(_quantize_impl, w, bits, kind, axis, iterations)
 
 
-
-
 def _check_step_kind(step: Any) -> str:
     if step not in STEP_KINDS:
         raise ValueError(f"step must be one of {STEP_KINDS}, got {step!r}.")
