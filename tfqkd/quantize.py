@@ -72,6 +72,7 @@ from tfqkd.quantize_registry import (
     integer_graph_tensors,
 )
 from tfqkd.quantize_scheme import (  # noqa: F401
+    QuantizeLayer,
     INPUT_RANGE_WIDEN,
     TfqkdQuantizeLayoutTransform,
     TfqkdQuantizeScheme,
@@ -362,4 +363,6 @@ def quantize_scope(*custom_objects: Mapping[str, Any]):
         >>> loaded.count_params() == q.count_params()
         True
     """
-    return _tfmot_q.quantize_scope(_tfqkd_custom_objects(), *custom_objects)
+    scope = _tfmot_q.quantize_scope(_tfqkd_custom_objects(), *custom_objects)
+    # Later dicts win: tfqkd's QuantizeLayer (which marks itself built) replaces tfmot's.
+    return keras.utils.custom_object_scope(*scope.custom_objects, {"QuantizeLayer": QuantizeLayer})

@@ -17,11 +17,13 @@ from typing import Any, List, Optional
 
 import tensorflow_model_optimization as tfmot
 
+from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
+
 from tfqkd._keras import keras
 from tfqkd.quantize_registry import TfqkdQuantizeRegistry
 from tfqkd.quantizers import RangeQuantizer
 
-__all__ = ["TfqkdQuantizeScheme", "TfqkdQuantizeLayoutTransform", "INPUT_RANGE_WIDEN"]
+__all__ = ["TfqkdQuantizeScheme", "TfqkdQuantizeLayoutTransform", "QuantizeLayer", "INPUT_RANGE_WIDEN"]
 
 _tfmot_q = tfmot.quantization.keras
 
@@ -58,6 +60,28 @@ class TfqkdQuantizeLayoutTransform(_tfmot_q.QuantizeLayoutTransform):
 INPUT_RANGE_WIDEN = 1.0 / 1024
 
 
+class QuantizeLayer(quantize_layer.QuantizeLayer):
+    """tfmot's ``QuantizeLayer`` (the input quantizer) that marks itself built.
+
+    tfmot's ``build`` never sets ``built``. Keras' zip-format loader first builds each layer from
+    its saved input shape and then calls it, so a ``.keras`` file's input quantizer was built twice
+    and refused its 3 saved variables ("expected 5 variables"; tensorflow/model-optimization PR
+    #1123, unmerged). :func:`tfqkd.quantize_scope` maps ``"QuantizeLayer"`` to this class, so files
+    written by tfmot's class load too.
+
+    Example:
+        >>> from tfqkd.quantizers import RangeQuantizer
+        >>> layer = QuantizeLayer(RangeQuantizer(8))
+        >>> layer.build((None, 4))
+        >>> layer.built, len(layer.weights)
+        (True, 3)
+    """
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.built = True
+
+
 def _input_layer_quantize():
     """tfmot's ``InputLayerQuantize`` transform with tfqkd's :class:`RangeQuantizer` in the layer.
 
@@ -65,7 +89,6 @@ def _input_layer_quantize():
     training step it would map every input to 0. ``RangeQuantizer`` passes its input through
     until it has seen data.
     """
-    from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer
     from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
         default_8bit_transforms)
     from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations import (
@@ -73,13 +96,14 @@ def _input_layer_quantize():
 
     class InputLayerRangeQuantize(default_8bit_transforms.InputLayerQuantize):
         def replacement(self, match_layer):
-            layer = quantize_layer.QuantizeLayer(RangeQuantizer(8, widen=INPUT_RANGE_WIDEN))
+            layer = QuantizeLayer(RangeQuantizer(8, widen=INPUT_RANGE_WIDEN))
             config = keras.utils.legacy.serialize_keras_object(layer)
             config["name"] = layer.name
             return transforms.LayerNode(config, input_layers=[match_layer])
 
         def custom_objects(self):
-            return {**super().custom_objects(), "RangeQuantizer": RangeQuantizer,
+            return {**super().custom_objects(), "QuantizeLayer": QuantizeLayer,
+                    "RangeQuantizer": RangeQuantizer,
                     "tfqkd>RangeQuantizer": RangeQuantizer}
 
     return InputLayerRangeQuantize()
