@@ -43,6 +43,7 @@ from tfqkd.tuning.plots import (plot_accuracy_vs_teacher, plot_cr_comparison, pl
                                 plot_results, save_figure)
 from tfqkd.tuning.results import append_result, grid_configs, read_results, run_grid
 from tfqkd.tuning.trials import _default_builder, _load_model  # noqa: F401  (tests use them)
+from tfqkd.tuning.trials import ModelBuilder, OptimizerArg  # noqa: F401  (type aliases it had)
 from tfqkd.tuning.trials import (TeacherPool, TrialData, evaluate_accuracy, make_trial_data,
                                  run_trial_config, train_classifier)
 from tfqkd.tuning.tuner import DistillationSearchSpace, DistillationTuner, make_oracle
