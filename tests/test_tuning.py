@@ -184,22 +184,23 @@ def teacher_path(tmp_path_factory, data):
     return path
 
 
-def _counting(monkeypatch, name):
+def _counting(monkeypatch, module, name):
+    """Counts the calls of ``module.name`` (patched in the module that calls it)."""
     calls = []
-    original = getattr(tuning, name)
+    original = getattr(module, name)
 
     def wrapper(*args, **kwargs):
         calls.append(args[0] if args else None)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tuning, name, wrapper)
+    monkeypatch.setattr(module, name, wrapper)
     return calls
 
 
 def test_smoke_grid_writes_rows_and_figures_resumes_and_replots(tmp_path, monkeypatch):
     out = str(tmp_path / "sweep")
     cfg = sweep.make_config("smoke", output_dir=out)
-    trials = _counting(monkeypatch, "run_trial_config")
+    trials = _counting(monkeypatch, tuning.results, "run_trial_config")  # run_grid's
     result = sweep.run(cfg)
 
     rows = tuning.read_results(os.path.join(out, "trials.csv"))
@@ -234,7 +235,7 @@ def test_smoke_grid_writes_rows_and_figures_resumes_and_replots(tmp_path, monkey
     assert len(fig.axes[0].get_lines()) == 2 + 1  # τ ∈ {1, 4} + the baseline
 
     # Rerun: nothing is trained again (trials skipped, teachers loaded from the cache).
-    teachers_trained = _counting(monkeypatch, "train_classifier")
+    teachers_trained = _counting(monkeypatch, tuning.trials, "train_classifier")  # the pool's
     del trials[:]
     sweep.run(cfg)
     assert trials == [] and teachers_trained == []
@@ -371,7 +372,7 @@ def test_every_oracle_drives_the_tuner(tmp_path, data, monkeypatch, kind):
         return {"val_accuracy": score, "test_accuracy": score, "teacher_accuracy": 0.9,
                 "wall_time": 0.0, "epochs": float(kwargs["epochs"])}
 
-    monkeypatch.setattr(tuning, "run_trial_config", fake_trial)
+    monkeypatch.setattr(tuning.tuner, "run_trial_config", fake_trial)
     space = tuning.DistillationSearchSpace(temperatures=[1, 2, 4, 8], teachers=[1, 2],
                                            schedules=["constant", "linear"], epochs=2)
     oracle = tuning.make_oracle(kind, max_trials=5, max_epochs=2, hyperband_factor=2, seed=2)

@@ -13,9 +13,10 @@ __version__ = "0.1.0"
 # Submodules load on first use so that `import tfqkd` stays fast and light-weight tools
 # (data loading, plotting) do not pay for tfmot or keras-tuner.
 _SUBMODULES = (
-    "batch_norm", "callbacks", "data", "distiller", "export", "finite", "losses", "models", "qkd",
+    "batch_norm", "callbacks", "costudying", "data", "distiller", "export", "finite", "losses",
+    "models", "qkd",
     "quantize",
-    "quantizers", "speq", "tflite_layout", "training", "tuning",
+    "quantizers", "speq", "teachers", "tflite_layout", "training", "tuning",
 )
 _LAZY_ATTRS = {
     "Distiller": "distiller",
