@@ -14,9 +14,8 @@ __version__ = "0.1.0"
 # (data loading, plotting) do not pay for tfmot or keras-tuner.
 _SUBMODULES = (
     "batch_norm", "callbacks", "costudying", "data", "distiller", "export", "finite", "losses",
-    "models", "qkd",
-    "quantize",
-    "quantizers", "speq", "teachers", "tflite_layout", "training", "tuning",
+    "models", "qat_weights", "qkd", "quantize", "quantize_configs", "quantize_registry",
+    "quantize_scheme", "quantizers", "speq", "teachers", "tflite_layout", "training", "tuning",
 )
 _LAZY_ATTRS = {
     "Distiller": "distiller",
