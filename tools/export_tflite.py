@@ -59,9 +59,6 @@ def load_model(path: str):
     Accepts every form the docs show: a recipe's output directory, its ``model/`` directory, a
     ``.h5`` or ``.keras`` file, or a SavedModel directory (``recipes.common.load_model``).
     """
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from recipes import common
 
     return common.load_model(path, what="--model")
