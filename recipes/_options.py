@@ -380,6 +380,11 @@ def run_main(main: Any, options: Iterable[Option] = ()) -> None:
                   flush=True)
             sys.exit(1)
 
+    # A console script (tfqkd-train-teacher, ...) is a __main__ without a docstring: show the
+    # recipe's own as the usage text, as `python recipes/x.py` does.
+    entry = sys.modules.get("__main__")
+    if entry is not None and not entry.__doc__:
+        entry.__doc__ = getattr(sys.modules.get(getattr(main, "__module__", "")), "__doc__", None)
     app.run(wrapped)
 
 

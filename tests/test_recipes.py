@@ -55,6 +55,40 @@ def _assert_complete(run_dir):
     return res
 
 
+#: The recipes (command lines); recipes/common.py and the private recipes/_*.py are their shared
+#: layer.
+RECIPE_NAMES = ("train_teacher", "train_student", "quantize_distill", "qkd", "speq", "sweep",
+                "quickstart")
+
+
+def test_recipes_are_leaves_installed_as_commands_without_sys_path_edits():
+    import ast
+
+    on_disk = {p.stem for p in RECIPES.glob("*.py")
+               if not p.stem.startswith("_") and p.stem != "common"}
+    assert on_disk == set(RECIPE_NAMES)
+    for name in RECIPE_NAMES:
+        tree = ast.parse((RECIPES / f"{name}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.module:
+                imported |= {n.module} | {f"{n.module}.{a.name}" for a in n.names}
+        siblings = {m for m in imported
+                    if m.startswith("recipes.") and m.split(".")[1] in RECIPE_NAMES}
+        assert not siblings, f"recipes/{name}.py imports a sibling recipe: {siblings}"
+        assert not any(m == "tools" or m.startswith(("tools.", "reproduce")) for m in imported)
+    # One console script per recipe, each a main() that parses its flags (setup.py).
+    setup = (REPO / "setup.py").read_text()
+    for name in RECIPE_NAMES:
+        assert f'"{name}"' in setup, f"setup.py has no console script for recipes/{name}.py"
+        assert "\ndef main() -> None:" in (RECIPES / f"{name}.py").read_text()
+    # Scripts import the installed packages; no file edits sys.path to find them.
+    edit = "sys.path." + "insert"
+    offenders = [str(p.relative_to(REPO)) for d in ("recipes", "tools", "tests")
+                 for p in (REPO / d).rglob("*.py") if edit in p.read_text()]
+    assert not offenders, f"{edit} in {offenders}"
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     """A float tiny teacher on digits, trained in-process for two epochs."""
