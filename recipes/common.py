@@ -71,6 +71,21 @@ Typical recipe body::
                            save_freq=cfg.save_freq)
     return common.finish_run(run, model, "my model")              # evaluate, save, results.json
 
+A new recipe ``recipes/my_recipe.py`` declares ``OPTIONS = common.COMMON_OPTIONS + [Option(...)]``
+and ``PRESETS``, a ``run(cfg, strategy=None)`` with the body above, and its command line::
+
+    def _main(argv):
+        run(common.config_from_flags(OPTIONS, PRESETS))
+
+    def main() -> None:                        # console script: add it to setup.py's list
+        common.run_main(_main, OPTIONS)        # flags defined here, never at import time
+
+    if __name__ == "__main__":
+        main()
+
+It imports ``recipes.common`` and the library, never another recipe (tests/test_recipes.py
+checks): what two recipes share belongs here.
+
 Where things live (this module re-exports every public name of them; import from here):
 
     ``recipes/_options.py``  :class:`Option`, :class:`Config`, ``COMMON_OPTIONS``, the shared
