@@ -211,16 +211,18 @@ def test_pack_round_trip_tiny_exact(tiny, tmp_path):
 
 
 def test_trits_and_bits_codecs():
+    from tfqkd.export import packed as archive
+
     rng = np.random.default_rng(1)
     for n in (1, 4, 5, 6, 101):
         k = rng.integers(-1, 2, size=n)
-        assert np.array_equal(export._unpack_trits(export._pack_trits(k), n), k)  # noqa: SLF001
-        assert len(export._pack_trits(k)) == -(-n // 5)  # noqa: SLF001
+        assert np.array_equal(archive._unpack_trits(archive._pack_trits(k), n), k)  # noqa: SLF001
+        assert len(archive._pack_trits(k)) == -(-n // 5)  # noqa: SLF001
         for bits in (1, 3, 4):
             c = rng.integers(0, 2 ** bits, size=n)
-            packed = export._pack_bits(c, bits)  # noqa: SLF001
+            packed = archive._pack_bits(c, bits)  # noqa: SLF001
             assert len(packed) == -(-n * bits // 8)
-            assert np.array_equal(export._unpack_bits(packed, n, bits), c)  # noqa: SLF001
+            assert np.array_equal(archive._unpack_bits(packed, n, bits), c)  # noqa: SLF001
 
 
 def test_snap_makes_4bit_levels_exact(tmp_path):

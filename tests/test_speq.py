@@ -177,6 +177,24 @@ def test_teacher_passes_differ_student_pass_deterministic_probability_zero_equal
                                   model0.student(x, training=False).numpy())
 
 
+@pytest.mark.parametrize("probability", [0.0, 1.0])
+def test_stochastic_teacher_accuracy_counts_the_teacher_pass(probability):
+    # Probability 0 or 1 makes the teacher pass deterministic (all target bits / all float), so
+    # the figure is the hand count of that pass's right predictions, on a short last batch too.
+    student = _speq_student(high_bits=None, probability=probability)
+    x, y = _digits()[2][:50], _digits()[3][:50]
+    with stochastic_precision(True):
+        teacher = student(x, training=False).numpy()
+    student_pass = student(x, training=False).numpy()
+    if probability == 1.0:  # the context changed the pass (else the test would prove nothing)
+        assert not np.allclose(teacher, student_pass)
+    else:
+        np.testing.assert_array_equal(teacher, student_pass)
+    expected = int((teacher.argmax(-1) == y).sum()) / 50
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)  # 16 + 16 + 16 + 2
+    assert speq.stochastic_teacher_accuracy(student, ds) == expected
+
+
 @pytest.mark.parametrize("teacher_bn", ["inference", "batch"])
 def test_teacher_pass_leaves_batch_norm_and_clip_state_untouched(student, teacher_bn):
     x = _digits()[0][:32]

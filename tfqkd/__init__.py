@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "batch_norm", "callbacks", "data", "distiller", "export", "finite", "losses", "models", "qkd",
     "quantize",
-    "quantizers", "speq", "tflite_layout", "tuning",
+    "quantizers", "speq", "tflite_layout", "training", "tuning",
 )
 _LAZY_ATTRS = {
     "Distiller": "distiller",

@@ -50,6 +50,7 @@ from tfqkd import losses as _losses
 from tfqkd import finite as _finite
 from tfqkd._keras import keras, tf
 from tfqkd.models.heads import logits_model, softmax_layer
+from tfqkd.training import global_batch_size
 
 __all__ = ["Distiller", "precompute_teacher_logits", "teacher_logits"]
 
@@ -595,15 +596,6 @@ class Distiller(keras.Model):
             return tf.square(self.temperature)
         return tf.constant(1.0, tf.float32)
 
-    def _global_batch_size(self, per_example) -> tf.Tensor:
-        """The number of examples in this step over ALL replicas (exact for a short last batch)."""
-        local = tf.shape(per_example)[0]
-        ctx = tf.distribute.get_replica_context()
-        if ctx is None or ctx.num_replicas_in_sync == 1:
-            return local
-        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(local, tf.float32))
-        return tf.cast(tf.round(total), tf.int32)
-
     def compute_distillation_loss(self, y, student_logits, teacher_probs, sample_weight=None):
         """Per-example hard, soft and total losses and the scalar to minimise on this replica.
 
@@ -620,7 +612,7 @@ class Distiller(keras.Model):
         lam = self.coefficient
         total = (1.0 - lam) * hard + lam * self._soft_scale() * soft
         loss = tf.nn.compute_average_loss(
-            total, sample_weight=sample_weight, global_batch_size=self._global_batch_size(total))
+            total, sample_weight=sample_weight, global_batch_size=global_batch_size(total))
         reg = self._regularization()
         loss += tf.nn.scale_regularization_loss(reg)
         return loss, hard, soft, total, reg

@@ -32,8 +32,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import os
 import shutil
@@ -45,6 +43,8 @@ from tfqkd import finite as _finite
 from tfqkd._io import atomic_write
 from tfqkd._keras import keras, tf
 from tfqkd.distiller import Distiller, _CurrentValue, check_coefficient, check_temperature
+from tfqkd.training import (evaluate_accuracy, global_batch_size, make_optimizer, read_history,
+                            write_history)
 
 __all__ = ["CoStudying", "run_qkd", "PHASES", "read_phase_state"]
 
@@ -325,21 +325,6 @@ class CoStudying(keras.Model):
         t["temperature"].update_state(self.temperature)
         return {name: m.result() for name, m in t.items()}
 
-    @staticmethod
-    def _global_batch_size(per_example) -> tf.Tensor:
-        """Examples in this step over ALL replicas.
-
-        ``compute_average_loss``'s default (local batch x replicas) is wrong for a short last
-        batch split unevenly (7 examples as 4 + 3 is not 2 x 4), so the replicas' counts are
-        summed instead.
-        """
-        local = tf.shape(per_example)[0]
-        ctx = tf.distribute.get_replica_context()
-        if ctx is None or ctx.num_replicas_in_sync == 1:
-            return local
-        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(local, tf.float32))
-        return tf.cast(tf.round(total), tf.int32)
-
     def train_step(self, data):
         x, y, sample_weight = self._unpack(data)
         student_vars = self.student.trainable_variables
@@ -350,7 +335,7 @@ class CoStudying(keras.Model):
             )
             # Global-batch averages: correct under tf.distribute (gradients are summed over
             # replicas, so each replica divides by the global batch size).
-            global_batch = self._global_batch_size(s_ex)
+            global_batch = global_batch_size(s_ex)
             s_loss = tf.nn.compute_average_loss(
                 s_ex, sample_weight=sample_weight, global_batch_size=global_batch)
             t_loss = tf.nn.compute_average_loss(
@@ -467,7 +452,7 @@ def read_phase_state(output_dir: str) -> Optional[Dict[str, Any]]:
 
 
 def _default_optimizer(phase: str) -> keras.optimizers.Optimizer:
-    return keras.optimizers.SGD(learning_rate=0.01, momentum=0.9, nesterov=True)
+    return make_optimizer("sgd", 0.01)
 
 
 def _check_epochs(name: str, value: Any) -> int:
@@ -477,22 +462,8 @@ def _check_epochs(name: str, value: Any) -> int:
 
 
 def _accuracy(model: keras.Model, dataset, steps: Optional[int]) -> Optional[float]:
-    """Top-1 accuracy of a logits model on ``(images, labels)`` batches (inference mode)."""
-    if dataset is None:
-        return None
-    @tf.function(reduce_retracing=True)
-    def hits(x, y):
-        return tf.reduce_sum(CoStudying._correct(y, model(x, training=False)))
-
-    correct, total = 0.0, 0.0
-    batches = dataset.take(steps) if steps else dataset
-    for batch in batches:
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
-        correct += float(hits(x, tf.convert_to_tensor(y)))
-        total += float(tf.shape(y)[0])
-    if total == 0:
-        raise ValueError("the validation data set is empty; pass val_ds=None to skip evaluation.")
-    return correct / total
+    """Top-1 accuracy on ``dataset`` (inference mode), or ``None`` without a validation set."""
+    return None if dataset is None else evaluate_accuracy(model, dataset, steps)
 
 
 #: Per phase: the validation log keys of the student's and the teacher's accuracy.
@@ -593,21 +564,10 @@ class _QKDRun:
         return os.path.join(self.output_dir, f"history_{phase}.csv")
 
     def read_history(self, phase: str) -> List[Dict[str, str]]:
-        path = self.history_path(phase)
-        if not os.path.exists(path):
-            return []
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
+        return read_history(self.history_path(phase))
 
     def write_history(self, phase: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        keys: List[str] = []
-        for row in rows:
-            keys.extend(k for k in row if k not in keys)
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=keys, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(self.history_path(phase), buffer.getvalue())
+        write_history(self.history_path(phase), rows)
 
     def done(self, phase: str) -> bool:
         return self.state["phases"][phase]["status"] == "done"

@@ -12,7 +12,9 @@
   logits) to model every tensor the full-integer TFLite graph rounds to int8.
 
 They are registered with Keras (package ``tfqkd``) so that saved quantized models load back.
-The scheme and registry that hand them out live in :mod:`tfqkd.quantize`.
+The registry that hands them out is :mod:`tfqkd.quantize_registry`. The activation facts the
+registry and the exporter share (:data:`PINNED_OUTPUT_RANGES`, :func:`activation_name`) live here,
+below both.
 
 Example:
     >>> from tfqkd._keras import keras
@@ -26,12 +28,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import tensorflow_model_optimization as tfmot
 
 from tfqkd._keras import keras, tf
-from tfqkd.export import PINNED_OUTPUT_RANGES
 from tfqkd.quantizers import SymmetricQuantizer  # noqa: F401  (the examples below use it)
 
 __all__ = [
@@ -46,10 +47,41 @@ __all__ = [
     "PRE_QUANTIZED_ACTIVATIONS",
     "integer_swish",
     "is_swish",
+    "PINNED_OUTPUT_RANGES",
+    "activation_name",
 ]
 
 _serialize = keras.utils.legacy.serialize_keras_object
 _deserialize = keras.utils.legacy.deserialize_keras_object
+
+#: Output ranges TFLite's int8 kernels require: LOGISTIC and SOFTMAX scale 1/256 and zero point
+#: -128, TANH scale 1/128 and zero point 0 (FakeQuant ranges giving exactly those grids). The
+#: student rounds these outputs on the same grids (its registry hands out a
+#: ``FixedRangeQuantizer`` there) and the exporter pins the file's ranges to them
+#: (``tfqkd.export`` re-exports both names).
+PINNED_OUTPUT_RANGES: Dict[str, Tuple[float, float]] = {
+    "softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0),
+    "tanh": (-1.0, 127.0 / 128.0)}
+
+
+def activation_name(layer) -> str:
+    """Name of the activation a kernel, ``Activation`` or ``Softmax`` layer applies.
+
+    ``"linear"`` if none; tfqkd's ``integer_swish`` reads as ``"swish"``.
+
+    Example:
+        >>> activation_name(keras.layers.Dense(2, activation="sigmoid"))
+        'sigmoid'
+        >>> activation_name(keras.layers.Softmax()), activation_name(keras.layers.Flatten())
+        ('softmax', 'linear')
+    """
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    act = getattr(layer, "activation", None)
+    if act is None:
+        return "linear"
+    return getattr(act, "__name__", type(act).__name__)
+
 
 #: Fused activations whose INPUT the integer file rounds (tfmot's QuantizeAwareActivation quantizes
 #: before them): they run as their own SOFTMAX / LOGISTIC / TANH op after the kernel's output.

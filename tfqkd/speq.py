@@ -47,6 +47,7 @@ __all__ = [
     "stochastic_quantizers",
     "speq_quantize",
     "SPEQ",
+    "stochastic_teacher_accuracy",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -462,3 +463,25 @@ class SPEQ(Distiller):
         config["student"] = keras.utils.deserialize_keras_object(
             config["student"], custom_objects=custom_objects)
         return cls(**config)
+
+
+def stochastic_teacher_accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
+    """Top-1 accuracy of ONE stochastic-precision pass of ``model`` per batch (the SPEQ teacher).
+
+    ``model`` is a SPEQ student (see :func:`speq_quantize`), run in inference mode (batch norm
+    with its moving statistics) under :func:`stochastic_precision`: every quantizer draws its
+    precision afresh on each batch, so the figure varies from call to call unless
+    ``probability`` is 0 or 1. Raises ``ValueError`` on an empty data set.
+
+    Example:
+        >>> from tfqkd import models
+        >>> student = speq_quantize(models.tiny_resnet(10, seed=0), 2, 2, probability=0.5)
+        >>> ds = tf.data.Dataset.from_tensor_slices((tf.zeros([5, 8, 8, 1]), [0] * 5)).batch(2)
+        >>> 0.0 <= stochastic_teacher_accuracy(student, ds) <= 1.0
+        True
+    """
+    from tfqkd.training import evaluate_accuracy
+
+    # The graph is traced inside the context (on the first batch), so it is a teacher graph.
+    with stochastic_precision(True):
+        return evaluate_accuracy(model, dataset)

@@ -46,6 +46,9 @@ import numpy as np
 from tfqkd._io import atomic_path, atomic_write
 from tfqkd._keras import keras, tf
 from tfqkd.finite import StopOnNonFinite
+from tfqkd.training import OptimizerArg, evaluate_accuracy
+from tfqkd.training import load_model as _load_model
+from tfqkd.training import make_optimizer as _make_optimizer
 
 __all__ = [
     "HYPERPARAMETERS",
@@ -303,20 +306,6 @@ def train_classifier(
     return model
 
 
-def _load_model(path: str) -> keras.Model:
-    """Loads a saved model; a recipe's output directory resolves to its ``model/model.h5``."""
-    for candidate in (os.path.join(path, "model", "model.h5"), os.path.join(path, "model.h5")):
-        if os.path.isfile(candidate):
-            path = candidate
-            break
-    # Imported here (not at module top) to keep ``import tfqkd.tuning`` light; an import failure
-    # propagates: hiding it only turns into a confusing "Unknown layer" load error later.
-    from tfqkd.quantize import quantize_scope
-
-    with quantize_scope():
-        return keras.models.load_model(path, compile=False)
-
-
 class TeacherPool:
     """Teachers by key: given models, saved model paths, builders, or widths trained on demand.
 
@@ -447,44 +436,6 @@ class TeacherPool:
 
 # --------------------------------------------------------------------------------------------
 # One trial
-
-
-OptimizerArg = Union[str, Callable[[int, int], Any]]
-
-
-def _make_optimizer(name: OptimizerArg, learning_rate: float, steps_per_epoch: int = 1,
-                    epochs: int = 1):
-    """``"adam"`` / ``"sgd"`` at a constant rate, or ``factory(steps_per_epoch, epochs)``."""
-    if callable(name):
-        return name(steps_per_epoch, epochs)
-    name = str(name).lower()
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
-    raise ValueError(f"optimizer must be 'adam' or 'sgd', got {name!r}.")
-
-
-def evaluate_accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
-    """Top-1 accuracy of a logits (or probabilities) model on ``(images, labels)`` batches.
-
-    Example:
-        >>> m = keras.Sequential([keras.layers.Flatten(input_shape=(2,)), keras.layers.Dense(2)])
-        >>> ds = tf.data.Dataset.from_tensor_slices(([[1.0, 0.0]], [0])).batch(1)
-        >>> 0.0 <= evaluate_accuracy(m, ds) <= 1.0
-        True
-    """
-    # Eager calls: tracing a tf.function per trial (twice, for the last, smaller batch) costs more
-    # than it saves on the small evaluation sets a sweep uses.
-    correct = total = 0
-    for x, y in dataset:
-        pred = np.argmax(np.asarray(model(x, training=False)), axis=-1)
-        y = np.asarray(y).reshape(-1).astype(np.int64)
-        correct += int((pred == y).sum())
-        total += int(y.size)
-    if total == 0:
-        raise ValueError("cannot measure accuracy on an empty data set.")
-    return correct / total
 
 
 def _coefficient_scheduler(start: float, total_epochs: int, steps_per_epoch: int):

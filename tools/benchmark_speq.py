@@ -46,13 +46,12 @@ flags.DEFINE_string("high_bits", "8", "SPEQ teacher's high precision: bits or 'f
 
 def main(argv):
     del argv
-    import numpy as np
-
     import tfqkd
     from tfqkd import data as tdata
     from tfqkd import speq
     from tfqkd._keras import keras
-    from recipes.speq import parse_high_bits, stochastic_teacher_accuracy
+    from tfqkd.training import evaluate_accuracy
+    from recipes.speq import parse_high_bits
 
     train = tdata.load_dataset("digits", "train", batch_size=FLAGS.batch_size, augment=False,
                                seed=0)
@@ -68,8 +67,7 @@ def main(argv):
     float_model.compile(adam(FLAGS.float_epochs),
                         keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     float_model.fit(train, epochs=FLAGS.float_epochs, verbose=0)
-    float_acc = float(np.mean(np.concatenate(
-        [float_model.predict(x, verbose=0).argmax(-1) == y.numpy() for x, y in test])))
+    float_acc = evaluate_accuracy(float_model, test)
     print(f"float tiny_resnet: {float_acc:.4f}", flush=True)
 
     high = parse_high_bits(FLAGS.high_bits)
@@ -96,12 +94,11 @@ def main(argv):
             t0 = time.perf_counter()
             model.fit(train.shuffle(10_000, seed=seed), epochs=FLAGS.epochs, verbose=0)
             times[method].append(time.perf_counter() - t0)
-            acc = float(np.mean(np.concatenate(
-                [student.predict(x, verbose=0).argmax(-1) == y.numpy() for x, y in test])))
+            acc = evaluate_accuracy(student, test)
             runs[method].append(acc)
             line = f"seed {seed} {method:<5} {acc:.4f}  ({times[method][-1]:.1f} s)"
             if method == "speq":
-                teacher_acc.append(stochastic_teacher_accuracy(student, test))
+                teacher_acc.append(speq.stochastic_teacher_accuracy(student, test))
                 line += f"  stochastic teacher {teacher_acc[-1]:.4f}"
             print(line, flush=True)
 

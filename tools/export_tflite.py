@@ -57,11 +57,11 @@ def load_model(path: str):
     """Loads a model saved by tfqkd (QAT or float) inside tfqkd.quantize_scope().
 
     Accepts every form the docs show: a recipe's output directory, its ``model/`` directory, a
-    ``.h5`` or ``.keras`` file, or a SavedModel directory (``recipes.common.load_model``).
+    ``.h5`` or ``.keras`` file, or a SavedModel directory (``tfqkd.training.load_model``).
     """
-    from recipes import common
+    from tfqkd.training import load_model as load
 
-    return common.load_model(path, what="--model")
+    return load(path, what="--model")
 
 
 def main(argv):
@@ -72,6 +72,9 @@ def main(argv):
     from tfqkd import data, export
 
     model = load_model(FLAGS.model)
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from recipes import common
 
     data_kw = common.data_kwargs_for_model(model, data_dir=FLAGS.data_dir,

@@ -1,0 +1,488 @@
+"""The fake-quant graph: the student as a QAT-style graph the converter makes integer (int8, INT4).
+
+``_fakequant_model`` folds batch norm into the kernels, puts each kernel behind a per-channel
+``FakeQuantWithMinMaxVarsPerChannel`` whose grid holds the trained levels exactly (4-bit for
+kernels trained at <= 4 bits in ``int4`` mode, whose weights the converter's low-bit path then
+stores as INT4), and each activation behind an 8-bit ``FakeQuantWithMinMaxVars`` at the
+student's own range where it has a quantizer (calibrated elsewhere; pooling / reshape /
+concatenation groups share one range; softmax / sigmoid / tanh outputs are pinned to TFLite's
+grids). The student's ranges and levels are read here (``_student_*``); the levels come from
+the one reader of quantized weights, :mod:`tfqkd.qat_weights`.
+
+Example:
+    >>> fq = _FakeQuantActivation(0.0, 1.0, name="fq")
+    >>> round(float(fq(tf.constant([0.3]))[0]) * 255, 3)
+    77.0
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tfqkd._graph import finalize_layer_states
+from tfqkd._keras import keras, tf
+from tfqkd.export.forward import _clone_plain_layer, _consumers, _fold, _fold_plan, _rebuild
+from tfqkd.qat_weights import KERNEL_LAYERS as _KERNEL_LAYERS
+from tfqkd.qat_weights import (
+    QuantizedWeight,
+    _inner,
+    _is_quantize_layer,
+    _is_wrapper,
+    _weight_short_name,
+)
+from tfqkd.quantize_configs import PINNED_OUTPUT_RANGES, activation_name
+
+__all__: List[str] = []
+
+
+def _quantizer_range(quantizer, qvars) -> Optional[Tuple[float, float]]:
+    """The fixed range an activation quantizer uses at inference, if it has one."""
+    try:
+        if hasattr(quantizer, "range_of"):  # tfqkd RangeQuantizer (its widened range)
+            return quantizer.range_of(qvars)
+        if hasattr(quantizer, "clip_of"):  # tfqkd ActivationQuantizer (and subclasses): [0, c]
+            return 0.0, float(np.asarray(quantizer.clip_of(qvars)))
+        if isinstance(qvars, dict) and "min_var" in qvars and "max_var" in qvars:  # tfmot
+            return float(np.asarray(qvars["min_var"])), float(np.asarray(qvars["max_var"]))
+    except Exception:  # noqa: BLE001 (an unusual quantizer: calibrate instead)
+        return None
+    return None
+
+
+def _student_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, float]]:
+    """{inner layer name: (min, max) of its output quantizer} for every wrapped layer with one."""
+    out = {}
+    for layer in model.layers:
+        if _is_wrapper(layer) and getattr(layer, "_output_quantizers", None):
+            r = _quantizer_range(layer._output_quantizers[0],  # noqa: SLF001 (tfmot API)
+                                 getattr(layer, "_output_quantizer_vars", {}))
+            if r is not None and np.isfinite(r).all() and r[1] > r[0]:
+                out[layer.layer.name] = r
+    return out
+
+
+def _student_pre_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, float]]:
+    """{inner layer name: (min, max)} of the quantizer before a fused softmax / sigmoid / tanh."""
+    out = {}
+    for layer in model.layers:
+        for act in getattr(layer, "_quantize_activations", None) or []:
+            if not (_is_wrapper(layer) and getattr(act, "_should_pre_quantize", lambda: False)()):
+                continue
+            r = _quantizer_range(act.quantizer, getattr(act, "_pre_activation_vars", {}))
+            if r is not None and np.isfinite(r).all() and r[1] > r[0]:
+                out[layer.layer.name] = r
+    return out
+
+
+def _student_weight_levels(kernels: Dict[str, QuantizedWeight]
+                           ) -> Dict[str, Tuple[np.ndarray, np.ndarray, bool]]:
+    """{layer name: (integer levels, step, per_channel)} of every kernel that has levels.
+
+    ``kernels`` is the student's reading (:func:`tfqkd.qat_weights.kernel_weights`): the
+    quantizer's own levels where it states them (an 8-bit kernel's smallest used level is often
+    not 1, so they cannot be inferred from the rounded kernel), else inferred from the values.
+    """
+    out = {}
+    for name, w in kernels.items():
+        if w.levels is None:
+            continue
+        step = np.asarray(w.step, np.float32)
+        out[name] = (w.levels.astype(np.int32), step if w.per_channel else step.reshape(()),
+                     bool(w.per_channel))
+    return out
+
+
+def _student_input_ranges(model: keras.Model) -> List[Optional[Tuple[float, float]]]:
+    """Per model input: (min, max) of the tfmot ``QuantizeLayer`` right after it, else None.
+
+    tfqkd's scheme (with ``activation_bits``) puts one there, as tfmot's default scheme does; the
+    file's int8 input then uses the range the QAT model rounds its input with.
+    """
+    out: List[Optional[Tuple[float, float]]] = []
+    for inp in model.inputs:
+        found = None
+        for layer in model.layers:
+            if not _is_quantize_layer(layer) or not layer._inbound_nodes:  # noqa: SLF001
+                continue
+            if any(t is inp for t in tf.nest.flatten(layer._inbound_nodes[0].input_tensors)):  # noqa
+                r = _quantizer_range(layer.quantizer, getattr(layer, "quantizer_vars", {}))
+                if r is not None and np.isfinite(r).all() and r[1] > r[0]:
+                    found = r
+        out.append(found)
+    return out
+
+
+class _FakeQuantKernelLayer(keras.layers.Layer):
+    """Conv2D / DepthwiseConv2D / Dense with constant folded weights behind a per-channel FakeQuant."""
+
+    def __init__(self, template, kernel, bias, fq_max, num_bits, name, linear=False):
+        super().__init__(name=name)
+        self._kind = type(template).__name__
+        self._template = template
+        self._kernel = tf.constant(kernel, tf.float32)
+        self._bias = tf.constant(bias, tf.float32)
+        self._fq_max = tf.constant(fq_max, tf.float32)
+        self._num_bits = int(num_bits)
+        # linear: the activation runs after its own FakeQuant (_IntegerActivation).
+        self._activation = keras.activations.get(
+            None if linear else getattr(template, "activation", None))
+
+    def call(self, inputs):
+        t = self._template
+        kernel = self._kernel
+        if self._kind == "DepthwiseConv2D":
+            # Output channel of a depthwise kernel (h, w, cin, mult) is cin*mult: quantize on it.
+            flat = tf.reshape(kernel, list(kernel.shape[:2]) + [-1])
+            flat = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                flat, -self._fq_max, self._fq_max, num_bits=self._num_bits, narrow_range=True)
+            kernel = tf.reshape(flat, self._kernel.shape)
+            y = tf.nn.depthwise_conv2d(inputs, kernel, (1,) + tuple(t.strides) + (1,),
+                                       t.padding.upper(), dilations=t.dilation_rate)
+        elif self._kind == "Dense":
+            # TFLite's fully-connected weights are per-tensor (a per-channel range would sit on
+            # the wrong axis after the converter's transpose): one range for the whole kernel.
+            fq_max = tf.reduce_max(self._fq_max)
+            kernel = tf.quantization.fake_quant_with_min_max_vars(
+                kernel, -fq_max, fq_max, num_bits=self._num_bits, narrow_range=True)
+            y = tf.matmul(inputs, kernel)
+        else:
+            kernel = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                kernel, -self._fq_max, self._fq_max, num_bits=self._num_bits, narrow_range=True)
+            if True:
+                y = tf.nn.conv2d(inputs, kernel, t.strides, t.padding.upper(),
+                                 dilations=t.dilation_rate)
+        return self._activation(tf.nn.bias_add(y, self._bias))
+
+
+class _FakeQuantActivation(keras.layers.Layer):
+    """8-bit FakeQuant with a fixed (calibrated) range."""
+
+    def __init__(self, lo, hi, name):
+        super().__init__(name=name)
+        self._lo = float(min(lo, 0.0))
+        self._hi = float(max(hi, 0.0))
+        if self._hi - self._lo < 1e-4:
+            # A (near-)constant tensor, e.g. a channel block that is dead on the calibration
+            # data: any range represents it, but a collapsed one gives its producer and consumers
+            # requantization ratios (in_scale * w_scale / out_scale) of 1e3..1e-10, which XNNPACK
+            # refuses ("failed to create XNNPACK runtime"). Use a unit range instead.
+            self._hi = self._lo + 1.0
+
+    def call(self, inputs):
+        return tf.quantization.fake_quant_with_min_max_vars(inputs, self._lo, self._hi,
+                                                            num_bits=8, narrow_range=False)
+
+
+#: Activations that are not a ReLU the converter fuses: they get an input FakeQuant of their own.
+_SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh", "swish", "silu")
+#: Layers TFLite runs with the same scale on input and output (the converter rejects others).
+_SAME_SCALE_LAYERS = (keras.layers.AveragePooling2D, keras.layers.MaxPooling2D,
+                      keras.layers.Reshape, keras.layers.Flatten, keras.layers.ZeroPadding2D,
+                      keras.layers.Cropping2D)
+
+
+class _IntegerActivation(keras.layers.Layer):
+    """An activation as TFLite's integer kernels run it; swish gets its sigmoid on the 1/256 grid."""
+
+    def __init__(self, kind, name):
+        super().__init__(name=name)
+        self._kind = kind
+
+    def call(self, inputs):
+        if self._kind in ("swish", "silu"):  # x * sigmoid(x): LOGISTIC (pinned grid), then MUL
+            lo, hi = PINNED_OUTPUT_RANGES["sigmoid"]
+            gate = tf.quantization.fake_quant_with_min_max_vars(tf.sigmoid(inputs), lo, hi,
+                                                                num_bits=8)
+            return inputs * gate
+        return keras.activations.get(self._kind)(inputs)
+
+
+def _linear_clone(layer):
+    """``layer`` without its activation (same weights), to measure pre-activation ranges."""
+    config = layer.get_config()
+    config["activation"] = "linear"
+    clone = layer.__class__.from_config(config)
+    clone.build(layer.input_shape)
+    clone.set_weights(layer.get_weights())
+    return clone
+
+
+def _is_plain_relu(layer) -> bool:
+    # ReLU and ReLU6 (MobileNet, MobileNetV2): TFLite fuses both into the producing conv/add, so
+    # the file rounds only their output, as the student's activation quantizer does.
+    if isinstance(layer, keras.layers.ReLU):
+        return (layer.max_value is None or float(layer.max_value) == 6.0) and \
+            float(layer.threshold) == 0.0 and float(layer.negative_slope) == 0.0
+    if isinstance(layer, keras.layers.Activation):
+        return getattr(layer.activation, "__name__", "") in ("relu", "relu6")
+    return False
+
+
+def _weight_grid(q: np.ndarray, g: np.ndarray, bits: int, depthwise: bool,
+                 per_tensor: bool = False, levels=None) -> Tuple[np.ndarray, int]:
+    """Per-channel FakeQuant range that puts ``k * d_c * g_c`` exactly on a ``bits`` grid.
+
+    Returns (max_c, bits actually used: ``bits`` if the levels fit, else 8). With
+    ``per_tensor`` (dense kernels) the grid is shared by all channels, exact when the step is.
+    ``levels`` is ``(k, step, per_channel)`` as the student's reading states it
+    (:func:`_student_weight_levels`); without them the grid is the channel's range at 8 bits.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    flat = q.reshape(q.shape[:2] + (-1,)) if depthwise else q
+    out_ch = flat.shape[-1]
+    absmax = np.abs(flat.reshape(-1, out_ch)).max(axis=0).astype(np.float64) * np.abs(g)
+    if levels is None:
+        return np.maximum(absmax, 1e-8), 8
+    k, step, per_channel = levels
+    if per_tensor:
+        kmax_all = int(np.abs(k).max())
+        if kmax_all > qmax:
+            bits, qmax = 8, 127
+        if per_channel or not np.allclose(g, g[0]) or kmax_all == 0:
+            return np.full(out_ch, max(absmax.max(), 1e-8)), bits
+        n = qmax // kmax_all
+        return np.full(out_ch, float(step) * abs(g[0]) / n * qmax), bits
+    kflat = (k.reshape(k.shape[:2] + (-1,)) if depthwise else k).reshape(-1, out_ch)
+    kmax = np.abs(kflat).max(axis=0)
+    if kmax.max() > qmax:
+        bits, qmax = 8, 127
+    if depthwise and per_channel:
+        step = np.asarray(step).reshape(-1)  # (cin, mult) from the quantizer: channel c*mult+m
+        if step.size != out_ch:
+            step = np.repeat(step, out_ch // step.size)
+    step = np.broadcast_to(np.asarray(step, np.float64), (out_ch,)) * np.abs(g)
+    n = np.where(kmax > 0, qmax // np.maximum(kmax, 1), 1)
+    fq_max = np.where(kmax > 0, step / n * qmax, np.maximum(absmax, 1e-8))
+    return np.maximum(fq_max, 1e-12), bits
+
+
+def _channel_affine(layer, channels: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """``(a, b)`` per channel with ``layer(x) == a * x + b`` for a per-channel affine layer, else None.
+
+    Batch norm (not folded into a kernel), ``Normalization`` and ``Rescaling`` (the preprocessing
+    layers of MobileNetV3 / EfficientNet) are such maps. TFLite has no integer kernel for a float
+    MUL/ADD by constants, so the fake-quant graph runs them as a 1x1 depthwise convolution.
+    """
+    def per_channel(v) -> np.ndarray:
+        v = np.asarray(v, np.float64).reshape(-1)
+        return np.broadcast_to(v, (channels,)).copy() if v.size in (1, channels) else None
+
+    if isinstance(layer, keras.layers.BatchNormalization):
+        if layer.axis not in ([-1], [3], -1, 3):
+            return None
+        params = dict(zip([_weight_short_name(w) for w in layer.weights], layer.get_weights()))
+        gamma = params.get("gamma", np.ones(channels))
+        a = gamma / np.sqrt(params["moving_variance"] + layer.epsilon)
+        return a, params.get("beta", np.zeros(channels)) - params["moving_mean"] * a
+    if isinstance(layer, keras.layers.Rescaling):
+        a, b = per_channel(layer.scale), per_channel(layer.offset)
+        return None if a is None or b is None else (a, b)
+    if isinstance(layer, keras.layers.Normalization):
+        mean = per_channel(layer.mean.numpy() if hasattr(layer.mean, "numpy") else layer.mean)
+        var = per_channel(layer.variance.numpy() if hasattr(layer.variance, "numpy")
+                          else layer.variance)
+        if mean is None or var is None:
+            return None
+        std = np.maximum(np.sqrt(var), keras.backend.epsilon())
+        return (std, mean) if layer.invert else (1.0 / std, -mean / std)
+    return None
+
+
+def _calibrate_ranges(source: keras.Model, names: Sequence[str], samples: Iterable[np.ndarray],
+                      pre: Sequence[Any] = ()
+                      ) -> Tuple[List[Tuple[float, float]], List[Tuple[float, float]]]:
+    """(min, max) of every model input and of the output of each (inner) layer in ``names``.
+
+    Measured on ``source``, the student itself: its activation quantizers clip, so downstream
+    ranges of the student are much narrower than those of the unclipped float rebuild.
+    ``pre``: ``(layer name, fn)`` pairs; their ranges (appended after those of ``names``) are of
+    ``fn(input of that layer in source)``, e.g. a kernel layer's output before its activation.
+    """
+    by_inner = {_inner(layer).name: layer for layer in source.layers}
+    probe = keras.Model(source.inputs, [by_inner[name].output for name in names] +
+                        [by_inner[name].input for name, _ in pre])
+    n_in, n_out = len(source.inputs), len(names) + len(pre)
+    lo = np.full(n_in + n_out, np.inf)
+    hi = np.full(n_in + n_out, -np.inf)
+    batch: List[np.ndarray] = []
+
+    def update(xs):
+        x = np.concatenate(xs, axis=0)
+        outs = probe(x, training=False)
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        for k, (_, fn) in enumerate(pre):
+            outs[len(names) + k] = fn(outs[len(names) + k])
+        for i, v in enumerate([x] + [np.asarray(o) for o in outs]):
+            lo[i] = min(lo[i], float(np.min(v)))
+            hi[i] = max(hi[i], float(np.max(v)))
+
+    for s in samples:
+        batch.append(s)
+        if len(batch) == 64:
+            update(batch)
+            batch = []
+    if batch:
+        update(batch)
+    ranges = list(zip(lo.tolist(), hi.tolist()))
+    return ranges[:n_in], ranges[n_in:]
+
+
+def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
+                  fixed: Optional[set] = None) -> None:
+    """Gives pooling/reshape/concatenation outputs and their inputs one range, in place.
+
+    TFLite runs these ops with the same scale on every input and the output, and the converter
+    rejects a file where the FakeQuant ranges differ ("same scale constraint"). Layers linked by
+    such ops form groups (union-find; DenseNet chains concatenations through its blocks); each
+    group gets the union of its members' ranges; of the ``fixed`` members' only (the student's
+    own ranges) where the group has any, so that the file rounds as the student does.
+    """
+    fixed = fixed or set()
+    parent: Dict[int, int] = {}
+
+    def find(a: int) -> int:
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for layer in plain.layers:
+        if not isinstance(layer, _SAME_SCALE_LAYERS + (keras.layers.Concatenate,)) or \
+                id(layer) not in ranges:
+            continue
+        for node in layer._inbound_nodes:  # noqa: SLF001
+            for inbound in tf.nest.flatten(node.inbound_layers):
+                if id(inbound) in ranges:
+                    parent[find(id(inbound))] = find(id(layer))
+    groups: Dict[int, List[int]] = {}
+    for key in ranges:
+        if key in parent:
+            groups.setdefault(find(key), []).append(key)
+    for members in groups.values():
+        chosen = [m for m in members if m in fixed] or members
+        lo = min(ranges[m][0] for m in chosen)
+        hi = max(ranges[m][1] for m in chosen)
+        for m in members:
+            ranges[m] = (lo, hi)
+
+
+def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]],
+                     samples: Iterable[np.ndarray], low_bit: bool,
+                     fixed_ranges: Optional[Dict[str, Tuple[float, float]]] = None,
+                     source: Optional[keras.Model] = None,
+                     input_ranges: Optional[Sequence[Optional[Tuple[float, float]]]] = None,
+                     weight_levels: Optional[Dict[str, Tuple[np.ndarray, np.ndarray, bool]]]
+                     = None, pre_activation_ranges: Optional[Dict[str, Tuple[float, float]]] = None,
+                     ) -> Tuple[keras.Model, Dict[str, int]]:
+    """The plain model as a QAT-style graph the converter turns into a full-integer file.
+
+    Batch norm is folded into the preceding kernel; kernels get a per-channel FakeQuant whose
+    range puts the trained levels exactly on the integer grid (4-bit grid for kernels trained at
+    <= 4 bits when ``low_bit``, else 8-bit); activations get an 8-bit FakeQuant, with the
+    student's own range where its activation quantizer has one (``fixed_ranges``, by layer
+    name) and the calibrated min/max elsewhere. ``input_ranges`` (per model input, None =
+    calibrate) likewise fixes the input's range to that of the student's input quantizer.
+    ``weight_levels`` (by layer name, :func:`_student_weight_levels`) are the kernels' integer
+    levels and steps as the student's quantizers state them; ``pre_activation_ranges`` the
+    student's ranges before fused softmax / sigmoid / tanh activations (else calibrated).
+    """
+    fixed_ranges = dict(fixed_ranges or {})
+    weight_levels = dict(weight_levels or {})
+    plan = _fold_plan(plain)
+    folded_bns = {id(bn) for bn in plan.values()}
+    consumers = _consumers(plain)
+    # Tensors that get an activation FakeQuant: every layer output, except a kernel layer's raw
+    # output whose BN is folded (the BN's output takes its place) and outputs feeding only a plain
+    # ReLU that the converter fuses into the producing conv/add.
+    fq_layers = []
+    for layer in plain.layers:
+        if isinstance(layer, keras.layers.InputLayer) or id(layer) in plan:
+            continue
+        users = consumers.get(id(layer), [])
+        fusable = isinstance(layer, _KERNEL_LAYERS + (keras.layers.Add,)) or id(layer) in folded_bns
+        if fusable and len(users) == 1 and _is_plain_relu(users[0]):
+            continue
+        fq_layers.append(layer)
+    # A fused conv(+BN)+ReLU output is quantized with the ReLU's range: keep the student's.
+    # Kernel layers ending in softmax/sigmoid/swish...: their pre-activation output gets a range.
+    split = [layer for layer in plain.layers if isinstance(layer, _KERNEL_LAYERS)
+             and activation_name(layer) in _SPLIT_ACTIVATIONS]
+    in_ranges, out_ranges = _calibrate_ranges(
+        source or plain, [layer.name for layer in fq_layers], samples,
+        pre=[(layer.name, _linear_clone(layer)) for layer in split])
+    in_ranges = [fixed or r for fixed, r in zip(list(input_ranges or []) + [None] * len(in_ranges),
+                                               in_ranges)]
+    pre_fixed = dict(pre_activation_ranges or {})
+    pre_ranges = {id(layer): pre_fixed.get(layer.name, r)
+                  for layer, r in zip(split, out_ranges[len(fq_layers):])}
+    ranges = {id(layer): fixed_ranges.get(layer.name, r) for layer, r in zip(fq_layers, out_ranges)}
+    for layer in fq_layers:
+        if activation_name(layer) in PINNED_OUTPUT_RANGES:
+            ranges[id(layer)] = PINNED_OUTPUT_RANGES[activation_name(layer)]
+    _share_ranges(plain, ranges, fixed={id(layer) for layer in fq_layers
+                                        if layer.name in fixed_ranges
+                                        or activation_name(layer) in PINNED_OUTPUT_RANGES})
+    used_bits: Dict[str, int] = {}
+    affine = {}
+    for layer in plain.layers:
+        if id(layer) in folded_bns or isinstance(layer, _KERNEL_LAYERS) or \
+                len(layer._inbound_nodes) != 1:  # noqa: SLF001
+            continue
+        shape = layer.input_shape if not isinstance(layer.input_shape, list) else None
+        if shape is None or len(shape) != 4 or shape[-1] is None:
+            continue
+        found = _channel_affine(layer, int(shape[-1]))
+        if found is not None:
+            affine[id(layer)] = found
+
+    def input_fn(x):
+        lo, hi = in_ranges.pop(0)
+        return _FakeQuantActivation(lo, hi, name="input_fq")(x)
+
+    def layer_fn(layer, args, kwargs):
+        if isinstance(layer, _KERNEL_LAYERS):
+            bn = plan.get(id(layer))
+            kernel, bias, g = _fold(layer, bn)
+            want = bits_by_layer.get(layer.name) or 8
+            want = 4 if (low_bit and want <= 4) else 8
+            fq_max, used = _weight_grid(layer.get_weights()[0], g, want,
+                                        isinstance(layer, keras.layers.DepthwiseConv2D),
+                                        per_tensor=isinstance(layer, keras.layers.Dense),
+                                        levels=weight_levels.get(layer.name))
+            used_bits[layer.name] = used
+            out = _FakeQuantKernelLayer(layer, kernel, bias, fq_max.astype(np.float32), used,
+                                        name=layer.name, linear=id(layer) in pre_ranges)(*args)
+            if id(layer) in pre_ranges:
+                lo, hi = pre_ranges[id(layer)]
+                out = _FakeQuantActivation(lo, hi, name=layer.name + "_pre_fq")(out)
+                out = _IntegerActivation(activation_name(layer), name=layer.name + "_act")(out)
+        elif isinstance(layer, keras.layers.Activation) and \
+                activation_name(layer) in _SPLIT_ACTIVATIONS:
+            out = _IntegerActivation(activation_name(layer), name=layer.name)(args[0])
+        elif id(layer) in folded_bns:
+            out = args[0]  # folded into the kernel layer; its output range applies here
+        elif id(layer) in affine:
+            a, b = affine[id(layer)]
+            # 8-bit per-channel grid with level 127 at |a_c|: the multiplier is exact.
+            out = _FakeQuantKernelLayer(
+                keras.layers.DepthwiseConv2D(1), a.reshape(1, 1, -1, 1).astype(np.float32),
+                b.astype(np.float32), np.maximum(np.abs(a), 1e-12).astype(np.float32), 8,
+                name=layer.name)(args[0])
+        else:
+            out = _clone_plain_layer(layer)(*args, **kwargs)
+        if id(layer) in ranges:
+            lo, hi = ranges[id(layer)]
+            out = _FakeQuantActivation(lo, hi, name=layer.name + "_fq")(out)
+        return out
+
+    rebuilt = _rebuild(plain, layer_fn, input_fn)
+    # Copy weights of layers rebuilt by cloning (everything but kernel layers and folded BNs).
+    for layer in plain.layers:
+        if isinstance(layer, _KERNEL_LAYERS) or id(layer) in folded_bns or \
+                id(layer) in affine or not layer.weights:
+            continue
+        rebuilt.get_layer(layer.name).set_weights(layer.get_weights())
+    finalize_layer_states(rebuilt)
+    return rebuilt, used_bits

@@ -1,0 +1,207 @@
+"""``export_tflite``: a (quantized) student to a ``.tflite`` file in one of four modes.
+
+The steps: the float forward model (:mod:`tfqkd.export.forward`), then either the converter's
+post-training quantization or the fake-quant graph (:mod:`tfqkd.export.fakequant`), one
+converter run (:mod:`tfqkd.export.convert`), optionally the space-to-depth layout rewrite
+(:mod:`tfqkd.export.layout`), and an atomic write (:mod:`tfqkd._io`). Bit-widths and integer
+levels of the kernels are read once, by :func:`tfqkd.qat_weights.kernel_weights`.
+
+Example:
+    >>> import os, tempfile, tfqkd
+    >>> p = os.path.join(tempfile.mkdtemp(), "m.tflite")
+    >>> export_tflite(tfqkd.models.tiny_resnet(seed=0), p, mode="dynamic")["mode"]
+    'dynamic'
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Dict, Optional, Union
+
+from tfqkd._io import atomic_write
+from tfqkd._keras import keras
+from tfqkd.export._common import MODES, ExportError, _check_writable, _iter_samples, _layer_of
+from tfqkd.export.convert import (
+    _align_student_biases,
+    _convert,
+    _diagnose,
+    _float_ops,
+    _is_converter_error,
+    _shorten_tensor_names,
+    _snap_int8_levels,
+    _tflite_layout_levels,
+)
+from tfqkd.export.fakequant import (
+    _fakequant_model,
+    _student_activation_ranges,
+    _student_input_ranges,
+    _student_pre_activation_ranges,
+    _student_weight_levels,
+)
+from tfqkd.export.forward import forward_model
+from tfqkd.export.layout import space_to_depth_convs
+from tfqkd.qat_weights import kernel_weights
+
+__all__ = ["export_tflite"]
+
+
+def export_tflite(
+    model: keras.Model,
+    path: Union[str, os.PathLike],
+    representative_data: Any = None,
+    mode: str = "int8",
+    *,
+    num_calibration: Optional[int] = 500,
+    int8_io: bool = False,
+    method: str = "fakequant",
+    snap_levels: bool = True,
+    allow_select_tf_ops: bool = False,
+    align_student: bool = False,
+    space_to_depth: bool = False,
+) -> Dict[str, Any]:
+    """Converts a (quantized) student to a ``.tflite`` file, written atomically.
+
+    Args:
+        model: A functional Keras model: a float model, a tfmot/tfqkd QAT model (layers in
+            ``QuantizeWrapperV2``), or :func:`forward_model` of one.
+        path: Output file. Written through a temporary file in the same directory and
+            ``os.replace``: an error (also one raised by ``representative_data``) never leaves a
+            partial file.
+        representative_data: Images to calibrate activation ranges, required by ``"int8"`` and
+            ``"int4"``: a ``tf.data.Dataset`` of images or of ``(images, labels)``, an array of
+            images, or a generator function yielding ``[images]`` as the TFLite converter takes.
+        mode: One of :data:`MODES`: ``"float"``, ``"dynamic"`` (int8 weights, float
+            activations), ``"int8"`` (full integer), ``"int4"`` (full integer with weights trained
+            at <= 4 bits stored as INT4).
+        num_calibration: At most this many images are used for calibration (``None``: all).
+        int8_io: Full-integer modes only: int8 input and output tensors instead of float32.
+        method: How ``"int8"`` fixes ranges. ``"fakequant"`` (default): batch norm folded by us,
+            kernels behind a per-channel FakeQuant whose grid holds the trained levels exactly,
+            activations at the student's own quantizer ranges (calibrated min/max where it has
+            none) -- the file computes what the QAT student computes. ``"ptq"``: the converter's
+            full-integer post-training quantization of :func:`forward_model` (calibrated min/max
+            everywhere; per-channel ``max|w|/127`` scales, exact for binary/ternary/8-bit, other
+            bit-widths fixed by ``snap_levels``).
+        snap_levels: ``method="ptq"`` only: re-express 3..7-bit channels so that their trained
+            levels are exact in the file.
+        allow_select_tf_ops: Let ops without a TFLite builtin run as TF (Flex) ops; the file then
+            needs the Flex delegate.
+        align_student: Full-integer modes: after writing, shift ``model``'s folded biases (batch
+            norm ``beta``) *in place* onto the int32 grid the file stores them on, by at most
+            half a bias step (about 1e-3 output steps), so that the student computes what the
+            file computes; without it, accumulators within that distance of a rounding tie
+            round differently and the difference spreads through the network (see
+            docs/export.md, Parity).
+        space_to_depth: ``"int8"`` only: run every 3x3 stride-1 convolution with <= 16 output
+            channels on a 2x2 space-to-depth view (``tfqkd.export.layout.space_to_depth_convs``):
+            bit-identical outputs, but those kernels take 16x the bytes (ResNet20: 0.47 x
+            instead of 0.27 x the float file) and 4x the multiply-adds. Faster only on CPUs
+            whose int8 kernels cost the same for 16 as for 64 channels (ResNet20 on an AMX
+            Xeon: 1.4-1.8x faster; on an AMD EPYC: 1.8x slower); measure on the target with
+            ``tools/benchmark_tflite.py`` (``faster_int8_layout``).
+
+    Returns:
+        ``{"path", "mode", "bytes", "snapped_channels", "weight_bits", "aligned_biases",
+        "space_to_depth_convs"}`` (``aligned_biases``: ``{"channels", "max_shift_steps"}`` with
+        ``align_student``, else None; ``space_to_depth_convs``: how many convolutions were
+        rewritten).
+
+    Raises:
+        ValueError: unknown mode, missing/empty representative data.
+        FileNotFoundError / PermissionError / IsADirectoryError: ``path`` cannot be written.
+        ExportError: the converter rejected layers (named, with the modes that would work).
+
+    Example:
+        >>> import numpy as np, os, tempfile, tfqkd
+        >>> m = tfqkd.models.tiny_resnet(seed=0)
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.tflite")
+        >>> x = np.random.default_rng(0).normal(size=(8, 8, 8, 1)).astype("float32")
+        >>> export_tflite(m, p, x, mode="int8")["mode"]
+        'int8'
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown export mode {mode!r}; choose one of {', '.join(MODES)} "
+                         "('int8' for a full-integer file, 'int4' for 4-bit weights).")
+    if mode in ("int8", "int4") and representative_data is None:
+        raise ValueError(
+            f"mode {mode!r} calibrates activation ranges and needs representative_data (a "
+            "tf.data.Dataset of images or (images, labels), an array, or a generator function), "
+            "e.g. tfqkd.data.load_dataset('cifar10', 'train', augment=False). Without data use "
+            "mode='dynamic' (int8 weights, float activations).")
+    if num_calibration is not None and num_calibration < 1:
+        raise ValueError(f"num_calibration must be >= 1 or None, got {num_calibration!r}.")
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a tf_keras Model (from tfqkd._keras import keras), got "
+                        f"{type(model).__name__}.")
+    path = _check_writable(path)
+    input_rank = len(model.inputs[0].shape)
+
+    try:
+        plain = forward_model(model)
+        # The one reading of every kernel: bit-width, integer levels and step, as the quantizer
+        # states them (inferred from the values where it does not, or for a float model).
+        kernels = kernel_weights(model)
+    except ExportError:
+        raise
+    except Exception as err:  # noqa: BLE001 (an unusual layer: say which)
+        raise ExportError(f"could not rebuild model {model.name!r} as a plain float model for "
+                          f"export: {err}") from err
+    bits_by_layer: Dict[str, Optional[int]] = {name: w.bits for name, w in kernels.items()}
+
+    if method not in ("fakequant", "ptq"):
+        raise ValueError(f"unknown int8 method {method!r}; choose 'fakequant' or 'ptq'.")
+    if space_to_depth and mode != "int8":
+        raise ValueError(f"space_to_depth=True rewrites int8 convolutions; mode {mode!r} has "
+                         "none. Use mode='int8' or drop space_to_depth.")
+    calibration = None
+    if representative_data is not None and mode in ("int8", "int4"):
+        def calibration():
+            for sample in _iter_samples(representative_data, input_rank, num_calibration):
+                yield [sample]
+
+    snapped = 0
+    used_bits: Dict[str, int] = {}
+    to_convert = plain
+    fakequant = mode == "int4" or (mode == "int8" and method == "fakequant")
+    if fakequant:
+        # Calibration runs here, in Python: an error of the data propagates as it is.
+        to_convert, used_bits = _fakequant_model(
+            plain, bits_by_layer,
+            _iter_samples(representative_data, input_rank, num_calibration),
+            low_bit=mode == "int4", fixed_ranges=_student_activation_ranges(model), source=model,
+            input_ranges=_student_input_ranges(model),
+            weight_levels=_student_weight_levels(kernels),
+            pre_activation_ranges=_student_pre_activation_ranges(model))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            content = _convert(to_convert, mode, calibration, int8_io, allow_select_tf_ops,
+                               fakequant=fakequant)
+    except Exception as err:  # noqa: BLE001 (only converter failures are translated)
+        if _is_converter_error(err):
+            raise _diagnose(plain, mode, err, calibration) from err
+        raise
+    if mode in ("int8", "int4"):
+        leftover = _float_ops(content)
+        if leftover:
+            layer_names = [layer.name for layer in plain.layers]
+            culprits = sorted({_layer_of(t, layer_names) or t for _, t in leftover})
+            ops = sorted({op for op, _ in leftover})
+            raise _diagnose(plain, mode, ExportError(
+                f"ops {', '.join(ops)} have no integer kernel and stayed float (layers "
+                f"{', '.join(culprits)})"), calibration, layers=culprits)
+    content = _shorten_tensor_names(content)
+    if mode == "int8" and method == "ptq" and snap_levels:
+        content, snapped = _snap_int8_levels(content, _tflite_layout_levels(plain, kernels))
+    written, rewritten = content, 0
+    if space_to_depth:
+        written, rewritten = space_to_depth_convs(content)
+    atomic_write(path, written)
+    aligned = None
+    if align_student and mode in ("int8", "int4"):
+        # The rewrite only tiles biases: align on the compact file's one copy per channel.
+        aligned = _align_student_biases(model, plain, content)
+    return {"path": path, "mode": mode, "bytes": len(written), "snapped_channels": snapped,
+            "weight_bits": used_bits or {k: v for k, v in bits_by_layer.items() if v},
+            "aligned_biases": aligned, "space_to_depth_convs": rewritten}

@@ -1,0 +1,247 @@
+"""Activation quantizers: unsigned ReLU outputs, EMA-tracked signed ranges, TFLite's fixed grids.
+
+* :class:`ActivationQuantizer`: post-ReLU activations on ``[0, clip]`` (EMA, fixed or PACT clip);
+* :class:`RangeQuantizer`: a signed tensor on an EMA ``[min, max]`` (what a full-integer file
+  rounds besides ReLU outputs);
+* :class:`FixedRangeQuantizer`: a fixed ``[min, max]`` (softmax / sigmoid / tanh outputs).
+
+Example:
+    >>> q = ActivationQuantizer(2, clip="fixed", clip_value=3.0)
+    >>> q(tf.constant([0.4, 1.6, 7.0]), False, {}).numpy().tolist()
+    [0.0, 2.0, 3.0]
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import tensorflow_model_optimization as tfmot
+
+from tfqkd._keras import keras, tf
+from tfqkd.quantizers._base import _TINY, ConfigEquality, _no_autograph, _straight_through
+from tfqkd.quantizers.symmetric import check_bits
+
+__all__ = ["ActivationQuantizer", "RangeQuantizer", "FixedRangeQuantizer", "CLIP_KINDS"]
+
+#: Accepted clipping rules of :class:`ActivationQuantizer`.
+CLIP_KINDS: Tuple[str, ...] = ("ema", "fixed", "pact")
+
+
+def _check_clip_kind(clip: Any) -> str:
+    if clip not in CLIP_KINDS:
+        raise ValueError(f"clip must be one of {CLIP_KINDS}, got {clip!r}.")
+    return clip
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class ActivationQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantizer):
+    """tfmot ``Quantizer`` for non-negative activations: unsigned uniform ``bits``-bit on [0, c].
+
+    ``Q(x) = s · round(clip(x, 0, c) / s)`` with ``s = c / (2^b − 1)``: the ``2^b`` levels
+    ``0, s, …, c``. The gradient is straight-through inside ``[0, c]`` and zero outside.
+    The clip ``c``:
+
+    * ``"ema"``: exponential moving average (``ema_decay``) of the per-batch maximum, updated
+      in training (the first batch sets it); before any training step ``clip_value`` is used;
+    * ``"fixed"``: ``clip_value``;
+    * ``"pact"``: a trainable ``α`` started at ``clip_value`` with the PACT gradient
+      (Choi et al. 2018): ``∂Q/∂α = 1`` where ``x ≥ α``, 0 elsewhere.
+
+    Example:
+        >>> q = ActivationQuantizer(2, clip="fixed", clip_value=3.0)
+        >>> q(tf.constant([-1.0, 0.4, 1.6, 2.9, 7.0]), False, {}).numpy().tolist()
+        [0.0, 0.0, 2.0, 3.0, 3.0]
+    """
+
+    def __init__(self, bits: int = 8, clip: str = "ema", clip_value: float = 6.0, ema_decay: float = 0.99):
+        self.bits = check_bits(bits)
+        self.clip = _check_clip_kind(clip)
+        if not isinstance(clip_value, numbers.Real) or isinstance(clip_value, bool) or not clip_value > 0:
+            raise ValueError(f"clip_value must be a number > 0, got {clip_value!r}.")
+        if not isinstance(ema_decay, numbers.Real) or isinstance(ema_decay, bool) or not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
+        self.clip_value = float(clip_value)
+        self.ema_decay = float(ema_decay)
+
+    def build(self, tensor_shape, name: str, layer) -> Dict[str, tf.Variable]:
+        """Creates the clip variable (non-trainable for ``"ema"``, trainable for ``"pact"``)."""
+        if self.clip == "fixed":
+            return {}
+        if self.clip == "ema":
+            # MEAN: under a distribution strategy every replica assigns its own EMA update.
+            var = layer.add_weight(
+                f"{name}_clip", shape=(), initializer=keras.initializers.Zeros(), trainable=False,
+                aggregation=tf.VariableAggregation.MEAN)
+        else:
+            var = layer.add_weight(
+                f"{name}_alpha", shape=(), trainable=True,
+                initializer=keras.initializers.Constant(self.clip_value))
+        return {"clip": var}
+
+    def clip_of(self, weights: Optional[Dict[str, tf.Variable]]) -> tf.Tensor:
+        """The clip ``c`` used at inference."""
+        if self.clip == "fixed" or not weights or "clip" not in weights:
+            return tf.constant(self.clip_value, tf.float32)
+        value = tf.convert_to_tensor(weights["clip"])
+        if self.clip == "ema":
+            # 0 = not yet trained; a NaN clip (diverged training) stays NaN, never a level.
+            return tf.where((value > 0.0) | tf.math.is_nan(value), value, self.clip_value)
+        return value
+
+    @_no_autograph
+    def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
+        x = tf.convert_to_tensor(inputs)
+        if self.clip == "ema" and weights and "clip" in weights:
+            var = weights["clip"]
+            if training:
+                batch_max = tf.stop_gradient(tf.reduce_max(x))
+                old = tf.convert_to_tensor(var)
+                started = (old > 0.0) | tf.math.is_nan(old)  # a NaN clip is never restarted
+                new = tf.where(started, self.ema_decay * old + (1.0 - self.ema_decay) * batch_max, batch_max)
+                with tf.control_dependencies([var.assign(new)]):
+                    clip = tf.identity(new)
+            else:
+                clip = self.clip_of(weights)
+            clip = tf.stop_gradient(clip)
+        elif self.clip == "pact" and weights and "clip" in weights:
+            clip = tf.convert_to_tensor(weights["clip"])
+        else:
+            clip = tf.constant(self.clip_value, tf.float32)
+        clip = tf.maximum(clip, _TINY) if self.clip != "pact" else clip
+        # min(relu(x), α): the PACT gradient (1 where x >= α) reaches α through tf.minimum.
+        y = tf.minimum(tf.nn.relu(x), clip)
+        scale = tf.stop_gradient(tf.maximum(clip, _TINY)) / float(2 ** self.bits - 1)
+        q = tf.floor(y / scale + 0.5) * scale
+        return _straight_through(q, y)
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"bits": self.bits, "clip": self.clip, "clip_value": self.clip_value,
+                "ema_decay": self.ema_decay}
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantizer):
+    """Asymmetric ``bits``-bit quantizer of a signed tensor with an EMA-tracked ``[min, max]`` range.
+
+    ``Q(x) = FakeQuantWithMinMaxVars(x, min, max, bits)``: the rounding a full-integer TFLite
+    tensor with that range applies (TFLite nudges the range so that 0 is exact; so does the
+    op). ``min``/``max`` (variables ``min_var``/``max_var``, always ``min <= 0 <= max``) follow
+    an exponential moving average of the per-batch minimum/maximum during training, started
+    from the first batch (tfmot's ``MovingAverageQuantizer`` starts from ±6 with decay 0.999,
+    which a short fine-tune never leaves). Before any training step the range is empty and the
+    quantizer passes its input through. tfqkd puts it (with ``activation_bits``) on the tensors
+    of a residual network that the integer file quantizes besides ReLU outputs (pre-add conv+BN
+    outputs, pooled features, logits); the exporter writes ``[min, max]`` into the file.
+
+    Example:
+        >>> import numpy as np
+        >>> from tfqkd._keras import keras
+        >>> layer = keras.layers.Layer()
+        >>> q = RangeQuantizer(8)
+        >>> v = q.build((4,), "out", layer)
+        >>> x = tf.constant([-1.0, -0.1, 0.3, 2.0])
+        >>> y = q(x, True, v)
+        >>> float(v["min_var"].numpy()), float(v["max_var"].numpy())
+        (-1.0, 2.0)
+        >>> bool(np.allclose(q(x, False, v).numpy(), x.numpy(), atol=3.0 / 255 / 2 + 1e-6))
+        True
+    """
+
+    def __init__(self, bits: int = 8, ema_decay: float = 0.99, widen: float = 0.0):
+        self.bits = check_bits(bits, "bits")
+        if not 0.0 <= float(widen) < 0.5:
+            raise ValueError(f"widen must be in [0, 0.5), got {widen!r}.")
+        # Rounds on [min, max] * (1 + widen). The model input gets widen = 1/1024: inputs on a
+        # regular pixel grid (x / 127.5 - 1, MobileNet's preprocessing) would otherwise sit
+        # exactly halfway between two int8 levels of the [-1, 1] range, where TensorFlow's
+        # FakeQuant rounds up and TFLite's QUANTIZE rounds to even (XNNPACK) or away from zero
+        # (reference kernels): the student and its file would disagree on every other pixel.
+        self.widen = float(widen)
+        if self.bits < 2:
+            raise ValueError(f"RangeQuantizer needs bits >= 2 (got {bits!r}): an asymmetric "
+                             "range with an exact zero needs at least 2 levels per side.")
+        if not isinstance(ema_decay, numbers.Real) or isinstance(ema_decay, bool) or not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
+        self.ema_decay = float(ema_decay)
+
+    def build(self, tensor_shape, name: str, layer) -> Dict[str, tf.Variable]:
+        """Creates ``min_var`` / ``max_var`` (non-trainable, 0 = not yet seen data)."""
+        make = lambda suffix: layer.add_weight(  # noqa: E731
+            f"{name}_{suffix}", shape=(), initializer=keras.initializers.Zeros(), trainable=False,
+            aggregation=tf.VariableAggregation.MEAN)
+        return {"min_var": make("min"), "max_var": make("max")}
+
+    @_no_autograph
+    def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
+        x = tf.convert_to_tensor(inputs)
+        lo_var, hi_var = weights["min_var"], weights["max_var"]
+        lo, hi = tf.convert_to_tensor(lo_var), tf.convert_to_tensor(hi_var)
+        if training:
+            batch_lo = tf.stop_gradient(tf.minimum(tf.reduce_min(x), 0.0))
+            batch_hi = tf.stop_gradient(tf.maximum(tf.reduce_max(x), 0.0))
+            # A NaN range (diverged training) is kept NaN rather than restarted from this batch.
+            seen = (hi > lo) | tf.math.is_nan(hi) | tf.math.is_nan(lo)
+            d = self.ema_decay
+            lo = tf.where(seen, d * lo + (1.0 - d) * batch_lo, batch_lo)
+            hi = tf.where(seen, d * hi + (1.0 - d) * batch_hi, batch_hi)
+            with tf.control_dependencies([lo_var.assign(lo), hi_var.assign(hi)]):
+                lo, hi = tf.identity(lo), tf.identity(hi)
+        lo, hi = tf.stop_gradient(lo), tf.stop_gradient(hi)
+        empty = hi <= lo
+        if self.widen:
+            lo, hi = lo * (1.0 + self.widen), hi * (1.0 + self.widen)
+        q = tf.quantization.fake_quant_with_min_max_vars(
+            x, tf.where(empty, -1.0, lo), tf.where(empty, 1.0, hi), num_bits=self.bits,
+            narrow_range=False)
+        return tf.where(empty, x, q)
+
+    def range_of(self, weights) -> Tuple[float, float]:
+        """The ``(min, max)`` this quantizer rounds on at inference (what the file must use)."""
+        scale = 1.0 + self.widen
+        return (float(np.asarray(weights["min_var"])) * scale,
+                float(np.asarray(weights["max_var"])) * scale)
+
+    def get_config(self) -> Dict[str, Any]:
+        config = {"bits": self.bits, "ema_decay": self.ema_decay}
+        if self.widen:
+            config["widen"] = self.widen
+        return config
+
+
+@keras.utils.register_keras_serializable(package="tfqkd")
+class FixedRangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantizer):
+    """``bits``-bit rounding on a fixed ``[min, max]``: the grids TFLite's integer kernels demand.
+
+    TFLite's int8 ``SOFTMAX`` and ``LOGISTIC`` (sigmoid) outputs have scale 1/256 and zero point
+    -128, i.e. the range ``[0, 255/256]``; ``TANH`` has ``[-1, 127/128]``. tfqkd rounds those
+    outputs on the same grid in the student (:func:`tfqkd.quantize.quantize_model` with
+    ``activation_bits``), so the file and the student agree on them, ties included.
+
+    Example:
+        >>> q = FixedRangeQuantizer(8, 0.0, 255.0 / 256.0)
+        >>> float(q(tf.constant(0.3), False, {}).numpy()) * 256
+        77.0
+    """
+
+    def __init__(self, bits: int = 8, min: float = 0.0, max: float = 255.0 / 256.0):  # noqa: A002
+        self.bits = check_bits(bits, "bits")
+        if not float(min) <= 0.0 <= float(max) or float(max) <= float(min):
+            raise ValueError(f"need min <= 0 <= max and min < max, got [{min!r}, {max!r}].")
+        self.min, self.max = float(min), float(max)
+
+    def build(self, tensor_shape, name: str, layer) -> Dict[str, tf.Variable]:
+        return {}
+
+    @_no_autograph
+    def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
+        return tf.quantization.fake_quant_with_min_max_args(
+            tf.convert_to_tensor(inputs), min=self.min, max=self.max, num_bits=self.bits)
+
+    def range_of(self, weights) -> Tuple[float, float]:
+        """The fixed ``(min, max)``."""
+        return self.min, self.max
+
+    def get_config(self) -> Dict[str, Any]:
+        return {"bits": self.bits, "min": self.min, "max": self.max}

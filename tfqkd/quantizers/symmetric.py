@@ -1,0 +1,280 @@
+"""Eq. (1)/(2): symmetric uniform quantization and the rules that choose its step ``Δ``.
+
+``symmetric_quantize(w, bits, step)`` is the quantizer of the paper; ``l2_optimal_step`` (the
+default rule), ``std_step`` (Gaussian-optimal multiple of the RMS) choose ``Δ``; ``check_bits``,
+``num_levels`` and ``max_level`` describe a bit-width. :mod:`tfqkd.quantizers.weights` wraps them
+in a tfmot ``Quantizer``.
+
+Example:
+    >>> import numpy as np
+    >>> import numpy as np
+    >>> w = np.array([-0.9, 0.05, 1.1], np.float32)
+    >>> symmetric_quantize(w, bits=2, step=0.5).numpy().tolist()
+    [-0.5, 0.0, 0.5]
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Dict, Optional, Tuple
+
+from tfqkd._keras import tf
+from tfqkd.quantizers._base import _TINY, _keep_nan, _no_autograph
+
+__all__ = [
+    "symmetric_quantize",
+    "l2_optimal_step",
+    "std_step",
+    "num_levels",
+    "max_level",
+    "check_bits",
+    "GAUSSIAN_STEP_RATIO",
+    "STEP_KINDS",
+    "L2_ITERATIONS",
+    "L2_CANDIDATES",
+]
+
+
+#: Accepted step-size rules of :class:`SymmetricQuantizer`.
+STEP_KINDS: Tuple[str, ...] = ("l2", "std", "learned")
+
+
+#: ``Δ / σ`` that minimises the expected squared error of Eq. (1)/(2) for ``w ~ N(0, σ²)``,
+#: per bit-width. Computed by numerical integration of ``E[(w − Q(w))²]`` on a fine grid and a
+#: bounded scalar minimisation (1 bit: ``sqrt(2/π)`` exactly, the mean of ``|w|``). For a
+#: Laplacian the optimum is 0.707, 1.414, 0.822, 0.487, … — larger, because of the heavier
+#: tails — which is one reason why the ``"l2"`` rule, that fits the actual weights, is the
+#: default.
+GAUSSIAN_STEP_RATIO: Dict[int, float] = {
+    1: 0.797885, 2: 1.224008, 3: 0.650770, 4: 0.353410,
+    5: 0.193250, 6: 0.105488, 7: 0.057261, 8: 0.030870,
+}
+
+#: Default number of Lloyd assignment/refit rounds of :func:`l2_optimal_step` after the
+#: candidate search. Each round is a few element-wise ops and two reductions.
+L2_ITERATIONS = 4
+#: Default number of candidate steps scored by :func:`l2_optimal_step` before refining.
+L2_CANDIDATES = 8
+
+
+def check_bits(bits: Any, name: str = "bits") -> int:
+    """Returns ``bits`` as an ``int`` after checking that it is an integer in 1..8.
+
+    Example:
+        >>> check_bits(4)
+        4
+    """
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= int(bits) <= 8:
+        raise ValueError(
+            f"{name} must be an integer bit-width in 1..8, got {bits!r}; pass e.g. {name}=2 "
+            "(ternary) or 8."
+        )
+    return int(bits)
+
+
+def num_levels(bits: int) -> int:
+    """Number of distinct values Q can produce: 2 for 1 bit, ``2^b − 1`` otherwise.
+
+    Example:
+        >>> [num_levels(b) for b in (1, 2, 3, 8)]
+        [2, 3, 7, 255]
+    """
+    bits = check_bits(bits)
+    return 2 if bits == 1 else 2 ** bits - 1
+
+
+def max_level(bits: int) -> int:
+    """Largest integer level ``K = (M − 1) / 2 = 2^(b−1) − 1`` (1 for 1 bit: ``±Δ``).
+
+    Example:
+        >>> [max_level(b) for b in (1, 2, 3, 8)]
+        [1, 1, 3, 127]
+    """
+    bits = check_bits(bits)
+    return 1 if bits == 1 else 2 ** (bits - 1) - 1
+
+
+@_no_autograph
+def symmetric_quantize(w, bits: int, step) -> tf.Tensor:
+    """Eq. (1)/(2): the symmetric uniform ``bits``-bit quantization of ``w`` with step ``step``.
+
+    Args:
+        w: Tensor (or array) to quantize.
+        bits: Bit-width, an integer in 1..8.
+        step: ``Δ > 0``: a scalar, or a tensor broadcastable against ``w`` (a per-channel vector
+            for the last axis, as returned by :func:`l2_optimal_step` with ``axis=-1``).
+
+    Returns:
+        A float32 tensor shaped like ``w`` whose values are integer multiples of ``Δ`` in
+        ``[−KΔ, KΔ]``; for ``bits=1`` exactly ``±Δ`` (zero maps to ``+Δ``). No gradient trick
+        is applied here (see :class:`SymmetricQuantizer`).
+
+    Example:
+        >>> symmetric_quantize([0.0, -0.3, 0.3], bits=1, step=0.25).numpy().tolist()
+        [0.25, -0.25, 0.25]
+    """
+    bits = check_bits(bits)
+    w = tf.convert_to_tensor(w, tf.float32)
+    step = tf.convert_to_tensor(step, tf.float32)
+    if bits == 1:
+        # sign(0) would give a third level 0; Eq. (1) has two levels, so 0 goes to +Δ. A NaN
+        # stays NaN (w >= 0 is False for NaN, which would silently make it −Δ).
+        return _keep_nan(w, tf.where(w >= 0.0, step, -step) * tf.ones_like(w))
+    k = float(max_level(bits))
+    n = tf.minimum(tf.floor(tf.abs(w) / step + 0.5), k)
+    return tf.sign(w) * step * n
+
+
+def _reduction_axes(rank: int, axis) -> Tuple[Optional[list], Optional[Tuple[int, ...]]]:
+    """(axes to reduce over, kept axes) for ``axis`` (None, an int or a tuple of ints)."""
+    if axis is None:
+        return list(range(rank)), None
+    kept = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    if rank < 2 or not kept:
+        raise ValueError(
+            f"per-channel steps need a tensor with an output-channel axis (rank >= 2), got a "
+            f"rank-{rank} tensor with axis={axis!r}; use axis=None (per-tensor) instead."
+        )
+    norm = []
+    for a in kept:
+        if isinstance(a, bool) or not isinstance(a, numbers.Integral) or not -rank <= a < rank:
+            raise ValueError(
+                f"axis={axis!r} is out of range for a rank-{rank} tensor; pass the output-channel "
+                f"axis in [-{rank}, {rank - 1}] (-1 for Conv2D/Dense, (2, 3) for DepthwiseConv2D)."
+            )
+        norm.append(int(a) % rank)
+    if len(set(norm)) == rank:
+        raise ValueError(f"axis={axis!r} keeps every axis of a rank-{rank} tensor: nothing to reduce.")
+    reduce = [i for i in range(rank) if i not in norm]
+    return reduce, tuple(sorted(norm))
+
+
+def _squeeze_leading(step: tf.Tensor, kept: Optional[Tuple[int, ...]]) -> tf.Tensor:
+    """Drops the size-1 axes before the first kept axis, so a last-axis step is a vector."""
+    if kept is None:
+        return tf.reshape(step, [])
+    return tf.reshape(step, tf.shape(step)[kept[0]:])
+
+
+def _rms(absw: tf.Tensor, reduce) -> tf.Tensor:
+    return tf.sqrt(tf.reduce_mean(tf.square(absw), axis=reduce, keepdims=True))
+
+
+def _std_step_keepdims(absw: tf.Tensor, bits: int, reduce) -> tf.Tensor:
+    return tf.maximum(GAUSSIAN_STEP_RATIO[bits] * _rms(absw, reduce), _TINY)
+
+
+def _sum(x, reduce):
+    return tf.reduce_sum(x, axis=reduce, keepdims=True)
+
+
+def _l2_step_keepdims(absw: tf.Tensor, bits: int, reduce, iterations: int, candidates: int) -> tf.Tensor:
+    # Every statistic keeps the reduced axes (size 1) so that it broadcasts against |w|.
+    if bits == 1:
+        # Closed form: for Q = Δ·sign(w) the error Σ(|w| − Δ)² is minimal at Δ = mean|w|.
+        return tf.maximum(tf.reduce_mean(absw, axis=reduce, keepdims=True), _TINY)
+    k = float(max_level(bits))
+    std = _std_step_keepdims(absw, bits, reduce)
+    # 1. Candidate search: the std step plus a geometric grid between 0.7·min and max of the
+    #    std step and the no-clipping step max|w|/K, all scored in one batched op.
+    no_clip = tf.maximum(tf.reduce_max(absw, axis=reduce, keepdims=True) / k, _TINY)
+    lo, hi = 0.7 * tf.minimum(std, no_clip), tf.maximum(std, no_clip)
+    rank = absw.shape.rank
+    grid = tf.reshape(tf.linspace(0.0, 1.0, max(1, candidates - 1)), [-1] + [1] * rank)
+    cands = tf.concat([std[None], lo[None] * tf.pow(hi / lo, grid)], axis=0)  # (C, *keepdims)
+    c_reduce = [a + 1 for a in reduce]
+    n = tf.minimum(tf.floor(absw[None] / cands + 0.5), k)
+    errs = tf.reduce_sum(tf.square(absw[None] - cands * n), axis=c_reduce, keepdims=True)
+    pick = tf.one_hot(tf.argmin(errs, axis=0), tf.shape(cands)[0], axis=0, dtype=absw.dtype)
+    best = tf.reduce_sum(cands * pick, axis=0)
+    best_err = tf.reduce_min(errs, axis=0)
+
+    # 2. Lloyd refinement from the best candidate.
+    step = best
+    for _ in range(iterations):
+        n = tf.minimum(tf.floor(absw / step + 0.5), k)  # assignment: nearest level for this Δ
+        num, den = _sum(absw * n, reduce), _sum(n * n, reduce)
+        # refit: the least-squares Δ for these levels (keep Δ where every weight rounds to 0)
+        step = tf.maximum(tf.where(den > 0.0, tf.math.divide_no_nan(num, den), step), _TINY)
+    if iterations == 0:
+        return best
+    # Each round cannot increase the error in exact arithmetic; in float32 keep the better of
+    # the two, so "l2 error <= std error" holds to the last bit (std is a candidate).
+    final_err = _sum(tf.square(absw - step * tf.minimum(tf.floor(absw / step + 0.5), k)), reduce)
+    return tf.where(final_err <= best_err, step, best)
+
+
+@_no_autograph
+def l2_optimal_step(
+    w, bits: int, axis=None, iterations: int = L2_ITERATIONS, candidates: int = L2_CANDIDATES,
+) -> tf.Tensor:
+    """The step ``Δ`` minimising ``‖w − Q(w)‖²`` (per tensor, or per output channel).
+
+    Algorithm (a fixed amount of vectorised work, so it is one static graph and fast):
+
+    1. *candidate search*: score ``candidates`` steps at once — the Gaussian-optimal
+       :func:`std_step` and a geometric grid from ``0.7·min(std, max|w|/K)`` to
+       ``max(std, max|w|/K)`` (``max|w|/K`` is the step that clips nothing) — and take the one
+       with the least error. This finds the right basin even for heavy-tailed weights at high
+       bit-widths, where clipping dominates the error and Lloyd alone converges very slowly;
+    2. *Lloyd refinement*, ``iterations`` rounds of: assign ``n_i = min(floor(|w_i|/Δ + 0.5), K)``
+       (the nearest level for this ``Δ``), then refit ``Δ = Σ|w_i|·n_i / Σ n_i²`` (the
+       least-squares ``Δ`` for these levels). Neither half-step can raise the error;
+    3. return the better of the refined and the best candidate step.
+
+    The std step is a candidate, so the result is never worse than :func:`std_step`. For 1 bit
+    the optimum is closed-form, ``Δ = mean|w|``. On Gaussian, Laplacian and Student-t(3)
+    samples the error is within 0.2 % of a brute-force search at 2–3 bits and within ~10 % at
+    6–8 bits (where the error is tiny and bumpy in ``Δ``).
+
+    Args:
+        w: The weights.
+        bits: Bit-width in 1..8.
+        axis: ``None`` for one step per tensor; else the output-channel axis (or axes) whose
+            every index gets its own step: ``-1`` for Conv2D ``(h, w, in, out)`` and Dense
+            ``(in, out)`` kernels, ``(2, 3)`` for a DepthwiseConv2D ``(h, w, in, mult)`` kernel
+            (its output channels are the ``in × mult`` pairs).
+        iterations: Lloyd rounds after the candidate search.
+        candidates: Number of candidate steps (>= 1; 1 scores the std step only).
+
+    Returns:
+        A scalar, or the per-channel steps shaped to broadcast against ``w`` (the axes before
+        the first kept axis dropped: shape ``(out,)`` for ``axis=-1``).
+
+    Example:
+        >>> import numpy as np
+        >>> w = np.random.default_rng(0).normal(size=(3, 3, 8, 4)).astype("float32")
+        >>> l2_optimal_step(w, 2, axis=-1).shape
+        TensorShape([4])
+    """
+    bits = check_bits(bits)
+    for name, value, low in (("iterations", iterations, 0), ("candidates", candidates, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    w = tf.convert_to_tensor(w, tf.float32)
+    reduce, kept = _reduction_axes(w.shape.rank, axis)
+    step = _l2_step_keepdims(tf.abs(w), bits, reduce, int(iterations), int(candidates))
+    return _squeeze_leading(step, kept)
+
+
+@_no_autograph
+def std_step(w, bits: int, axis=None) -> tf.Tensor:
+    """``Δ = c_b · σ``: the step that is L2-optimal if the weights were Gaussian.
+
+    ``σ`` is the root-mean-square of the weights (their standard deviation about zero: the
+    quantizer is symmetric about zero, and trained kernels are near zero-mean) and ``c_b`` is
+    :data:`GAUSSIAN_STEP_RATIO` (0.798 for 1 bit, 1.224 for 2 bits, 0.354 for 4, 0.031 for 8).
+
+    Args:
+        w: The weights.
+        bits: Bit-width in 1..8.
+        axis: As in :func:`l2_optimal_step`.
+
+    Example:
+        >>> round(float(std_step([1.0, -1.0], bits=2)), 4)
+        1.224
+    """
+    bits = check_bits(bits)
+    w = tf.convert_to_tensor(w, tf.float32)
+    reduce, kept = _reduction_axes(w.shape.rank, axis)
+    return _squeeze_leading(_std_step_keepdims(tf.abs(w), bits, reduce), kept)
