@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from recipes._data import Data, RAW_PIXELS, _info_get, input_normalization
-from recipes._load import is_model_name, load_model
+from recipes._data import Data, RAW_PIXELS, _info_get, input_normalization, is_model_name
 from recipes._options import Config
 from recipes._train import evaluate_accuracy
 from recipes._util import log
 
 from tfqkd._keras import keras
+from tfqkd import training
+from tfqkd.training import load_model
 
 __all__ = ["adapt_teacher", "load_or_build_model", "build_model", "make_lr_schedule",
            "make_optimizer", "load_or_build_student", "compile_classifier", "load_teachers",
@@ -112,10 +113,10 @@ def make_lr_schedule(cfg: Config, steps_per_epoch: int, epochs: Optional[int] = 
 
 
 def make_optimizer(cfg: Config, steps_per_epoch: int, epochs: Optional[int] = None):
-    """SGD with ``cfg.momentum`` and the ``cfg.lr_schedule`` schedule (weight decay lives in the
-    models' L2 regularizers)."""
-    return keras.optimizers.SGD(make_lr_schedule(cfg, steps_per_epoch, epochs),
-                                momentum=cfg.momentum)
+    """SGD with ``cfg.momentum`` (no Nesterov) and the ``cfg.lr_schedule`` schedule (weight decay
+    lives in the models' L2 regularizers), from ``tfqkd.training.make_optimizer``."""
+    return training.make_optimizer("sgd", make_lr_schedule(cfg, steps_per_epoch, epochs),
+                                   momentum=cfg.momentum, nesterov=False)
 
 
 def load_or_build_student(cfg: Config, data: Data) -> "tuple[keras.Model, str]":

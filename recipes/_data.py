@@ -1,12 +1,15 @@
 """A run's data: :func:`load_data` (train/test pipelines of ``--dataset`` as :class:`Data`), the
 ``tfqkd.data`` arguments a run shares (:func:`data_source_kwargs`, :func:`data_kwargs_for_model`)
-and the input normalisation a model expects (:func:`input_normalization`, ``RAW_PIXELS``).
-Part of :mod:`recipes.common`.
+the input normalisation a model expects (:func:`input_normalization`, ``RAW_PIXELS``) and
+telling a model name from a saved model's path (:func:`is_model_name`). Part of
+:mod:`recipes.common`.
 
 Example:
     >>> from recipes._options import Config
     >>> data_source_kwargs(Config(data_dir=None))
     {'data_dir': None, 'image_size': None, 'skip_corrupt': False}
+    >>> is_model_name("mobilenet_v2"), is_model_name("runs/teacher")
+    (True, False)
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import dataclasses
 import os
 from typing import Any, Dict, Mapping, Optional
 
-from recipes._load import is_model_name, load_model
 from recipes._options import Config
 
 from tfqkd._keras import keras, tf
+from tfqkd.training import load_model
 
 __all__ = ["Data", "load_data", "data_source_kwargs", "data_kwargs_for_model", "RAW_PIXELS",
-           "input_normalization"]
+           "input_normalization", "is_model_name"]
 
 # --------------------------------------------------------------------------------------------
 # Data, models, optimizers
@@ -102,6 +105,20 @@ def load_data(cfg: Config, *, augment: Optional[bool] = None) -> Data:
     num_train = steps * cfg.batch_size
     num_test = sum(int(y.shape[0]) for _, y in test)
     return Data(train, test, info, steps, num_train, num_test)
+
+
+def is_model_name(spec: Any) -> bool:
+    """True when ``spec`` (a --student / --teacher / --arch value) names a model that
+    ``tfqkd.models.get`` builds, rather than a saved model's path."""
+    from tfqkd import models
+
+    if not isinstance(spec, str) or os.path.exists(spec):
+        return False
+    try:
+        models.min_input_size(spec)  # raises ValueError for a name models.get does not know
+        return True
+    except ValueError:
+        return False
 
 
 #: The data normalisation of a model that preprocesses itself: raw 0..255 pixels (an

@@ -15,13 +15,13 @@ import time
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 from recipes._data import Data, load_data
-from recipes._load import load_model
 from recipes._options import Config, _validate
 from recipes._output import OutputDir, make_strategy
 from recipes._train import evaluate_accuracy
 from recipes._util import log, set_seed, versions
 
 from tfqkd._keras import keras, tf
+from tfqkd.training import load_model
 
 __all__ = ["write_results", "Run", "start_run", "export_and_verify", "finish_run"]
 

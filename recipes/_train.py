@@ -1,6 +1,6 @@
 """Training with resume: :func:`fit_with_resume` (``model.fit`` with ``BackupAndRestore``,
 TensorBoard scalars, ``history.csv`` and a progress display), its callbacks and
-:func:`evaluate_accuracy`. Part of :mod:`recipes.common`.
+:func:`evaluate_accuracy` (``tfqkd.training``'s, re-exported). Part of :mod:`recipes.common`.
 
 Example:
     >>> import os, tempfile
@@ -11,18 +11,17 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from recipes._output import OutputDir
-from recipes._util import atomic_write_text, log
+from recipes._util import log
 
 from tfqkd._keras import keras, tf
 from tfqkd.finite import StopOnNonFinite
+from tfqkd.training import evaluate_accuracy, read_history, write_history
 
 __all__ = ["fit_with_resume", "evaluate_accuracy", "HistoryLogger", "EpochLogger",
            "ScalarSummaries"]
@@ -82,10 +81,7 @@ class HistoryLogger(keras.callbacks.Callback):
         self._trimmed = False
 
     def on_train_begin(self, logs=None):
-        self.rows = []
-        if os.path.isfile(self.path):
-            with open(self.path, newline="") as f:
-                self.rows = list(csv.DictReader(f))
+        self.rows = read_history(self.path)
         self._trimmed = False
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -102,14 +98,7 @@ class HistoryLogger(keras.callbacks.Callback):
         row["epoch_time_s"] = round(time.time() - self._t0, 3)
         self.rows.append(row)
         if self.write:
-            keys: List[str] = []
-            for r in self.rows:
-                keys.extend(k for k in r if k not in keys)
-            buf = io.StringIO()
-            w = csv.DictWriter(buf, fieldnames=keys, restval="")
-            w.writeheader()
-            w.writerows(self.rows)
-            atomic_write_text(self.path, buf.getvalue())
+            write_history(self.path, self.rows)
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -284,23 +273,3 @@ def fit_with_resume(
         fit_kw = dict(validation_data=val_ds, validation_freq=int(validation_freq))
     model.fit(train_ds, epochs=epochs, callbacks=cbs, verbose=verbose, **fit_kw)
     return history.rows
-
-
-def evaluate_accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
-    """Top-1 accuracy of a logits model on ``(images, labels)`` batches, in inference mode.
-
-    Runs the model locally (no collectives), so every worker of a multi-worker run computes the
-    same figure on the full test set.
-    """
-    @tf.function
-    def correct(x, y):
-        pred = tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32)
-        return tf.reduce_sum(tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.int64))
-
-    hits = total = 0
-    for x, y in dataset:
-        hits += int(correct(x, y))
-        total += int(y.shape[0])
-    if total == 0:
-        raise ValueError("evaluate_accuracy got an empty data set.")
-    return hits / total

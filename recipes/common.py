@@ -92,14 +92,16 @@ Where things live (this module re-exports every public name of them; import from
                              option groups ``KD_OPTIONS`` / ``QUANT_OPTIONS``, presets, the absl
                              and Python front ends, :func:`run_main`;
     ``recipes/_output.py``   :class:`OutputDir`, ``--overwrite`` safety, strategy and chief;
-    ``recipes/_train.py``    :func:`fit_with_resume`, its callbacks, :func:`evaluate_accuracy`;
-    ``recipes/_load.py``     :func:`load_model`, :func:`is_model_name`;
-    ``recipes/_data.py``     :func:`load_data` and the input normalisation of a model;
+    ``recipes/_train.py``    :func:`fit_with_resume`, its callbacks;
+    ``recipes/_data.py``     :func:`load_data`, the input normalisation of a model,
+                             :func:`is_model_name`;
     ``recipes/_build.py``    config → objects: models, teachers, optimizers, compiled
                              classifiers and distillers, the quantized student, λ schedule,
                              batch-norm re-estimation;
     ``recipes/_run.py``      :func:`start_run`, :class:`Run`, :func:`finish_run`;
-    ``recipes/_util.py``     :func:`log`, atomic writes, versions, seeding.
+    ``recipes/_util.py``     :func:`log`, atomic writes, versions, seeding;
+    ``tfqkd.training``       :func:`evaluate_accuracy`, :func:`load_model` (the library's, shared
+                             with the tools and ``tfqkd.tuning``).
 
 Recipes import this module and the library, never each other.
 
@@ -120,14 +122,15 @@ from recipes._output import (RUN_MARKERS, OutputDir, check_deletable, is_chief, 
                              make_strategy)
 from recipes._train import (EpochLogger, HistoryLogger, ScalarSummaries,  # noqa: F401
                             evaluate_accuracy, fit_with_resume)
-from recipes._load import is_model_name, load_model  # noqa: F401
 from recipes._data import (RAW_PIXELS, Data, _info_get, data_kwargs_for_model,  # noqa: F401
-                           data_source_kwargs, input_normalization, load_data)
+                           data_source_kwargs, input_normalization, is_model_name, load_data)
 from recipes._build import (adapt_teacher, build_model, coefficient_scheduler,  # noqa: F401
                             compile_classifier, compile_distiller, load_or_build_model,
                             load_or_build_student, load_teachers, make_distiller,
                             make_lr_schedule, make_optimizer, precise_bn, quantize)
 from recipes._run import Run, export_and_verify, finish_run, start_run, write_results  # noqa: F401
+# The shared training helpers, written once in the library.
+from tfqkd.training import load_model  # noqa: F401
 
 __all__ = [
     # options (_options)
@@ -138,7 +141,7 @@ __all__ = [
     "make_strategy", "is_chief", "OutputDir", "check_deletable", "RUN_MARKERS",
     # training (_train)
     "fit_with_resume", "evaluate_accuracy", "HistoryLogger", "EpochLogger", "ScalarSummaries",
-    # models and data (_load, _data, _build)
+    # models and data (tfqkd.training, _data, _build)
     "load_model", "is_model_name", "Data", "load_data", "data_source_kwargs",
     "data_kwargs_for_model", "RAW_PIXELS", "input_normalization", "adapt_teacher",
     "load_or_build_model", "build_model", "load_or_build_student", "make_lr_schedule",

@@ -37,8 +37,6 @@ Examples::
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import sys
 
@@ -46,6 +44,7 @@ from recipes import common
 from recipes.common import KD_OPTIONS, QUANT_OPTIONS, Option, precise_bn, quantize
 
 from tfqkd._keras import keras, tf
+from tfqkd.training import read_history, write_history
 
 QKD_OPTIONS = [
     Option("ss_epochs", 40, "Self-studying epochs: the quantized student alone, labels only "
@@ -126,20 +125,9 @@ def _phase_epochs(cfg: common.Config, phase: str) -> int:
 
 def _write_merged_history(out: common.OutputDir) -> None:
     """``history.csv``: the rows of every phase's history, with a ``phase`` column first."""
-    rows, keys = [], ["phase"]
-    for phase in ("ss", "cs", "tu"):
-        path = os.path.join(out.root, f"history_{phase}.csv")
-        if not os.path.isfile(path):
-            continue
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                rows.append({"phase": phase, **row})
-                keys.extend(k for k in row if k not in keys)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    common.atomic_write_text(out.history_path, buffer.getvalue())
+    rows = [{"phase": phase, **row} for phase in ("ss", "cs", "tu")
+            for row in read_history(os.path.join(out.root, f"history_{phase}.csv"))]
+    write_history(out.history_path, rows)
 
 
 class _Recorder(keras.callbacks.Callback):

@@ -30,6 +30,7 @@ from recipes.common import (QUANT_OPTIONS, QUANT_PRESETS, Option, coefficient_sc
                             compile_distiller, precise_bn)
 
 from tfqkd._keras import keras, tf
+from tfqkd.speq import stochastic_teacher_accuracy
 
 SPEQ_OPTIONS = [
     Option("temperature", 2.0, "Temperature τ > 0 of the soft targets and the student.", "float"),
@@ -116,24 +117,6 @@ def make_speq(student: keras.Model, cfg: common.Config):
     return SPEQ(student, temperature=cfg.temperature, coefficient=cfg.coefficient,
                 soft_loss=cfg.soft_loss, teacher_passes=cfg.teacher_passes,
                 teacher_bn=cfg.teacher_bn)
-
-
-def stochastic_teacher_accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
-    """Top-1 accuracy of ONE stochastic-precision pass of ``model`` (inference batch norm)."""
-    from tfqkd.speq import stochastic_precision
-
-    @tf.function(reduce_retracing=True)  # a smaller last batch must not trace a new graph
-    def correct(x, y):
-        with stochastic_precision(True):  # traced inside the context: a teacher graph
-            logits = model(x, training=False)
-        pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        return tf.reduce_sum(tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.int64))
-
-    hits = total = 0
-    for x, y in dataset:
-        hits += int(correct(x, y))
-        total += int(y.shape[0])
-    return hits / max(total, 1)
 
 
 def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
