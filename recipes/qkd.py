@@ -37,21 +37,14 @@ Examples::
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import sys
-from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from recipes import common
+from recipes.common import KD_OPTIONS, QUANT_OPTIONS, Option, precise_bn, quantize
 
-from recipes import common  # noqa: E402
-from recipes.common import Option  # noqa: E402
-from recipes.quantize_distill import (  # noqa: E402
-    QUANT_OPTIONS, precise_bn, quantize)
-from recipes.train_student import KD_OPTIONS  # noqa: E402
-
-from tfqkd._keras import keras, tf  # noqa: E402
+from tfqkd._keras import keras, tf
+from tfqkd.training import read_history, write_history
 
 QKD_OPTIONS = [
     Option("ss_epochs", 40, "Self-studying epochs: the quantized student alone, labels only "
@@ -132,20 +125,9 @@ def _phase_epochs(cfg: common.Config, phase: str) -> int:
 
 def _write_merged_history(out: common.OutputDir) -> None:
     """``history.csv``: the rows of every phase's history, with a ``phase`` column first."""
-    rows, keys = [], ["phase"]
-    for phase in ("ss", "cs", "tu"):
-        path = os.path.join(out.root, f"history_{phase}.csv")
-        if not os.path.isfile(path):
-            continue
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                rows.append({"phase": phase, **row})
-                keys.extend(k for k in row if k not in keys)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    common.atomic_write_text(out.history_path, buffer.getvalue())
+    rows = [{"phase": phase, **row} for phase in ("ss", "cs", "tu")
+            for row in read_history(os.path.join(out.root, f"history_{phase}.csv"))]
+    write_history(out.history_path, rows)
 
 
 class _Recorder(keras.callbacks.Callback):
@@ -251,42 +233,16 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
                              export_mode=cfg.export, note=f" (co-studied teacher {teacher_acc:.4f})")
 
 
-# --------------------------------------------------------------------------------------------
-# tools/reproduce_cpu.py methods
-# --------------------------------------------------------------------------------------------
-def benchmark_config(ctx: Any, name: str, **overrides: Any) -> common.Config:
-    """The QKD config of benchmark stage ``name`` (``ctx``: a ``tools/reproduce_cpu.Context``).
-
-    Same data, batch, seed, bit-widths and learning rate as the benchmark's other quantized
-    stages, from its float student and teacher. The benchmark's retraining budget of E epochs
-    is split E//4 SS + E//4 CS + the rest TU (each at least 1), so QKD trains as many epochs as
-    the KD + CR row (co-studying epochs cost about twice a KD epoch: the teacher trains too).
-    """
-    epochs = int(ctx.quant["epochs"])
-    ss = cs = max(1, epochs // 4)
-    opts = dict(ctx.base)
-    opts.update({k: v for k, v in ctx.quant.items() if k != "epochs"})
-    opts.update(student=ctx.student_dir, teacher=ctx.teacher_dir, output_dir=ctx.stage_dir(name),
-                ss_epochs=ss, cs_epochs=cs, tu_epochs=max(1, epochs - ss - cs))
-    opts.update(overrides)
-    return make_config("paper", **opts)
-
-
-def benchmark_w2(ctx: Any) -> dict:
-    """QKD at the benchmark's weight bits (2) with float activations, like its KD rows."""
-    return run(benchmark_config(ctx, "qkd"), ctx.strategy)
-
-
-def benchmark_w4a4(ctx: Any) -> dict:
-    """QKD with 4-bit weights and 4-bit activations (QKD's own setting)."""
-    return run(benchmark_config(ctx, "qkd_w4a4", weight_bits=4, activation_bits=4), ctx.strategy)
-
-
-def main(argv):
+def _main(argv):
     del argv
     common.quiet_logs()
     run(common.config_from_flags(OPTIONS, PRESETS))
 
 
+def main() -> None:
+    """The command line (console script ``tfqkd-qkd``): absl flags from ``OPTIONS``."""
+    common.run_main(_main, OPTIONS)
+
+
 if __name__ == "__main__":
-    common.run_main(main, OPTIONS)
+    main()

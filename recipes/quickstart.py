@@ -22,12 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recipes import common  # noqa: E402
-from recipes import quantize_distill, train_student, train_teacher  # noqa: E402
+from recipes import _stages, common
 
 #: Stage budgets (epochs) of the default run; ``--epochs`` replaces all of them.
 EPOCHS = {"teacher": 30, "student": 30, "q2_hard": 15, "q2_kd_cr": 15}
@@ -42,18 +38,18 @@ def stage_configs(output_dir: str, epochs: dict, progress: str = "auto") -> dict
     d = lambda name: os.path.join(output_dir, name)  # noqa: E731
     base = dict(BASE, progress=progress)
     return {
-        "teacher": train_teacher.make_config(
+        "teacher": _stages.teacher_config(
             "smoke", **base, width=2.0, epochs=epochs["teacher"], learning_rate=0.05,
             output_dir=d("teacher")),
-        "student": train_student.make_config(
+        "student": _stages.student_config(
             "smoke", **base, width=1.0, epochs=epochs["student"], learning_rate=0.05,
             output_dir=d("student")),
-        "q2_hard": quantize_distill.make_config(
+        "q2_hard": _stages.quantize_distill_config(
             "smoke", **base, student=d("student"), weight_bits=2, epochs=epochs["q2_hard"],
             learning_rate=0.02, output_dir=d("q2_hard")),
-        "q2_kd_cr": quantize_distill.make_config(
+        "q2_kd_cr": _stages.quantize_distill_config(
             "smoke", **base, student=d("student"), teacher=[d("teacher")], weight_bits=2,
-            **common.BENCHMARK_KD, coefficient=0.5, coefficient_schedule="linear",
+            **common.KD_DEFAULTS, coefficient=0.5, coefficient_schedule="linear",
             coefficient_end=0.0, epochs=epochs["q2_kd_cr"], learning_rate=0.02,
             export="int8", output_dir=d("q2_kd_cr")),
     }
@@ -67,10 +63,10 @@ def run(output_dir: str = "runs/quickstart", epochs=None, progress: str = "none"
     cfgs = stage_configs(output_dir, epochs, progress)
     strategy = common.make_strategy("none")
     res = {
-        "teacher": train_teacher.run(cfgs["teacher"], strategy),
-        "student": train_student.run(cfgs["student"], strategy),
-        "q2_hard": quantize_distill.run(cfgs["q2_hard"], strategy),
-        "q2_kd_cr": quantize_distill.run(cfgs["q2_kd_cr"], strategy),
+        "teacher": _stages.train_teacher(cfgs["teacher"], strategy),
+        "student": _stages.train_student(cfgs["student"], strategy),
+        "q2_hard": _stages.quantize_distill(cfgs["q2_hard"], strategy),
+        "q2_kd_cr": _stages.quantize_distill(cfgs["q2_kd_cr"], strategy),
     }
     parity = res["q2_kd_cr"].get("parity", {})
     summary = {
@@ -113,7 +109,7 @@ def print_table(s: dict) -> None:
     print(json.dumps(s, sort_keys=True), flush=True)
 
 
-def main(argv):
+def _main(argv):
     del argv
     from absl import flags
 
@@ -122,7 +118,8 @@ def main(argv):
     run(f.output_dir, f.epochs, f.progress)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The command line (console script ``tfqkd-quickstart``)."""
     from absl import flags
 
     flags.DEFINE_string("output_dir", "runs/quickstart", "Where the four stages write.")
@@ -130,4 +127,8 @@ if __name__ == "__main__":
                          "teacher/student/2-bit hard/2-bit KD+CR).")
     flags.DEFINE_enum("progress", "none", ["auto", "bar", "line", "none"],
                       "Per-epoch display of each stage (default none: one line per stage).")
-    common.run_main(main, ())  # Ctrl-C: one line, exit 130; finished stages are kept
+    common.run_main(_main, ())  # Ctrl-C: one line, exit 130; finished stages are kept
+
+
+if __name__ == "__main__":
+    main()

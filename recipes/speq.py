@@ -25,19 +25,12 @@ Examples::
 
 from __future__ import annotations
 
-import os
-import sys
-from typing import Any
+from recipes import common
+from recipes.common import (QUANT_OPTIONS, QUANT_PRESETS, Option, coefficient_scheduler,
+                            compile_distiller, precise_bn)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recipes import common  # noqa: E402
-from recipes.common import Option  # noqa: E402
-from recipes.quantize_distill import (  # noqa: E402
-    PRESETS as QD_PRESETS, QUANT_OPTIONS, coefficient_scheduler, precise_bn)
-from recipes.train_student import compile_distiller  # noqa: E402
-
-from tfqkd._keras import keras, tf  # noqa: E402
+from tfqkd._keras import keras, tf
+from tfqkd.speq import stochastic_teacher_accuracy
 
 SPEQ_OPTIONS = [
     Option("temperature", 2.0, "Temperature τ > 0 of the soft targets and the student.", "float"),
@@ -71,8 +64,9 @@ OPTIONS = common.COMMON_OPTIONS + SPEQ_OPTIONS + [
            "int4, dynamic or float.", "enum", ("none", "int8", "int4", "dynamic", "float")),
 ]
 
-#: quantize_distill's: retraining starts from a converged float model, hence lr 0.01.
-PRESETS = QD_PRESETS
+#: quantize_distill's (common.QUANT_PRESETS): retraining starts from a converged float model,
+#: hence lr 0.01.
+PRESETS = QUANT_PRESETS
 
 
 def make_config(preset: str = "paper", **overrides) -> common.Config:
@@ -125,24 +119,6 @@ def make_speq(student: keras.Model, cfg: common.Config):
                 teacher_bn=cfg.teacher_bn)
 
 
-def stochastic_teacher_accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
-    """Top-1 accuracy of ONE stochastic-precision pass of ``model`` (inference batch norm)."""
-    from tfqkd.speq import stochastic_precision
-
-    @tf.function(reduce_retracing=True)  # a smaller last batch must not trace a new graph
-    def correct(x, y):
-        with stochastic_precision(True):  # traced inside the context: a teacher graph
-            logits = model(x, training=False)
-        pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        return tf.reduce_sum(tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.int64))
-
-    hits = total = 0
-    for x, y in dataset:
-        hits += int(correct(x, y))
-        total += int(y.shape[0])
-    return hits / max(total, 1)
-
-
 def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     """Runs SPEQ as configured by ``cfg``; returns the content of results.json."""
     run_ = common.start_run(cfg, "runs/speq", strategy)
@@ -176,37 +152,16 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
                              export_mode=cfg.export, note=f" (stochastic teacher {teacher_acc:.4f})")
 
 
-def benchmark_config(ctx: Any, name: str, **overrides: Any) -> common.Config:
-    """The SPEQ config of benchmark stage ``name`` (``ctx``: a ``tools/reproduce_cpu.Context``).
-
-    Same data, batch, seed, weight bits, epochs and learning rate as the benchmark's other
-    quantized stages, from its float student; SPEQ needs no teacher (``ctx.teacher_dir`` unused).
-    """
-    opts = dict(ctx.base)
-    opts.update(ctx.quant)
-    opts.update(student=ctx.student_dir, output_dir=ctx.stage_dir(name))
-    opts.update(overrides)
-    return make_config("paper", **opts)
-
-
-def benchmark_w2(ctx: Any) -> dict:
-    """SPEQ at the benchmark's weight bits with 8-bit activations (SPEQ needs quantized
-    activations; 8 bits is the nearest to the KD rows' float activations), float teacher
-    alternative."""
-    return run(benchmark_config(ctx, "speq", activation_bits=8, high_bits="float"), ctx.strategy)
-
-
-def benchmark_w4a4(ctx: Any) -> dict:
-    """SPEQ with 4-bit weights and activations, the teacher drawing 8-bit activations."""
-    return run(benchmark_config(ctx, "speq_w4a4", weight_bits=4, activation_bits=4, high_bits="8"),
-               ctx.strategy)
-
-
-def main(argv):
+def _main(argv):
     del argv
     common.quiet_logs()
     run(common.config_from_flags(OPTIONS, PRESETS))
 
 
+def main() -> None:
+    """The command line (console script ``tfqkd-speq``): absl flags from ``OPTIONS``."""
+    common.run_main(_main, OPTIONS)
+
+
 if __name__ == "__main__":
-    common.run_main(main, OPTIONS)
+    main()

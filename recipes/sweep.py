@@ -33,16 +33,13 @@ Outputs in ``output_dir``: ``trials.csv``, ``baseline.csv`` (hard-label quantize
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any, Callable, Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from recipes import common
+from recipes.common import Option
 
-from recipes import common  # noqa: E402
-from recipes.common import Option  # noqa: E402
-
-from tfqkd import tuning  # noqa: E402
+from tfqkd import tuning
 
 OPTIONS = common.COMMON_OPTIONS + [
     Option("mode", "grid", "grid: every combination of the lists below; search: a keras-tuner "
@@ -370,10 +367,15 @@ def run(cfg: common.Config) -> Dict[str, Any]:
     return result
 
 
-def main(argv):
+def _main(argv):
     del argv
     run(common.config_from_flags(OPTIONS, PRESETS))
 
 
+def main() -> None:
+    """The command line (console script ``tfqkd-sweep``): absl flags from ``OPTIONS``."""
+    common.run_main(_main, OPTIONS)
+
+
 if __name__ == "__main__":
-    common.run_main(main, OPTIONS)
+    main()

@@ -75,12 +75,9 @@ def packed_ternary_bits(kernels, per_channel: bool = False) -> float:
 def run_test_set(run_dir):
     """The test images and labels a recipe run evaluated on (from its run_config.json), as numpy."""
     import json
-    import sys
 
     import numpy as np
 
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))  # the recipes package
     from recipes import common
     from tfqkd import data
 

@@ -7,15 +7,13 @@ run ``python tools/update_build.py`` (it rewrites BUILD from the tree) and commi
 """
 
 import pathlib
-import sys
 
 import pytest
 
 # Not resolved through symlinks: under Bazel this is the test's runfiles tree (BUILD and the
 # sources are its data), in a checkout the checkout.
 REPO = pathlib.Path(__file__).absolute().parents[1]
-sys.path.insert(0, str(REPO))
-from tools import update_build  # noqa: E402
+from tools import update_build  # noqa: E402  (the checkout's root is on sys.path: pytest.ini)
 
 FIX = update_build.FIX
 PY_RULES = ("py_library", "py_binary", "py_test")

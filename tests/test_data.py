@@ -930,8 +930,6 @@ def test_recipe_runs_on_an_image_folder(tmp_path, cifar_jpegs):
     res = json.loads((out / "results.json").read_text())
     assert res["flags"]["dataset"] == f"folder:{tmp_path / 'imgs'}"
     assert res["num_train"] == 15 and res["num_test"] == 6  # 3 batches of 5; every test image
-    if str(REPO) not in sys.path:  # as tests/test_recipes.py: the checkout's recipes package
-        sys.path.insert(0, str(REPO))
     from recipes import common
 
     model = common.load_model(str(out))

@@ -18,11 +18,10 @@ import time
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from conftest import subprocess_env
+from recipes import common, quantize_distill, sweep, train_student, train_teacher
 
-from conftest import subprocess_env  # noqa: E402
-from recipes import common, quantize_distill, sweep, train_student, train_teacher  # noqa: E402
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 import tfqkd  # noqa: E402
 from tfqkd._keras import keras  # noqa: E402

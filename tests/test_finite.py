@@ -4,7 +4,6 @@ References are NumPy's ``isnan`` on known inputs and the step index where the te
 """
 
 import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -15,9 +14,9 @@ from tfqkd.finite import CHECKS, NonFiniteError, StopOnNonFinite
 from tfqkd.quantizers import (ActivationQuantizer, RangeQuantizer, SymmetricQuantizer,
                               symmetric_quantize)
 
+from conftest import run_script
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from conftest import run_script  # noqa: E402
 
 NAN_AT = (1, 1, 2, 3)
 

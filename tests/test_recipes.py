@@ -14,17 +14,16 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+
+import tfqkd
+from conftest import (last_json_line, run_script, run_test_set, saved_model_accuracy,
+                      subprocess_env)
+from recipes import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-sys.path.insert(0, str(REPO))
-
-from recipes import common  # noqa: E402
-import numpy as np  # noqa: E402
-import tfqkd  # noqa: E402
-from conftest import (last_json_line, run_script, run_test_set,  # noqa: E402
-                      saved_model_accuracy, subprocess_env)
 
 #: Every complete output directory holds these.
 OUTPUT_FILES = ("model/model.h5", "history.csv", "results.json", "run_config.json")
@@ -54,6 +53,40 @@ def _assert_complete(run_dir):
     # The reported accuracy is the saved model's: recomputed here from its predictions.
     assert res["test_accuracy"] == pytest.approx(saved_model_accuracy(run_dir), abs=1e-9)
     return res
+
+
+#: The recipes (command lines); recipes/common.py and the private recipes/_*.py are their shared
+#: layer.
+RECIPE_NAMES = ("train_teacher", "train_student", "quantize_distill", "qkd", "speq", "sweep",
+                "quickstart")
+
+
+def test_recipes_are_leaves_installed_as_commands_without_sys_path_edits():
+    import ast
+
+    on_disk = {p.stem for p in RECIPES.glob("*.py")
+               if not p.stem.startswith("_") and p.stem != "common"}
+    assert on_disk == set(RECIPE_NAMES)
+    for name in RECIPE_NAMES:
+        tree = ast.parse((RECIPES / f"{name}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.module:
+                imported |= {n.module} | {f"{n.module}.{a.name}" for a in n.names}
+        siblings = {m for m in imported
+                    if m.startswith("recipes.") and m.split(".")[1] in RECIPE_NAMES}
+        assert not siblings, f"recipes/{name}.py imports a sibling recipe: {siblings}"
+        assert not any(m == "tools" or m.startswith(("tools.", "reproduce")) for m in imported)
+    # One console script per recipe, each a main() that parses its flags (setup.py).
+    setup = (REPO / "setup.py").read_text()
+    for name in RECIPE_NAMES:
+        assert f'"{name}"' in setup, f"setup.py has no console script for recipes/{name}.py"
+        assert "\ndef main() -> None:" in (RECIPES / f"{name}.py").read_text()
+    # Scripts import the installed packages; no file edits sys.path to find them.
+    edit = "sys.path." + "insert"
+    offenders = [str(p.relative_to(REPO)) for d in ("recipes", "tools", "tests")
+                 for p in (REPO / d).rglob("*.py") if edit in p.read_text()]
+    assert not offenders, f"{edit} in {offenders}"
 
 
 @pytest.fixture(scope="module")
@@ -205,10 +238,11 @@ def test_quickstart_prints_table_and_writes_tflite(tmp_path, capsys):
     # The 2-bit KD + CR stage really ran the CR schedule from 0.5 down.
     rows = _history(tmp_path / "qs" / "q2_kd_cr")
     assert float(rows[-1]["end_coefficient"]) == pytest.approx(0.0, abs=1e-6)
-    # The demo runs the benchmark's KD settings (defined once, common.BENCHMARK_KD).
+    # The demo runs the recipes' KD defaults, which are the benchmark's KD settings (defined
+    # once, common.KD_DEFAULTS; tools/reproduce/rows.py's BENCHMARK_KD is the same mapping).
     flags = json.loads((tmp_path / "qs" / "q2_kd_cr" / "results.json").read_text())["flags"]
-    assert {k: flags[k] for k in common.BENCHMARK_KD} == common.BENCHMARK_KD
-    assert float(rows[-1]["end_temperature"]) == common.BENCHMARK_KD["temperature"]
+    assert {k: flags[k] for k in common.KD_DEFAULTS} == common.KD_DEFAULTS
+    assert float(rows[-1]["end_temperature"]) == common.KD_DEFAULTS["temperature"]
 
 
 def test_quantize_distill_smoke_on_cifar10_archive(tmp_path, cifar10_archive):

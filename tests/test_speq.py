@@ -1,8 +1,6 @@
 """SPEQ: the stochastic-precision quantizer, the self-distilling SPEQ model, its recipe."""
 
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -294,8 +292,6 @@ def test_w4a4_speq_trains_with_scheduler_saves_and_exports_int8(tmp_path):
 
 # ---------------------------------------------------------------- recipe
 def test_recipe_smoke_run_writes_results_and_a_rerun_trains_nothing(tmp_path):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, repo)
     from recipes import speq as speq_recipe
 
     out = tmp_path / "speq_run"

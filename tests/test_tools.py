@@ -2,7 +2,6 @@
 
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from tfqkd.quantize import quantize_model, quantized_weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"
-sys.path.insert(0, str(REPO))  # the recipes package (test_export_tool_takes_a_recipe_run...)
 
 
 def _tool(script, *args, timeout=300, ok=True):

@@ -13,11 +13,10 @@ import pytest
 from tfqkd import tuning
 from tfqkd._keras import keras
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from conftest import last_json_line
+from recipes import sweep
 
-from conftest import last_json_line  # noqa: E402
-from recipes import sweep  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rows(temperatures=(1, 4), teachers=(1, 2), schedules=("constant",), acc=None):

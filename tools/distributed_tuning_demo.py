@@ -37,9 +37,6 @@ import time
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)
-
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -72,9 +72,6 @@ def main(argv):
     from tfqkd import data, export
 
     model = load_model(FLAGS.model)
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from recipes import common
 
     data_kw = common.data_kwargs_for_model(model, data_dir=FLAGS.data_dir,

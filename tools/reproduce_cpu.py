@@ -8,7 +8,7 @@ images) and the full 10,000 test images, it trains in order, each stage a normal
 2. ``student``  float ResNet20 (hard labels);
 3. one 2-bit-weight ResNet20 per entry of ``--methods``, each retrained from the float student:
    ``hard`` (a) hard labels, ``kd`` (b) KD with constant λ = 0.5, ``kd_cr`` (c) KD + CR
-   (λ linear 0.5 → 0), plus any method other engineers registered in :data:`METHODS`.
+   (λ linear 0.5 → 0), plus any other row of ``tools/reproduce/rows.py`` (QKD, SPEQ).
    Each ends, like the recipes, by re-estimating its batch-norm statistics
    (``--precise_bn_batches=100``; 0 repeats the runs made before 2026-12-01).
 
@@ -22,14 +22,8 @@ per-seed accuracies, deltas (c) − (a) and (c) − (b) of the means and the per
 (c) − (b), per-stage wall times, the budget). Target: (c) ≥ (a) + 1.0 point and (c) ≥ (b)
 within 60 minutes on 2 cores.
 
-Adding a method is a one-entry edit of :data:`METHODS`::
-
-    METHODS["speq"] = Method("2-bit SPEQ", run_speq)   # run_speq(ctx: Context) -> results dict
-
-where the function trains from ``ctx.student_dir`` (and ``ctx.teacher_dir``), writes into
-``ctx.stage_dir("speq")`` and returns a dict with ``test_accuracy`` (a recipe's results.json).
-``ctx.quant_config(name, **overrides)`` gives the shared quantize_distill configuration (data,
-budget, bit-widths, learning rate) for that directory.
+The rows live in ``tools/reproduce/rows.py`` (``METHODS``, ``Context``); adding a method is a
+one-entry edit of ``METHODS`` there (its docstring says how).
 
 Honest tuning: hyper-parameters must not be chosen on the test set. ``--holdout=N`` replaces the
 test set by N class-balanced images held out of the training split (and trains on a subset of the
@@ -51,20 +45,19 @@ Examples::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Dict
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
+# `python tools/reproduce_cpu.py` puts tools/ first on sys.path: `reproduce` is tools/reproduce/.
+from reproduce.rows import BENCHMARK_KD, METHODS, Context  # noqa: E402
 from recipes import common, quantize_distill, train_student, train_teacher  # noqa: E402
 from tfqkd._io import atomic_path  # noqa: E402
 
@@ -100,11 +93,11 @@ flags.DEFINE_float("quant_learning_rate", 0.01, "Peak learning rate of the 2-bit
                    "(starts from a converged float model: 10x lower).")
 flags.DEFINE_float("weight_decay", 5e-4, "Weight decay of every stage (5e-4: the usual value "
                    "for short CIFAR schedules).")
-flags.DEFINE_float("temperature", common.BENCHMARK_KD["temperature"],
+flags.DEFINE_float("temperature", BENCHMARK_KD["temperature"],
                    "KD temperature τ (4 over 2 and 8: best KD + CR on --holdout, see "
                    "docs/recipes.md).")
 flags.DEFINE_float("coefficient", 0.5, "KD λ (constant for kd, start of CR for kd_cr).")
-flags.DEFINE_bool("temperature_squared", common.BENCHMARK_KD["temperature_squared"],
+flags.DEFINE_bool("temperature_squared", BENCHMARK_KD["temperature_squared"],
                   "KD rows: multiply the soft loss by τ² (Hinton's scaling; the paper's Eq. 3 "
                   "has none). On: chosen on --holdout, see docs/recipes.md.")
 flags.DEFINE_integer("weight_bits", 2, "Weight bits of the quantized students.")
@@ -119,81 +112,6 @@ flags.DEFINE_integer("seeds", 3, "Runs of every 2-bit method, with seeds --seed,
                      "from the same teacher and student; the table reports their mean (one "
                      "run's differences between methods are within seed noise).")
 flags.DEFINE_enum("progress", "line", ["auto", "bar", "line", "none"], "Per-epoch display.")
-
-
-@dataclasses.dataclass
-class Context:
-    """What a method needs: the trained teacher/student and the shared settings."""
-
-    output_dir: str
-    teacher_dir: str
-    student_dir: str
-    base: Dict[str, Any]  # options shared by every stage (data, batch, seed, ...)
-    quant: Dict[str, Any]  # options shared by every 2-bit stage (bits, epochs, lr)
-    strategy: Any
-    kd: Dict[str, Any] = dataclasses.field(default_factory=dict)  # extra options of KD rows
-    suffix: str = ""  # appended to every stage directory of a repeated (other-seed) run
-
-    def stage_dir(self, name: str) -> str:
-        return os.path.join(self.output_dir, name + self.suffix)
-
-    def with_seed(self, seed: int) -> "Context":
-        """The context of the run with ``seed`` (own stage directories unless it is ``base``'s).
-
-        Only the seed changes: ``base["subset_seed"]`` keeps every run on the same images.
-        """
-        if seed == self.base["seed"]:
-            return self
-        return dataclasses.replace(self, base=dict(self.base, seed=seed), suffix=f"_seed{seed}")
-
-    def quant_config(self, name: str, **overrides) -> common.Config:
-        """The quantize_distill config of stage ``name`` (writes to ``stage_dir(name)``)."""
-        opts = dict(self.base, **self.quant)
-        opts.update(student=self.student_dir, output_dir=self.stage_dir(name))
-        opts.update(overrides)
-        return quantize_distill.make_config("paper", **opts)
-
-
-@dataclasses.dataclass
-class Method:
-    """One row of the benchmark: a label for the table and ``fn(ctx) -> results dict``."""
-
-    label: str
-    fn: Callable[[Context], Dict[str, Any]]
-
-
-def run_hard(ctx: Context) -> Dict[str, Any]:
-    """(a) 2-bit retraining with hard labels only."""
-    return quantize_distill.run(ctx.quant_config("hard"), ctx.strategy)
-
-
-def run_kd(ctx: Context) -> Dict[str, Any]:
-    """(b) 2-bit retraining with KD, constant λ."""
-    return quantize_distill.run(ctx.quant_config(
-        "kd", teacher=[ctx.teacher_dir], coefficient_schedule="constant", **ctx.kd),
-        ctx.strategy)
-
-
-def run_kd_cr(ctx: Context) -> Dict[str, Any]:
-    """(c) 2-bit retraining with KD and coefficient reducing (λ linear to 0)."""
-    return quantize_distill.run(ctx.quant_config(
-        "kd_cr", teacher=[ctx.teacher_dir], coefficient_schedule="linear",
-        coefficient_end=0.0, **ctx.kd), ctx.strategy)
-
-
-#: name -> Method. Other methods (SPEQ, QKD) register here with one entry.
-METHODS: Dict[str, Method] = {
-    "hard": Method("(a) 2-bit, hard labels", run_hard),
-    "kd": Method("(b) 2-bit, KD constant λ", run_kd),
-    "kd_cr": Method("(c) 2-bit, KD + CR", run_kd_cr),
-}
-
-from recipes import qkd as _qkd  # noqa: E402  QKD (SS -> CS -> TU), W2 and W4A4 rows
-METHODS.update(qkd=Method("QKD, 2-bit (SS+CS+TU)", _qkd.benchmark_w2),
-               qkd_w4a4=Method("QKD, W4A4 (SS+CS+TU)", _qkd.benchmark_w4a4))
-from recipes import speq as _speq  # noqa: E402  SPEQ (self-distillation, no teacher)
-METHODS.update(speq=Method("SPEQ, W2A8 (no teacher)", _speq.benchmark_w2),
-               speq_w4a4=Method("SPEQ, W4A4 (no teacher)", _speq.benchmark_w4a4))
 
 
 def _wall_time(results: Dict[str, Any]) -> float:
