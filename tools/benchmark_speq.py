@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
