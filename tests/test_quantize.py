@@ -139,6 +139,23 @@ def test_first_last_none_and_per_channel(digits):
     assert len(np.unique(model.get_layer("stage1_block1_conv1").kernel.numpy())) > 3
 
 
+def test_first_last_float_leaves_them_unquantized(digits):
+    model = tfqkd.models.tiny_resnet(10, seed=1)
+    q = quantize_model(model, weight_bits=2, first_last_bits="float")
+    wrapped = {layer.layer.name for layer in q.layers
+               if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper)}
+    assert "stem_conv" not in wrapped and "classifier" not in wrapped
+    assert {"stage1_block1_conv1", "stage2_block1_proj_conv"} <= wrapped
+    assert set(quantized_weights(q)) == wrapped
+    x = digits[0][:16]
+    q.predict(x, verbose=0)  # a forward pass: tfmot leaves Q(w) in the wrapped kernels
+    for name in ("stem_conv", "classifier"):  # float kernels, unchanged: the original's values
+        np.testing.assert_array_equal(q.get_layer(name).kernel.numpy(),
+                                      model.get_layer(name).kernel.numpy())
+    for name, kernel in quantized_weights(q).items():
+        assert _levels(kernel, per_channel=False) <= 3, name
+
+
 def test_first_and_last_found_by_graph_position_not_name():
     inputs = keras.Input((8, 8, 1))
     x = keras.layers.Conv2D(4, 3, name="classifier")(inputs)  # misleading names on purpose

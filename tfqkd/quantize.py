@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import tensorflow_model_optimization as tfmot
 
@@ -64,6 +64,7 @@ from tfqkd.quantize_configs import (
     is_swish,
 )
 from tfqkd.quantize_registry import (
+    FLOAT,
     SUPPORTED_WEIGHT_LAYERS,
     TfqkdQuantizeRegistry,
     _is_weight_layer,
@@ -169,7 +170,7 @@ def quantize_model(
     model: keras.Model,
     weight_bits: int = 2,
     activation_bits: Optional[int] = None,
-    first_last_bits: Optional[int] = 8,
+    first_last_bits: Union[int, str, None] = 8,
     per_channel: bool = False,
     step: str = "l2",
     activation_clip: str = "ema",
@@ -186,7 +187,9 @@ def quantize_model(
         activation_bits: ReLU-output bit-width in 1..8, or ``None`` (float activations, the
             paper's W2A32).
         first_last_bits: Bit-width of the first weighted layer and the classifier (found by graph
-            position); ``None`` quantizes them with ``weight_bits`` like the rest.
+            position); ``None`` quantizes them with ``weight_bits`` like the rest; ``"float"``
+            leaves them unquantized (as Larq and XNOR-Net-style recipes do; an integer TFLite
+            file still stores them at 8 bits, rounded by the converter).
         per_channel: One step per output channel (else one per kernel).
         step: Step-size rule: ``"l2"`` (default), ``"std"`` or ``"learned"`` (LSQ).
         activation_clip: Clip rule of the default activation quantizer: ``"ema"``, ``"fixed"``
@@ -226,9 +229,13 @@ def quantize_model(
         model = _split_fused_swish(model)
 
     layer_bits: Dict[str, int] = {}
+    kept_float: Tuple[str, ...] = ()
     if first_last_bits is not None:
         first, last = first_and_last_layers(model)
-        layer_bits = {name: first_last_bits for name in first + last}
+        if first_last_bits == FLOAT:
+            kept_float = tuple(first + last)
+        else:
+            layer_bits = {name: first_last_bits for name in first + last}
 
     registry_kwargs = dict(
         weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel,
@@ -263,7 +270,7 @@ def quantize_model(
                 "activation_bits.", stacklevel=2)
 
     def annotate(layer):
-        if registry.supports(layer):
+        if registry.supports(layer) and layer.name not in kept_float:
             return _tfmot_q.quantize_annotate_layer(layer)
         return layer  # pass-through (shared with `model` here; quantize_apply copies it)
 
@@ -279,7 +286,8 @@ def quantize_model(
 
     wrapped = {layer.layer.name for layer in qmodel.layers
                if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper)}
-    missing = [layer.name for layer in model.layers if _is_weight_layer(layer) and layer.name not in wrapped]
+    missing = [layer.name for layer in model.layers if _is_weight_layer(layer)
+               and layer.name not in wrapped and layer.name not in kept_float]
     if missing:  # pragma: no cover - guards against tfmot changing its cloning
         raise RuntimeError(f"layers {missing} were not wrapped for quantization.")
     _init_learned_steps(qmodel)

@@ -70,6 +70,10 @@ def _is_weight_layer(layer) -> bool:
     return type(layer) in SUPPORTED_WEIGHT_LAYERS
 
 
+#: ``first_last_bits`` value that leaves the first and last weighted layers unquantized (float).
+FLOAT = "float"
+
+
 def _check_optional_bits(bits, name):
     return None if bits is None else check_bits(bits, name)
 
@@ -78,7 +82,8 @@ def _check_options(weight_bits, activation_bits, first_last_bits, per_channel, s
                    activation_clip, activation_quantizer):
     weight_bits = check_bits(weight_bits, "weight_bits")
     activation_bits = _check_optional_bits(activation_bits, "activation_bits")
-    first_last_bits = _check_optional_bits(first_last_bits, "first_last_bits")
+    if first_last_bits != FLOAT:
+        first_last_bits = _check_optional_bits(first_last_bits, "first_last_bits")
     if not isinstance(per_channel, (bool, np.bool_)):
         raise ValueError(f"per_channel must be True or False, got {per_channel!r}.")
     if step not in STEP_KINDS:
