@@ -115,8 +115,9 @@ flags.DEFINE_string("make_larq_venv", None, "Create the Larq virtual environment
                     "(TensorFlow 2.15 + Larq from PyPI) and exit.")
 flags.DEFINE_string("venv_python", None, "Interpreter for --make_larq_venv (a Python 3.9-3.11; "
                     "default: this one if it is, else python3.11 on PATH).")
-flags.DEFINE_bool("smoke", False, "Every row for a few steps: 1,000 training images, 1 epoch of "
-                  "5 steps, teacher/student 1 epoch, 1,000 test images (overrides those flags).")
+flags.DEFINE_bool("smoke", False, "Every row for a few steps (SMOKE: 1,000 training images, 1 "
+                  "epoch of 5 steps, teacher/student 1 epoch, 1,000 test images), except where "
+                  "those flags are given.")
 
 
 @dataclasses.dataclass
@@ -154,6 +155,11 @@ GROUPS = {"all": ["float", "tfmot8", "hard", "kd", "kd_cr", "kerasio_kd", "larq_
 GROUPS["everything"] = list(dict.fromkeys(GROUPS["all"] + GROUPS["ablations"]))
 CSV_FIELDS = ["row", "seed", "label", "validation_accuracy", "test_accuracy", "num_validation",
               "num_test", "epochs", "steps", "train_time_s", "step_time_ms", "precise_bn"]
+
+
+#: What --smoke sets (unless the flag is given): every row, a few steps each, in minutes.
+SMOKE = dict(train_images=1000, test_images=1000, epochs=1, teacher_epochs=1, student_epochs=1,
+             max_steps=5, precise_bn_batches=2, rows=["everything"])
 
 
 def log(msg: str) -> None:
@@ -440,6 +446,7 @@ def larq_inputs(out: str, data: str, student_path: str, teacher_path: str) -> st
 
     from tfqkd import data as tdata
     from tfqkd._io import atomic_path, atomic_write
+    from tfqkd.data.builtin import AUGMENTATION
     from tfqkd.training import load_model
 
     d = os.path.join(out, "larq")
@@ -470,6 +477,8 @@ def larq_inputs(out: str, data: str, student_path: str, teacher_path: str) -> st
         with atomic_path(os.path.join(d, name)) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **content)
+    # tfqkd.data's augmentation of this data set (CIFAR: 4 pixels of 32, mirrored).
+    pad, flip = AUGMENTATION.get(FLAGS.dataset, (4 / 32, True))
     cfg = dict(data=os.path.join(d, "data.npz"), weights=os.path.join(d, "weights.npz"),
                input_shape=list(info.input_shape), num_classes=info.num_classes,
                student_filters=filters["student"], teacher_filters=filters["teacher"],
@@ -477,7 +486,7 @@ def larq_inputs(out: str, data: str, student_path: str, teacher_path: str) -> st
                batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
                learning_rate=FLAGS.learning_rate, max_steps=FLAGS.max_steps,
                temperature=FLAGS.temperature, coefficient=FLAGS.coefficient,
-               augment_padding=4 / 32)
+               augment_padding=pad, augment_flip=flip)
     atomic_write(config, json.dumps(cfg, indent=1))
     return config
 
@@ -555,12 +564,10 @@ def main(argv):
         exe = make_larq_venv(FLAGS.make_larq_venv, FLAGS.venv_python)
         print(json.dumps({"larq_python": exe}))
         return
-    if FLAGS.smoke:
-        FLAGS.train_images, FLAGS.test_images, FLAGS.epochs = 1000, 1000, 1
-        FLAGS.teacher_epochs = FLAGS.student_epochs = 1
-        FLAGS.max_steps, FLAGS.precise_bn_batches = 5, 2
-        if FLAGS["rows"].using_default_value:
-            FLAGS.rows = ["everything"]
+    if FLAGS.smoke:  # flags given on the command line win
+        for name, value in SMOKE.items():
+            if FLAGS[name].using_default_value:
+                setattr(FLAGS, name, value)
     if FLAGS.seeds < 1:
         raise app.UsageError(f"--seeds must be >= 1, got {FLAGS.seeds}")
     names = expand_rows(FLAGS.rows)
@@ -573,7 +580,8 @@ def main(argv):
     t0 = time.time()
     data = prepare_data(out)
     student = float_model(out, "student", 1.0, FLAGS.student_epochs, data)
-    teacher = float_model(out, "teacher", FLAGS.teacher_width, FLAGS.teacher_epochs, data)
+    # The teacher is trained only when a row distils (or the Larq rows need its weights).
+    teacher = None
     csv_path = os.path.join(out, "results.csv")
     results = read_results(csv_path)
     done = {(r["row"], int(r["seed"])) for r in results}
@@ -591,6 +599,9 @@ def main(argv):
                 missing.append(key)
                 continue
             log(f"{key}: {row.label}")
+            if teacher is None and (row.loss != "hard" or row.kind == "larq"):
+                teacher = float_model(out, "teacher", FLAGS.teacher_width, FLAGS.teacher_epochs,
+                                      data)
             if row.kind == "larq":
                 larq_config = larq_config or larq_inputs(out, data, student, teacher)
                 res = run_larq_row(name, seed, out, larq_config)

@@ -109,8 +109,8 @@ def normalise(cfg_arrays, x):
     return (tf.cast(x, tf.float32) / 255.0 - cfg_arrays["mean"]) / cfg_arrays["std"]
 
 
-def augment(images, seed, padding=4):
-    """Pad + random crop + horizontal flip, each image its own draw (tfqkd.data's augmentation)."""
+def augment(images, seed, padding=4, flip=True):
+    """Pad + random crop (+ horizontal flip), each image its own draw (tfqkd.data's augmentation)."""
     batch = tf.shape(images)[0]
     h, w = images.shape[1], images.shape[2]
     seeds = tf.random.experimental.stateless_split(seed, 3)
@@ -119,6 +119,8 @@ def augment(images, seed, padding=4):
     left = tf.random.stateless_uniform([batch], seeds[1], 0, 2 * padding + 1, dtype=tf.int32)
     out = tf.gather(padded, top[:, None] + tf.range(h)[None, :], axis=1, batch_dims=1)
     out = tf.gather(out, left[:, None] + tf.range(w)[None, :], axis=2, batch_dims=1)
+    if not flip:
+        return out
     mirror = tf.random.stateless_uniform([batch], seeds[2]) < 0.5
     return tf.where(mirror[:, None, None, None], tf.reverse(out, axis=[2]), out)
 
@@ -133,7 +135,7 @@ def train_dataset(arrays, cfg, seed):
 
     def prepare(idx, s):
         batch = tf.cast(tf.gather(images, idx), tf.float32) / 255.0
-        batch = augment(batch, s, padding)
+        batch = augment(batch, s, padding, cfg.get("augment_flip", True))
         return (batch - arrays["mean"]) / arrays["std"], tf.gather(labels, idx)
 
     return tf.data.Dataset.zip((ds, seeds)).map(prepare, num_parallel_calls=tf.data.AUTOTUNE) \
