@@ -166,6 +166,19 @@ def log(msg: str) -> None:
     print(f"[compare_peers {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def epoch_logger(what: str, epochs: int):
+    """A callback printing one line per epoch (the fits run with verbose=0)."""
+    from tfqkd._keras import keras
+
+    start = time.time()
+
+    def on_epoch_end(epoch, logs=None):
+        loss = (logs or {}).get("loss", float("nan"))
+        log(f"{what}: epoch {epoch + 1}/{epochs} loss {loss:.4f} ({time.time() - start:.0f} s)")
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
+
+
 def expand_rows(names: List[str]) -> List[str]:
     out: List[str] = []
     for n in names:
@@ -277,7 +290,8 @@ def float_model(out: str, who: str, width: float, epochs: int, data: str) -> str
     model.compile(optimizer(steps * epochs, FLAGS.float_learning_rate),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     keras.utils.set_random_seed(FLAGS.seed)
-    model.fit(ds["train"].repeat(), epochs=epochs, steps_per_epoch=steps, verbose=0)
+    model.fit(ds["train"].repeat(), epochs=epochs, steps_per_epoch=steps, verbose=0,
+              callbacks=[epoch_logger(f"float {who}", epochs)])
     acc = {s: evaluate_accuracy(model, ds[s]) for s in ("validation", "test")}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path) as tmp:
@@ -396,7 +410,7 @@ def run_tfqkd_env_row(name: str, seed: int, out: str, data: str, student_path: s
     steps = steps_per_epoch(ds["train"])
     total = steps * FLAGS.epochs
     student = student_for(row, student_path)
-    callbacks = []
+    callbacks = [epoch_logger(f"{name}_seed{seed}", FLAGS.epochs)]
     if row.loss == "hard":
         model = student
         model.compile(optimizer(total, FLAGS.learning_rate),
