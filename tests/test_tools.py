@@ -244,3 +244,43 @@ def test_reproduce_cpu_holdout_mode_never_trains_or_evaluates_on_its_images(cifa
     # The reported figures are accuracies on the held-out images, recomputed here.
     for key in ("student", "hard"):
         assert s["accuracy"][key] == pytest.approx(_accuracy(out / key, x_held, y_held))
+
+
+def test_compare_peers_smoke_contract_and_resume(tmp_path):
+    """tools/compare_peers.py on the 8x8 digits with tiny ResNets, tfqkd-environment rows only
+    (no Larq venv in CI; the KD rows are exercised by the --smoke run documented in docs/peers.md): the CSV and the JSON agree with accuracies recomputed here from the
+    saved predictions and the saved split, and a second run skips every finished row."""
+    import csv
+
+    out = tmp_path / "peers"
+    args = ("--smoke", "--dataset=digits", "--arch=tiny", "--train_images=500",
+            "--test_images=0", "--rows=float,hard,larq_hard", "--max_steps=3",
+            f"--output_dir={out}")
+    first = last_json_line(_tool("compare_peers.py", *args).stdout)
+    assert first["ran"] == ["float_seed0", "hard_seed0"]
+    assert first["not_run"] == ["larq_hard_seed0"] and first["skipped"] == []
+
+    data = np.load(out / "data.npz")
+    idx = np.load(out / "data_indices.npz")
+    # 500 class-balanced images: 450 train + 50 validation, disjoint; the whole test split.
+    assert len(data["y_train"]) + len(data["y_validation"]) == 500
+    assert np.bincount(data["y_validation"]).tolist() == [5] * 10
+    assert not set(idx["train"]) & set(idx["validation"]) and len(data["y_test"]) == 360
+    with open(out / "results.csv", newline="") as f:
+        rows = {r["row"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["float", "hard"]
+    for name, r in rows.items():
+        for split in ("validation", "test"):
+            pred = np.load(out / "rows" / f"{name}_seed0" / f"{split}_predictions.npy")
+            expected = float(np.mean(pred == data[f"y_{split}"]))
+            assert float(r[f"{split}_accuracy"]) == pytest.approx(expected)
+            assert first["rows"][name][f"{split}_accuracy"] == pytest.approx(expected)
+            assert int(r[f"num_{split}"]) == len(pred) == len(data[f"y_{split}"])
+        assert int(r["steps"]) == 3  # --max_steps x 1 epoch (--smoke)
+    assert rows["hard"]["precise_bn"] == "1" and rows["float"]["precise_bn"] == "0"
+
+    before = (out / "results.csv").read_bytes()
+    again = last_json_line(_tool("compare_peers.py", *args).stdout)
+    assert again["ran"] == [] and again["skipped"] == first["ran"]
+    assert (out / "results.csv").read_bytes() == before
+    assert again["rows"] == first["rows"]
