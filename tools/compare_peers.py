@@ -32,9 +32,8 @@ hard_fl_float      ablation: ``hard`` with first/last layers float (not 8-bit)
 hard_no_precise_bn ablation: ``hard`` without the batch-norm re-estimation
 =================  =================================================================================
 
-``quantize_model`` has no float option for the first/last layers (``first_last_bits=None``
-quantizes them with ``weight_bits``), so ``hard_fl_float`` builds its model here from the same
-scheme and registry, leaving those two layers unannotated (:func:`quantize_keep_float`).
+``hard_fl_float`` uses ``quantize_model(first_last_bits="float")``: the stem and the classifier
+stay unwrapped and float, as in the Larq rows.
 
 The Larq rows run in a separate virtual environment (Larq pins ``numpy < 2`` and needs Keras 2 as
 ``tf.keras``): create it once with ``--make_larq_venv=PATH`` (TensorFlow 2.15 + Larq from PyPI, a
@@ -306,41 +305,6 @@ def float_model(out: str, who: str, width: float, epochs: int, data: str) -> str
 # --------------------------------------------------------------------------------------------
 # tfqkd-environment rows
 # --------------------------------------------------------------------------------------------
-def quantize_keep_float(model, **options):
-    """``tfqkd.quantize_model`` with the first/last weighted layers left float (unwrapped).
-
-    ``quantize_model`` has no float option for them; this builds the model the same way (its
-    scheme, registry, clone / apply / clone and weight copy) but does not annotate those layers.
-    """
-    import tensorflow_model_optimization as tfmot
-
-    from tfqkd import quantize as tq
-    from tfqkd._keras import keras
-
-    first, last = tq.first_and_last_layers(model)
-    keep = set(first + last)
-    scheme = tq.TfqkdQuantizeScheme(weight_bits=options.get("weight_bits", 2),
-                                    activation_bits=None,
-                                    per_channel=options.get("per_channel", False),
-                                    step=options.get("step", "l2"), layer_bits={},
-                                    output_layers=())
-    registry = scheme.get_quantize_registry()
-    q = tfmot.quantization.keras
-
-    def annotate(layer):
-        if registry.supports(layer) and layer.name not in keep:
-            return q.quantize_annotate_layer(layer)
-        return layer
-
-    with q.quantize_scope(tq._tfqkd_custom_objects(import_all=False)):
-        annotated = keras.models.clone_model(model, clone_function=annotate)
-        applied = q.quantize_apply(annotated, scheme=scheme)
-        qmodel = keras.models.clone_model(applied)
-    tq._copy_weights(applied, qmodel)
-    tq._init_learned_steps(qmodel)
-    return qmodel
-
-
 def student_for(row: Row, student_path: str):
     import tensorflow_model_optimization as tfmot
 
@@ -354,8 +318,6 @@ def student_for(row: Row, student_path: str):
         return tfmot.quantization.keras.quantize_model(model)
     opts = dict(weight_bits=2, first_last_bits=8, per_channel=False, step="l2")
     opts.update(row.quant)
-    if opts["first_last_bits"] == "float":
-        return quantize_keep_float(model, **opts)
     return tfqkd.quantize_model(model, **opts)
 
 
