@@ -1,10 +1,10 @@
 """The teacher's inference copy (tfqkd.teacher_inference) and the Distiller options that use it.
 
 The reference is always the teacher model itself (``teacher(x, training=False)``), run
-independently of the copy. Tolerances: float32 folding only reorders float32 arithmetic (measured
-~1e-6 relative on these nets; asserted 1e-4); bfloat16 rounds every activation to an 8-bit mantissa
-(measured up to ~3e-2 relative on these random nets; asserted 0.1, and on a trained WRN20x2 on
-CIFAR-10 see docs/distillation.md).
+independently of the copy. Tolerances (``probe_error``: |copy - teacher| / (1 + |teacher|)): float32
+folding only reorders float32 arithmetic (measured 2.6e-7 on the net below; asserted 1e-4);
+bfloat16 rounds every activation to an 8-bit mantissa (measured 8.3e-3, top-1 agreement 99.2 %;
+asserted 0.1 and 90 %; on a trained WRN20x2 on CIFAR-10 see docs/distillation.md).
 """
 
 import numpy as np
