@@ -120,3 +120,25 @@ def test_the_distiller_trains_about_the_same_with_a_bfloat16_teacher():
     np.testing.assert_allclose(bf16["loss"], live["loss"], rtol=0.02)
     rel = [np.abs(a - b).max() / (np.abs(b).max() + 1e-12) for a, b in zip(w_bf16, w_live)]
     assert max(rel) < 0.05
+
+
+def test_a_quantized_teacher_is_copied_exactly_or_runs_as_it_is():
+    q = tfqkd.quantize_model(tfqkd.models.tiny_resnet(seed=0), weight_bits=2)
+    x = _x(16)
+    copy = InferenceTeacher(q)  # tfmot wrappers are copied as they are (nothing to fold)
+    assert copy.reason is None
+    assert probe_error(copy(x), q(x, training=False)) < 1e-5
+    with pytest.warns(UserWarning, match="runs as it is"):
+        assert InferenceTeacher(q, "bfloat16").model is q
+
+
+def test_a_normalization_layer_keeps_its_statistics():
+    inputs = keras.Input((8, 8, 1))
+    norm = keras.layers.Normalization(axis=-1, mean=0.5, variance=4.0)
+    out = keras.layers.Dense(10)(keras.layers.Flatten()(norm(inputs)))
+    t = keras.Model(inputs, out)
+    x = _x(8)
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 0.1)):
+        copy = InferenceTeacher(t, dtype)
+        assert copy.reason is None, copy.reason
+        assert probe_error(copy(x), t(x, training=False)) < tol
