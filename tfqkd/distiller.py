@@ -198,7 +198,7 @@ class Distiller(keras.Model):
         teacher_dtype: The copy's compute type: ``"float32"`` (default: the teacher's logits to
             float32 rounding), ``"bfloat16"`` or ``"auto"`` (bfloat16 where the CPU runs it
             natively, AMX/AVX512-BF16 without a GPU, else float32; see
-            :func:`tfqkd.teacher_inference.resolve_teacher_dtype`). bfloat16 ran the teacher ~6x
+            :func:`tfqkd.teacher_inference.resolve_teacher_dtype`). bfloat16 ran the teacher ~5x
             faster here (KD step 0.7x) with the same top-1 and 99.5 % top-1 agreement (evidence
             in ``docs/distillation.md``); recommended wherever "auto" picks it. Needs
             ``teacher_inference``.
