@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "batch_norm", "callbacks", "costudying", "data", "distiller", "export", "finite", "losses",
     "models", "qat_weights", "qkd", "quantize", "quantize_configs", "quantize_registry",
-    "quantize_scheme", "quantizers", "speq", "teachers", "tflite_layout", "training", "tuning",
+    "quantize_scheme", "quantizers", "speq", "teacher_inference", "teachers", "tflite_layout",
+    "training", "tuning",
 )
 _LAZY_ATTRS = {
     "Distiller": "distiller",

@@ -4,8 +4,17 @@ ResNet20 student (2-bit via ``tfqkd.quantize_model`` when that module imports, e
 says which) and a WideResNet20x2 teacher, CIFAR shapes, random data, batch 128. Per round, after
 tracing and warm-up, it times one step of each configuration, rotating their order every round:
 
-  distiller      ``Distiller.train_function`` (what ``fit`` runs): teacher forward + student
-                 train step + loss bookkeeping + metrics;
+  distiller      ``Distiller.train_function`` (what ``fit`` runs, default settings): teacher
+                 forward (its float32 inference copy, batch norm folded) + student train step +
+                 loss bookkeeping + metrics;
+  distiller_bf16 the same with ``teacher_dtype="bfloat16"``;
+  live_teacher   the same with ``teacher_inference=False`` (the teacher model itself runs);
+  keras_io       the keras.io "Knowledge Distillation" example's Distiller, re-implemented on
+                 tf_keras: ``teacher(x, training=False)`` outside the tape, the student forward
+                 in it, ``alpha * CE + (1 - alpha) * KL(softmax(t/T), softmax(s/T)) * T**2``,
+                 ``apply_gradients``, compiled metrics; same models, optimizer, alpha, T. As in
+                 the example, it does not add the student's weight decay to the loss (a little
+                 less work than the Distiller);
   baseline       a hand-written ``tf.function``: teacher forward (``training=False``) + the
                  student's hard-label train step with the same optimizer type;
   precomputed    ``Distiller.train_function`` fed ``(x, y, teacher_logits)``: no teacher forward;
@@ -16,9 +25,12 @@ tracing and warm-up, it times one step of each configuration, rotating their ord
                  overhead from the cost inherent to distillation (the student's backward pass
                  waits for the teacher, where the baseline may overlap the two);
   student_only   the student's hard-label train step alone;
-  teacher_fwd    the teacher forward alone.
+  teacher_fwd    the teacher forward alone; ``teacher_fwd_folded`` / ``teacher_fwd_bf16`` its
+                 float32 / bfloat16 inference copies (the Distiller's ``teacher_dtype``).
 
-Figures: medians (ms), ``overhead_ratio = distiller / baseline`` (target <= 1.05),
+Figures: medians (ms), ``keras_io_ratio = distiller / keras_io`` (target <= 1.0; also paired per
+round and for ``distiller_bf16``), ``floor_ratio = distiller / (student_only + teacher_fwd_folded)``
+(the bare work of a KD step), ``overhead_ratio = distiller / baseline`` (target <= 1.05),
 ``framework_ratio = distiller / kd_by_hand`` and
 ``precompute_speedup = distiller / precomputed``, ``finite_check_ratio = distiller / unchecked``
 (the cost of the non-finite checks, paired per round). The last line of output is one JSON object.
@@ -51,6 +63,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the models and the random data.")
 flags.DEFINE_bool("json_only", False, "Print only the final JSON line.")
 
 TARGET_RATIO = 1.05
+KERAS_IO_TARGET = 1.0
 
 
 def _log(msg: str) -> None:
@@ -104,6 +117,57 @@ def main(argv):
     unchecked_fn = unchecked.make_train_function()
     unchecked_it = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
 
+    bf16 = Distiller(student, teacher, temperature=4.0, coefficient=0.5,
+                     soft_loss=FLAGS.soft_loss, teacher_dtype="bfloat16")
+    bf16.compile(optimizer(), metrics=["accuracy"])
+    bf16_fn = bf16.make_train_function()
+    bf16_it = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+
+    live = Distiller(student, teacher, temperature=4.0, coefficient=0.5,
+                     soft_loss=FLAGS.soft_loss, teacher_inference=False)
+    live.compile(optimizer(), metrics=["accuracy"])
+    live_teacher_fn = live.make_train_function()
+    live_teacher_it = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+
+    class KerasIODistiller(keras.Model):
+        """The keras.io "Knowledge Distillation" example's Distiller (Keras 2 version)."""
+
+        def __init__(self, student, teacher):
+            super().__init__()
+            self.teacher, self.student = teacher, student
+
+        def compile(self, optimizer, metrics, student_loss_fn, distillation_loss_fn, alpha,
+                    temperature):
+            super().compile(optimizer=optimizer, metrics=metrics)
+            self.student_loss_fn, self.distillation_loss_fn = student_loss_fn, distillation_loss_fn
+            self.alpha, self.temperature = alpha, temperature
+
+        def train_step(self, data):
+            x, y = data
+            teacher_predictions = self.teacher(x, training=False)
+            with tf.GradientTape() as tape:
+                student_predictions = self.student(x, training=True)
+                student_loss = self.student_loss_fn(y, student_predictions)
+                distillation_loss = self.distillation_loss_fn(
+                    tf.nn.softmax(teacher_predictions / self.temperature, axis=1),
+                    tf.nn.softmax(student_predictions / self.temperature, axis=1),
+                ) * self.temperature ** 2
+                loss = self.alpha * student_loss + (1 - self.alpha) * distillation_loss
+            trainable_vars = self.student.trainable_variables
+            gradients = tape.gradient(loss, trainable_vars)
+            self.optimizer.apply_gradients(zip(gradients, trainable_vars))
+            self.compiled_metrics.update_state(y, student_predictions)
+            results = {m.name: m.result() for m in self.metrics}
+            results.update({"student_loss": student_loss, "distillation_loss": distillation_loss})
+            return results
+
+    peer = KerasIODistiller(student, teacher)
+    peer.compile(optimizer(), metrics=["accuracy"],
+                 student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                 distillation_loss_fn=keras.losses.KLDivergence(), alpha=0.5, temperature=4.0)
+    peer_fn = peer.make_train_function()
+    peer_it = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+
     teacher_logits = teacher(x, training=False)
     pre = Distiller(student, None, temperature=4.0, coefficient=0.5, soft_loss=FLAGS.soft_loss)
     pre.compile(optimizer(), metrics=["accuracy"])
@@ -156,18 +220,29 @@ def main(argv):
         xb, _ = next(iterator)
         return tf.reduce_sum(teacher(xb, training=False))
 
+    folded_teacher = distiller._teacher_runners[0]  # noqa: SLF001
+    bf16_teacher = bf16._teacher_runners[0]  # noqa: SLF001
+    spec = [tf.TensorSpec([None, *x.shape[1:]], tf.float32)]
+    folded_fwd = tf.function(lambda xb: tf.reduce_sum(folded_teacher(xb)), input_signature=spec)
+    bf16_fwd = tf.function(lambda xb: tf.reduce_sum(bf16_teacher(xb)), input_signature=spec)
+
     def sync(out):
         # Fetch a value so the step has really finished (TF runs ops asynchronously).
         tf.nest.map_structure(lambda t: t.numpy(), out)
 
     configs = {
         "distiller": lambda: sync(live_fn(live_it)),
+        "distiller_bf16": lambda: sync(bf16_fn(bf16_it)),
+        "live_teacher": lambda: sync(live_teacher_fn(live_teacher_it)),
+        "keras_io": lambda: sync(peer_fn(peer_it)),
         "baseline": lambda: sync(baseline_fn(base_it)),
         "precomputed": lambda: sync(pre_fn(pre_it)),
         "unchecked": lambda: sync(unchecked_fn(unchecked_it)),
         "kd_by_hand": lambda: sync(kd_by_hand_fn(base_it)),
         "student_only": lambda: sync(student_only_fn(base_it)),
         "teacher_fwd": lambda: sync(teacher_fn(base_it)),
+        "teacher_fwd_folded": lambda: sync(folded_fwd(x)),
+        "teacher_fwd_bf16": lambda: sync(bf16_fwd(x)),
     }
     names = list(configs)
     t0 = time.perf_counter()
@@ -190,6 +265,11 @@ def main(argv):
     ratio = med["distiller"] / med["baseline"]
     # Per-round ratios: each pair ran in the same round, so load changes mostly cancel.
     paired = statistics.median(a / b for a, b in zip(times["distiller"], times["baseline"]))
+    def paired_median(a, b):
+        return round(statistics.median(u / v for u, v in zip(times[a], times[b])), 4)
+
+    keras_io_ratio = med["distiller"] / med["keras_io"]
+    floor = med["student_only"] + med["teacher_fwd_folded"]
     result = {
         "benchmark": "distill",
         "student": "resnet20",
@@ -202,6 +282,21 @@ def main(argv):
         "warmup": FLAGS.warmup,
         "soft_loss": FLAGS.soft_loss,
         "median_ms": {n: round(v, 2) for n, v in med.items()},
+        "keras_io_ratio": round(keras_io_ratio, 4),
+        "keras_io_ratio_paired_median": paired_median("distiller", "keras_io"),
+        "keras_io_ratio_bf16": round(med["distiller_bf16"] / med["keras_io"], 4),
+        "keras_io_ratio_bf16_paired_median": paired_median("distiller_bf16", "keras_io"),
+        "keras_io_target": KERAS_IO_TARGET,
+        "keras_io_target_met": keras_io_ratio <= KERAS_IO_TARGET,
+        "keras_io_target_met_bf16": med["distiller_bf16"] / med["keras_io"] <= KERAS_IO_TARGET,
+        "live_teacher_ratio": round(med["live_teacher"] / med["keras_io"], 4),
+        "floor_ms": round(floor, 2),
+        "floor_ratio": round(med["distiller"] / floor, 4),
+        "floor_ratio_bf16": round(med["distiller_bf16"] / (
+            med["student_only"] + med["teacher_fwd_bf16"]), 4),
+        "teacher_inference": {"folded_batch_norms": folded_teacher.folded,
+                              "float32_reason": folded_teacher.reason,
+                              "bfloat16_reason": bf16_teacher.reason},
         "overhead_ratio": round(ratio, 4),
         "overhead_ratio_paired_median": round(paired, 4),
         "framework_ratio": round(med["distiller"] / med["kd_by_hand"], 4),
@@ -217,6 +312,9 @@ def main(argv):
         "tfqkd_version": tfqkd.__version__,
         "cpu_count": os.cpu_count(),
     }
+    _log(f"distiller/keras_io = {keras_io_ratio:.3f} (target <= {KERAS_IO_TARGET}), bfloat16 "
+         f"teacher: {result['keras_io_ratio_bf16']:.3f}; distiller/floor = "
+         f"{result['floor_ratio']:.3f}")
     _log(f"distiller/baseline = {ratio:.3f} (target <= {TARGET_RATIO}); precomputed teacher "
          f"outputs: {result['precompute_speedup']:.2f}x faster")
     print(json.dumps(result), flush=True)
