@@ -125,6 +125,33 @@ def test_int8_file_stores_identical_quantization_vectors_once(tiny, tmp_path):
     assert np.array_equal(out_a, out_b) and det_a == det_b
 
 
+def test_relative_output_error(tiny, tmp_path):
+    """verify_tflite's relative error: ~0 for the model's own float file, large for another model's
+    file; the value is the centred RMS ratio, recomputed here from the interpreter's outputs."""
+    q, x, y = tiny
+    f = export.export_tflite(q, tmp_path / "f.tflite", mode="float")
+    # The float file computes forward_model(q): q without its activation rounding.
+    plain = export.forward_model(q)
+    assert export.verify_tflite(f["path"], plain, (x, y)).relative_output_error < 1e-4
+    other = tfqkd.models.tiny_resnet(seed=1)
+    report = export.verify_tflite(f["path"], other, (x, y))
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=f["path"])
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    it.resize_tensor_input(inp["index"], x.shape)
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], x)
+    it.invoke()
+    file_out = it.get_tensor(out["index"]).astype(np.float64)
+    ref = other(x, training=False).numpy().astype(np.float64)
+    diff = file_out - ref
+    diff -= diff.mean(1, keepdims=True)
+    centred = ref - ref.mean(1, keepdims=True)
+    want = np.sqrt((diff ** 2).sum() / (centred ** 2).sum())
+    assert want > 0.5  # the two models' outputs are unrelated
+    np.testing.assert_allclose(report.relative_output_error, want, rtol=1e-3)
+
+
 def test_float_and_dynamic_modes(tiny, tmp_path):
     q, x, y = tiny
     f = export.export_tflite(q, tmp_path / "f.tflite", mode="float")
@@ -444,6 +471,39 @@ def test_constant_operands_rebuild(tmp_path):
     q = quantize_model(net, weight_bits=4, activation_bits=8, first_last_bits=None)
     info = export.export_tflite(q, tmp_path / "hs.tflite", x, mode="int8")
     assert info["bytes"] > 0
+
+
+def test_scalar_operands_become_integer_kernels_in_int4(tmp_path):
+    """x + c, c - x, x / c, c * x by Python numbers (MobileNetV3's hard-swish): the int4 file has
+    no float op (they run as 1x1 depthwise convolutions) and tracks the student like int8's."""
+    from tfqkd._flatbuffer import op_names, read
+
+    init = keras.initializers.GlorotUniform(seed=3)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", kernel_initializer=init)(inp)
+    h = keras.layers.ReLU(6.0)(h + 3.0) * (1.0 / 6.0)
+    h = 2.0 - h
+    h = keras.layers.DepthwiseConv2D(3, padding="same", depthwise_initializer=init)(h / 4.0)
+    h = keras.layers.GlobalAveragePooling2D()(0.5 * h)
+    net = keras.Model(inp, keras.layers.Dense(10, kernel_initializer=init)(h))
+    x = np.random.default_rng(1).normal(size=(32, 8, 8, 3)).astype("float32")
+    q = quantize_model(net, weight_bits=4, activation_bits=8, first_last_bits=None)
+    q(x, training=True)
+    errors = {}
+    for mode in ("int8", "int4"):
+        path = str(tmp_path / f"{mode}.tflite")
+        export.export_tflite(q, path, x, mode=mode)
+        model_obj = read(open(path, "rb").read())
+        names = op_names(model_obj)
+        ops = [names[op.opcodeIndex] for op in model_obj.subgraphs[0].operators]
+        errors[mode] = export.verify_tflite(path, q, (x, np.zeros(32, "int32")))
+        if mode == "int4":
+            # Five scalar ops rewritten (the Conv's and the Dense's own ADD are fused/absent).
+            assert ops.count("DEPTHWISE_CONV_2D") == 1 + 5, ops
+            assert not {"ADD", "SUB", "MUL", "DIV"} & set(ops), ops
+    # Measured 0.0027 (int8) and 0.0032 (int4); with c - x mapped as x - c, 1.0.
+    assert errors["int4"].relative_output_error < 0.05, errors["int4"]
+    assert errors["int8"].relative_output_error < 0.05, errors["int8"]
 
 
 def _applications_like_net():

@@ -290,6 +290,56 @@ def _channel_affine(layer, channels: int) -> Optional[Tuple[np.ndarray, np.ndarr
     return None
 
 
+#: TFOpLambda symbols of ``x op c`` that are per-channel affine maps: (a, b) for a constant c,
+#: tensor first / constant first.
+_SCALAR_OPS = {
+    "__operators__.add": (lambda c: (1.0, c), lambda c: (1.0, c)),
+    "math.add": (lambda c: (1.0, c), lambda c: (1.0, c)),
+    "math.subtract": (lambda c: (1.0, -c), lambda c: (-1.0, c)),
+    "math.multiply": (lambda c: (c, 0.0), lambda c: (c, 0.0)),
+    "math.truediv": (lambda c: (1.0 / c, 0.0), None),
+    "math.divide": (lambda c: (1.0 / c, 0.0), None),
+}
+
+
+def _scalar_constant(value) -> Optional[float]:
+    """``value`` as a float if it is a scalar constant (a Python or NumPy number, or an eager
+    scalar tensor: ``2.0 - x`` passes ``tf.constant(2.0)``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float, np.number)):
+        return float(value)
+    if tf.is_tensor(value) and not keras.backend.is_keras_tensor(value) and \
+            hasattr(value, "numpy") and value.shape.rank == 0 and value.dtype.is_floating:
+        return float(value.numpy())
+    return None
+
+
+def _scalar_op_affine(layer, node) -> Optional[Tuple[float, float]]:
+    """``(a, b)`` for a TensorFlow-op layer ``x + c``, ``x * c``, ``x - c``, ``x / c`` (or ``c + x``...)
+    with one tensor and one Python number (MobileNetV3's hard-swish: ``x + 3.0``, ``x * (1/6)``),
+    else None. ``node`` is the layer's call in the graph at hand.
+    """
+    if type(layer).__name__ != "TFOpLambda" or layer.symbol not in _SCALAR_OPS:
+        return None
+    # The operands (x, y), given by position or by keyword (a rebuilt graph passes y=3.0).
+    kwargs = node.call_kwargs
+    args = ([kwargs["x"]] if "x" in kwargs else []) + list(node.call_args) + \
+        ([kwargs["y"]] if "y" in kwargs else [])
+    if set(kwargs) - {"name", "x", "y"} or len(args) != 2:
+        return None
+    numbers = [_scalar_constant(a) for a in args]
+    is_number = [n is not None for n in numbers]
+    operand = args[is_number.index(False)] if sorted(is_number) == [False, True] else None
+    if not (tf.is_tensor(operand) and keras.backend.is_keras_tensor(operand)):
+        return None
+    constant = numbers[is_number.index(True)]
+    rule = _SCALAR_OPS[layer.symbol][0 if is_number[1] else 1]
+    if rule is None or (layer.symbol in ("math.truediv", "math.divide") and constant == 0.0):
+        return None
+    return rule(constant)
+
+
 def _calibrate_ranges(source: keras.Model, names: Sequence[str], samples: Iterable[np.ndarray],
                       pre: Sequence[Any] = ()
                       ) -> Tuple[List[Tuple[float, float]], List[Tuple[float, float]]]:
@@ -426,14 +476,27 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
                                         or activation_name(layer) in PINNED_OUTPUT_RANGES})
     used_bits: Dict[str, int] = {}
     affine = {}
+    # The calls of each layer in THIS graph: a layer the rebuild reused from the student (a
+    # TensorFlow-op layer) also has the student's call among its _inbound_nodes.
+    calls: Dict[int, List[Any]] = {}
+    for depth_nodes in plain._nodes_by_depth.values():  # noqa: SLF001 (as Functional does)
+        for node in depth_nodes:
+            if not node.is_input:
+                calls.setdefault(id(node.layer), []).append(node)
     for layer in plain.layers:
-        if id(layer) in folded_bns or isinstance(layer, _KERNEL_LAYERS) or \
-                len(layer._inbound_nodes) != 1:  # noqa: SLF001
+        nodes = calls.get(id(layer), [])
+        if id(layer) in folded_bns or isinstance(layer, _KERNEL_LAYERS) or len(nodes) != 1:
             continue
-        shape = layer.input_shape if not isinstance(layer.input_shape, list) else None
-        if shape is None or len(shape) != 4 or shape[-1] is None:
+        shape = tuple(tf.nest.flatten(nodes[0].outputs)[0].shape)
+        if len(shape) != 4 or shape[-1] is None:
             continue
         found = _channel_affine(layer, int(shape[-1]))
+        scalar = _scalar_op_affine(layer, nodes[0]) if low_bit else None
+        if scalar is not None:
+            # The converter's low-bit path leaves a MUL/ADD by a Python constant float (no int4
+            # file); as a 1x1 depthwise convolution it is an integer kernel. The int8 path keeps
+            # TFLite's integer ADD/MUL (elementwise, cheaper than a depthwise kernel).
+            found = (np.full(int(shape[-1]), scalar[0]), np.full(int(shape[-1]), scalar[1]))
         if found is not None:
             affine[id(layer)] = found
 
@@ -466,10 +529,12 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
         elif id(layer) in affine:
             a, b = affine[id(layer)]
             # 8-bit per-channel grid with level 127 at |a_c|: the multiplier is exact.
+            tensor = next(a for a in tf.nest.flatten((args, kwargs))
+                          if tf.is_tensor(a) and keras.backend.is_keras_tensor(a))
             out = _FakeQuantKernelLayer(
                 keras.layers.DepthwiseConv2D(1), a.reshape(1, 1, -1, 1).astype(np.float32),
                 b.astype(np.float32), np.maximum(np.abs(a), 1e-12).astype(np.float32), 8,
-                name=layer.name)(args[0])
+                name=layer.name)(tensor)
         else:
             out = _clone_plain_layer(layer)(*args, **kwargs)
         if id(layer) in ranges:

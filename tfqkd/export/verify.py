@@ -117,6 +117,11 @@ class ParityReport:
     layers: List[Dict[str, Any]]
     input_dtype: str = "float32"
     weight_storage: Dict[str, int] = dataclasses.field(default_factory=dict)
+    #: RMS of the file's minus the model's outputs over the RMS of the model's, both centred per
+    #: example (a shift common to all classes changes no prediction). Unlike top-1 agreement it
+    #: does not hinge on near-tied logits: ~0.01 for a faithful int8 file, ~1 or more for a file
+    #: whose outputs are unrelated to the model's.
+    relative_output_error: float = float("nan")
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-serialisable dict of every figure."""
@@ -130,6 +135,7 @@ class ParityReport:
             f"  TFLite top-1        {self.tflite_top1:.4f}",
             f"  top-1 agreement     {self.top1_agreement:.4f}",
             f"  max |logit diff|    {self.max_logit_diff:.5f}",
+            f"  relative error      {self.relative_output_error:.4f}",
             f"  file size           {self.file_bytes} bytes",
             f"  conv/dense weights  {self.num_weights} "
             f"({self.bytes_per_weight:.3f} bytes = {self.bits_per_weight:.2f} bits per weight, "
@@ -225,6 +231,7 @@ def verify_tflite(
     one_by_one = False
     n = agree = keras_ok = tfl_ok = 0
     max_diff = 0.0
+    diff_sq = ref_sq = 0.0
     for x, y in _batches(dataset, max_examples):
         if x.shape[0] != current_batch and not one_by_one:
             try:
@@ -248,6 +255,10 @@ def verify_tflite(
             raise ValueError(f"the file outputs {logits.shape[-1]} values per example but the "
                              f"model {ref.shape[-1]}: is {path!r} an export of this model?")
         max_diff = max(max_diff, float(np.abs(ref - logits).max()))
+        diff = (logits - ref).astype(np.float64)
+        centred = ref.astype(np.float64) - ref.mean(-1, keepdims=True)
+        diff_sq += float(((diff - diff.mean(-1, keepdims=True)) ** 2).sum())
+        ref_sq += float((centred ** 2).sum())
         p_ref, p_tfl = ref.argmax(-1), logits.argmax(-1)
         agree += int((p_ref == p_tfl).sum())
         keras_ok += int((p_ref == y).sum())
@@ -269,7 +280,9 @@ def verify_tflite(
         bits_per_weight=8.0 * size / max(num_weights, 1),
         layers=[{k: v for k, v in layer.items() if k not in ("values", "scales")}
                 for layer in layers],
-        input_dtype=np.dtype(inp["dtype"]).name, weight_storage=storage)
+        input_dtype=np.dtype(inp["dtype"]).name, weight_storage=storage,
+        relative_output_error=(float(np.sqrt(diff_sq / ref_sq)) if ref_sq > 0
+                               else 0.0 if diff_sq == 0 else float("inf")))
     if print_report:
         print(report)
     return report
