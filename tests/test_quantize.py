@@ -363,3 +363,38 @@ def test_activation_bits_models_every_integer_tensor(digits, tmp_path):
     with quantize_scope():
         loaded = keras.models.load_model(path)
     np.testing.assert_array_equal(loaded.predict(x[:16], verbose=0), q.predict(x[:16], verbose=0))
+
+
+def test_separable_conv_is_split_into_depthwise_and_pointwise():
+    """SeparableConv2D (NASNet, Xception) is quantized as DepthwiseConv2D + 1x1 Conv2D: the same
+    function before quantization, both kernels quantized, the caller's model untouched."""
+    init = keras.initializers.GlorotUniform(seed=4)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.SeparableConv2D(6, 3, padding="same", depth_multiplier=2, activation="relu",
+                                     depthwise_initializer=init, pointwise_initializer=init,
+                                     bias_initializer="ones", name="sep")(inp)
+    model = keras.Model(inp, keras.layers.Dense(3, kernel_initializer=init)(
+        keras.layers.GlobalAveragePooling2D()(h)))
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+    # Reference by hand: depthwise (channel c, multiplier m -> output c * 2 + m), then 1x1.
+    dw, pw, bias = model.get_layer("sep").get_weights()
+    depth = tf.nn.depthwise_conv2d(x, dw, [1, 1, 1, 1], "SAME").numpy()
+    want = np.maximum(np.einsum("bhwc,co->bhwo", depth, pw[0, 0]) + bias, 0.0)
+    probe = keras.Model(inp, h)
+    np.testing.assert_allclose(probe(x).numpy(), want, rtol=1e-5, atol=1e-5)
+    q = quantize_model(model, weight_bits=8, first_last_bits=None)
+    inner = {layer.layer.name: layer.layer for layer in q.layers
+             if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper)}
+    assert type(inner["sep_depthwise"]) is keras.layers.DepthwiseConv2D
+    assert type(inner["sep_pointwise"]) is keras.layers.Conv2D
+
+    def shadow(layer, name):  # the float shadow weight the wrapper trains
+        return next(w.numpy() for w in q.get_layer(layer).weights if name in w.name)
+
+    np.testing.assert_array_equal(shadow("quant_sep_depthwise", "depthwise_kernel"), dw)
+    np.testing.assert_array_equal(shadow("quant_sep_pointwise", "kernel"), pw)
+    np.testing.assert_array_equal(shadow("quant_sep_pointwise", "bias"), bias)
+    # 8-bit kernels: the QAT model computes nearly the float function.
+    np.testing.assert_allclose(q(x).numpy(), model(x).numpy(), atol=0.05)
+    assert [type(layer) for layer in model.layers].count(keras.layers.SeparableConv2D) == 1
+    assert len(model.get_layer("sep")._inbound_nodes) == 1  # noqa: SLF001

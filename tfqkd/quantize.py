@@ -137,6 +137,63 @@ def _split_fused_swish(model: keras.Model) -> keras.Model:
     return rebuild(copy, layer_fn)
 
 
+def _split_separable_convs(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` with each ``SeparableConv2D`` as a ``DepthwiseConv2D`` + 1x1 ``Conv2D``.
+
+    The same split as tfmot's ``SeparableConvQuantize`` layout transform, done before annotation
+    so the two layers have names of their own, ``<layer>_depthwise`` and ``<layer>_pointwise``:
+    the registry decides by name which outputs the integer file rounds, and the depthwise output
+    between the two is one of them. Same weights, same function (NASNet, Xception).
+    ``model`` itself is not changed.
+
+    Example:
+        >>> m = keras.Sequential([keras.Input((8, 8, 3)),
+        ...                       keras.layers.SeparableConv2D(4, 3, name="sep")])
+        >>> [type(layer).__name__ for layer in _split_separable_convs(m).layers[1:]]
+        ['DepthwiseConv2D', 'Conv2D']
+        >>> [layer.name for layer in _split_separable_convs(m).layers[1:]]
+        ['sep_depthwise', 'sep_pointwise']
+    """
+    separable = [layer for layer in model.layers if type(layer) is keras.layers.SeparableConv2D]
+    if not separable:
+        return model
+    names = {layer.name for layer in model.layers}
+    for layer in separable:
+        for part in ("_depthwise", "_pointwise"):
+            if layer.name + part in names:
+                raise ValueError(f"cannot split SeparableConv2D {layer.name!r}: the model already "
+                                 f"has a layer named {layer.name + part!r}; rename it.")
+    copy = keras.models.clone_model(model)  # new layers: the caller's model gains no nodes
+    copy.set_weights(model.get_weights())
+    finalize_layer_states(copy)
+
+    def layer_fn(layer, args, kwargs):
+        if type(layer) is not keras.layers.SeparableConv2D:
+            return layer(*args, **kwargs)
+        c = layer.get_config()
+        depthwise = keras.layers.DepthwiseConv2D(
+            c["kernel_size"], strides=c["strides"], padding=c["padding"],
+            depth_multiplier=c["depth_multiplier"], data_format=c["data_format"],
+            dilation_rate=c["dilation_rate"], use_bias=False,
+            depthwise_regularizer=c["depthwise_regularizer"],
+            depthwise_constraint=c["depthwise_constraint"], trainable=c["trainable"],
+            name=f"{layer.name}_depthwise")
+        pointwise = keras.layers.Conv2D(
+            c["filters"], 1, data_format=c["data_format"], activation=c["activation"],
+            use_bias=c["use_bias"], kernel_regularizer=c["pointwise_regularizer"],
+            bias_regularizer=c["bias_regularizer"],
+            activity_regularizer=c["activity_regularizer"],
+            kernel_constraint=c["pointwise_constraint"], bias_constraint=c["bias_constraint"],
+            trainable=c["trainable"], name=f"{layer.name}_pointwise")
+        out = pointwise(depthwise(*args, **kwargs))
+        weights = layer.get_weights()
+        depthwise.set_weights(weights[:1])
+        pointwise.set_weights(weights[1:])
+        return out
+
+    return rebuild(copy, layer_fn)
+
+
 def _check_layers(model: keras.Model) -> None:
     """Raises on layers tfqkd cannot quantize that would otherwise silently stay float."""
     problems = []
@@ -151,7 +208,8 @@ def _check_layers(model: keras.Model) -> None:
                 f"layer {layer.name!r} is a nested model ({type(layer).__name__}); tfmot cannot "
                 "quantize models inside models: rebuild it as one flat Functional or Sequential "
                 "model.")
-        if _is_weight_layer(layer) or isinstance(layer, _FLOAT_BY_DESIGN) or not layer.weights:
+        if _is_weight_layer(layer) or isinstance(layer, _FLOAT_BY_DESIGN) or not layer.weights \
+                or type(layer) is keras.layers.SeparableConv2D:  # split (_split_separable_convs)
             continue
         problems.append(f"{layer.name!r} ({type(layer).__name__})")
     if problems:
@@ -159,11 +217,7 @@ def _check_layers(model: keras.Model) -> None:
         raise ValueError(
             f"cannot quantize the weights of layer(s) {', '.join(problems)}: tfqkd quantizes "
             f"{supported} kernels (BatchNormalization stays float). Replace these layers with "
-            "supported ones, or quantize the model without them."
-            + (" A SeparableConv2D (NASNet, Xception) is a DepthwiseConv2D followed by a 1x1 "
-               "Conv2D (use_bias on the second): build the model with those two layers, which "
-               "tfqkd quantizes and exports." if any("SeparableConv2D" in p for p in problems)
-               else ""))
+            "supported ones, or quantize the model without them.")
 
 
 def quantize_model(
@@ -225,6 +279,7 @@ def quantize_model(
     if not model.built:
         raise ValueError("model is not built: call model.build(input_shape) or give it an Input.")
     _check_layers(model)
+    model = _split_separable_convs(model)
     if activation_bits is not None:
         model = _split_fused_swish(model)
 
