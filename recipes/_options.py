@@ -422,8 +422,8 @@ QUANT_OPTIONS = [
     Option("activation_bits", None, "Activation bit-width (absent: float activations).",
            "integer"),
     Option("first_last_bits", 8, "Bit-width of the first and last layers' weights.", "integer"),
-    Option("step", "l2", "Quantization step: l2 (L2-error minimising) or std.", "enum",
-           ("l2", "std")),
+    Option("step", "l2", "Quantization step: l2 (L2-error minimising), std, or learned (LSQ: "
+           "trainable, initialised at the l2 step).", "enum", ("l2", "std", "learned")),
     Option("per_channel", False, "One step size per output channel.", "bool"),
     Option("precise_bn_batches", 100, "After training, re-estimate the student's batch-norm "
            "statistics over this many training batches (tfqkd.batch_norm: low-bit weights that "

@@ -117,6 +117,19 @@ def test_presets_and_explicit_flags_override():
     paper = quantize_distill.make_config("paper")
     assert (paper.epochs, paper.batch_size, paper.momentum, paper.weight_decay) == \
         (200, 128, 0.9, 1e-4)
+    from tfqkd import models as tfqkd_models
+
+    # Every step rule of quantize_model, LSQ included, is selectable and reaches the quantizers.
+    from recipes._build import quantize
+
+    fv = flags.FlagValues()
+    common.define_flags(quantize_distill.OPTIONS, fv)
+    fv(["prog", "--preset=smoke", "--step=learned"])
+    cfg = common.config_from_flags(quantize_distill.OPTIONS, quantize_distill.PRESETS, fv)
+    q = quantize(tfqkd_models.tiny_resnet(seed=0), cfg)
+    # One trainable step per quantized kernel (e.g. quant_stem_conv/kernel_step).
+    names = [v.name.split("/")[-1] for v in q.trainable_variables]
+    assert names.count("kernel_step:0") == names.count("kernel:0") > 0, names
     with pytest.raises(ValueError, match="save_freq"):
         quantize_distill.make_config("smoke", save_freq="often")
     with pytest.raises(ValueError, match="preset"):
