@@ -275,10 +275,10 @@ def speq_quantize(
     """Quantizes a float model for SPEQ: weights as usual, activations stochastic-precision.
 
     Calls :func:`tfqkd.quantize_model` with ``activation_quantizer=`` a factory of
-    :class:`StochasticPrecisionQuantizer`\\ s, so every quantized activation (at
-    ``activation_bits``, or ``first_last_bits`` for the first and last layers) can switch to
-    ``high_bits`` in the teacher pass. Quantized activations already at or above ``high_bits``
-    stay deterministic.
+    :class:`StochasticPrecisionQuantizer`\\ s, so every quantized activation (all at
+    ``activation_bits``: ``first_last_bits`` sets the first and last layers' *weight* bits only)
+    can switch to ``high_bits`` in the teacher pass. Quantized activations already at or above
+    ``high_bits`` stay deterministic.
 
     Args:
         model: A float functional ``tf_keras`` model outputting logits.
