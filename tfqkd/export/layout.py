@@ -21,18 +21,7 @@ Every integer product and bias of the original accumulator appears exactly once 
 per-channel scales are repeated, so the rewritten file computes bit-identical outputs (checked in
 ``tests/test_tflite_layout.py``). The price: the block kernel has 16x the entries (file size)
 and the convolution 4x the multiply-adds, so use it where latency matters more than file size,
-on a CPU where it is faster.
-
-Example:
-    >>> import numpy as np, os, tempfile, tfqkd
-    >>> from tfqkd import export
-    >>> m = tfqkd.models.tiny_resnet(seed=0)
-    >>> p = os.path.join(tempfile.mkdtemp(), "m.tflite")
-    >>> x = np.random.default_rng(0).normal(size=(8, 8, 8, 1)).astype("float32")
-    >>> _ = export.export_tflite(m, p, x, mode="int8")
-    >>> content, n = space_to_depth_convs(open(p, "rb").read())
-    >>> n > 0
-    True
+on a CPU where it is faster. :func:`space_to_depth_convs` has a runnable example.
 """
 
 from __future__ import annotations
