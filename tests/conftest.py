@@ -181,3 +181,30 @@ def run_two_cpu_script(tmp_path, body: str) -> dict:
     script.write_text(TWO_CPU_PRELUDE + textwrap.dedent(body))
     env = subprocess_env(PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return last_json_line(run_script(script, timeout=300, env=env).stdout)
+
+
+def file_tensor_steps(path, student, x, tensor_filter):
+    """|file tensor - student tensor| in steps of the file tensor's scale, over images ``x``.
+
+    The file tensor is the int8 output of the first op for which ``tensor_filter(op, tensor
+    name)`` holds; ``student`` is a Keras model whose output is the matching tensor.
+    """
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=path, experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    ops = it._get_ops_details()  # noqa: SLF001 (the op graph)
+    op = next(o for o in ops if tensor_filter(o, details[o["outputs"][0]]["name"]))
+    out = details[op["outputs"][0]]
+    scale, zero = out["quantization"]
+    assert out["dtype"] == np.int8 and scale > 0
+    inp = it.get_input_details()[0]
+    steps = []
+    for image in x:
+        it.set_tensor(inp["index"], image[None])
+        it.invoke()
+        got = (it.get_tensor(out["index"]).astype(np.float32) - zero) * scale
+        steps.append(np.abs(got - student(image[None], training=False).numpy()).ravel() / scale)
+    return np.concatenate(steps)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import tfqkd
+from conftest import file_tensor_steps, packed_ternary_bits
 from tfqkd import export
 from tfqkd._keras import keras, tf
-from conftest import packed_ternary_bits
 from tfqkd.quantize import quantize_model, quantized_weights
 
 
@@ -611,31 +611,9 @@ def test_w8_relu6_file_matches_the_student_at_the_first_layer(tmp_path):
     np.testing.assert_array_equal(file_kernel, np.transpose(levels * (127 // kmax), (3, 0, 1, 2)))
     # (b): the stem's ReLU6 output (the first CONV_2D's, fused), image by image.
     student = keras.Model(q.inputs, q.get_layer("quant_stem_relu").output)
-    steps = _file_tensor_steps(path, student, x[:16], lambda op, name: op["op_name"] == "CONV_2D")
+    steps = file_tensor_steps(path, student, x[:16], lambda op, name: op["op_name"] == "CONV_2D")
     assert steps.max() <= 1.01, steps.max()
     assert np.mean(steps < 0.01) >= 0.99, np.mean(steps < 0.01)
-
-
-def _file_tensor_steps(path, student, x, tensor_filter):
-    """|file tensor - student tensor| in steps of the file tensor's scale, over images ``x``."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=path, experimental_preserve_all_tensors=True)
-    it.allocate_tensors()
-    details = {d["index"]: d for d in it.get_tensor_details()}
-    ops = it._get_ops_details()  # noqa: SLF001 (the op graph)
-    op = next(o for o in ops if tensor_filter(o, details[o["outputs"][0]]["name"]))
-    out = details[op["outputs"][0]]
-    scale, zero = out["quantization"]
-    assert out["dtype"] == np.int8 and scale > 0
-    inp = it.get_input_details()[0]
-    steps = []
-    for image in x:
-        it.set_tensor(inp["index"], image[None])
-        it.invoke()
-        got = (it.get_tensor(out["index"]).astype(np.float32) - zero) * scale
-        steps.append(np.abs(got - student(image[None], training=False).numpy()).ravel() / scale)
-    return np.concatenate(steps)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -665,7 +643,7 @@ def test_swish_and_squeeze_excite_round_as_the_file_does(tmp_path, seed):
     path = str(tmp_path / "swish.tflite")
     export.export_tflite(q, path, x, mode="int8")
     student = keras.Model(q.inputs, q.get_layer("quant_stem_act").output)
-    steps = _file_tensor_steps(path, student, x[:16],
+    steps = file_tensor_steps(path, student, x[:16],
                                lambda op, name: op["op_name"] == "MUL" and "stem_act" in name)
     assert steps.max() <= 2.01, steps.max()
     assert np.mean(steps < 0.01) >= 0.995, np.mean(steps < 0.01)
@@ -674,11 +652,11 @@ def test_swish_and_squeeze_excite_round_as_the_file_does(tmp_path, seed):
     assert model.get_layer("se_reduce").activation.__name__ == "swish"
     assert len(model.get_layer("se_reduce")._inbound_nodes) == 1  # noqa: SLF001
     reduce = keras.Model(q.inputs, q.get_layer("quant_se_reduce_swish").output)
-    steps = _file_tensor_steps(path, reduce, x[:16],
+    steps = file_tensor_steps(path, reduce, x[:16],
                                lambda op, name: op["op_name"] == "MUL" and "se_reduce" in name)
     assert steps.max() <= 1.01, steps.max()  # seeds 0-5: at most 1 step (0-1 of 32 values)
     gate = keras.Model(q.inputs, q.get_layer("quant_gate").output)
-    steps = _file_tensor_steps(path, gate, x[:16],
+    steps = file_tensor_steps(path, gate, x[:16],
                                lambda op, name: op["op_name"] == "LOGISTIC" and "gate" in name)
     assert steps.max() <= 2.01, steps.max()  # its input, the SE conv's swish, is 1 step off
 

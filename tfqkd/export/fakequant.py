@@ -317,7 +317,7 @@ def _scalar_constant(value) -> Optional[float]:
 
 def _scalar_op_affine(layer, node) -> Optional[Tuple[float, float]]:
     """``(a, b)`` for a TensorFlow-op layer ``x + c``, ``x * c``, ``x - c``, ``x / c`` (or ``c + x``...)
-    with one tensor and one Python number (MobileNetV3's hard-swish: ``x + 3.0``, ``x * (1/6)``),
+    with one tensor and one scalar constant (MobileNetV3's hard-swish: ``x + 3.0``, ``x * (1/6)``),
     else None. ``node`` is the layer's call in the graph at hand.
     """
     if type(layer).__name__ != "TFOpLambda" or layer.symbol not in _SCALAR_OPS:
@@ -529,8 +529,8 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
         elif id(layer) in affine:
             a, b = affine[id(layer)]
             # 8-bit per-channel grid with level 127 at |a_c|: the multiplier is exact.
-            tensor = next(a for a in tf.nest.flatten((args, kwargs))
-                          if tf.is_tensor(a) and keras.backend.is_keras_tensor(a))
+            tensor = next(t for t in tf.nest.flatten((args, kwargs))
+                          if tf.is_tensor(t) and keras.backend.is_keras_tensor(t))
             out = _FakeQuantKernelLayer(
                 keras.layers.DepthwiseConv2D(1), a.reshape(1, 1, -1, 1).astype(np.float32),
                 b.astype(np.float32), np.maximum(np.abs(a), 1e-12).astype(np.float32), 8,
