@@ -208,3 +208,15 @@ def file_tensor_steps(path, student, x, tensor_filter):
         got = (it.get_tensor(out["index"]).astype(np.float32) - zero) * scale
         steps.append(np.abs(got - student(image[None], training=False).numpy()).ravel() / scale)
     return np.concatenate(steps)
+
+
+def centred_rms_ratio(out, ref) -> float:
+    """RMS of ``out - ref`` over RMS of ``ref``, both centred per example over the last axis
+    (ParityReport.relative_output_error's definition, computed here independently)."""
+    import numpy as np
+
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    diff = out - ref
+    diff = diff - diff.mean(-1, keepdims=True)
+    centred = ref - ref.mean(-1, keepdims=True)
+    return float(np.sqrt((diff ** 2).sum() / (centred ** 2).sum()))

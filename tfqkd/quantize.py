@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import tensorflow_model_optimization as tfmot
 
@@ -107,89 +107,82 @@ _FLOAT_BY_DESIGN: Tuple[type, ...] = tuple(
 )
 
 
-def _split_fused_swish(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` with each ``Conv2D/Dense(activation="swish")`` split in two layers.
-
-    The kernel layer becomes linear and an ``Activation("swish")`` named ``<layer>_swish``
-    follows it (same weights, same function). The int8 file rounds the kernel's output before
-    its LOGISTIC and MUL; as a layer of its own the student rounds it too (EfficientNet's
-    squeeze-excite ``se_reduce``). ``model`` itself is not changed.
-    """
-    fused = {id(layer) for layer in model.layers
-             if _is_weight_layer(layer) and is_swish(getattr(layer, "activation", None))}
-    if not fused:
-        return model
-    copy = keras.models.clone_model(model)  # new layers: the caller's model gains no nodes
-    copy.set_weights(model.get_weights())
-    finalize_layer_states(copy)
-    by_name = {layer.name: layer for layer in model.layers}
-
-    def layer_fn(layer, args, kwargs):
-        if id(by_name.get(layer.name)) not in fused:
-            return layer(*args, **kwargs)
-        config = layer.get_config()
-        activation, config["activation"] = config["activation"], "linear"
-        linear = type(layer).from_config(config)
-        out = linear(*args, **kwargs)
-        linear.set_weights(layer.get_weights())
-        return keras.layers.Activation(activation, name=f"{layer.name}_swish")(out)
-
-    return rebuild(copy, layer_fn)
+def _is_fused_swish(layer) -> bool:
+    return _is_weight_layer(layer) and is_swish(getattr(layer, "activation", None))
 
 
-def _split_separable_convs(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` with each ``SeparableConv2D`` as a ``DepthwiseConv2D`` + 1x1 ``Conv2D``.
+def _swish_as_own_layer(layer, args, kwargs):
+    """``Conv2D/Dense(activation="swish")`` as the linear layer + ``Activation("swish")`` named
+    ``<layer>_swish`` (same weights, same function). The int8 file rounds the kernel's output
+    before its LOGISTIC and MUL; as a layer of its own the student rounds it too (EfficientNet's
+    squeeze-excite ``se_reduce``)."""
+    config = layer.get_config()
+    activation, config["activation"] = config["activation"], "linear"
+    linear = type(layer).from_config(config)
+    out = linear(*args, **kwargs)
+    linear.set_weights(layer.get_weights())
+    return keras.layers.Activation(activation, name=f"{layer.name}_swish")(out)
+
+
+def _is_separable(layer) -> bool:
+    return type(layer) is keras.layers.SeparableConv2D
+
+
+def _separable_as_two(layer, args, kwargs):
+    """``SeparableConv2D`` as ``<layer>_depthwise`` (``DepthwiseConv2D``, no bias) +
+    ``<layer>_pointwise`` (1x1 ``Conv2D`` with the bias and activation): same weights, same
+    function (NASNet, Xception).
 
     The same split as tfmot's ``SeparableConvQuantize`` layout transform, done before annotation
-    so the two layers have names of their own, ``<layer>_depthwise`` and ``<layer>_pointwise``:
-    the registry decides by name which outputs the integer file rounds, and the depthwise output
-    between the two is one of them. Same weights, same function (NASNet, Xception).
-    ``model`` itself is not changed.
+    so the two layers have names of their own: the registry decides by name which outputs the
+    integer file rounds, and the depthwise output between the two is one of them.
+    """
+    c = layer.get_config()
+    depthwise = keras.layers.DepthwiseConv2D(
+        c["kernel_size"], strides=c["strides"], padding=c["padding"],
+        depth_multiplier=c["depth_multiplier"], data_format=c["data_format"],
+        dilation_rate=c["dilation_rate"], use_bias=False,
+        depthwise_regularizer=c["depthwise_regularizer"],
+        depthwise_constraint=c["depthwise_constraint"], trainable=c["trainable"],
+        name=f"{layer.name}_depthwise")
+    pointwise = keras.layers.Conv2D(
+        c["filters"], 1, data_format=c["data_format"], activation=c["activation"],
+        use_bias=c["use_bias"], kernel_regularizer=c["pointwise_regularizer"],
+        bias_regularizer=c["bias_regularizer"], activity_regularizer=c["activity_regularizer"],
+        kernel_constraint=c["pointwise_constraint"], bias_constraint=c["bias_constraint"],
+        trainable=c["trainable"], name=f"{layer.name}_pointwise")
+    out = pointwise(depthwise(*args, **kwargs))
+    weights = layer.get_weights()
+    depthwise.set_weights(weights[:1])
+    pointwise.set_weights(weights[1:])
+    return out
+
+
+def _rewrite_layers(model: keras.Model,
+                    rewrites: Sequence[Tuple[Callable[[Any], bool], Callable]]) -> keras.Model:
+    """A copy of ``model`` in which each layer matching a ``(wanted, replace)`` pair's ``wanted``
+    is replaced by ``replace(layer, args, kwargs) -> outputs`` (the first pair that matches);
+    ``model`` itself when no layer matches. ``model`` is not changed.
 
     Example:
         >>> m = keras.Sequential([keras.Input((8, 8, 3)),
         ...                       keras.layers.SeparableConv2D(4, 3, name="sep")])
-        >>> [type(layer).__name__ for layer in _split_separable_convs(m).layers[1:]]
-        ['DepthwiseConv2D', 'Conv2D']
-        >>> [layer.name for layer in _split_separable_convs(m).layers[1:]]
-        ['sep_depthwise', 'sep_pointwise']
+        >>> split = _rewrite_layers(m, [(_is_separable, _separable_as_two)])
+        >>> [(layer.name, type(layer).__name__) for layer in split.layers[1:]]
+        [('sep_depthwise', 'DepthwiseConv2D'), ('sep_pointwise', 'Conv2D')]
     """
-    separable = [layer for layer in model.layers if type(layer) is keras.layers.SeparableConv2D]
-    if not separable:
+    def replacement(layer) -> Optional[Callable]:
+        return next((replace for wanted, replace in rewrites if wanted(layer)), None)
+
+    if not any(replacement(layer) for layer in model.layers):
         return model
-    names = {layer.name for layer in model.layers}
-    for layer in separable:
-        for part in ("_depthwise", "_pointwise"):
-            if layer.name + part in names:
-                raise ValueError(f"cannot split SeparableConv2D {layer.name!r}: the model already "
-                                 f"has a layer named {layer.name + part!r}; rename it.")
     copy = keras.models.clone_model(model)  # new layers: the caller's model gains no nodes
     copy.set_weights(model.get_weights())
     finalize_layer_states(copy)
 
     def layer_fn(layer, args, kwargs):
-        if type(layer) is not keras.layers.SeparableConv2D:
-            return layer(*args, **kwargs)
-        c = layer.get_config()
-        depthwise = keras.layers.DepthwiseConv2D(
-            c["kernel_size"], strides=c["strides"], padding=c["padding"],
-            depth_multiplier=c["depth_multiplier"], data_format=c["data_format"],
-            dilation_rate=c["dilation_rate"], use_bias=False,
-            depthwise_regularizer=c["depthwise_regularizer"],
-            depthwise_constraint=c["depthwise_constraint"], trainable=c["trainable"],
-            name=f"{layer.name}_depthwise")
-        pointwise = keras.layers.Conv2D(
-            c["filters"], 1, data_format=c["data_format"], activation=c["activation"],
-            use_bias=c["use_bias"], kernel_regularizer=c["pointwise_regularizer"],
-            bias_regularizer=c["bias_regularizer"],
-            activity_regularizer=c["activity_regularizer"],
-            kernel_constraint=c["pointwise_constraint"], bias_constraint=c["bias_constraint"],
-            trainable=c["trainable"], name=f"{layer.name}_pointwise")
-        out = pointwise(depthwise(*args, **kwargs))
-        weights = layer.get_weights()
-        depthwise.set_weights(weights[:1])
-        pointwise.set_weights(weights[1:])
-        return out
+        replace = replacement(layer)
+        return replace(layer, args, kwargs) if replace else layer(*args, **kwargs)
 
     return rebuild(copy, layer_fn)
 
@@ -197,6 +190,7 @@ def _split_separable_convs(model: keras.Model) -> keras.Model:
 def _check_layers(model: keras.Model) -> None:
     """Raises on layers tfqkd cannot quantize that would otherwise silently stay float."""
     problems = []
+    names = {layer.name for layer in model.layers}
     for layer in model.layers:
         if isinstance(layer, _tfmot_q.QuantizeWrapperV2) or isinstance(
                 layer, tfmot.quantization.keras.QuantizeWrapper):
@@ -208,8 +202,13 @@ def _check_layers(model: keras.Model) -> None:
                 f"layer {layer.name!r} is a nested model ({type(layer).__name__}); tfmot cannot "
                 "quantize models inside models: rebuild it as one flat Functional or Sequential "
                 "model.")
-        if _is_weight_layer(layer) or isinstance(layer, _FLOAT_BY_DESIGN) or not layer.weights \
-                or type(layer) is keras.layers.SeparableConv2D:  # split (_split_separable_convs)
+        if _is_separable(layer):  # split in two (_separable_as_two): their names must be free
+            for part in ("_depthwise", "_pointwise"):
+                if layer.name + part in names:
+                    raise ValueError(f"cannot split SeparableConv2D {layer.name!r}: the model "
+                                     f"already has a layer named {layer.name + part!r}; rename it.")
+            continue
+        if _is_weight_layer(layer) or isinstance(layer, _FLOAT_BY_DESIGN) or not layer.weights:
             continue
         problems.append(f"{layer.name!r} ({type(layer).__name__})")
     if problems:
@@ -279,9 +278,10 @@ def quantize_model(
     if not model.built:
         raise ValueError("model is not built: call model.build(input_shape) or give it an Input.")
     _check_layers(model)
-    model = _split_separable_convs(model)
+    rewrites = [(_is_separable, _separable_as_two)]
     if activation_bits is not None:
-        model = _split_fused_swish(model)
+        rewrites.append((_is_fused_swish, _swish_as_own_layer))
+    model = _rewrite_layers(model, rewrites)  # one copy of the model for all of them
 
     layer_bits: Dict[str, int] = {}
     kept_float: Tuple[str, ...] = ()

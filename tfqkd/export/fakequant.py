@@ -23,7 +23,14 @@ import numpy as np
 
 from tfqkd._graph import finalize_layer_states
 from tfqkd._keras import keras, tf
-from tfqkd.export.forward import _clone_plain_layer, _consumers, _fold, _fold_plan, _rebuild
+from tfqkd.export.forward import (
+    _clone_plain_layer,
+    _consumers,
+    _fold,
+    _fold_plan,
+    _layer_calls,
+    _rebuild,
+)
 from tfqkd.qat_weights import KERNEL_LAYERS as _KERNEL_LAYERS
 from tfqkd.qat_weights import (
     QuantizedWeight,
@@ -316,9 +323,9 @@ def _scalar_constant(value) -> Optional[float]:
 
 
 def _scalar_op_affine(layer, node) -> Optional[Tuple[float, float]]:
-    """``(a, b)`` for a TensorFlow-op layer ``x + c``, ``x * c``, ``x - c``, ``x / c`` (or ``c + x``...)
-    with one tensor and one scalar constant (MobileNetV3's hard-swish: ``x + 3.0``, ``x * (1/6)``),
-    else None. ``node`` is the layer's call in the graph at hand.
+    """``(a, b)`` for a TensorFlow-op layer ``x + c``, ``x * c``, ``x - c``, ``x / c`` (or
+    ``c + x``...) with one tensor and one scalar constant (MobileNetV3's hard-swish: ``x + 3.0``,
+    ``x * (1/6)``), else None. ``node`` is the layer's call in the graph at hand.
     """
     if type(layer).__name__ != "TFOpLambda" or layer.symbol not in _SCALAR_OPS:
         return None
@@ -476,13 +483,7 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
                                         or activation_name(layer) in PINNED_OUTPUT_RANGES})
     used_bits: Dict[str, int] = {}
     affine = {}
-    # The calls of each layer in THIS graph: a layer the rebuild reused from the student (a
-    # TensorFlow-op layer) also has the student's call among its _inbound_nodes.
-    calls: Dict[int, List[Any]] = {}
-    for depth_nodes in plain._nodes_by_depth.values():  # noqa: SLF001 (as Functional does)
-        for node in depth_nodes:
-            if not node.is_input:
-                calls.setdefault(id(node.layer), []).append(node)
+    calls = _layer_calls(plain)  # this graph's calls only (see _layer_calls)
     for layer in plain.layers:
         nodes = calls.get(id(layer), [])
         if id(layer) in folded_bns or isinstance(layer, _KERNEL_LAYERS) or len(nodes) != 1:

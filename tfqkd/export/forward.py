@@ -138,6 +138,17 @@ def _consumers(model: keras.Model) -> Dict[int, List[Any]]:
     return out
 
 
+def _layer_calls(model: keras.Model) -> Dict[int, List[Any]]:
+    """{id(layer): [its call nodes inside ``model``]}: a layer a rebuild reused from another
+    model (a TensorFlow-op layer) also has that model's calls among its ``_inbound_nodes``."""
+    out: Dict[int, List[Any]] = {}
+    for depth in model._nodes_by_depth:  # noqa: SLF001
+        for node in model._nodes_by_depth[depth]:  # noqa: SLF001
+            if not node.is_input:
+                out.setdefault(id(node.layer), []).append(node)
+    return out
+
+
 def _fold_plan(plain: keras.Model) -> Dict[int, Any]:
     """{id(kernel layer): batch-norm layer folded into it}."""
     consumers = _consumers(plain)
