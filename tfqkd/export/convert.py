@@ -41,7 +41,13 @@ def _converter_for(model: keras.Model):
     spec = [tf.TensorSpec((1,) + tuple(t.shape[1:]), t.dtype) for t in model.inputs]
     fn = tf.function(lambda *x: model(list(x) if len(x) > 1 else x[0], training=False))
     concrete = fn.get_concrete_function(*spec)
-    return tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+    # The converter saves its trackable as a SavedModel before converting. Given the Keras model
+    # it serialises every layer (tracing each layer's call: 70 % of DenseNet121's export time);
+    # a bare module holding the same variables gives a byte-identical file 3x faster (measured on
+    # DenseNet121 32x32 W2A8: int8 42 s -> 13 s, int4 47 s -> 15 s, the same bytes).
+    holder = tf.Module()
+    holder.variables_of_model = list(model.variables)
+    return tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
 
 
 def _convert(model: keras.Model, mode: str, calibration: Optional[Callable],
