@@ -160,7 +160,9 @@ def test_depthwise_bit_widths(weight_bits, activation_bits, per_channel, mode, c
                        per_channel=per_channel)
     _distil(q, teacher, xt, yt)
     path = os.path.join(tmp_path, "mbv2.tflite")
-    info = export.export_tflite(q, path, xt, mode=mode)
+    # At A4 a bias rounded to the file's int32 grid moves accumulators by up to ~0.3 output
+    # steps, so the student takes the file's biases (align_student) to be compared exactly.
+    info = export.export_tflite(q, path, xt, mode=mode, align_student=activation_bits < 8)
     plain = export.forward_model(q)
     entries = export.tflite_weight_levels(path, [layer.name for layer in plain.layers])
     dw = [e for e in entries if e["op"] == "DEPTHWISE_CONV_2D"]
@@ -171,21 +173,65 @@ def test_depthwise_bit_widths(weight_bits, activation_bits, per_channel, mode, c
     assert all(e["dtype"] == expected for e in dw), [e["dtype"] for e in dw]
     assert max(e["max_levels_per_channel"] for e in dw) <= 2 ** weight_bits - 1
     assert info["bytes"] > 0
-    # The first depthwise layer's output (after the stem, its own kernel at the trained width):
-    # at A8 the file's equals the student's up to integer rounding (measured: at most 1 step,
-    # 99.9 % equal, in a sequential run; 2 steps in one CI run).
-    student = keras.Model(q.inputs, q.get_layer("quant_expanded_conv_depthwise_relu").output)
-    steps = file_tensor_steps(path, student, xv[:8],
-                              lambda op, name: op["op_name"] == "DEPTHWISE_CONV_2D")
-    if activation_bits < 8:
-        # Known miss (docs/export.md): the file rounds every activation at 8 bits while the
-        # student rounds ReLU outputs at activation_bits, so at A4 the file computes a finer
-        # function (measured here: 39-61 steps off, 48-57 % of values equal).
-        pytest.xfail(f"A{activation_bits}: file activations are 8-bit (first depthwise output "
-                     f"{steps.max():.0f} steps off, {np.mean(steps < 0.01):.1%} equal)")
-    assert steps.max() <= 2.01, steps.max()
-    assert np.mean(steps < 0.01) >= 0.99, np.mean(steps < 0.01)
-    _check_file(path, q, xv, yv)
+    if activation_bits == 8:
+        # The first depthwise layer's output (after the stem, its kernel at the trained width)
+        # equals the student's up to integer rounding (measured: at most 1 step, 99.9 % equal,
+        # in a sequential run; 2 steps in one CI run).
+        student = keras.Model(q.inputs, q.get_layer("quant_expanded_conv_depthwise_relu").output)
+        steps = file_tensor_steps(path, student, xv[:8],
+                                  lambda op, name: op["op_name"] == "DEPTHWISE_CONV_2D")
+        assert steps.max() <= 2.01, steps.max()
+        assert np.mean(steps < 0.01) >= 0.99, np.mean(steps < 0.01)
+        _check_file(path, q, xv, yv)
+        return
+    # A4: every ReLU output is an int8 tensor on the student's 4-bit grid, clamped at its clip
+    # by a MINIMUM: scale c / 15, zero point -128, at most 16 levels used.
+    ranges = {layer.layer.name: float(layer._output_quantizers[0].clip_of(  # noqa: SLF001
+        layer._output_quantizer_vars)) for layer in q.layers  # noqa: SLF001
+        if getattr(layer, "_output_quantizers", None) and hasattr(
+            layer._output_quantizers[0], "clip_of")}  # noqa: SLF001
+    assert len(ranges) == 35  # MobileNetV2's 35 ReLU6 outputs
+    relus = _relu_outputs(path, xv[:2])
+    assert sorted(relus) == sorted(ranges)
+    for name, (scale, zero, values) in relus.items():
+        assert zero == -128 and scale == pytest.approx(ranges[name] / 15, rel=1e-6), name
+        assert values.min() >= -128 and values.max() <= -128 + 15, name
+    if mode == "int4":
+        # Known miss (docs/export.md): LiteRT's INT4 conv / depthwise kernels do not compute the
+        # integer convolution of their stored levels (1-step differences on 4-17 % of a layer's
+        # outputs, recomputed by hand), which at A4 steps compound to the unrelated-file level.
+        pytest.xfail("int4 mode at A4: LiteRT's INT4 kernels round differently (docs/export.md)")
+    # int8 at A4 with the student's biases aligned: the file equals the student at the first
+    # depthwise output and at the last ReLU (measured: 0 steps, 100 % equal, seeds 1-3,
+    # per-tensor and per-channel; without alignment the last ReLU is 35-44 % equal).
+    for layer_name in ("expanded_conv_depthwise_relu", "out_relu"):
+        student = keras.Model(q.inputs, q.get_layer("quant_" + layer_name).output)
+        steps = file_tensor_steps(path, student, xv[:8], lambda op, name, n=layer_name:
+                                  op["op_name"] == "MINIMUM" and f"/{n}_fq/" in name)
+        assert steps.max() <= 1.01, (layer_name, steps.max())
+        assert np.mean(steps < 0.01) >= 0.99, (layer_name, np.mean(steps < 0.01))
+    _check_file(path, q, xv, yv, max_ratio=0.25)
+
+
+def _relu_outputs(path, x):
+    """{layer name: (scale, zero point, int8 values over ``x``)} of every MINIMUM output (the
+    file's low-bit activations, named ``<layer>_fq/Minimum``)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=path, experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    mins = [details[op["outputs"][0]] for op in it._get_ops_details()  # noqa: SLF001
+            if op["op_name"] == "MINIMUM"]
+    out = {d["name"].split("/")[-2][:-len("_fq")]: (d["quantization"][0], d["quantization"][1], [])
+           for d in mins}
+    inp = it.get_input_details()[0]
+    for image in x:
+        it.set_tensor(inp["index"], image[None])
+        it.invoke()
+        for d in mins:
+            out[d["name"].split("/")[-2][:-len("_fq")]][2].append(it.get_tensor(d["index"]))
+    return {k: (s, z, np.concatenate([v.ravel() for v in vs])) for k, (s, z, vs) in out.items()}
 
 
 def test_softmax_head_exports_integer_softmax(cifar, tmp_path):

@@ -281,11 +281,13 @@ def test_w4a4_speq_trains_with_scheduler_saves_and_exports_int8(tmp_path):
     assert len(speq.stochastic_quantizers(again)) == len(speq.stochastic_quantizers(student))
 
     # Student mode is a plain ActivationQuantizer graph: int8 TFLite export like any tfqkd model.
-    # (The int8 file computes 8-bit activations, so A4 agrees closely with Keras but not exactly.)
+    # (The file rounds the A4 activations on the student's grid, but its int32 biases differ from
+    # the student's without align_student, so A4 agrees closely with Keras but not exactly.)
     info = export_tflite(student, str(tmp_path / "speq.tflite"), x[:200], mode="int8")
     report = verify_tflite(info["path"], student,
                            tf.data.Dataset.from_tensor_slices((xt, yt)).batch(300))
-    # Same 8 seeds: agreement 0.932-0.956, TFLite top-1 0.785-0.860.
+    # Same 8 seeds, measured when the file still rounded activations at 8 bits: agreement
+    # 0.932-0.956, TFLite top-1 0.785-0.860.
     assert report.top1_agreement > 0.9, report
     assert report.tflite_top1 > 0.7, report
 

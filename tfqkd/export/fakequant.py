@@ -6,7 +6,9 @@ kernels trained at <= 4 bits in ``int4`` mode, whose weights the converter's low
 stores as INT4), and each activation behind an 8-bit ``FakeQuantWithMinMaxVars`` at the
 student's own range where it has a quantizer (calibrated elsewhere; pooling / reshape /
 concatenation groups share one range; softmax / sigmoid / tanh outputs are pinned to TFLite's
-grids). The student's ranges and levels are read here (``_student_*``); the levels come from
+grids). Activations the student rounds at fewer bits (``activation_bits=4``: its ReLU outputs on
+``[0, c]``) are int8 tensors whose step is the student's, ``c / (2^b - 1)``, clamped at ``c``
+by a MINIMUM (:class:`_LowBitActivation`): TFLite's kernels take no 4-bit activations. The student's ranges and levels are read here (``_student_*``); the levels come from
 the one reader of quantized weights, :mod:`tfqkd.qat_weights`.
 
 Example:
@@ -67,6 +69,22 @@ def _student_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, flo
                                  getattr(layer, "_output_quantizer_vars", {}))
             if r is not None and np.isfinite(r).all() and r[1] > r[0]:
                 out[layer.layer.name] = r
+    return out
+
+
+def _student_activation_bits(model: keras.Model) -> Dict[str, int]:
+    """{inner layer name: bits} of every wrapped layer whose output quantizer rounds at < 8 bits.
+
+    Those are :class:`~tfqkd.quantizers.ActivationQuantizer` outputs (ReLUs at
+    ``activation_bits``); the file must round them on the same coarse grid (:class:`_LowBitActivation`).
+    """
+    out = {}
+    for layer in model.layers:
+        if _is_wrapper(layer) and getattr(layer, "_output_quantizers", None):
+            quantizer = layer._output_quantizers[0]  # noqa: SLF001 (tfmot API)
+            bits = getattr(quantizer, "bits", None)
+            if hasattr(quantizer, "clip_of") and isinstance(bits, int) and bits < 8:
+                out[layer.layer.name] = bits
     return out
 
 
@@ -180,6 +198,36 @@ class _FakeQuantActivation(keras.layers.Layer):
     def call(self, inputs):
         return tf.quantization.fake_quant_with_min_max_vars(inputs, self._lo, self._hi,
                                                             num_bits=8, narrow_range=False)
+
+
+def _low_bit_range(clip: float, bits: int) -> Tuple[Tuple[float, float], float]:
+    """The 8-bit range whose step is that of ``bits``-bit rounding on ``[0, clip]``, and the
+    clamp value: ``((0, clip * 255 / (2^bits - 1)), clip)``.
+
+    TFLite's integer kernels take int8 tensors only (the converter refuses a 4-bit activation
+    FakeQuant: "must be tensor of ... QI8"), so a 4-bit activation is an int8 tensor whose step is
+    ``clip / 15``, zero point -128, with its values clamped at level 15 by a MINIMUM.
+
+    Example:
+        >>> _low_bit_range(3.0, 4)
+        ((0.0, 51.0), 3.0)
+    """
+    return (0.0, float(clip) * 255.0 / (2 ** bits - 1)), float(clip)
+
+
+class _LowBitActivation(keras.layers.Layer):
+    """``bits``-bit rounding on ``[0, clip]`` as int8 ops: FakeQuant on the coarse grid (the
+    producing kernel's output rounding), MINIMUM at ``clip`` (exact: ``clip`` is a grid level),
+    FakeQuant again (the MINIMUM's output, same scale). Equals ``s * round(clip(x, 0, c) / s)``
+    with ``s = c / (2^bits - 1)`` for ``x >= 0`` (a fused ReLU's output), but for ties."""
+
+    def __init__(self, lo, hi, clip, name):
+        super().__init__(name=name)
+        self._fq = _FakeQuantActivation(lo, hi, name=name + "_grid")
+        self._clip = float(clip)
+
+    def call(self, inputs):
+        return self._fq(tf.minimum(self._fq(inputs), self._clip))
 
 
 #: Activations that are not a ReLU the converter fuses: they get an input FakeQuant of their own.
@@ -432,6 +480,7 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
                      input_ranges: Optional[Sequence[Optional[Tuple[float, float]]]] = None,
                      weight_levels: Optional[Dict[str, Tuple[np.ndarray, np.ndarray, bool]]]
                      = None, pre_activation_ranges: Optional[Dict[str, Tuple[float, float]]] = None,
+                     activation_bits: Optional[Dict[str, int]] = None,
                      ) -> Tuple[keras.Model, Dict[str, int]]:
     """The plain model as a QAT-style graph the converter turns into a full-integer file.
 
@@ -444,6 +493,9 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     ``weight_levels`` (by layer name, :func:`_student_weight_levels`) are the kernels' integer
     levels and steps as the student's quantizers state them; ``pre_activation_ranges`` the
     student's ranges before fused softmax / sigmoid / tanh activations (else calibrated).
+    ``activation_bits`` (by layer name, :func:`_student_activation_bits`): outputs the student
+    rounds at fewer than 8 bits on its fixed ``[0, c]``; the file rounds them on that grid
+    (:class:`_LowBitActivation`).
     """
     fixed_ranges = dict(fixed_ranges or {})
     weight_levels = dict(weight_levels or {})
@@ -475,9 +527,16 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     pre_ranges = {id(layer): pre_fixed.get(layer.name, r)
                   for layer, r in zip(split, out_ranges[len(fq_layers):])}
     ranges = {id(layer): fixed_ranges.get(layer.name, r) for layer, r in zip(fq_layers, out_ranges)}
+    low_bit_clips = {}  # id(layer) -> clip: outputs on a coarse grid (see _low_bit_range)
     for layer in fq_layers:
         if activation_name(layer) in PINNED_OUTPUT_RANGES:
             ranges[id(layer)] = PINNED_OUTPUT_RANGES[activation_name(layer)]
+        bits = (activation_bits or {}).get(layer.name)
+        if bits and layer.name in fixed_ranges and fixed_ranges[layer.name][0] == 0.0:
+            ranges[id(layer)], low_bit_clips[id(layer)] = _low_bit_range(
+                fixed_ranges[layer.name][1], bits)
+    # A same-scale group (pooling, concatenation...) of coarse members shares their grid; where
+    # it mixes grids the union range applies and the coarse member is rounded on it (not exact).
     _share_ranges(plain, ranges, fixed={id(layer) for layer in fq_layers
                                         if layer.name in fixed_ranges
                                         or activation_name(layer) in PINNED_OUTPUT_RANGES})
@@ -538,7 +597,10 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
                 name=layer.name)(tensor)
         else:
             out = _clone_plain_layer(layer)(*args, **kwargs)
-        if id(layer) in ranges:
+        if id(layer) in low_bit_clips:
+            lo, hi = ranges[id(layer)]
+            out = _LowBitActivation(lo, hi, low_bit_clips[id(layer)], name=layer.name + "_fq")(out)
+        elif id(layer) in ranges:
             lo, hi = ranges[id(layer)]
             out = _FakeQuantActivation(lo, hi, name=layer.name + "_fq")(out)
         return out

@@ -34,6 +34,7 @@ from tfqkd.export.convert import (
 )
 from tfqkd.export.fakequant import (
     _fakequant_model,
+    _student_activation_bits,
     _student_activation_ranges,
     _student_input_ranges,
     _student_pre_activation_ranges,
@@ -172,7 +173,8 @@ def export_tflite(
             low_bit=mode == "int4", fixed_ranges=_student_activation_ranges(model), source=model,
             input_ranges=_student_input_ranges(model),
             weight_levels=_student_weight_levels(kernels),
-            pre_activation_ranges=_student_pre_activation_ranges(model))
+            pre_activation_ranges=_student_pre_activation_ranges(model),
+            activation_bits=_student_activation_bits(model))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
