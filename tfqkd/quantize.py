@@ -55,6 +55,7 @@ import tensorflow_model_optimization as tfmot
 # finalize_layer_states, INPUT_RANGE_WIDEN: re-exported, this module was their home before.
 from tfqkd._graph import finalize_layer_states, rebuild  # noqa: F401
 from tfqkd._keras import keras, tf
+from tfqkd.layer_bits import BitsSpec, activation_layers, resolve_layer_bits, weighted_layers
 from tfqkd.qat_weights import _weight_vars, quantization_info, quantized_weights
 from tfqkd.quantize_configs import (
     PRE_QUANTIZED_ACTIVATIONS,
@@ -228,6 +229,8 @@ def quantize_model(
     step: str = "l2",
     activation_clip: str = "ema",
     activation_quantizer: Optional[Callable[[int], Any]] = None,
+    layer_bits: BitsSpec = None,
+    layer_activation_bits: BitsSpec = None,
 ) -> keras.Model:
     """Returns a quantization-aware-training copy of ``model`` (tfmot ``QuantizeWrapperV2`` layers).
 
@@ -250,6 +253,11 @@ def quantize_model(
         activation_quantizer: Optional callable ``bits -> tfmot Quantizer`` used instead of
             :class:`~tfqkd.quantizers.ActivationQuantizer` for every quantized activation (it
             must be Keras-serialisable to save the model).
+        layer_bits: Kernel bit-widths per layer, ``{layer name: bits}`` or a callable
+            ``layer -> bits | None`` (:mod:`tfqkd.layer_bits`); they override ``weight_bits``
+            and ``first_last_bits`` for the layers they name (mixed precision).
+        layer_activation_bits: The same for ReLU outputs (a ReLU layer, or a Conv/Dense with a
+            fused ReLU), overriding ``activation_bits``, which must be set.
 
     Returns:
         The QAT model, named like ``model``; layer ``x`` becomes ``quant_x``.
@@ -263,6 +271,10 @@ def quantize_model(
         >>> q = quantize_model(tfqkd.models.tiny_resnet(seed=0), weight_bits=2, activation_bits=4)
         >>> q.get_layer("quant_stem_relu").__class__.__name__
         'QuantizeWrapperV2'
+        >>> mixed = quantize_model(tfqkd.models.tiny_resnet(seed=0), weight_bits=2,
+        ...                        layer_bits={"stage2_block1_conv2": 4})
+        >>> quantization_info(mixed)["stage2_block1_conv2"]["bits"]
+        4
     """
     weight_bits, activation_bits, first_last_bits, per_channel = _check_options(
         weight_bits, activation_bits, first_last_bits, per_channel, step, activation_clip,
@@ -283,19 +295,23 @@ def quantize_model(
         rewrites.append((_is_fused_swish, _swish_as_own_layer))
     model = _rewrite_layers(model, rewrites)  # one copy of the model for all of them
 
-    layer_bits: Dict[str, int] = {}
+    chosen_bits = resolve_layer_bits(model, layer_bits, weighted_layers(model), "layer_bits")
+    chosen_activation_bits = resolve_layer_bits(model, layer_activation_bits,
+                                                activation_layers(model), "layer_activation_bits")
+    kernel_bits: Dict[str, int] = {}
     kept_float: Tuple[str, ...] = ()
     if first_last_bits is not None:
         first, last = first_and_last_layers(model)
         if first_last_bits == FLOAT:
-            kept_float = tuple(first + last)
+            kept_float = tuple(name for name in first + last if name not in chosen_bits)
         else:
-            layer_bits = {name: first_last_bits for name in first + last}
+            kernel_bits = {name: first_last_bits for name in first + last}
+    kernel_bits.update(chosen_bits)  # the user's per-layer widths win
 
     registry_kwargs = dict(
         weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel,
         step=step, activation_clip=activation_clip, activation_quantizer=activation_quantizer,
-        layer_bits=layer_bits,
+        layer_bits=kernel_bits, layer_activation_bits=chosen_activation_bits,
         output_layers=integer_graph_tensors(model) if activation_bits is not None else ())
     scheme = TfqkdQuantizeScheme(**registry_kwargs)
     registry = scheme.get_quantize_registry()

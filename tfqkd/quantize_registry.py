@@ -258,7 +258,10 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
         activation_clip: ``"ema"``, ``"fixed"`` or ``"pact"`` (see :class:`~tfqkd.quantizers.ActivationQuantizer`).
         activation_quantizer: Optional ``bits -> Quantizer`` replacing the default activation
             quantizer.
-        layer_bits: Per-layer-name weight bit-width overrides (first/last layers).
+        layer_bits: Per-layer-name weight bit-width overrides (first/last layers, and
+            ``quantize_model``'s ``layer_bits``).
+        layer_activation_bits: Per-layer-name bit-width overrides of ReLU outputs (a ReLU layer
+            or a weighted layer's fused ReLU).
         output_layers: Names of layers whose output gets an 8-bit output quantizer (only with
             ``activation_bits``; :func:`quantize_model` passes :func:`integer_graph_tensors`).
 
@@ -278,6 +281,7 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
         activation_quantizer: Optional[Callable[[int], Any]] = None,
         layer_bits: Optional[Mapping[str, int]] = None,
         output_layers: Optional[Sequence[str]] = None,
+        layer_activation_bits: Optional[Mapping[str, int]] = None,
     ):
         self.weight_bits, self.activation_bits, _, self.per_channel = _check_options(
             weight_bits, activation_bits, None, per_channel, step, activation_clip,
@@ -286,22 +290,28 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
         self.activation_clip = activation_clip
         self.activation_quantizer = activation_quantizer
         self.layer_bits = {k: check_bits(v, f"bits of layer {k!r}") for k, v in (layer_bits or {}).items()}
+        self.layer_activation_bits = {k: check_bits(v, f"activation bits of layer {k!r}")
+                                      for k, v in (layer_activation_bits or {}).items()}
+        if self.layer_activation_bits and self.activation_bits is None:
+            raise ValueError("layer_activation_bits needs activation_bits, the width of every "
+                             "other ReLU output: pass activation_bits too (e.g. 8).")
         # Without activation quantization the model stays W-only (W2A32): no output quantizers.
         self.output_layers = frozenset(output_layers or ()) if self.activation_bits is not None \
             else frozenset()
 
-    def _make_activation_quantizer(self):
+    def _make_activation_quantizer(self, layer_name: Optional[str] = None):
         if self.activation_bits is None:
             return None
+        bits = self.layer_activation_bits.get(layer_name, self.activation_bits)
         if self.activation_quantizer is not None:
-            quantizer = self.activation_quantizer(self.activation_bits)
+            quantizer = self.activation_quantizer(bits)
             if not isinstance(quantizer, _tfmot_q.quantizers.Quantizer):
                 raise ValueError(
                     "activation_quantizer(bits) must return a "
                     "tfmot.quantization.keras.quantizers.Quantizer, got "
                     f"{type(quantizer).__name__}.")
             return quantizer
-        return ActivationQuantizer(self.activation_bits, clip=self.activation_clip)
+        return ActivationQuantizer(bits, clip=self.activation_clip)
 
     def supports(self, layer) -> bool:
         """Whether this registry quantizes ``layer``."""
@@ -323,10 +333,11 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
                 output_q = _integer_output_quantizer(layer)
                 if activation_name(layer) in PRE_QUANTIZED_ACTIVATIONS:
                     pre_q = RangeQuantizer(8)  # the kernel's own output, before its softmax
-            return config_cls(weight_q, self._make_activation_quantizer(), output_quantizer=output_q,
+            return config_cls(weight_q, self._make_activation_quantizer(layer.name),
+                              output_quantizer=output_q,
                               pre_activation_quantizer=pre_q)
         if self.supports(layer) and is_quantizable_relu_layer(layer):
-            return ActivationQuantizeConfig(self._make_activation_quantizer())
+            return ActivationQuantizeConfig(self._make_activation_quantizer(layer.name))
         if self.supports(layer):
             return OutputQuantizeConfig(_integer_output_quantizer(layer))
         raise ValueError(
