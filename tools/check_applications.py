@@ -45,6 +45,8 @@ flags.DEFINE_integer("train_images", 0, "CIFAR-10 training images the teacher an
                      "(0: 64 per step of the longer stage, between 640 and 6,400). A teacher "
                      "with real margins needs many more (e.g. 20,000 and 3,000 steps).")
 flags.DEFINE_string("mode", "int8", "Export mode: int8 or int4.")
+flags.DEFINE_bool("align_student", True, "export_tflite(align_student=...): the student takes the "
+                  "file's int32-rounded biases before the parity check (docs/export.md).")
 flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_float("target_agreement", 0.995, "Top-1 agreement a family must reach.")
 
@@ -92,7 +94,8 @@ def _check(family, data, tmp):
     with tfqkd.quantize_scope():
         q = keras.models.load_model(path, compile=False)
     out = os.path.join(tmp, f"{family}_{FLAGS.mode}.tflite")
-    export.export_tflite(q, out, xt[:200], mode=FLAGS.mode)
+    info = export.export_tflite(q, out, xt[:200], mode=FLAGS.mode,
+                                align_student=FLAGS.align_student)
     r = export.verify_tflite(out, q, (xv, yv))
     probs = q(xv[:64], training=False).numpy()
     top2 = np.sort(probs, -1)[:, -2:]
@@ -100,7 +103,8 @@ def _check(family, data, tmp):
             "teacher_top1": teacher_top1, "keras_top1": r.keras_top1,
             "tflite_top1": r.tflite_top1, "max_prob_diff": r.max_logit_diff,
             "relative_output_error": r.relative_output_error,
-            "file_bytes": r.file_bytes,
+            "file_bytes": r.file_bytes, "align_student": FLAGS.align_student,
+            "aligned_biases": info["aligned_biases"],
             # The file and the student round probabilities on the 1/256 grid: a sum within 10/512.
             "softmax_output": bool(np.allclose(probs.sum(-1), 1.0, atol=0.02)),
             "median_top2_margin": float(np.median(top2[:, 1] - top2[:, 0]))}
