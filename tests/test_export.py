@@ -147,6 +147,48 @@ def test_relative_output_error(tiny, tmp_path):
     np.testing.assert_allclose(report.relative_output_error, want, rtol=1e-3)
 
 
+def test_tied_disagreements_count_only_ties_in_the_file(tmp_path):
+    """A file whose outputs tie classes 0 and 1 (argmax 0) against models preferring class 1 by
+    a hair (a tie, counted), class 0 (agreement) and class 2 (a real disagreement)."""
+    def constant_logits(bias):
+        inp = keras.Input((2,))
+        dense = keras.layers.Dense(3, kernel_initializer="zeros")
+        model = keras.Model(inp, dense(inp))
+        dense.set_weights([np.zeros((2, 3), "float32"), np.asarray(bias, "float32")])
+        return model
+
+    path = export.export_tflite(constant_logits([0.0, 0.0, -5.0]), tmp_path / "t.tflite",
+                                mode="float")["path"]
+    x, y = np.ones((6, 2), "float32"), np.zeros(6, "int32")
+    tie = export.verify_tflite(path, constant_logits([0.0, 0.01, -5.0]), (x, y))
+    assert (tie.top1_agreement, tie.tied_disagreements) == (0.0, 6)
+    same = export.verify_tflite(path, constant_logits([0.01, 0.0, -5.0]), (x, y))
+    assert (same.top1_agreement, same.tied_disagreements) == (1.0, 0)
+    other = export.verify_tflite(path, constant_logits([-5.0, -5.0, 0.0]), (x, y))
+    assert (other.top1_agreement, other.tied_disagreements) == (0.0, 0)
+    assert "6 disagreements are ties" in str(tie)
+
+
+def test_align_student_skips_affine_layers_run_as_depthwise(tmp_path):
+    """A Rescaling layer (MobileNetV3 / EfficientNet preprocessing) becomes a 1x1 depthwise
+    convolution in the file; align_student aligns the conv's bias and leaves it alone (it raised
+    IndexError on such layers)."""
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale")(inp)
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(h))
+    q = quantize_model(model, weight_bits=8, activation_bits=8)
+    x = np.random.default_rng(0).uniform(0, 255, (32, 8, 8, 3)).astype("float32")
+    q(x, training=True)
+    info = export.export_tflite(q, tmp_path / "r.tflite", x, mode="int8", align_student=True)
+    # The conv's 4 channels; not the rescaling's. (The Dense head's bias is not aligned either:
+    # measured, not yet explained; the parity bound below holds without it.)
+    assert info["aligned_biases"]["channels"] == 4
+    report = export.verify_tflite(info["path"], q, (x, np.zeros(32, "int32")))
+    assert report.relative_output_error < 0.05, report.relative_output_error
+
+
 def test_float_and_dynamic_modes(tiny, tmp_path):
     q, x, y = tiny
     f = export.export_tflite(q, tmp_path / "f.tflite", mode="float")

@@ -30,7 +30,13 @@ from tfqkd.export._flatbuffer import op_names as _op_names
 from tfqkd.export._flatbuffer import read as _read_flatbuffer
 from tfqkd.export._flatbuffer import write as _write_flatbuffer
 from tfqkd.export.forward import _fold, _fold_plan
-from tfqkd.qat_weights import QuantizedWeight, _inner, _is_quantize_layer, _layer_variables
+from tfqkd.qat_weights import (
+    KERNEL_LAYERS,
+    QuantizedWeight,
+    _inner,
+    _is_quantize_layer,
+    _layer_variables,
+)
 
 __all__: List[str] = []
 
@@ -280,6 +286,11 @@ def _align_student_biases(model: keras.Model, plain: keras.Model, content: bytes
             if name is None:
                 continue
             layer = plain.get_layer(name)
+            if not isinstance(layer, KERNEL_LAYERS):
+                # A per-channel affine layer the fake-quant graph runs as a 1x1 depthwise
+                # convolution (Rescaling, unfolded batch norm, ``x * c``): its constant bias is
+                # not a student weight to align.
+                continue
             bn = plan.get(id(layer))
             _, bias, g = _fold(layer, bn)
             stored = np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.int32) * \
