@@ -103,6 +103,7 @@ def _check(family, data, tmp):
             "teacher_top1": teacher_top1, "keras_top1": r.keras_top1,
             "tflite_top1": r.tflite_top1, "max_prob_diff": r.max_logit_diff,
             "relative_output_error": r.relative_output_error,
+            "tied_disagreements": r.tied_disagreements,
             "file_bytes": r.file_bytes, "align_student": FLAGS.align_student,
             "aligned_biases": info["aligned_biases"],
             # The file and the student round probabilities on the 1/256 grid: a sum within 10/512.

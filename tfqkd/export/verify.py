@@ -124,6 +124,10 @@ class ParityReport:
     #: rounding differences grow with depth; docs/export.md), about 1 for a file whose outputs
     #: are unrelated to the model's.
     relative_output_error: float = float("nan")
+    #: Disagreements where the file's output at the model's top-1 class equals the file's maximum:
+    #: the file ties the two classes on its output grid (an int8 softmax's 1/256) and its argmax
+    #: takes the lower index. Near-tied models (a few training steps) have many of these.
+    tied_disagreements: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-serialisable dict of every figure."""
@@ -135,7 +139,8 @@ class ParityReport:
             f"  examples            {self.num_examples}",
             f"  Keras top-1         {self.keras_top1:.4f}",
             f"  TFLite top-1        {self.tflite_top1:.4f}",
-            f"  top-1 agreement     {self.top1_agreement:.4f}",
+            f"  top-1 agreement     {self.top1_agreement:.4f} ({self.tied_disagreements} "
+            "disagreements are ties in the file)",
             f"  max |logit diff|    {self.max_logit_diff:.5f}",
             f"  relative error      {self.relative_output_error:.4f}",
             f"  file size           {self.file_bytes} bytes",
@@ -231,7 +236,7 @@ def verify_tflite(
     out = interpreter.get_output_details()[0]
     current_batch = None
     one_by_one = False
-    n = agree = keras_ok = tfl_ok = 0
+    n = agree = keras_ok = tfl_ok = tied = 0
     max_diff = 0.0
     diff_sq = ref_sq = 0.0
     for x, y in _batches(dataset, max_examples):
@@ -263,6 +268,8 @@ def verify_tflite(
         ref_sq += float((centred ** 2).sum())
         p_ref, p_tfl = ref.argmax(-1), logits.argmax(-1)
         agree += int((p_ref == p_tfl).sum())
+        at_ref = np.take_along_axis(logits, p_ref[:, None], -1)[:, 0]
+        tied += int(((p_ref != p_tfl) & (at_ref == logits.max(-1))).sum())
         keras_ok += int((p_ref == y).sum())
         tfl_ok += int((p_tfl == y).sum())
         n += len(y)
@@ -284,7 +291,8 @@ def verify_tflite(
                 for layer in layers],
         input_dtype=np.dtype(inp["dtype"]).name, weight_storage=storage,
         relative_output_error=(float(np.sqrt(diff_sq / ref_sq)) if ref_sq > 0
-                               else 0.0 if diff_sq == 0 else float("inf")))
+                               else 0.0 if diff_sq == 0 else float("inf")),
+        tied_disagreements=tied)
     if print_report:
         print(report)
     return report
