@@ -1,0 +1,231 @@
+"""Bit-width search: per-layer kernel widths under a size budget, with distillation in the loop.
+
+A keras-tuner ``Tuner`` (:class:`BitWidthTuner`, its ``run_trial`` path) chooses a width per
+weighted layer from ``choices`` (first and last layers fixed at ``first_last_bits``). Every
+candidate is first brought within the budget (:func:`fit_to_budget`: the budget is a hard
+constraint on the kernel bytes, computed from the shapes by :mod:`tfqkd.budget`), then scored
+by a cheap proxy: quantize the float student at those widths, fine-tune it briefly with KD and
+coefficient reducing (λ 0.5 → 0; hard labels with ``kd=False``, the AutoQKeras-style baseline),
+and measure accuracy on the validation split. Any keras-tuner oracle drives it; a rerun with the
+same ``directory`` resumes, skipping finished trials.
+
+Example:
+    >>> import tfqkd
+    >>> model = tfqkd.models.tiny_resnet(seed=0)
+    >>> widths = {"stem_conv": 8, "stage1_block1_conv1": 8, "stage1_block1_conv2": 8,
+    ...           "stage2_block1_conv1": 8, "stage2_block1_conv2": 8,
+    ...           "stage2_block1_proj_conv": 8, "classifier": 8}
+    >>> fitted = fit_to_budget(model, widths, max_bytes=3000, storage="int4", choices=(2, 4, 8))
+    >>> fitted["stage2_block1_conv2"], tfqkd.budget.kernel_bytes(model, fitted, "int4") <= 3000
+    (4, True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tfqkd._io import atomic_write
+from tfqkd._keras import keras, tf
+from tfqkd.budget import STORAGES, kernel_bytes, layer_widths
+from tfqkd.layer_bits import weighted_layers
+from tfqkd.quantize_registry import first_and_last_layers
+from tfqkd.quantizers.symmetric import check_bits
+
+__all__ = ["fit_to_budget", "BitWidthSpace", "BitWidthTuner", "pareto_front"]
+
+
+def fit_to_budget(model: keras.Model, widths: Mapping[str, int], max_bytes: int, storage: str,
+                  choices: Sequence[int], per_channel: bool = False,
+                  frozen: Sequence[str] = ()) -> Dict[str, int]:
+    """``widths`` narrowed until the kernels take at most ``max_bytes`` (:func:`kernel_bytes`).
+
+    Each step moves one layer to the next smaller width in ``choices``: the one that saves the
+    most bytes (ties: the first in the model). Layers in ``frozen`` keep their width.
+
+    Raises:
+        ValueError: the budget cannot be met even with every free layer at the narrowest width.
+    """
+    choices = sorted({check_bits(b, "choices") for b in choices})
+    if storage not in STORAGES:
+        raise ValueError(f"storage {storage!r} unknown; choose one of {', '.join(STORAGES)}.")
+    out = dict(widths)
+    order = [layer.name for layer in weighted_layers(model)]
+
+    def size(w):
+        return kernel_bytes(model, w, storage, per_channel=per_channel)
+
+    current = size(out)
+    while current > max_bytes:
+        best: Optional[Tuple[int, str, int]] = None
+        for name in order:
+            if name in frozen:
+                continue
+            lower = [b for b in choices if b < out[name]]
+            if not lower:
+                continue
+            trial = dict(out, **{name: lower[-1]})
+            saved = current - size(trial)
+            if saved > 0 and (best is None or saved > best[0]):
+                best = (saved, name, lower[-1])
+        if best is None:
+            raise ValueError(
+                f"the kernels need {current} bytes in {storage} at the narrowest widths allowed "
+                f"({min(choices)} bits, {len(frozen)} fixed layers), over max_bytes={max_bytes}: "
+                "raise max_bytes, allow narrower choices or free the first/last layers.")
+        out[best[1]] = best[2]
+        current -= best[0]
+    return out
+
+
+class BitWidthSpace:
+    """The search space: one ``keras_tuner`` choice per free weighted layer, repaired to the budget.
+
+    Args:
+        model: The float student (its layer names and kernel shapes).
+        max_bytes: Kernel-bytes budget in ``storage`` (:mod:`tfqkd.budget`).
+        storage: ``"int8"``, ``"int4"`` or ``"packed"``.
+        choices: Widths a free layer may take.
+        first_last_bits: Width of the first / last weighted layers (fixed, not searched).
+        per_channel: Steps per channel (counts in the packed budget).
+    """
+
+    def __init__(self, model: keras.Model, max_bytes: int, storage: str = "int4",
+                 choices: Sequence[int] = (2, 4, 8), first_last_bits: int = 8,
+                 per_channel: bool = False):
+        self.model = model
+        self.max_bytes = int(max_bytes)
+        self.storage = storage
+        self.choices = sorted({check_bits(b, "choices") for b in choices})
+        self.per_channel = per_channel
+        first, last = first_and_last_layers(model)
+        self.fixed = {name: check_bits(first_last_bits, "first_last_bits") for name in first + last}
+        self.free = [layer.name for layer in weighted_layers(model) if layer.name not in self.fixed]
+        # Fails early, naming the fix, if no choice at all fits.
+        fit_to_budget(model, layer_widths(model, min(self.choices), first_last_bits),
+                      self.max_bytes, storage, self.choices, per_channel, frozen=list(self.fixed))
+
+    def widths(self, hp) -> Dict[str, int]:
+        """The widths ``hp`` chooses, narrowed to the budget (``hp``: keras-tuner HyperParameters)."""
+        chosen = dict(self.fixed)
+        for name in self.free:
+            chosen[name] = hp.Choice(f"bits/{name}", self.choices)
+        return fit_to_budget(self.model, chosen, self.max_bytes, self.storage, self.choices,
+                             self.per_channel, frozen=list(self.fixed))
+
+    def bytes_of(self, widths: Mapping[str, int]) -> int:
+        """Kernel bytes of ``widths`` in this space's storage."""
+        return kernel_bytes(self.model, widths, self.storage, per_channel=self.per_channel)
+
+
+def _tuner_base():
+    import keras_tuner
+
+    return keras_tuner.Tuner
+
+
+class BitWidthTuner(_tuner_base()):
+    """Scores each width choice with a short KD + CR fine-tune, on the validation split.
+
+    Args:
+        space: A :class:`BitWidthSpace`.
+        student: The float student (trained: Algorithm 1 retrains it in the quantized domain).
+        teacher: The float teacher (logits out); ignored with ``kd=False``.
+        train: ``(images, labels)`` batches for the proxy fine-tune.
+        validation: Batches the objective ``val_accuracy`` is measured on (never the test split).
+        proxy_epochs: Epochs of the proxy fine-tune.
+        kd: KD + CR (λ 0.5 → 0) if True, hard labels if False (search without KD).
+        temperature: KD temperature.
+        learning_rate: Adam learning rate of the proxy.
+        activation_bits: Passed to :func:`tfqkd.quantize_model`.
+        **kwargs: ``keras_tuner.Tuner`` arguments (``oracle``, ``directory``, ``project_name``).
+
+    Each finished trial writes ``trial_<id>_widths.json`` (widths, kernel bytes, validation
+    accuracy) in the project directory: the Pareto front is read from those.
+    """
+
+    def __init__(self, space: BitWidthSpace, student: keras.Model, teacher: Optional[keras.Model],
+                 train: tf.data.Dataset, validation: tf.data.Dataset, proxy_epochs: int = 1,
+                 kd: bool = True, temperature: float = 4.0, learning_rate: float = 1e-3,
+                 activation_bits: Optional[int] = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        if kd and teacher is None:
+            raise ValueError("kd=True needs a teacher; pass kd=False to search without KD.")
+        self.space = space
+        self.student = student
+        self.teacher = teacher
+        self.train_data = train
+        self.validation_data = validation
+        self.proxy_epochs = int(proxy_epochs)
+        self.kd = bool(kd)
+        self.temperature = float(temperature)
+        self.learning_rate = float(learning_rate)
+        self.activation_bits = activation_bits
+
+    def quantized_student(self, widths: Mapping[str, int]) -> keras.Model:
+        """The float student quantized at ``widths``."""
+        from tfqkd.quantize import quantize_model
+
+        return quantize_model(self.student, weight_bits=min(self.space.choices),
+                              activation_bits=self.activation_bits,
+                              per_channel=self.space.per_channel, first_last_bits=None,
+                              layer_bits=dict(widths))
+
+    def run_trial(self, trial, *args, **kwargs) -> Dict[str, float]:
+        from tfqkd.callbacks import CoefficientScheduler
+        from tfqkd.distiller import Distiller
+        from tfqkd.training import evaluate_accuracy, make_optimizer
+
+        widths = self.space.widths(trial.hyperparameters)
+        q = self.quantized_student(widths)
+        steps = sum(1 for _ in self.train_data) * self.proxy_epochs
+        optimizer = make_optimizer("adam", self.learning_rate)
+        callbacks = []
+        if self.kd:
+            model = Distiller(q, self.teacher, temperature=self.temperature, coefficient=0.5)
+            model.compile(optimizer=optimizer)
+            callbacks.append(CoefficientScheduler("linear", start=0.5, end=0.0,
+                                                  total_steps=max(1, steps)))
+        else:
+            model = q
+            model.compile(optimizer=optimizer,
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(self.train_data, epochs=self.proxy_epochs, verbose=0, callbacks=callbacks)
+        accuracy = evaluate_accuracy(q, self.validation_data)
+        record = {"trial_id": trial.trial_id, "widths": dict(widths),
+                  "kernel_bytes": self.space.bytes_of(widths), "val_accuracy": accuracy,
+                  "kd": self.kd}
+        atomic_write(os.path.join(self.project_dir, f"trial_{trial.trial_id}_widths.json"),
+                     json.dumps(record, sort_keys=True).encode())
+        return {"val_accuracy": accuracy, "kernel_bytes": float(record["kernel_bytes"])}
+
+    def trial_records(self) -> Sequence[Dict[str, Any]]:
+        """Every finished trial's record (widths, kernel bytes, validation accuracy), by id."""
+        out = []
+        for name in sorted(os.listdir(self.project_dir)):
+            if name.startswith("trial_") and name.endswith("_widths.json"):
+                with open(os.path.join(self.project_dir, name)) as f:
+                    out.append(json.load(f))
+        return out
+
+
+def pareto_front(records: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any]]:
+    """The records no other record beats on both kernel bytes (fewer) and accuracy (higher),
+    by increasing bytes.
+
+    Example:
+        >>> [r["id"] for r in pareto_front([{"id": 1, "kernel_bytes": 10, "val_accuracy": 0.5},
+        ...                                 {"id": 2, "kernel_bytes": 20, "val_accuracy": 0.4},
+        ...                                 {"id": 3, "kernel_bytes": 30, "val_accuracy": 0.7}])]
+        [1, 3]
+    """
+    ordered = sorted(records, key=lambda r: (r["kernel_bytes"], -r["val_accuracy"]))
+    front, best = [], -np.inf
+    for r in ordered:
+        if r["val_accuracy"] > best:
+            front.append(r)
+            best = r["val_accuracy"]
+    return front
