@@ -160,9 +160,9 @@ def test_depthwise_bit_widths(weight_bits, activation_bits, per_channel, mode, c
                        per_channel=per_channel)
     _distil(q, teacher, xt, yt)
     path = os.path.join(tmp_path, "mbv2.tflite")
-    # At A4 a bias rounded to the file's int32 grid moves accumulators by up to ~0.3 output
-    # steps, so the student takes the file's biases (align_student) to be compared exactly.
-    info = export.export_tflite(q, path, xt, mode=mode, align_student=activation_bits < 8)
+    # A bias rounded to the file's int32 grid moves accumulators (at A4 by up to ~0.3 output
+    # steps), so the student takes the file's biases (align_student) to be compared exactly.
+    info = export.export_tflite(q, path, xt, mode=mode, align_student=True)
     plain = export.forward_model(q)
     entries = export.tflite_weight_levels(path, [layer.name for layer in plain.layers])
     dw = [e for e in entries if e["op"] == "DEPTHWISE_CONV_2D"]
@@ -175,14 +175,15 @@ def test_depthwise_bit_widths(weight_bits, activation_bits, per_channel, mode, c
     assert info["bytes"] > 0
     if activation_bits == 8:
         # The first depthwise layer's output (after the stem, its kernel at the trained width)
-        # equals the student's up to integer rounding (measured: at most 1 step, 99.9 % equal,
-        # in a sequential run; 2 steps in one CI run).
+        # equals the student's (measured, seeds 1-4: at most 1 step, 100.00 % equal; without
+        # align_student up to 3 steps, 99.8 %, which failed a 2-step bound in CI). Logits:
+        # relative error 0.01-0.09 of the unrelated error (0.33-0.44 without alignment).
         student = keras.Model(q.inputs, q.get_layer("quant_expanded_conv_depthwise_relu").output)
         steps = file_tensor_steps(path, student, xv[:8],
                                   lambda op, name: op["op_name"] == "DEPTHWISE_CONV_2D")
-        assert steps.max() <= 2.01, steps.max()
-        assert np.mean(steps < 0.01) >= 0.99, np.mean(steps < 0.01)
-        _check_file(path, q, xv, yv)
+        assert steps.max() <= 1.01, steps.max()
+        assert np.mean(steps < 0.01) >= 0.999, np.mean(steps < 0.01)
+        _check_file(path, q, xv, yv, max_ratio=0.25)
         return
     # A4: every ReLU output is an int8 tensor on the student's 4-bit grid, clamped at its clip
     # by a MINIMUM: scale c / 15, zero point -128, at most 16 levels used.

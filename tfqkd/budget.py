@@ -60,8 +60,8 @@ def tensor_bytes(num_weights: int, bits: int, storage: str, num_steps: int = 1) 
     """Bytes of one kernel of ``num_weights`` weights at ``bits`` in ``storage``.
 
     Example:
-        >>> tensor_bytes(1000, 4, "int4"), tensor_bytes(1001, 4, "int4"), tensor_bytes(1000, 8, "int4")
-        (500, 501, 1000)
+        >>> [tensor_bytes(n, b, "int4") for n, b in ((1000, 4), (1001, 4), (1000, 8))]
+        [500, 501, 1000]
         >>> tensor_bytes(1000, 2, "packed", num_steps=16)   # 200 bytes of trits + 16 float32 steps
         264
     """

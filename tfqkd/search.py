@@ -109,7 +109,7 @@ class BitWidthSpace:
                       self.max_bytes, storage, self.choices, per_channel, frozen=list(self.fixed))
 
     def widths(self, hp) -> Dict[str, int]:
-        """The widths ``hp`` chooses, narrowed to the budget (``hp``: keras-tuner HyperParameters)."""
+        """The widths ``hp`` (keras-tuner HyperParameters) chooses, narrowed to the budget."""
         chosen = dict(self.fixed)
         for name in self.free:
             chosen[name] = hp.Choice(f"bits/{name}", self.choices)
@@ -181,7 +181,10 @@ class BitWidthTuner(_tuner_base()):
 
         widths = self.space.widths(trial.hyperparameters)
         q = self.quantized_student(widths)
-        steps = sum(1 for _ in self.train_data) * self.proxy_epochs
+        batches = int(self.train_data.cardinality())
+        if batches < 0:  # unknown (a filtered or generated pipeline): count it once
+            batches = sum(1 for _ in self.train_data)
+        steps = batches * self.proxy_epochs
         optimizer = make_optimizer("adam", self.learning_rate)
         callbacks = []
         if self.kd:

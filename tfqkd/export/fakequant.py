@@ -8,8 +8,9 @@ student's own range where it has a quantizer (calibrated elsewhere; pooling / re
 concatenation groups share one range; softmax / sigmoid / tanh outputs are pinned to TFLite's
 grids). Activations the student rounds at fewer bits (``activation_bits=4``: its ReLU outputs on
 ``[0, c]``) are int8 tensors whose step is the student's, ``c / (2^b - 1)``, clamped at ``c``
-by a MINIMUM (:class:`_LowBitActivation`): TFLite's kernels take no 4-bit activations. The student's ranges and levels are read here (``_student_*``); the levels come from
-the one reader of quantized weights, :mod:`tfqkd.qat_weights`.
+by a MINIMUM (:class:`_LowBitActivation`): TFLite's kernels take no 4-bit activations. The
+student's ranges and levels are read here (``_student_*``); the levels come from the one reader
+of quantized weights, :mod:`tfqkd.qat_weights`.
 
 Example:
     >>> fq = _FakeQuantActivation(0.0, 1.0, name="fq")
@@ -76,7 +77,8 @@ def _student_activation_bits(model: keras.Model) -> Dict[str, int]:
     """{inner layer name: bits} of every wrapped layer whose output quantizer rounds at < 8 bits.
 
     Those are :class:`~tfqkd.quantizers.ActivationQuantizer` outputs (ReLUs at
-    ``activation_bits``); the file must round them on the same coarse grid (:class:`_LowBitActivation`).
+    ``activation_bits``); the file must round them on the same coarse grid
+    (:class:`_LowBitActivation`).
     """
     out = {}
     for layer in model.layers:
