@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from tfqkd.layer_bits import BitsSpec, resolve_layer_bits, weighted_layers
 from tfqkd.quantize_registry import FLOAT, first_and_last_layers
 from tfqkd.quantizers.symmetric import check_bits
 
-__all__ = ["STORAGES", "layer_widths", "tensor_bytes", "kernel_bytes"]
+__all__ = ["STORAGES", "layer_widths", "tensor_bytes", "kernel_shapes", "kernel_bytes"]
 
 #: Storage formats :func:`kernel_bytes` knows.
 STORAGES = ("int8", "int4", "packed")
@@ -76,22 +76,31 @@ def tensor_bytes(num_weights: int, bits: int, storage: str, num_steps: int = 1) 
     raise ValueError(f"storage {storage!r} unknown; choose one of {', '.join(STORAGES)}.")
 
 
-def kernel_bytes(model: keras.Model, widths: Mapping[str, int], storage: str,
-                 per_channel: Optional[bool] = None) -> int:
-    """Total bytes of the kernels of ``model``'s weighted layers at ``widths`` (by layer name).
-
-    ``per_channel`` only matters for ``"packed"`` (steps per output channel; default: per tensor,
-    as ``quantize_model``'s default). Every weighted layer must have a width.
-    """
-    missing = [layer.name for layer in weighted_layers(model) if layer.name not in widths]
-    if missing:
-        raise ValueError(f"widths has no bit-width for layer(s) {missing}; build it with "
-                         "layer_widths(model, weight_bits, ...).")
-    total = 0
+def kernel_shapes(model: keras.Model) -> Dict[str, Tuple[int, int]]:
+    """``{weighted layer name: (weights, output channels)}`` of ``model``'s kernels, in order
+    (a depthwise kernel ``(h, w, cin, mult)`` has ``cin * mult`` output channels)."""
+    out = {}
     for layer in weighted_layers(model):
         kernel = np.asarray(layer.weights[0].shape)
         channels = int(kernel[-1] if not isinstance(layer, keras.layers.DepthwiseConv2D)
                        else kernel[-2] * kernel[-1])
-        total += tensor_bytes(int(np.prod(kernel)), widths[layer.name], storage,
-                              num_steps=channels if per_channel else 1)
-    return total
+        out[layer.name] = (int(np.prod(kernel)), channels)
+    return out
+
+
+def kernel_bytes(model: keras.Model, widths: Mapping[str, int], storage: str,
+                 per_channel: Optional[bool] = None,
+                 shapes: Optional[Mapping[str, Tuple[int, int]]] = None) -> int:
+    """Total bytes of the kernels of ``model``'s weighted layers at ``widths`` (by layer name).
+
+    ``per_channel`` only matters for ``"packed"`` (steps per output channel; default: per tensor,
+    as ``quantize_model``'s default). Every weighted layer must have a width. ``shapes``:
+    :func:`kernel_shapes` of ``model``, when the caller has it already.
+    """
+    shapes = kernel_shapes(model) if shapes is None else shapes
+    missing = [name for name in shapes if name not in widths]
+    if missing:
+        raise ValueError(f"widths has no bit-width for layer(s) {missing}; build it with "
+                         "layer_widths(model, weight_bits, ...).")
+    return sum(tensor_bytes(n, widths[name], storage, num_steps=channels if per_channel else 1)
+               for name, (n, channels) in shapes.items())

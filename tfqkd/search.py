@@ -30,7 +30,7 @@ import numpy as np
 
 from tfqkd._io import atomic_write
 from tfqkd._keras import keras, tf
-from tfqkd.budget import STORAGES, kernel_bytes, layer_widths
+from tfqkd.budget import STORAGES, kernel_bytes, kernel_shapes, layer_widths, tensor_bytes
 from tfqkd.layer_bits import weighted_layers
 from tfqkd.quantize_registry import first_and_last_layers
 from tfqkd.quantizers.symmetric import check_bits
@@ -52,23 +52,23 @@ def fit_to_budget(model: keras.Model, widths: Mapping[str, int], max_bytes: int,
     choices = sorted({check_bits(b, "choices") for b in choices})
     if storage not in STORAGES:
         raise ValueError(f"storage {storage!r} unknown; choose one of {', '.join(STORAGES)}.")
+    shapes = kernel_shapes(model)  # once: each step below prices one layer's change only
     out = dict(widths)
-    order = [layer.name for layer in weighted_layers(model)]
 
-    def size(w):
-        return kernel_bytes(model, w, storage, per_channel=per_channel)
+    def layer_bytes(name: str, bits: int) -> int:
+        n, channels = shapes[name]
+        return tensor_bytes(n, bits, storage, num_steps=channels if per_channel else 1)
 
-    current = size(out)
+    current = kernel_bytes(model, out, storage, per_channel=per_channel, shapes=shapes)
     while current > max_bytes:
         best: Optional[Tuple[int, str, int]] = None
-        for name in order:
+        for name in shapes:
             if name in frozen:
                 continue
             lower = [b for b in choices if b < out[name]]
             if not lower:
                 continue
-            trial = dict(out, **{name: lower[-1]})
-            saved = current - size(trial)
+            saved = layer_bytes(name, out[name]) - layer_bytes(name, lower[-1])
             if saved > 0 and (best is None or saved > best[0]):
                 best = (saved, name, lower[-1])
         if best is None:
