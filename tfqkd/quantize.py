@@ -55,6 +55,7 @@ import tensorflow_model_optimization as tfmot
 # finalize_layer_states, INPUT_RANGE_WIDEN: re-exported, this module was their home before.
 from tfqkd._graph import finalize_layer_states, rebuild  # noqa: F401
 from tfqkd._keras import keras, tf
+from tfqkd.budget import layer_widths
 from tfqkd.layer_bits import BitsSpec, activation_layers, resolve_layer_bits, weighted_layers
 from tfqkd.qat_weights import _weight_vars, quantization_info, quantized_weights
 from tfqkd.quantize_configs import (
@@ -298,15 +299,13 @@ def quantize_model(
     chosen_bits = resolve_layer_bits(model, layer_bits, weighted_layers(model), "layer_bits")
     chosen_activation_bits = resolve_layer_bits(model, layer_activation_bits,
                                                 activation_layers(model), "layer_activation_bits")
-    kernel_bits: Dict[str, int] = {}
+    # Every kernel's width by the one rule tfqkd.budget prices (the user's per-layer widths win).
+    kernel_bits = layer_widths(model, weight_bits,
+                               None if first_last_bits == FLOAT else first_last_bits, chosen_bits)
     kept_float: Tuple[str, ...] = ()
-    if first_last_bits is not None:
+    if first_last_bits == FLOAT:
         first, last = first_and_last_layers(model)
-        if first_last_bits == FLOAT:
-            kept_float = tuple(name for name in first + last if name not in chosen_bits)
-        else:
-            kernel_bits = {name: first_last_bits for name in first + last}
-    kernel_bits.update(chosen_bits)  # the user's per-layer widths win
+        kept_float = tuple(name for name in first + last if name not in chosen_bits)
 
     registry_kwargs = dict(
         weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel,
