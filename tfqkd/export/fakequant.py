@@ -61,15 +61,21 @@ def _quantizer_range(quantizer, qvars) -> Optional[Tuple[float, float]]:
     return None
 
 
+def _output_quantizers(model: keras.Model) -> Iterable[Tuple[str, Any, Any]]:
+    """(inner layer name, output quantizer, its variables) of every wrapped layer with one."""
+    for layer in model.layers:
+        if _is_wrapper(layer) and getattr(layer, "_output_quantizers", None):
+            yield (layer.layer.name, layer._output_quantizers[0],  # noqa: SLF001 (tfmot API)
+                   getattr(layer, "_output_quantizer_vars", {}))
+
+
 def _student_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, float]]:
     """{inner layer name: (min, max) of its output quantizer} for every wrapped layer with one."""
     out = {}
-    for layer in model.layers:
-        if _is_wrapper(layer) and getattr(layer, "_output_quantizers", None):
-            r = _quantizer_range(layer._output_quantizers[0],  # noqa: SLF001 (tfmot API)
-                                 getattr(layer, "_output_quantizer_vars", {}))
-            if r is not None and np.isfinite(r).all() and r[1] > r[0]:
-                out[layer.layer.name] = r
+    for name, quantizer, qvars in _output_quantizers(model):
+        r = _quantizer_range(quantizer, qvars)
+        if r is not None and np.isfinite(r).all() and r[1] > r[0]:
+            out[name] = r
     return out
 
 
@@ -81,12 +87,10 @@ def _student_activation_bits(model: keras.Model) -> Dict[str, int]:
     (:class:`_LowBitActivation`).
     """
     out = {}
-    for layer in model.layers:
-        if _is_wrapper(layer) and getattr(layer, "_output_quantizers", None):
-            quantizer = layer._output_quantizers[0]  # noqa: SLF001 (tfmot API)
-            bits = getattr(quantizer, "bits", None)
-            if hasattr(quantizer, "clip_of") and isinstance(bits, int) and bits < 8:
-                out[layer.layer.name] = bits
+    for name, quantizer, _ in _output_quantizers(model):
+        bits = getattr(quantizer, "bits", None)
+        if hasattr(quantizer, "clip_of") and isinstance(bits, int) and bits < 8:
+            out[name] = bits
     return out
 
 
