@@ -110,11 +110,42 @@ def _np_errors(w, bits, steps):
     return np.sum((a - d * n) ** 2, axis=1)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
-def test_l2_step_is_near_the_brute_force_optimum(bits):
-    w = np.random.default_rng(bits).laplace(size=2000).astype(np.float32)
-    best = _np_errors(w, bits, np.geomspace(0.002, 3.0, 3000)).min()
-    assert _err(w, bits, l2_optimal_step(w, bits)) <= best * (1.005 if bits <= 3 else 1.15)
+#: Measured (3 seeds x 3 distributions, 2,000 weights): at most 0.94 % above the grid at 5-8 bits
+#: (the former 8-candidate search: up to 8.7 %).
+HIGH_BIT_TOLERANCE = 1.02
+
+
+def _fine_grid_error(w, bits):
+    """Least Eq. (2) error over a fine grid: 20,000 geometric steps from 1e-3·RMS to 1.5·max|w|
+    (every step that matters at 1-8 bits), then 2,000 linear ones between the best's neighbours."""
+    a = np.abs(w.astype(np.float64))
+    grid = np.geomspace(1e-3 * np.sqrt(np.mean(a ** 2)), 1.5 * a.max(), 20_000)
+    errs = np.concatenate([_np_errors(w, bits, g) for g in np.array_split(grid, 100)])
+    i = int(np.argmin(errs))
+    return min(errs[i], _np_errors(w, bits, np.linspace(grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)], 2000)).min())
+
+
+_DRAWS = {"gaussian": lambda rng: rng.normal(size=2000), "laplace": lambda rng: rng.laplace(size=2000),
+          "student_t3": lambda rng: rng.standard_t(3, size=2000)}
+
+
+@pytest.mark.parametrize("dist", sorted(_DRAWS))
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_l2_step_is_within_0_1_percent_of_a_fine_grid(bits, dist):
+    # The former 8-candidate search missed this at 3 and 4 bits (0.3-0.4 % above the grid).
+    for seed in range(3):
+        w = _DRAWS[dist](np.random.default_rng([seed, bits])).astype(np.float32)
+        found = _np_errors(w, bits, [float(l2_optimal_step(w, bits))])[0]
+        assert found <= _fine_grid_error(w, bits) * 1.001, seed
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7, 8])
+def test_l2_step_is_near_a_fine_grid_at_high_bit_widths(bits):
+    # Where the error is small and bumpy in the step; measured in tools/benchmark_l2_step.py.
+    for dist in sorted(_DRAWS):
+        w = _DRAWS[dist](np.random.default_rng([0, bits])).astype(np.float32)
+        found = _np_errors(w, bits, [float(l2_optimal_step(w, bits))])[0]
+        assert found <= _fine_grid_error(w, bits) * HIGH_BIT_TOLERANCE, dist
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

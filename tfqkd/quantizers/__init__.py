@@ -11,8 +11,8 @@ and a 1-bit weight one of ``{−Δ, +Δ}``.
 
 ``Δ`` comes from one of three rules:
 
-* ``"l2"`` (:func:`l2_optimal_step`): minimises ``‖w − Q(w)‖²`` by a batched candidate search
-  followed by Lloyd-style alternation (see the function for the algorithm);
+* ``"l2"`` (:func:`l2_optimal_step`): minimises ``‖w − Q(w)‖²`` by a batched coarse and fine
+  candidate search followed by Lloyd-style alternation (see the function for the algorithm);
 * ``"std"`` (:func:`std_step`): a fixed multiple of the weights' RMS, the multiple that is
   L2-optimal for Gaussian weights at that bit-width (:data:`GAUSSIAN_STEP_RATIO`);
 * ``"learned"``: an LSQ-style trainable ``Δ`` (Esser et al. 2020), initialised with the L2 step.
@@ -42,6 +42,7 @@ from tfqkd.quantizers.symmetric import (  # noqa: F401  (L2_*: module constants 
     GAUSSIAN_STEP_RATIO,
     L2_CANDIDATES,
     L2_ITERATIONS,
+    L2_REFINE_CANDIDATES,
     STEP_KINDS,
     check_bits,
     l2_optimal_step,

@@ -1,0 +1,165 @@
+"""Benchmark: accuracy and cost of ``l2_optimal_step`` against a fine grid and its former search.
+
+Accuracy. For Gaussian, Laplacian and Student-t(3) and t(2) weights (``--sizes`` weights per
+step, ``--seeds`` draws each) and every bit-width 2..8, the squared error ``‖w − Q(w)‖²`` of
+
+  (a) ``l2_optimal_step`` with its defaults,
+  (b) the former default search (``candidates=8, refine_candidates=0, iterations=4``),
+
+is compared with the least error on a fine grid, computed here in float64 NumPy without tfqkd:
+``--grid_points`` geometric steps from ``0.25·min`` to ``2·max`` of the std step and the
+no-clipping step ``max|w|/K``, then 2,000 linear steps between the grid neighbours of the best.
+The gap is ``error / grid error − 1`` (negative: better than the grid).
+
+Cost. Both searches are timed as ``tf.function`` s on typical kernels (per tensor and per
+output channel), interleaved call by call, and the ratio a/b is reported per kernel.
+
+Target (issue 25): gap <= 0.1 % at every bit-width, time ratio <= 2. The last line of output
+is one JSON object with every figure.
+
+Example:
+    CUDA_VISIBLE_DEVICES= python tools/benchmark_l2_step.py --seeds=1 --sizes=576 --repeats=3
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sizes", ["576", "2304", "9216"], "Weights per step (one step per draw).")
+flags.DEFINE_integer("seeds", 2, "Draws per distribution, size and bit-width.")
+flags.DEFINE_integer("grid_points", 20_000, "Points of the geometric reference grid.")
+flags.DEFINE_integer("repeats", 7, "Timing rounds per kernel (the median is reported).")
+flags.DEFINE_integer("calls", 20, "Calls per timing round.")
+
+#: The search before the fine stage was added (issue 25), for the side-by-side figures.
+FORMER = {"candidates": 8, "refine_candidates": 0, "iterations": 4}
+#: (kernel shape, step axis) timed: CIFAR ResNet 3x3 convs, a 1x1 expansion, a depthwise, a Dense.
+KERNELS = [((3, 3, 3, 16), None), ((3, 3, 16, 16), None), ((3, 3, 64, 64), None),
+           ((3, 3, 64, 64), -1), ((1, 1, 256, 1024), -1), ((3, 3, 96, 1), (2, 3)), ((64, 10), None)]
+DISTRIBUTIONS = ("gaussian", "laplace", "student_t3", "student_t2")
+
+
+def _draw(rng, dist: str, size: int):
+    if dist == "gaussian":
+        return rng.normal(size=size)
+    if dist == "laplace":
+        return rng.laplace(size=size)
+    return rng.standard_t(3 if dist == "student_t3" else 2, size=size)
+
+
+def _errors(absw, bits: int, steps):
+    """‖|w| − Δ·n‖² for each step Δ (float64, chunked), the quantizer written out in NumPy."""
+    import numpy as np
+
+    k = 2 ** (bits - 1) - 1
+    a = np.asarray(absw, np.float64)[None]
+    out = []
+    steps = np.asarray(steps, np.float64)
+    for chunk in np.array_split(steps, max(1, len(steps) // 200)):
+        d = chunk[:, None]
+        n = np.minimum(np.floor(a / d + 0.5), k)
+        out.append(np.sum((a - d * n) ** 2, axis=1))
+    return np.concatenate(out)
+
+
+def _grid_error(absw, bits: int, points: int) -> float:
+    import numpy as np
+
+    from tfqkd.quantizers import GAUSSIAN_STEP_RATIO
+
+    k = 2 ** (bits - 1) - 1
+    std = GAUSSIAN_STEP_RATIO[bits] * float(np.sqrt(np.mean(np.square(absw, dtype=np.float64))))
+    no_clip = float(absw.max()) / k
+    grid = np.geomspace(0.25 * min(std, no_clip), 2.0 * max(std, no_clip), points)
+    errs = _errors(absw, bits, grid)
+    i = int(np.argmin(errs))
+    local = np.linspace(grid[max(i - 1, 0)], grid[min(i + 1, points - 1)], 2000)
+    return float(min(errs.min(), _errors(absw, bits, local).min()))
+
+
+def _accuracy():
+    import numpy as np
+
+    from tfqkd.quantizers import l2_optimal_step
+
+    rows = []
+    for dist in DISTRIBUTIONS:
+        for size in [int(s) for s in FLAGS.sizes]:
+            for seed in range(FLAGS.seeds):
+                rng = np.random.default_rng([seed, size, DISTRIBUTIONS.index(dist)])
+                w = _draw(rng, dist, size).astype(np.float32)
+                for bits in range(2, 9):
+                    ref = _grid_error(np.abs(w), bits, FLAGS.grid_points)
+                    gaps = {}
+                    for name, kwargs in (("default", {}), ("former", FORMER)):
+                        step = float(l2_optimal_step(w, bits, **kwargs))
+                        gaps[name] = float(_errors(np.abs(w), bits, [step])[0] / ref - 1.0)
+                    rows.append({"dist": dist, "size": size, "seed": seed, "bits": bits, **gaps})
+    return rows
+
+
+def _timing():
+    import numpy as np
+
+    from tfqkd._keras import tf
+    from tfqkd.quantizers import l2_optimal_step
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for bits in (2, 4, 8):
+        for shape, axis in KERNELS:
+            w = tf.constant(rng.laplace(size=shape).astype(np.float32))
+            fns = {name: tf.function(lambda w, kw=kwargs: l2_optimal_step(w, bits, axis=axis, **kw))
+                   for name, kwargs in (("default", {}), ("former", FORMER))}
+            times = {name: [] for name in fns}
+            for fn in fns.values():
+                fn(w)  # trace
+            for r in range(FLAGS.repeats):
+                for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                    t0 = time.perf_counter()
+                    for _ in range(FLAGS.calls):
+                        fns[name](w)
+                    times[name].append((time.perf_counter() - t0) / FLAGS.calls * 1e3)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            rows.append({"bits": bits, "shape": list(shape), "axis": axis, "default_ms": med["default"],
+                         "former_ms": med["former"], "ratio": med["default"] / med["former"]})
+    return rows
+
+
+def main(argv):
+    del argv
+    acc = _accuracy()
+    print("| bits | worst gap, default | worst gap, former | draws |")
+    print("|---|---|---|---|")
+    worst = {}
+    for bits in range(2, 9):
+        sel = [r for r in acc if r["bits"] == bits]
+        worst[bits] = {"default": max(r["default"] for r in sel), "former": max(r["former"] for r in sel)}
+        print(f"| {bits} | {100 * worst[bits]['default']:.3f} % | {100 * worst[bits]['former']:.3f} % "
+              f"| {len(sel)} |")
+    timing = _timing()
+    print("\n| bits | kernel | axis | default ms | former ms | ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in timing:
+        print(f"| {r['bits']} | {tuple(r['shape'])} | {r['axis']} | {r['default_ms']:.3f} "
+              f"| {r['former_ms']:.3f} | {r['ratio']:.2f} |")
+    ratios = [r["ratio"] for r in timing]
+    print(json.dumps({
+        "worst_gap": worst,
+        "time_ratio": {"median": statistics.median(ratios), "max": max(ratios)},
+        "targets": {"gap": 1e-3, "time_ratio": 2.0},
+        "accuracy": acc, "timing": timing,
+    }))
+
+
+if __name__ == "__main__":
+    app.run(main)
