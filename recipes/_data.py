@@ -40,6 +40,8 @@ class Data:
     steps_per_epoch: int
     num_train: int
     num_test: int
+    #: Held-out training images (``load_data(validation=f)``), else None.
+    validation: Optional[tf.data.Dataset] = None
 
 
 def _count(ds: tf.data.Dataset) -> int:
@@ -80,11 +82,15 @@ def data_kwargs_for_model(model: keras.Model, *, data_dir: Optional[str] = None,
     return kw
 
 
-def load_data(cfg: Config, *, augment: Optional[bool] = None) -> Data:
+def load_data(cfg: Config, *, augment: Optional[bool] = None,
+              validation: Optional[float] = None) -> Data:
     """Loads ``cfg.dataset`` train/test pipelines via ``tfqkd.data.load_dataset``.
 
     Training batches drop the remainder (stable batch-norm statistics and equal replica shares);
-    test batches keep every image.
+    test batches keep every image. ``validation=f`` holds out that fraction of the training
+    images, class by class (``tfqkd.data.load_dataset(validation=f)``), as ``Data.validation``
+    (every held-out image, also with ``cfg.subset``, which then picks among the rest; no
+    augmentation) and leaves them out of ``train``.
     """
     from tfqkd import data as tdata
 
@@ -94,7 +100,12 @@ def load_data(cfg: Config, *, augment: Optional[bool] = None) -> Data:
                      subset_seed=getattr(cfg, "subset_seed", None),
                      normalization=input_normalization(cfg), **source_kw)
     train = tdata.load_dataset(cfg.dataset, "train", augment=augment, subset=cfg.subset,
-                               drop_remainder=True, **common_kw)
+                               drop_remainder=True, validation=validation, **common_kw)
+    held_out = None
+    if validation is not None:
+        # Every held-out image: ``subset`` chooses among the images left for training.
+        held_out = tdata.load_dataset(cfg.dataset, "validation", validation=validation,
+                                      augment=False, shuffle=False, **common_kw)
     test = tdata.load_dataset(cfg.dataset, "test", subset=getattr(cfg, "test_subset", None),
                               **common_kw)
     steps = _count(train)
@@ -104,7 +115,7 @@ def load_data(cfg: Config, *, augment: Optional[bool] = None) -> Data:
             f"one batch (batch_size={cfg.batch_size}); lower --batch_size or raise --subset.")
     num_train = steps * cfg.batch_size
     num_test = sum(int(y.shape[0]) for _, y in test)
-    return Data(train, test, info, steps, num_train, num_test)
+    return Data(train, test, info, steps, num_train, num_test, held_out)
 
 
 def is_model_name(spec: Any) -> bool:

@@ -70,19 +70,26 @@ def make_trial_data(
     batch_size: int = 64,
     data_dir: Optional[str] = None,
     subset: Optional[int] = None,
-    validation_split: str = "test",
+    validation: Optional[float] = 0.1,
+    validation_split: str = "validation",
     seed: int = 0,
 ) -> TrialData:
     """Loads a data set through :func:`tfqkd.data.load_dataset` for tuning.
 
+    Trials are compared on ``validation``, never on ``test``: by default 10 % of the training
+    images, held out class by class and left out of ``train``.
+
     Args:
-        name: ``digits``, ``cifar10`` or ``cifar100``.
+        name: A :mod:`tfqkd.data` name: ``digits``, ``cifar10``, ``cifar100``, ``folder:PATH``,
+            ``npz:PATH``, ``tfds:NAME``.
         batch_size: Batch size of every split.
         data_dir: Offline data location (see :mod:`tfqkd.data`).
-        subset: Use only this many training examples (quick sweeps).
-        validation_split: Split the objective is measured on. The built-in sets have only
-            ``train`` and ``test``, so by default validation accuracy is measured on the test
-            split; pass another split name when your data has one.
+        subset: Use only this many of the training images left after the hold-out (quick
+            sweeps); the validation split keeps every held-out image.
+        validation: Fraction of the training images held out as the validation split; ``None``
+            uses the source's own ``validation_split``.
+        validation_split: With ``validation=None``, the source's split the objective is
+            measured on.
         seed: Shuffling / augmentation seed.
 
     Example:
@@ -94,17 +101,14 @@ def make_trial_data(
 
     info = data_lib.dataset_info(name)
     common = dict(data_dir=data_dir, batch_size=batch_size)
-    train = data_lib.load_dataset(name, "train", subset=subset, seed=seed, **common)
+    train = data_lib.load_dataset(name, "train", subset=subset, seed=seed,
+                                  validation=validation, **common)
     test = data_lib.load_dataset(name, "test", augment=False, shuffle=False, **common)
-    if validation_split == "test":
-        validation = test
-    else:
-        validation = data_lib.load_dataset(
-            name, validation_split, augment=False, shuffle=False, **common
-        )
+    held_out = data_lib.load_dataset(name, "validation" if validation else validation_split,
+                                     validation=validation, augment=False, shuffle=False, **common)
     info_get = info.get if isinstance(info, Mapping) else (lambda k: getattr(info, k))
     return TrialData(
-        train=train, validation=validation, test=test,
+        train=train, validation=held_out, test=test,
         num_classes=int(info_get("num_classes")),
         input_shape=tuple(int(d) for d in info_get("input_shape")), name=name,
     )
