@@ -94,11 +94,8 @@ def load_data(cfg: Config, *, augment: Optional[bool] = None,
     """
     from tfqkd import data as tdata
 
-    source_kw = data_source_kwargs(cfg)
-    info = tdata.dataset_info(cfg.dataset, **source_kw)
-    common_kw = dict(batch_size=cfg.batch_size, seed=cfg.seed,
-                     subset_seed=getattr(cfg, "subset_seed", None),
-                     normalization=input_normalization(cfg), **source_kw)
+    info = tdata.dataset_info(cfg.dataset, **data_source_kwargs(cfg))
+    common_kw = _pipeline_kwargs(cfg)
     train = tdata.load_dataset(cfg.dataset, "train", augment=augment, subset=cfg.subset,
                                drop_remainder=True, validation=validation, **common_kw)
     held_out = None
@@ -116,6 +113,23 @@ def load_data(cfg: Config, *, augment: Optional[bool] = None,
     num_train = steps * cfg.batch_size
     num_test = sum(int(y.shape[0]) for _, y in test)
     return Data(train, test, info, steps, num_train, num_test, held_out)
+
+
+def _pipeline_kwargs(cfg: Config) -> Dict[str, Any]:
+    """``tfqkd.data.load_dataset`` arguments every split of a run shares."""
+    return dict(batch_size=cfg.batch_size, seed=cfg.seed,
+                subset_seed=getattr(cfg, "subset_seed", None),
+                normalization=input_normalization(cfg), **data_source_kwargs(cfg))
+
+
+def clean_training_set(cfg: Config, *, validation: Optional[float] = None) -> tf.data.Dataset:
+    """The images a run trained on (the same ``subset``, and without the ``validation``
+    hold-out), every one, without augmentation or shuffling: what training accuracy is measured
+    on (the paper's over-fitting analysis compares it with test accuracy)."""
+    from tfqkd import data as tdata
+
+    return tdata.load_dataset(cfg.dataset, "train", augment=False, shuffle=False,
+                              subset=cfg.subset, validation=validation, **_pipeline_kwargs(cfg))
 
 
 def is_model_name(spec: Any) -> bool:

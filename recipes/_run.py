@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any, Dict, Iterable, Mapping, Optional
 
-from recipes._data import Data, load_data
+from recipes._data import Data, clean_training_set, load_data
 from recipes._options import Config, _validate
 from recipes._output import OutputDir, make_strategy
 from recipes._train import evaluate_accuracy
@@ -141,8 +141,10 @@ def finish_run(run: Run, model: keras.Model, label: str, *,
                note: str = "") -> Dict[str, Any]:
     """Evaluates, saves (and optionally exports) ``model``, then writes ``results.json``.
 
-    ``results.json`` gets ``test_accuracy`` of ``model`` on the test split plus ``metrics``,
-    and ``model``, ``num_train``, ``num_test`` plus ``extra`` (see :func:`write_results`).
+    ``results.json`` gets ``test_accuracy`` of ``model`` on the test split, ``train_accuracy``
+    on the images it trained on without augmentation (:func:`clean_training_set`), plus
+    ``metrics``, and ``model``, ``num_train``, ``num_test`` plus ``extra`` (see
+    :func:`write_results`).
     ``export_mode`` other than ``"none"``: the chief first writes and verifies a ``.tflite``
     (full-integer modes align the student's biases with the file, see :func:`export_and_verify`).
     """
@@ -152,9 +154,12 @@ def finish_run(run: Run, model: keras.Model, label: str, *,
         # Before evaluating and saving: an integer export aligns the student's biases.
         extra.update(export_and_verify(model, run.out, run.data, export_mode))
     acc = evaluate_accuracy(model, run.data.test)
+    train_acc = evaluate_accuracy(model, clean_training_set(run.cfg))
     run.out.save_model(model)
-    res = write_results(run.out, run.cfg, {"test_accuracy": acc, **(metrics or {})},
+    res = write_results(run.out, run.cfg,
+                        {"test_accuracy": acc, "train_accuracy": train_acc, **(metrics or {})},
                         {"model": model.name, "num_train": run.data.num_train,
                          "num_test": run.data.num_test, **extra})
-    log(f"{label} test accuracy {acc:.4f}{note} -> {run.out.root}")
+    log(f"{label} test accuracy {acc:.4f} (training images {train_acc:.4f}){note} -> "
+        f"{run.out.root}")
     return res

@@ -122,8 +122,9 @@ from recipes._output import (RUN_MARKERS, OutputDir, check_deletable, is_chief, 
                              make_strategy)
 from recipes._train import (EpochLogger, HistoryLogger, ScalarSummaries,  # noqa: F401
                             evaluate_accuracy, fit_with_resume)
-from recipes._data import (RAW_PIXELS, Data, _info_get, data_kwargs_for_model,  # noqa: F401
-                           data_source_kwargs, input_normalization, is_model_name, load_data)
+from recipes._data import (RAW_PIXELS, Data, _info_get, clean_training_set,  # noqa: F401
+                           data_kwargs_for_model, data_source_kwargs, input_normalization,
+                           is_model_name, load_data)
 from recipes._build import (adapt_teacher, build_model, coefficient_scheduler,  # noqa: F401
                             compile_classifier, compile_distiller, load_or_build_model,
                             load_or_build_student, load_teachers, make_distiller,
@@ -142,7 +143,7 @@ __all__ = [
     # training (_train)
     "fit_with_resume", "evaluate_accuracy", "HistoryLogger", "EpochLogger", "ScalarSummaries",
     # models and data (tfqkd.training, _data, _build)
-    "load_model", "is_model_name", "Data", "load_data", "data_source_kwargs",
+    "load_model", "is_model_name", "Data", "load_data", "clean_training_set", "data_source_kwargs",
     "data_kwargs_for_model", "RAW_PIXELS", "input_normalization", "adapt_teacher",
     "load_or_build_model", "build_model", "load_or_build_student", "make_lr_schedule",
     "make_optimizer", "compile_classifier", "load_teachers", "make_distiller",

@@ -142,16 +142,14 @@ def _paths(cfg: common.Config) -> Dict[str, str]:
 def load_trial_data(cfg: common.Config) -> tuning.TrialData:
     """The sweep's data, loaded as every recipe loads it (``common.load_data``), with
     ``--validation`` of the training images held out as the split trials are compared on."""
-    if cfg.validation:
-        data = common.load_data(cfg, validation=cfg.validation)
-        validation = data.validation
-    else:
+    held_out = cfg.validation or None
+    if held_out is None:
         common.log("--validation=0: trials are compared on the test split (no hold-out)")
-        data = common.load_data(cfg)
-        validation = data.test
+    data = common.load_data(cfg, validation=held_out)
     info = data.info
     return tuning.TrialData(
-        train=data.train, validation=validation, test=data.test,
+        train=data.train, validation=data.validation if held_out else data.test, test=data.test,
+        clean_train=common.clean_training_set(cfg, validation=held_out),
         num_classes=int(common._info_get(info, "num_classes")),
         input_shape=tuple(int(d) for d in common._info_get(info, "input_shape")),
         name=cfg.dataset,

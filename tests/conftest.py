@@ -72,8 +72,9 @@ def packed_ternary_bits(kernels, per_channel: bool = False) -> float:
     return bits / sum(k.size for k in kernels)
 
 
-def run_test_set(run_dir):
-    """The test images and labels a recipe run evaluated on (from its run_config.json), as numpy."""
+def run_test_set(run_dir, split: str = "test"):
+    """The images and labels a recipe run evaluated on (from its run_config.json), as numpy:
+    its test images, or with ``split="train"`` the images it trained on, unaugmented."""
     import json
 
     import numpy as np
@@ -82,15 +83,17 @@ def run_test_set(run_dir):
     from tfqkd import data
 
     cfg = common.Config(**json.loads((pathlib.Path(run_dir) / "run_config.json").read_text()))
-    test = data.load_dataset(cfg.dataset, "test", subset=cfg.test_subset, batch_size=256,
-                             seed=cfg.seed, subset_seed=getattr(cfg, "subset_seed", None),
-                             **common.data_source_kwargs(cfg))
-    batches = list(test.as_numpy_iterator())
+    subset = cfg.test_subset if split == "test" else cfg.subset
+    images = data.load_dataset(cfg.dataset, split, subset=subset, batch_size=256, seed=cfg.seed,
+                               subset_seed=getattr(cfg, "subset_seed", None), augment=False,
+                               shuffle=False, **common.data_source_kwargs(cfg))
+    batches = list(images.as_numpy_iterator())
     return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
 
-def saved_model_accuracy(run_dir, model: str = "model") -> float:
-    """Top-1 accuracy of a recipe run's saved ``run_dir/<model>/`` on the run's test images.
+def saved_model_accuracy(run_dir, model: str = "model", split: str = "test") -> float:
+    """Top-1 accuracy of a recipe run's saved ``run_dir/<model>/`` on the run's test images (or
+    with ``split="train"`` its unaugmented training images).
 
     Computed here in numpy from the model's predictions, to check the accuracy a run reports
     against the model it saved (the run's own figure comes from ``common.evaluate_accuracy``).
@@ -99,7 +102,7 @@ def saved_model_accuracy(run_dir, model: str = "model") -> float:
 
     from recipes import common
 
-    x, y = run_test_set(run_dir)
+    x, y = run_test_set(run_dir, split)
     net = common.load_model(str(pathlib.Path(run_dir) / model))
     pred = np.concatenate([np.argmax(net(x[i:i + 256], training=False).numpy(), -1)
                            for i in range(0, len(x), 256)])

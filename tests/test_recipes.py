@@ -47,11 +47,14 @@ def _assert_complete(run_dir):
     leftovers = [p for p in run_dir.rglob(".tmp-*")]
     assert not leftovers, f"temporary files left behind: {leftovers}"
     res = json.loads((run_dir / "results.json").read_text())
-    for key in ("test_accuracy", "flags", "versions", "wall_time_s"):
+    for key in ("test_accuracy", "train_accuracy", "flags", "versions", "wall_time_s"):
         assert key in res
     assert set(res["versions"]) == {"python", "tensorflow", "tf_keras", "tfmot", "tfqkd"}
-    # The reported accuracy is the saved model's: recomputed here from its predictions.
+    # The reported accuracies are the saved model's: recomputed here from its predictions, on
+    # the test images and on the (unaugmented) images it trained on.
     assert res["test_accuracy"] == pytest.approx(saved_model_accuracy(run_dir), abs=1e-9)
+    assert res["train_accuracy"] == pytest.approx(
+        saved_model_accuracy(run_dir, split="train"), abs=1e-9)
     return res
 
 

@@ -241,10 +241,12 @@ def test_smoke_grid_writes_rows_and_figures_resumes_and_replots(tmp_path, monkey
     assert result["trials"] == 8 and result["baseline_test_accuracy"] > 0.3
     # val_accuracy counts right answers among the held-out training digits, test_accuracy among
     # the 360 test digits; the best trial is chosen on the former.
-    num_held_out = len(_images(sweep.load_trial_data(cfg).validation))
-    assert num_held_out != 360
+    trial_data = sweep.load_trial_data(cfg)
+    num_held_out, num_trained_on = len(_images(trial_data.validation)), len(_images(trial_data.clean_train))
+    assert num_held_out != 360 and num_held_out + num_trained_on == 1437
     for r in rows:
-        for metric, count in (("val_accuracy", num_held_out), ("test_accuracy", 360)):
+        for metric, count in (("val_accuracy", num_held_out), ("test_accuracy", 360),
+                              ("train_accuracy", num_trained_on)):
             assert r[metric] * count == pytest.approx(round(r[metric] * count), abs=1e-6), (metric, r)
     assert result["best_metric"] == "val_accuracy"
     assert result["best"]["val_accuracy"] == max(r["val_accuracy"] for r in rows)

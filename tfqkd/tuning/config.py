@@ -25,7 +25,8 @@ HYPERPARAMETERS: Tuple[str, ...] = (
     "epochs",
 )
 #: Columns a finished trial reports.
-METRICS: Tuple[str, ...] = ("val_accuracy", "test_accuracy", "teacher_accuracy", "wall_time")
+METRICS: Tuple[str, ...] = ("val_accuracy", "test_accuracy", "train_accuracy", "teacher_accuracy",
+                             "wall_time")
 #: Coefficient schedules: fixed λ, or coefficient reducing (λ linear from its value to 0).
 SCHEDULES: Tuple[str, ...] = ("constant", "linear")
 #: Teacher key of the hard-label baseline (no distillation).

@@ -47,6 +47,9 @@ class TrialData:
         num_classes: Number of classes.
         input_shape: Shape of one image.
         name: Data set name, for reports.
+        clean_train: The training images without augmentation or shuffling, where
+            ``train_accuracy`` is measured (the paper's over-fitting analysis); ``None``: not
+            measured (NaN).
     """
 
     train: tf.data.Dataset
@@ -55,6 +58,7 @@ class TrialData:
     num_classes: int
     input_shape: Tuple[int, ...]
     name: str = "custom"
+    clean_train: Optional[tf.data.Dataset] = None
 
     def steps_per_epoch(self) -> int:
         """Number of training batches per epoch (counted once if the pipeline does not know)."""
@@ -106,11 +110,14 @@ def make_trial_data(
     test = data_lib.load_dataset(name, "test", augment=False, shuffle=False, **common)
     held_out = data_lib.load_dataset(name, "validation" if validation else validation_split,
                                      validation=validation, augment=False, shuffle=False, **common)
+    clean_train = data_lib.load_dataset(name, "train", subset=subset, seed=seed, augment=False,
+                                        shuffle=False, validation=validation, **common)
     info_get = info.get if isinstance(info, Mapping) else (lambda k: getattr(info, k))
     return TrialData(
         train=train, validation=held_out, test=test,
         num_classes=int(info_get("num_classes")),
         input_shape=tuple(int(d) for d in info_get("input_shape")), name=name,
+        clean_train=clean_train,
     )
 
 
@@ -412,8 +419,9 @@ def run_trial_config(
             with its optimizer reset (saves seconds per trial; same starting point).
 
     Returns:
-        ``{"val_accuracy", "test_accuracy", "teacher_accuracy" (NaN for the baseline),
-        "wall_time" (seconds), "epochs"}``.
+        ``{"val_accuracy", "test_accuracy", "train_accuracy" (on ``data.clean_train``, NaN
+        without it), "teacher_accuracy" (NaN for the baseline), "wall_time" (seconds),
+        "epochs"}``.
 
     Example:
         >>> data = make_trial_data("digits")  # doctest: +SKIP
@@ -465,6 +473,8 @@ def run_trial_config(
         "test_accuracy": (
             evaluate_accuracy(student, data.test) if data.test is not data.validation else None
         ),
+        "train_accuracy": (evaluate_accuracy(student, data.clean_train)
+                           if data.clean_train is not None else float("nan")),
         "teacher_accuracy": teacher_accuracy,
     }
     if metrics["test_accuracy"] is None:
