@@ -423,3 +423,14 @@ def test_recipe_killed_in_co_studying_resumes_in_co_studying(tmp_path):
     assert results["phases"]["tu"]["teacher_accuracy"] == pytest.approx(teacher_acc, abs=1e-6)
     assert results["precise_bn"]["layers"] > 0  # default: the tutored student's BN re-estimated
     assert (out / "model" / "model.h5").exists() and (out / "teacher" / "model.h5").exists()
+
+
+def test_recipe_defaults_are_qkd_w4a4_with_the_learned_step_and_old_runs_keep_theirs():
+    from recipes import qkd as qkd_recipe
+
+    cfg = qkd_recipe.make_config("paper")
+    assert (cfg.weight_bits, cfg.activation_bits, cfg.step) == (4, 4, "learned")
+    # A run recorded before (W2, float activations, l2 step) resumes with those values.
+    former = {o.name: tuple(o.former_defaults) for o in qkd_recipe.OPTIONS
+              if o.name in ("weight_bits", "activation_bits", "step")}
+    assert former == {"weight_bits": (2,), "activation_bits": (None,), "step": ("l2",)}
