@@ -284,3 +284,39 @@ def test_compare_peers_smoke_contract_and_resume(tmp_path):
     assert again["ran"] == [] and again["skipped"] == first["ran"]
     assert (out / "results.csv").read_bytes() == before
     assert again["rows"] == first["rows"]
+
+
+def test_kerasio_peer_trains_on_the_keras_io_objective():
+    """tools/peers/kerasio.py (the KD peer of benchmark_distill and compare_peers): its loss is
+    alpha * CE + (1 - alpha) * tau^2 * KL(p_t || p_s), plus the student's L2 with
+    regularization=True, written out here in NumPy."""
+    from tools.peers.kerasio import KerasIODistiller
+
+    from tfqkd._keras import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    student = keras.Sequential([keras.Input((5,)), keras.layers.Dense(
+        3, kernel_regularizer=keras.regularizers.l2(0.1), kernel_initializer="glorot_normal")])
+    teacher = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
+    s, t = student(x).numpy().astype(np.float64), teacher(x).numpy().astype(np.float64)
+    kernel = student.layers[0].kernel.numpy().astype(np.float64)
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    alpha, tau = 0.3, 4.0
+    ce = -np.mean(np.log(softmax(s)[np.arange(6), y]))
+    p_t, p_s = softmax(t / tau), softmax(s / tau)
+    kl = np.mean(np.sum(p_t * np.log(p_t / p_s), -1))
+    for regularization, reg in ((False, 0.0), (True, 0.1 * np.sum(kernel ** 2))):
+        peer = KerasIODistiller(student, teacher, regularization=regularization)
+        peer.compile(keras.optimizers.SGD(0.0), metrics=None,
+                     student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                     distillation_loss_fn=keras.losses.KLDivergence(), alpha=alpha,
+                     temperature=tau)
+        logs = peer.train_on_batch(x, y, return_dict=True)
+        assert logs["loss"] == pytest.approx(alpha * ce + (1 - alpha) * tau ** 2 * kl + reg,
+                                             rel=1e-5)

@@ -75,6 +75,8 @@ def main(argv):
     del argv
     import numpy as np
 
+    from peers.kerasio import KerasIODistiller
+
     import tfqkd
     from tfqkd import models
     from tfqkd._keras import keras, tf
@@ -128,38 +130,6 @@ def main(argv):
     live.compile(optimizer(), metrics=["accuracy"])
     live_teacher_fn = live.make_train_function()
     live_teacher_it = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
-
-    class KerasIODistiller(keras.Model):
-        """The keras.io "Knowledge Distillation" example's Distiller (Keras 2 version)."""
-
-        def __init__(self, student, teacher):
-            super().__init__()
-            self.teacher, self.student = teacher, student
-
-        def compile(self, optimizer, metrics, student_loss_fn, distillation_loss_fn, alpha,
-                    temperature):
-            super().compile(optimizer=optimizer, metrics=metrics)
-            self.student_loss_fn, self.distillation_loss_fn = student_loss_fn, distillation_loss_fn
-            self.alpha, self.temperature = alpha, temperature
-
-        def train_step(self, data):
-            x, y = data
-            teacher_predictions = self.teacher(x, training=False)
-            with tf.GradientTape() as tape:
-                student_predictions = self.student(x, training=True)
-                student_loss = self.student_loss_fn(y, student_predictions)
-                distillation_loss = self.distillation_loss_fn(
-                    tf.nn.softmax(teacher_predictions / self.temperature, axis=1),
-                    tf.nn.softmax(student_predictions / self.temperature, axis=1),
-                ) * self.temperature ** 2
-                loss = self.alpha * student_loss + (1 - self.alpha) * distillation_loss
-            trainable_vars = self.student.trainable_variables
-            gradients = tape.gradient(loss, trainable_vars)
-            self.optimizer.apply_gradients(zip(gradients, trainable_vars))
-            self.compiled_metrics.update_state(y, student_predictions)
-            results = {m.name: m.result() for m in self.metrics}
-            results.update({"student_loss": student_loss, "distillation_loss": distillation_loss})
-            return results
 
     peer = KerasIODistiller(student, teacher)
     peer.compile(optimizer(), metrics=["accuracy"],

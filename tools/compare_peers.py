@@ -321,43 +321,12 @@ def student_for(row: Row, student_path: str):
     return tfqkd.quantize_model(model, **opts)
 
 
-def kerasio_distiller(student, teacher, temperature: float, alpha: float):
-    """The keras.io "Knowledge Distillation" example's Distiller (tf_keras), with the student's
-    regularization losses added so that its objective equals tfqkd's KD rows
-    (``alpha * CE + (1 - alpha) * tau^2 * KL``, alpha = 1 - lambda)."""
-    from tfqkd._keras import keras, tf
-
-    class Distiller(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.student, self.teacher = student, teacher
-            self.ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-            self.kl = keras.losses.KLDivergence()
-
-        def call(self, x, training=False):
-            return self.student(x, training=training)
-
-        def train_step(self, data):
-            x, y = data
-            t = self.teacher(x, training=False)
-            with tf.GradientTape() as tape:
-                s = self.student(x, training=True)
-                hard = self.ce(y, s)
-                soft = self.kl(tf.nn.softmax(t / temperature, axis=1),
-                               tf.nn.softmax(s / temperature, axis=1)) * temperature ** 2
-                loss = alpha * hard + (1 - alpha) * soft + tf.add_n(
-                    self.student.losses or [tf.constant(0.0)])
-            variables = self.student.trainable_variables
-            self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-            return {"loss": loss, "student_loss": hard, "distillation_loss": soft}
-
-    return Distiller()
-
-
 def run_tfqkd_env_row(name: str, seed: int, out: str, data: str, student_path: str,
                       teacher_path: str) -> Dict[str, Any]:
     """Trains row ``name`` with ``seed`` in this process; returns its results."""
     import numpy as np
+
+    from peers.kerasio import KerasIODistiller
 
     import tfqkd
     from tfqkd._keras import keras
@@ -381,8 +350,13 @@ def run_tfqkd_env_row(name: str, seed: int, out: str, data: str, student_path: s
         teacher = load_model(teacher_path)
         teacher.trainable = False
         if row.kind == "kerasio":
-            model = kerasio_distiller(student, teacher, FLAGS.temperature, 1 - FLAGS.coefficient)
-            model.compile(optimizer(total, FLAGS.learning_rate))
+            # The student's weight decay is added so that the objective equals the kd row's.
+            model = KerasIODistiller(student, teacher, regularization=True)
+            model.compile(optimizer(total, FLAGS.learning_rate), metrics=None,
+                          student_loss_fn=keras.losses.SparseCategoricalCrossentropy(
+                              from_logits=True),
+                          distillation_loss_fn=keras.losses.KLDivergence(),
+                          alpha=1 - FLAGS.coefficient, temperature=FLAGS.temperature)
         else:
             model = tfqkd.Distiller(student, teacher, temperature=FLAGS.temperature,
                                     coefficient=FLAGS.coefficient, temperature_squared=True)
