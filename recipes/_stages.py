@@ -16,6 +16,8 @@ Example:
 from __future__ import annotations
 
 from recipes import common
+from recipes._paper_rows import (PAPER_ROWS, apply_row, check_row_inputs, check_row_teacher,
+                                 row_record)
 from recipes.common import (KD_OPTIONS, QUANT_OPTIONS, QUANT_PRESETS, Option,
                             coefficient_scheduler, compile_classifier, compile_distiller,
                             load_teachers, make_distiller, precise_bn, quantize)
@@ -149,6 +151,11 @@ QD_OPTIONS = common.COMMON_OPTIONS + KD_OPTIONS + QUANT_OPTIONS + [
     Option("coefficient_end", 0.0, "Final λ of non-constant schedules (CR: 0).", "float"),
     Option("export", "none", "Export the quantized student to TFLite at the end: none, int8, "
            "int4, dynamic or float.", "enum", ("none", "int8", "int4", "dynamic", "float")),
+    Option("row", None, "A reported row of the paper by name (cifar10-w2, cifar100-w2-cr): sets "
+           "the options the paper states (results.json records each value's source: the paper "
+           "or our choice); needs --student and one --teacher of the row's width. The budget "
+           "(epochs, learning rate) comes from --preset: the paper gives none.", "enum",
+           tuple(sorted(PAPER_ROWS))),
 ]
 
 #: lr 0.01: retraining starts from a converged float model (common.QUANT_PRESETS).
@@ -162,7 +169,7 @@ def quantize_distill_config(preset: str = "paper", **overrides) -> common.Config
         >>> quantize_distill_config("smoke", teacher=["runs/t"], coefficient_schedule="linear").weight_bits
         2
     """
-    return common.make_config(QD_OPTIONS, QD_PRESETS, preset, **overrides)
+    return apply_row(common.make_config(QD_OPTIONS, QD_PRESETS, preset, **overrides))
 
 
 def _teachers_of(cfg) -> list:
@@ -174,17 +181,22 @@ def _teachers_of(cfg) -> list:
 
 def quantize_distill(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     """Runs Algorithm 1 as configured by ``cfg``; returns the content of results.json."""
+    cfg = apply_row(cfg)
+    check_row_inputs(cfg, _teachers_of(cfg))
     run_ = common.start_run(cfg, "runs/quantize_distill", strategy)
     if run_.finished is not None:
         return run_.finished
     data, strategy = run_.data, run_.strategy
     teacher_paths = _teachers_of(cfg)
-    extra: dict = {}
+    extra: dict = {"row": row_record(cfg)} if cfg.row else {}
     with strategy.scope():
         float_student, origin = common.load_or_build_student(cfg, data)
         student = quantize(float_student, cfg)
         if teacher_paths:
             teachers = load_teachers(teacher_paths, strategy, cfg, data.info)
+            check_row_teacher(cfg, teacher_paths[0], teachers[0],
+                              int(common._info_get(data.info, "num_classes")),
+                              tuple(common._info_get(data.info, "input_shape")))
             model = make_distiller(student, teachers, cfg)
             compile_distiller(model, cfg, data.steps_per_epoch)
         else:

@@ -536,3 +536,40 @@ def test_recipe_normalisation_and_teacher_input_adapter():
                                atol=1e-4)
     # Same convention: the teacher is used as it is.
     assert common.adapt_teacher(teacher, cfg.replace(student="efficientnet_b0"), info) is teacher
+
+
+def test_paper_rows_set_the_reported_settings_and_refuse_conflicts_and_wrong_models(tmp_path):
+    from recipes import _paper_rows
+    from recipes._stages import quantize_distill, quantize_distill_config
+    from tfqkd import models
+
+    # The reported rows as issue 22 reads the paper: CIFAR-10 WRN20x1.5 at τ = 10, CIFAR-100
+    # WRN20x1.7 at τ = 3 with coefficient reducing; 2-bit ResNet20, 92.7 % and 67.0 %.
+    c10 = quantize_distill_config("paper", row="cifar10-w2")
+    assert (c10.dataset, c10.weight_bits, c10.temperature, c10.coefficient_schedule) == (
+        "cifar10", 2, 10.0, "constant")
+    c100 = quantize_distill_config("paper", row="cifar100-w2-cr")
+    assert (c100.dataset, c100.temperature, c100.coefficient_schedule, c100.coefficient,
+            c100.coefficient_end) == ("cifar100", 3.0, "linear", 0.5, 0.0)
+    rows = _paper_rows.PAPER_ROWS
+    assert [rows[n].teacher_width.value for n in ("cifar10-w2", "cifar100-w2-cr")] == [1.5, 1.7]
+    assert [rows[n].reported_top1.value for n in ("cifar10-w2", "cifar100-w2-cr")] == [0.927, 0.670]
+    # The budget is ours, and recorded so.
+    record = _paper_rows.row_record(c10)
+    assert record["settings"]["epochs"]["source"].startswith("our choice")
+    assert record["settings"]["temperature"] == {"value": 10.0, "source": "paper"}
+    # An explicit flag may change what the paper leaves open, not what it states.
+    assert quantize_distill_config("paper", row="cifar10-w2", coefficient=0.3).coefficient == 0.3
+    with pytest.raises(ValueError, match="--temperature=4.0"):
+        quantize_distill_config("paper", row="cifar10-w2", temperature=4.0)
+    # Algorithm 1: a trained student and one teacher of the row's width, checked before anything
+    # is written.
+    out = tmp_path / "row"
+    with pytest.raises(ValueError, match="--student"):
+        quantize_distill(quantize_distill_config("paper", row="cifar10-w2", teacher=["t"],
+                                                 output_dir=str(out)))
+    assert not out.exists()
+    wrn = lambda w: models.wide_resnet20(w, 10, (32, 32, 3))  # noqa: E731
+    with pytest.raises(ValueError, match="WRN20x1.5"):
+        _paper_rows.check_row_teacher(c10, "t.h5", wrn(2.0), 10, (32, 32, 3))
+    _paper_rows.check_row_teacher(c10, "t.h5", wrn(1.5), 10, (32, 32, 3))
