@@ -132,7 +132,7 @@ _DRAWS = {"gaussian": lambda rng: rng.normal(size=2000), "laplace": lambda rng: 
 @pytest.mark.parametrize("dist", sorted(_DRAWS))
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_l2_step_is_within_0_1_percent_of_a_fine_grid(bits, dist):
-    # The former 8-candidate search missed this at 3 and 4 bits (0.3-0.4 % above the grid).
+    # The former 8-candidate search missed this at 3 and 4 bits (measured 0.35 % and 1.9 %).
     for seed in range(3):
         w = _DRAWS[dist](np.random.default_rng([seed, bits])).astype(np.float32)
         found = _np_errors(w, bits, [float(l2_optimal_step(w, bits))])[0]
