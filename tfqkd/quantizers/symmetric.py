@@ -124,8 +124,7 @@ def symmetric_quantize(w, bits: int, step) -> tf.Tensor:
         # stays NaN (w >= 0 is False for NaN, which would silently make it −Δ).
         return _keep_nan(w, tf.where(w >= 0.0, step, -step) * tf.ones_like(w))
     k = float(max_level(bits))
-    n = tf.minimum(tf.floor(tf.abs(w) / step + 0.5), k)
-    return tf.sign(w) * step * n
+    return tf.sign(w) * step * _levels(tf.abs(w), step, k)
 
 
 def _reduction_axes(rank: int, axis) -> Tuple[Optional[list], Optional[Tuple[int, ...]]]:
@@ -171,10 +170,15 @@ def _sum(x, reduce):
     return tf.reduce_sum(x, axis=reduce, keepdims=True)
 
 
+def _levels(absw: tf.Tensor, step: tf.Tensor, k: float) -> tf.Tensor:
+    """The level ``n`` of each weight for ``step``: the nearest one, clipped at ``K``."""
+    return tf.minimum(tf.floor(absw / step + 0.5), k)
+
+
 def _score_steps(absw: tf.Tensor, steps: tf.Tensor, k: float, c_reduce) -> tf.Tensor:
     """‖w − Q(w)‖² for each of the candidate steps ``steps`` (leading axis), in one batched op."""
-    n = tf.minimum(tf.floor(absw[None] / steps + 0.5), k)
-    return tf.reduce_sum(tf.square(absw[None] - steps * n), axis=c_reduce, keepdims=True)
+    return tf.reduce_sum(tf.square(absw[None] - steps * _levels(absw[None], steps, k)),
+                         axis=c_reduce, keepdims=True)
 
 
 def _pick(steps: tf.Tensor, errs: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -203,7 +207,8 @@ def _l2_step_keepdims(absw: tf.Tensor, bits: int, reduce, iterations: int, candi
     # 2. Fine search: a geometric grid one coarse spacing either side of the best coarse step.
     if refine_candidates > 0 and candidates > 1:
         spacing = tf.pow(hi / lo, 1.0 / (candidates - 1))
-        fine = best[None] * tf.pow(spacing[None], tf.reshape(tf.linspace(-1.0, 1.0, refine_candidates), shape))
+        offsets = tf.reshape(tf.linspace(-1.0, 1.0, refine_candidates), shape)
+        fine = best[None] * tf.pow(spacing[None], offsets)
         fine_best, fine_err = _pick(fine, _score_steps(absw, fine, k, c_reduce))
         best = tf.where(fine_err < best_err, fine_best, best)
         best_err = tf.minimum(fine_err, best_err)
@@ -212,13 +217,13 @@ def _l2_step_keepdims(absw: tf.Tensor, bits: int, reduce, iterations: int, candi
     # 3. Lloyd refinement from the best step.
     step = best
     for _ in range(iterations):
-        n = tf.minimum(tf.floor(absw / step + 0.5), k)  # assignment: nearest level for this Δ
+        n = _levels(absw, step, k)  # assignment: nearest level for this Δ
         num, den = _sum(absw * n, reduce), _sum(n * n, reduce)
         # refit: the least-squares Δ for these levels (keep Δ where every weight rounds to 0)
         step = tf.maximum(tf.where(den > 0.0, tf.math.divide_no_nan(num, den), step), _TINY)
     # Each round cannot increase the error in exact arithmetic; in float32 keep the better of
     # the two, so "l2 error <= std error" holds to the last bit (std is a candidate).
-    final_err = _sum(tf.square(absw - step * tf.minimum(tf.floor(absw / step + 0.5), k)), reduce)
+    final_err = _score_steps(absw, step[None], k, c_reduce)[0]
     return tf.where(final_err <= best_err, step, best)
 
 
