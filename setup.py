@@ -30,7 +30,7 @@ EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 CONSOLE_SCRIPTS = [
     f"tfqkd-{name.replace('_', '-')} = recipes.{name}:main"
     for name in ("train_teacher", "train_student", "quantize_distill", "qkd", "speq", "sweep",
-                 "quickstart")
+                 "search_bits", "quickstart")
 ]
 
 setup(

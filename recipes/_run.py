@@ -142,7 +142,8 @@ def finish_run(run: Run, model: keras.Model, label: str, *,
     """Evaluates, saves (and optionally exports) ``model``, then writes ``results.json``.
 
     ``results.json`` gets ``test_accuracy`` of ``model`` on the test split, ``train_accuracy``
-    on the images it trained on without augmentation (:func:`clean_training_set`), plus
+    on the images it trained on without augmentation (:func:`clean_training_set`; without a
+    ``cfg.validation`` hold-out), plus
     ``metrics``, and ``model``, ``num_train``, ``num_test`` plus ``extra`` (see
     :func:`write_results`).
     ``export_mode`` other than ``"none"``: the chief first writes and verifies a ``.tflite``
@@ -154,7 +155,9 @@ def finish_run(run: Run, model: keras.Model, label: str, *,
         # Before evaluating and saving: an integer export aligns the student's biases.
         extra.update(export_and_verify(model, run.out, run.data, export_mode))
     acc = evaluate_accuracy(model, run.data.test)
-    train_acc = evaluate_accuracy(model, clean_training_set(run.cfg))
+    # A recipe with a --validation hold-out trained without those images.
+    held_out = getattr(run.cfg, "validation", None) or None
+    train_acc = evaluate_accuracy(model, clean_training_set(run.cfg, validation=held_out))
     run.out.save_model(model)
     res = write_results(run.out, run.cfg,
                         {"test_accuracy": acc, "train_accuracy": train_acc, **(metrics or {})},

@@ -61,7 +61,7 @@ def _assert_complete(run_dir):
 #: The recipes (command lines); recipes/common.py and the private recipes/_*.py are their shared
 #: layer.
 RECIPE_NAMES = ("train_teacher", "train_student", "quantize_distill", "qkd", "speq", "sweep",
-                "quickstart")
+                "search_bits", "quickstart")
 
 
 def test_recipes_are_leaves_installed_as_commands_without_sys_path_edits():

@@ -1,6 +1,7 @@
 """Bit-width search: the budget as a hard constraint, a tiny keras-tuner search on digits with
 KD in the loop, and resuming from the tuner's directory."""
 
+import csv
 import json
 import os
 
@@ -95,3 +96,79 @@ def test_tiny_search_on_digits_respects_the_budget_and_resumes(tmp_path):
     for name, stamp in stamps.items():
         assert os.path.getmtime(os.path.join(again.project_dir, name)) == stamp, name
     assert json.load(open(os.path.join(again.project_dir, sorted(stamps)[0])))["kd"] is True
+
+
+# --------------------------------------------------------------------------------------------
+# recipes/search_bits.py: budget by hand, kill during the search, resume, export, archive
+# --------------------------------------------------------------------------------------------
+#: tiny_resnet's packed bytes at uniform 3 bits, first/last at 8, one float32 step per tensor,
+#: each tensor ceil(weights * bits / 8) + 4: stage1 convs 576 weights -> 216 + 4 (twice),
+#: stage2_block1_conv1 1,152 -> 436, stage2_block1_conv2 2,304 -> 868, the projection 128 -> 52,
+#: stem 72 at 8 bits -> 76, classifier 160 -> 164.
+TINY_PACKED_AT_3_BITS = 220 + 220 + 436 + 868 + 52 + 76 + 164
+
+
+def test_search_bits_recipe_resumes_after_a_kill_and_ships_the_budget(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, run_script, subprocess_env
+    from recipes import _stages
+
+    assert TINY_PACKED_AT_3_BITS == 2036
+    base = dict(dataset="digits", subset=None, test_subset=None, epochs=3, progress="none")
+    student, teacher = tmp_path / "student", tmp_path / "teacher"
+    _stages.train_student(_stages.student_config("smoke", **base, output_dir=str(student)))
+    _stages.train_teacher(_stages.teacher_config("smoke", **base, output_dir=str(teacher)))
+    out = tmp_path / "search"
+    args = ["--preset=smoke", f"--student={student}", f"--teacher={teacher}",
+            "--max_bytes_at_bits=3", "--storage=packed", "--max_trials=4", f"--output_dir={out}"]
+    script = REPO / "recipes" / "search_bits.py"
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+    project = out / "search" / "bits"
+    try:
+        # Killed once trial 1 has finished: trial 0 is then finished in the oracle too.
+        end = time.time() + 240
+        while not (project / "trial_1_widths.json").exists():
+            assert proc.poll() is None and time.time() < end, proc.communicate()[0][-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        first_log = proc.communicate()[0]
+    assert proc.returncode == -signal.SIGKILL, first_log[-2000:]
+    assert not (out / "results.json").exists()
+    stamp = os.path.getmtime(project / "trial_0_widths.json")
+
+    log = run_script(script, *args, timeout=300).stdout
+    assert "Reloading Tuner" in log
+    assert os.path.getmtime(project / "trial_0_widths.json") == stamp  # not trained again
+    res = json.loads((out / "results.json").read_text())
+    assert res["budget_bytes"] == TINY_PACKED_AT_3_BITS
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["trial_id"]) for r in rows) == [0, 1, 2, 3]
+    assert all(int(r["kernel_bytes"]) <= TINY_PACKED_AT_3_BITS for r in rows)
+    # The chosen trial is the best on validation, and the shipped archive holds exactly the
+    # bytes the budget priced.
+    best = max(rows, key=lambda r: float(r["val_accuracy"]))
+    assert json.loads(best["widths"]) == res["widths"]
+    assert res["packed"]["quantized_bytes"] == res["kernel_bytes"] == int(best["kernel_bytes"])
+    assert res["widths"]["stem_conv"] == res["widths"]["classifier"] == 8
+    assert (out / "pareto.png").is_file() and (out / "pareto.svg").is_file()
+    # The saved student holds each kernel at its chosen width; the int4 file matches it.
+    from tfqkd.quantize import quantization_info
+
+    info = quantization_info(tfqkd.training.load_model(str(out)))
+    assert {name: info[name]["bits"] for name in res["widths"]} == res["widths"]
+    assert res["export"]["weight_bits"] == {
+        name: 4 if bits <= 4 else 8 for name, bits in res["widths"].items()}
+    # Float activations calibrated by the converter and LiteRT's INT4 kernels (issue 20) keep
+    # this from exact; measured 0.981 and 0.992 on the 360 test digits.
+    assert res["parity"]["top1_agreement"] >= 0.95
+    # A rerun of the finished search trains nothing.
+    again = run_script(script, *args, timeout=120)
+    assert "is already complete" in again.stdout + again.stderr

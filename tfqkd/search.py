@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -133,7 +133,8 @@ class BitWidthTuner(_tuner_base()):
     Args:
         space: A :class:`BitWidthSpace`.
         student: The float student (trained: Algorithm 1 retrains it in the quantized domain).
-        teacher: The float teacher (logits out); ignored with ``kd=False``.
+        teacher: The float teacher (logits out), or a list of them (an ensemble averaging the
+            softened probabilities); ignored with ``kd=False``.
         train: ``(images, labels)`` batches for the proxy fine-tune.
         validation: Batches the objective ``val_accuracy`` is measured on (never the test split).
         proxy_epochs: Epochs of the proxy fine-tune.
@@ -141,17 +142,22 @@ class BitWidthTuner(_tuner_base()):
         temperature: KD temperature.
         learning_rate: Adam learning rate of the proxy.
         activation_bits: Passed to :func:`tfqkd.quantize_model`.
+        step: The step estimator, passed to :func:`tfqkd.quantize_model` (``"l2"``, ``"std"``,
+            ``"learned"``).
         **kwargs: ``keras_tuner.Tuner`` arguments (``oracle``, ``directory``, ``project_name``).
 
     Each finished trial writes ``trial_<id>_widths.json`` (widths, kernel bytes, validation
     accuracy) in the project directory: the Pareto front is read from those.
     """
 
-    def __init__(self, space: BitWidthSpace, student: keras.Model, teacher: Optional[keras.Model],
+    def __init__(self, space: BitWidthSpace, student: keras.Model,
+                 teacher: Union[keras.Model, Sequence[keras.Model], None],
                  train: tf.data.Dataset, validation: tf.data.Dataset, proxy_epochs: int = 1,
                  kd: bool = True, temperature: float = 4.0, learning_rate: float = 1e-3,
-                 activation_bits: Optional[int] = None, **kwargs: Any):
+                 activation_bits: Optional[int] = None, step: str = "l2", **kwargs: Any):
         super().__init__(**kwargs)
+        if isinstance(teacher, (list, tuple)):
+            teacher = list(teacher) if len(teacher) > 1 else (teacher[0] if teacher else None)
         if kd and teacher is None:
             raise ValueError("kd=True needs a teacher; pass kd=False to search without KD.")
         self.space = space
@@ -164,6 +170,7 @@ class BitWidthTuner(_tuner_base()):
         self.temperature = float(temperature)
         self.learning_rate = float(learning_rate)
         self.activation_bits = activation_bits
+        self.step = step
 
     def quantized_student(self, widths: Mapping[str, int]) -> keras.Model:
         """The float student quantized at ``widths``."""
@@ -172,7 +179,7 @@ class BitWidthTuner(_tuner_base()):
         return quantize_model(self.student, weight_bits=min(self.space.choices),
                               activation_bits=self.activation_bits,
                               per_channel=self.space.per_channel, first_last_bits=None,
-                              layer_bits=dict(widths))
+                              step=self.step, layer_bits=dict(widths))
 
     def run_trial(self, trial, *args, **kwargs) -> Dict[str, float]:
         from tfqkd.callbacks import CoefficientScheduler

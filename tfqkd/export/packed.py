@@ -180,7 +180,9 @@ def packed_archive_stats(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """Sizes of a packed archive: bytes, weights per encoding, bits per weight.
 
     ``bits_per_ternary_weight`` counts the ternary tensors' packed levels *and* their steps;
-    ``bits_per_weight`` is the whole file (header, batch norm, float layers) over all weights.
+    ``bits_per_weight`` is the whole file (header, batch norm, float layers) over all weights;
+    ``quantized_bytes`` the quantized tensors' packed levels and steps (what
+    :func:`tfqkd.budget.kernel_bytes` prices as ``"packed"``).
 
     Example:
         >>> import os, tempfile, tfqkd
@@ -206,7 +208,7 @@ def packed_archive_stats(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     n_quant = total - counts.get("raw", 0)
     return {
         "path": os.fspath(path), "bytes": size, "header_bytes": header_bytes,
-        "num_weights": total, "encodings": counts,
+        "num_weights": total, "encodings": counts, "quantized_bytes": quantized_bits // 8,
         "bits_per_weight": 8.0 * size / max(total, 1),
         "bits_per_quantized_weight": quantized_bits / n_quant if n_quant else None,
         "bits_per_ternary_weight": ternary_bits / counts["ternary"] if counts.get("ternary")
