@@ -53,7 +53,8 @@ OPTIONS = common.COMMON_OPTIONS + [
            "own from --epochs, the maximum epochs per trial).", "integer"),
     Option("temperatures", "1,2,5,10", "Comma-separated temperatures τ."),
     Option("teachers", "1,1.5,2", "Comma-separated teacher widths (trained once, cached in "
-           "output_dir/teachers/) or saved teacher paths."),
+           "output_dir/teachers/) or saved teacher paths; an ensemble is its members joined by "
+           "+ (1.5+2: the Distiller averages their softened probabilities)."),
     Option("schedules", "constant,linear", "Comma-separated λ schedules: constant, linear "
            "(coefficient reducing: λ linear to 0)."),
     Option("coefficient", "0.5", "λ (the start value of a linear schedule); a comma-separated "
@@ -61,6 +62,10 @@ OPTIONS = common.COMMON_OPTIONS + [
     Option("weight_bits", "2", "Comma-separated weight bit-widths of the student."),
     Option("activation_bits", None, "Activation bit-width of the student (default: float "
            "activations).", "integer"),
+    Option("student", None, "A trained float student (train_student output_dir or model.h5): "
+           "every trial and baseline quantizes a copy of it, as the paper's Algorithm 1 "
+           "retrains the float student in the quantized domain. Absent: a fresh --arch model "
+           "(quantization-aware training from scratch)."),
     Option("teacher_epochs", None, "Epochs to train each teacher (default: --epochs).",
            "integer"),
     Option("baseline", True, "Also train the quantized student on hard labels (the figures' "
@@ -156,12 +161,44 @@ def load_trial_data(cfg: common.Config) -> tuning.TrialData:
     )
 
 
-def trial_settings(cfg: common.Config) -> Dict[str, Any]:
-    """Arguments of ``run_trial_config`` that come from the shared recipe options."""
+def _fresh_model_builder(cfg: common.Config):
+    """``builder(num_classes, input_shape, width, seed)``: a fresh ``--arch`` model."""
 
-    def student_builder(num_classes, input_shape, width=1, seed=None):
+    def build(num_classes, input_shape, width=1, seed=None):
         info = {"num_classes": num_classes, "input_shape": tuple(input_shape)}
         return common.build_model(cfg.arch, width, info, cfg, seed=seed)
+
+    return build
+
+
+def _saved_student_builder(path: str):
+    """``builder(num_classes, input_shape, ...)``: a copy of the saved float student at
+    ``path``, checked against the data set's classes and input shape."""
+
+    def load(num_classes, input_shape, width=1, seed=None):
+        return _check_student(common.load_model(path, what="--student"), path, num_classes,
+                              input_shape)
+
+    return load
+
+
+def _check_student(model, path: str, num_classes: int, input_shape) -> Any:
+    classes = int(model.output_shape[-1])
+    shape = tuple(int(d) for d in model.input_shape[1:])
+    if classes != int(num_classes) or shape != tuple(int(d) for d in input_shape):
+        raise ValueError(
+            f"--student={path} has {classes} classes and input {shape}, the data set "
+            f"{num_classes} classes and input {tuple(input_shape)}: train the student on "
+            "this data set (recipes/train_student.py with the same --dataset/--image_size).")
+    return model
+
+
+def trial_settings(cfg: common.Config) -> Dict[str, Any]:
+    """Arguments of ``run_trial_config`` that come from the shared recipe options: the student
+    of every trial is ``--student`` (the paper's Algorithm 1: quantize the trained float
+    student) or, without it, a fresh ``--arch`` model."""
+    student_builder = (_saved_student_builder(os.path.abspath(os.path.expanduser(cfg.student)))
+                       if cfg.student else _fresh_model_builder(cfg))
 
     def optimizer(steps_per_epoch, epochs):
         return common.make_optimizer(cfg, steps_per_epoch, epochs)
@@ -173,19 +210,24 @@ def make_teacher_pool(cfg: common.Config) -> tuning.TeacherPool:
     """Teachers by width (trained once into output_dir/teachers/) or by saved path."""
     settings = trial_settings(cfg)
     return tuning.TeacherPool(
-        builder=settings["student_builder"], cache_dir=_paths(cfg)["teachers"],
+        builder=_fresh_model_builder(cfg), cache_dir=_paths(cfg)["teachers"],
         epochs=cfg.teacher_epochs or cfg.epochs, optimizer=settings["optimizer"], seed=cfg.seed,
         loader=common.load_model,
     )
 
 
 def _teacher_keys(cfg: common.Config) -> List[str]:
-    """``--teachers`` entries: widths as given, saved teachers as absolute paths (checked now)."""
+    """``--teachers`` entries: widths as given, saved teachers as absolute paths (checked now),
+    ensembles ``a+b`` as their members' keys joined by ``+``."""
     keys = []
     for t in parse_list(cfg.teachers, str, "teachers"):
         path = os.path.expanduser(t)
         if os.path.exists(path):
             keys.append(os.path.abspath(path))
+            continue
+        members = tuning.ensemble_members(t)
+        if len(members) > 1:
+            keys.append("+".join(_teacher_keys(cfg.replace(teachers=",".join(members)))))
             continue
         try:
             width = float(t)
@@ -323,6 +365,13 @@ def check_inputs(cfg: common.Config) -> List[Dict[str, Any]]:
     for key in _teacher_keys(cfg):
         if os.path.isabs(key):
             common.load_model(key, what="--teachers entry")
+    if cfg.student:
+        from tfqkd import data as tdata
+
+        info = tdata.dataset_info(cfg.dataset, **common.data_source_kwargs(cfg))
+        _check_student(common.load_model(cfg.student, what="--student"), cfg.student,
+                       common._info_get(info, "num_classes"),
+                       common._info_get(info, "input_shape"))
     return configs
 
 

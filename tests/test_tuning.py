@@ -458,3 +458,71 @@ def test_distributed_search_chief_and_two_workers(tmp_path, teacher_path):
     assert set(summary["trials_per_worker"]) == {"tuner0", "tuner1"}
     rows = tuning.read_results(os.path.join(out, "trials.csv"))
     assert len(rows) == 4 and {r["tuner_id"] for r in rows} == {"tuner0", "tuner1"}
+
+
+def test_sweep_trials_quantize_the_saved_float_student(tmp_path, monkeypatch):
+    """--student: every trial and the baseline start from the saved float student's weights
+    (the paper's Algorithm 1), read back here from the file with plain Keras."""
+    from recipes import _stages
+    from tfqkd import quantize as quantize_lib
+
+    student_dir = tmp_path / "student"
+    _stages.train_student(_stages.student_config(
+        "smoke", dataset="digits", subset=None, test_subset=None, epochs=2, progress="none",
+        output_dir=str(student_dir)))
+    saved = keras.models.load_model(str(student_dir / "model" / "model.h5"), compile=False)
+    quantized_from = []
+    original = quantize_lib.quantize_model
+
+    def spy(model, *args, **kwargs):
+        quantized_from.append(model.get_weights())
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(quantize_lib, "quantize_model", spy)
+    cfg = sweep.make_config("smoke", output_dir=str(tmp_path / "sweep"), student=str(student_dir),
+                            temperatures="4", teachers="1", schedules="constant,linear",
+                            epochs=1, teacher_epochs=1)
+    result = sweep.run(cfg)
+    assert result["trials"] == 2 and result["baseline_test_accuracy"] is not None
+    # Teachers are fresh width-1 models, quantized never; every quantization is the student's.
+    assert quantized_from, "no trial quantized a student"
+    for weights in quantized_from:
+        assert len(weights) == len(saved.get_weights())
+        for got, want in zip(weights, saved.get_weights()):
+            np.testing.assert_array_equal(got, want)
+    # A student of another data set's shape is refused before any trial, naming the fix.
+    other = keras.Sequential([keras.layers.Input((32, 32, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    other.save(str(tmp_path / "other.h5"))
+    with pytest.raises(ValueError, match="train the student on this data set"):
+        sweep.run(cfg.replace(output_dir=str(tmp_path / "sweep2"),
+                              student=str(tmp_path / "other.h5")))
+    assert not os.path.exists(tmp_path / "sweep2")  # nothing written
+
+
+def test_teacher_ensembles_resolve_to_their_members_and_score_their_mean_probabilities():
+    import tfqkd
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 10, 40).astype("int32")
+    from tfqkd._keras import tf
+
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    data = tuning.TrialData(train=batches, validation=batches, test=batches, num_classes=10,
+                            input_shape=(8, 8, 1))
+    a, b = tfqkd.models.tiny_resnet(seed=1), tfqkd.models.tiny_resnet(width=2, seed=2)
+    pool = tuning.TeacherPool({"a": a, "b": b})
+    assert pool.get(" a + b ") == [a, b] and pool.get("a") is a
+    # Reference: NumPy softmax of each member's logits, averaged, top-1.
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    mean = (softmax(a.predict(x, verbose=0)) + softmax(b.predict(x, verbose=0))) / 2
+    assert pool.accuracy("a+b", data) == pytest.approx(float(np.mean(mean.argmax(-1) == y)))
+    assert tuning.ensemble_members("1 + 1.5") == ["1", "1.5"]
+    # The sweep's --teachers: an ensemble of widths becomes one key, each member checked.
+    assert sweep._teacher_keys(sweep.make_config("smoke", teachers="1, 1.5+2")) == ["1", "1.5+2"]
+    with pytest.raises(ValueError, match="neither a width"):
+        sweep._teacher_keys(sweep.make_config("smoke", teachers="1+nope"))

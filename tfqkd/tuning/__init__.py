@@ -44,8 +44,8 @@ from tfqkd.tuning.plots import (plot_accuracy_vs_teacher, plot_cr_comparison, pl
 from tfqkd.tuning.results import append_result, grid_configs, read_results, run_grid
 from tfqkd.tuning.trials import _default_builder, _load_model  # noqa: F401  (tests use them)
 from tfqkd.tuning.trials import ModelBuilder, OptimizerArg  # noqa: F401  (type aliases it had)
-from tfqkd.tuning.trials import (TeacherPool, TrialData, evaluate_accuracy, make_trial_data,
-                                 run_trial_config, train_classifier)
+from tfqkd.tuning.trials import (TeacherPool, TrialData, ensemble_members, evaluate_accuracy,
+                                 make_trial_data, run_trial_config, train_classifier)
 from tfqkd.tuning.tuner import DistillationSearchSpace, DistillationTuner, make_oracle
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "TrialData",
     "make_trial_data",
     "TeacherPool",
+    "ensemble_members",
     "train_classifier",
     "NO_TEACHER",
     "normalize_config",

@@ -32,8 +32,8 @@ from tfqkd.training import load_model as _load_model
 from tfqkd.training import make_optimizer as _make_optimizer
 from tfqkd.tuning.config import NO_TEACHER, _teacher_key, _teacher_width, normalize_config
 
-__all__ = ["TrialData", "make_trial_data", "TeacherPool", "train_classifier", "run_trial_config",
-           "ModelBuilder"]
+__all__ = ["TrialData", "make_trial_data", "TeacherPool", "ensemble_members", "train_classifier",
+           "run_trial_config", "ModelBuilder"]
 
 
 @dataclasses.dataclass
@@ -155,7 +155,9 @@ def train_classifier(
 class TeacherPool:
     """Teachers by key: given models, saved model paths, builders, or widths trained on demand.
 
-    ``get(key)`` resolves, in order: an entry of ``teachers`` (a model is used as is, a string is
+    ``get(key)`` resolves, in order: an ensemble ``"a+b[+...]"`` (a list of the members'
+    teachers, each resolved as below; the Distiller averages their softened probabilities); an
+    entry of ``teachers`` (a model is used as is, a string is
     a saved-model path, a callable builds an untrained model that is then trained); an existing
     path; a number, read as a width and built with ``builder(num_classes, input_shape,
     width=w, seed=...)`` (by default WRN20xw, or the tiny family on small inputs), then trained.
@@ -223,6 +225,12 @@ class TeacherPool:
             raise ValueError("teacher 'none' is the hard-label baseline: it has no teacher model.")
         if key in self._models:
             return self._models[key]
+        members = ensemble_members(key)
+        if len(members) > 1 and key not in self._given and not os.path.exists(key):
+            # An ensemble: the Distiller averages its members' softened probabilities.
+            ensemble = [self.get(member, data) for member in members]
+            self._models[key] = ensemble
+            return ensemble
         cached = self._cache_path(key)
         given = self._given.get(key)
         if isinstance(given, keras.Model):
@@ -270,7 +278,12 @@ class TeacherPool:
         """Test accuracy of a teacher (computed once per key)."""
         key = _teacher_key(key)
         if key not in self._accuracy:
-            self._accuracy[key] = evaluate_accuracy(self.get(key, data), data.test)
+            teacher = self.get(key, data)
+            if isinstance(teacher, list):  # an ensemble: its mean probabilities' top-1
+                inputs = keras.Input(teacher[0].input_shape[1:])
+                probs = [keras.layers.Softmax()(m(inputs, training=False)) for m in teacher]
+                teacher = keras.Model(inputs, keras.layers.Average()(probs))
+            self._accuracy[key] = evaluate_accuracy(teacher, data.test)
         return self._accuracy[key]
 
     @staticmethod
@@ -278,6 +291,16 @@ class TeacherPool:
         if data is None:
             raise ValueError(f"teacher {key!r} must be trained first: pass the TrialData to get().")
         return data
+
+
+def ensemble_members(key: Any) -> List[str]:
+    """The member keys of a teacher key: ``"1+2"`` → ``["1", "2"]``; a single teacher → itself.
+
+    Example:
+        >>> ensemble_members("1 + 1.5"), ensemble_members(2.0)
+        (['1', '1.5'], ['2'])
+    """
+    return [_teacher_key(k) for k in str(_teacher_key(key)).split("+") if k.strip()]
 
 
 def _coefficient_scheduler(start: float, total_epochs: int, steps_per_epoch: int):
