@@ -66,8 +66,8 @@ OPTIONS = common.COMMON_OPTIONS + KD_OPTIONS + [
     Option("oracle", "random", "Search algorithm.", "enum", ("random", "bayesian")),
     Option("max_trials", 12, "Candidates scored.", "integer"),
     Option("proxy_epochs", 1, "Epochs of each candidate's proxy fine-tune.", "integer"),
-    Option("proxy_subset", 2000, "Training images of the proxy fine-tune (absent: all).",
-           "integer"),
+    Option("proxy_subset", 2000, "Training images of the proxy fine-tune (absent: as many as "
+           "--subset).", "integer"),
     Option("proxy_learning_rate", 1e-3, "Adam learning rate of the proxy fine-tune.", "float"),
     Option("search_kd", True, "Score candidates with KD + CR (false: hard labels, the "
            "AutoQKeras-style search).", "bool"),
@@ -246,7 +246,10 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> Dict[str
         return run_.finished
     # Candidates are scored on held-out training images: the run's data carry the hold-out.
     data = common.load_data(cfg, validation=cfg.validation)
-    proxy = common.load_data(cfg.replace(subset=cfg.proxy_subset), validation=cfg.validation)
+    # The proxy never trains on more images than the run: --proxy_subset within --subset.
+    proxy_subset = min(n for n in (cfg.proxy_subset, cfg.subset) if n) \
+        if (cfg.proxy_subset or cfg.subset) else None
+    proxy = common.load_data(cfg.replace(subset=proxy_subset), validation=cfg.validation)
     run_.data = data
     teacher_paths = teachers_of(cfg)
     with run_.strategy.scope():
