@@ -42,7 +42,7 @@ import csv
 import io
 import json
 import os
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from recipes import common
 from recipes.common import KD_OPTIONS, QUANT_OPTIONS, Option
@@ -59,9 +59,13 @@ OPTIONS = common.COMMON_OPTIONS + KD_OPTIONS + [
            "<= 4-bit kernels two per byte), int8 (one byte per weight) or packed (the packed "
            "archive: 1.6 bits per ternary weight, b bits otherwise).", "enum",
            ("int4", "int8", "packed")),
-    Option("max_bytes", None, "Budget: the kernels' bytes in --storage.", "integer"),
+    Option("max_bytes", None, "Size budget: the kernels' bytes in --storage.", "integer"),
     Option("max_bytes_at_bits", None, "Budget instead of --max_bytes: the kernel bytes of the "
            "student at this uniform width (first/last at --first_last_bits).", "integer"),
+    Option("max_latency_ms", None, "Latency budget: milliseconds per batch-1 inference of the "
+           "--export file, measured with LiteRT on this machine for every candidate (widened "
+           "until it fits). With or without a bytes budget.", "float"),
+    Option("latency_threads", 1, "LiteRT threads of the latency measurements.", "integer"),
     Option("choices", "2,4,8", "Comma-separated widths a searched layer may take."),
     Option("oracle", "random", "Search algorithm.", "enum", ("random", "bayesian")),
     Option("max_trials", 12, "Candidates scored.", "integer"),
@@ -150,10 +154,19 @@ def check_inputs(cfg: common.Config) -> None:
     if not cfg.student:
         raise ValueError("--student is required: the trained float student to quantize (train "
                          "one with recipes/train_student.py; Algorithm 1 starts from it).")
-    if (cfg.max_bytes is None) == (cfg.max_bytes_at_bits is None):
+    if cfg.max_bytes is not None and cfg.max_bytes_at_bits is not None:
+        raise ValueError("Give one size budget: --max_bytes=N or --max_bytes_at_bits=B, not "
+                         "both.")
+    if cfg.max_bytes is None and cfg.max_bytes_at_bits is None and cfg.max_latency_ms is None:
         raise ValueError(f"Give the budget: --max_bytes=N (kernel bytes in {cfg.storage}) or "
-                         "--max_bytes_at_bits=B (the bytes of the student at uniform B bits)"
-                         + ("." if cfg.max_bytes is None else ", not both."))
+                         "--max_bytes_at_bits=B (the bytes of the student at uniform B bits), "
+                         "and/or --max_latency_ms=T.")
+    if cfg.max_latency_ms is not None:
+        if cfg.max_latency_ms <= 0:
+            raise ValueError(f"--max_latency_ms must be > 0, got {cfg.max_latency_ms}.")
+        if cfg.export == "none":
+            raise ValueError("--max_latency_ms is measured on the exported file: pass "
+                             "--export=int4 or --export=int8.")
     if cfg.max_bytes is not None and cfg.max_bytes <= 0:
         raise ValueError(f"--max_bytes must be > 0, got {cfg.max_bytes}.")
     if cfg.max_bytes_at_bits is not None and not 1 <= cfg.max_bytes_at_bits <= 8:
@@ -176,17 +189,21 @@ def check_inputs(cfg: common.Config) -> None:
                          "training images).")
 
 
-def budget_bytes(cfg: common.Config, student: keras.Model) -> int:
-    """``--max_bytes``, or the kernel bytes of ``student`` at uniform ``--max_bytes_at_bits``."""
+def budget_bytes(cfg: common.Config, student: keras.Model) -> Optional[int]:
+    """``--max_bytes``, or the kernel bytes of ``student`` at uniform ``--max_bytes_at_bits``
+    (None: no size budget)."""
     from tfqkd.budget import kernel_bytes, layer_widths
 
     if cfg.max_bytes is not None:
         return int(cfg.max_bytes)
+    if cfg.max_bytes_at_bits is None:
+        return None
     widths = layer_widths(student, cfg.max_bytes_at_bits, cfg.first_last_bits)
     return kernel_bytes(student, widths, cfg.storage, per_channel=cfg.per_channel)
 
 
-TRIAL_COLUMNS = ("trial_id", "kernel_bytes", "val_accuracy", "pareto", "mean_bits", "widths")
+TRIAL_COLUMNS = ("trial_id", "kernel_bytes", "latency_ms", "val_accuracy", "pareto", "mean_bits",
+                 "widths")
 
 
 def write_trials(records: Sequence[Mapping[str, Any]], shapes: Mapping[str, Any],
@@ -203,6 +220,7 @@ def write_trials(records: Sequence[Mapping[str, Any]], shapes: Mapping[str, Any]
     for r in sorted(records, key=lambda r: (r["kernel_bytes"], -r["val_accuracy"])):
         mean_bits = sum(shapes[k][0] * b for k, b in r["widths"].items()) / total
         rows.append({"trial_id": r["trial_id"], "kernel_bytes": r["kernel_bytes"],
+                     "latency_ms": r.get("latency_ms"),
                      "val_accuracy": r["val_accuracy"], "pareto": int(r["trial_id"] in front),
                      "mean_bits": round(mean_bits, 4),
                      "widths": json.dumps(r["widths"], sort_keys=True)})
@@ -214,7 +232,7 @@ def write_trials(records: Sequence[Mapping[str, Any]], shapes: Mapping[str, Any]
     return rows
 
 
-def plot_pareto(rows: Sequence[Mapping[str, Any]], budget: int, stem: str,
+def plot_pareto(rows: Sequence[Mapping[str, Any]], budget: Optional[int], stem: str,
                 storage: str) -> List[str]:
     """``stem.{png,svg}``: every trial's kernel bytes vs validation accuracy, the front joined."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
@@ -228,7 +246,8 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], budget: int, stem: str,
     front = [r for r in rows if r["pareto"]]
     ax.plot([r["kernel_bytes"] for r in front], [r["val_accuracy"] for r in front], "o-",
             c="C0", label="Pareto front")
-    ax.axvline(budget, ls="--", c="C3", label=f"budget {budget:,} B")
+    if budget is not None:
+        ax.axvline(budget, ls="--", c="C3", label=f"budget {budget:,} B")
     ax.set_xlabel(f"kernel bytes ({storage})")
     ax.set_ylabel("validation accuracy (proxy fine-tune)")
     ax.legend(loc="lower right")
@@ -258,8 +277,17 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> Dict[str
             if teacher_paths else []
     max_bytes = budget_bytes(cfg, student)
     choices = parse_choices(cfg.choices)
+    probe = None
+    if cfg.max_latency_ms is not None:
+        from tfqkd.latency import LatencyProbe
+
+        probe = LatencyProbe(student, cfg.export, data.train, threads=cfg.latency_threads,
+                             activation_bits=cfg.activation_bits, per_channel=cfg.per_channel,
+                             step=cfg.step)
+    # Refuses a budget no choice meets (the latency one after measuring the fastest widths).
     space = search.BitWidthSpace(student, max_bytes, cfg.storage, choices, cfg.first_last_bits,
-                                 cfg.per_channel)  # refuses a budget no choice meets
+                                 cfg.per_channel, max_latency_ms=cfg.max_latency_ms,
+                                 latency_of=probe, runtime=cfg.export)
     run_.begin()  # inputs validated: --overwrite may delete the old run now
     tuner_dir = os.path.join(run_.out.root, "search")
     oracle = tuning.make_oracle(cfg.oracle, objective="val_accuracy", max_trials=cfg.max_trials,
@@ -270,7 +298,11 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> Dict[str
         learning_rate=cfg.proxy_learning_rate, activation_bits=cfg.activation_bits,
         step=cfg.step, oracle=oracle, directory=tuner_dir, project_name="bits",
         overwrite=False)
-    common.log(f"search_bits: {origin}, budget {max_bytes:,} kernel bytes ({cfg.storage}), "
+    budget = " and ".join(
+        ([f"{max_bytes:,} kernel bytes ({cfg.storage})"] if max_bytes is not None else [])
+        + ([f"{cfg.max_latency_ms:g} ms ({cfg.export} file, LiteRT, {cfg.latency_threads} "
+            f"thread(s))"] if cfg.max_latency_ms is not None else []))
+    common.log(f"search_bits: {origin}, budget {budget}, "
                f"widths {choices} (first/last {cfg.first_last_bits}), {cfg.max_trials} "
                f"candidates, proxy {cfg.proxy_epochs} epoch(s) on {proxy.num_train} images with "
                f"{'KD + CR' if cfg.search_kd else 'hard labels'}, scored on "
@@ -282,8 +314,10 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> Dict[str
     figures = plot_pareto(rows, max_bytes, os.path.join(run_.out.root, "pareto"), cfg.storage)
     best = max(records, key=lambda r: r["val_accuracy"])
     widths = best["widths"]
-    common.log(f"chosen: trial {best['trial_id']}, {best['kernel_bytes']:,} of {max_bytes:,} "
-               f"bytes, validation accuracy {best['val_accuracy']:.4f} (proxy)")
+    common.log(f"chosen: trial {best['trial_id']}, {best['kernel_bytes']:,} kernel bytes"
+               + (f" of {max_bytes:,}" if max_bytes is not None else "")
+               + (f", {best['latency_ms']:.3f} ms" if best.get("latency_ms") is not None else "")
+               + f", validation accuracy {best['val_accuracy']:.4f} (proxy)")
 
     with run_.strategy.scope():
         q = tuner.quantized_student(widths)
@@ -312,6 +346,18 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> Dict[str
     if cfg.export != "none" and run_.out.chief:
         # Before the packed archive: an integer export aligns the student's biases.
         extra.update(common.export_and_verify(q, run_.out, data, cfg.export))
+        if cfg.max_latency_ms is not None:
+            from tfqkd.latency import tflite_latency_ms
+
+            # The shipped file, measured again (its kernels cost what the candidate's did).
+            ms = tflite_latency_ms(extra["export"]["path"], cfg.latency_threads)
+            extra["latency"] = {"budget_ms": cfg.max_latency_ms, "shipped_file_ms": ms,
+                                "candidate_ms": best.get("latency_ms"),
+                                "threads": cfg.latency_threads}
+            common.log(f"shipped {cfg.export} file: {ms:.3f} ms per image (budget "
+                       f"{cfg.max_latency_ms:g} ms"
+                       + (", over it: the machine's load changed the measurement"
+                          if ms > cfg.max_latency_ms else "") + ")")
     if cfg.storage == "packed" and run_.out.chief:
         extra["packed"] = _pack(q, run_.out.model_dir)
     return common.finish_run(run_, q, "searched student", extra=extra)

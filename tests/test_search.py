@@ -123,8 +123,12 @@ def test_search_bits_recipe_resumes_after_a_kill_and_ships_the_budget(tmp_path):
     _stages.train_student(_stages.student_config("smoke", **base, output_dir=str(student)))
     _stages.train_teacher(_stages.teacher_config("smoke", **base, output_dir=str(teacher)))
     out = tmp_path / "search"
+    # Both budgets: the packed bytes, and a generous latency (the plumbing: each candidate's
+    # int4 file and the shipped one measured with LiteRT; timings are never asserted against
+    # each other in tests).
     args = ["--preset=smoke", f"--student={student}", f"--teacher={teacher}",
-            "--max_bytes_at_bits=3", "--storage=packed", "--max_trials=4", f"--output_dir={out}"]
+            "--max_bytes_at_bits=3", "--storage=packed", "--max_latency_ms=1000",
+            "--max_trials=4", f"--output_dir={out}"]
     script = REPO / "recipes" / "search_bits.py"
     proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=subprocess_env())
@@ -159,6 +163,9 @@ def test_search_bits_recipe_resumes_after_a_kill_and_ships_the_budget(tmp_path):
     assert res["packed"]["quantized_bytes"] == res["kernel_bytes"] == int(best["kernel_bytes"])
     assert res["widths"]["stem_conv"] == res["widths"]["classifier"] == 8
     assert (out / "pareto.png").is_file() and (out / "pareto.svg").is_file()
+    assert all(float(r["latency_ms"]) > 0 for r in rows)
+    assert res["latency"]["candidate_ms"] == float(best["latency_ms"])
+    assert res["latency"]["budget_ms"] == 1000 and res["latency"]["shipped_file_ms"] > 0
     # The saved student holds each kernel at its chosen width; the int4 file matches it.
     from tfqkd.quantize import quantization_info
 
@@ -172,3 +179,47 @@ def test_search_bits_recipe_resumes_after_a_kill_and_ships_the_budget(tmp_path):
     # A rerun of the finished search trains nothing.
     again = run_script(script, *args, timeout=120)
     assert "is already complete" in again.stdout + again.stderr
+    from recipes import search_bits
+
+    with pytest.raises(ValueError, match="--export=int4 or --export=int8"):
+        search_bits.check_inputs(search_bits.make_config(
+            "smoke", student=str(student), teacher=[str(teacher)], max_latency_ms=5.0,
+            export="none"))
+
+
+# --------------------------------------------------------------------------------------------
+# Latency budgets: measured per candidate, widened until they fit
+# --------------------------------------------------------------------------------------------
+def test_fit_to_latency_widens_the_largest_int4_kernel_first_within_the_bytes():
+    from tfqkd.search import fit_to_latency
+
+    model = tfqkd.models.tiny_resnet(seed=0)
+    all2 = {layer.name: 2 for layer in tfqkd.layer_bits.weighted_layers(model)}
+    all2.update(stem_conv=8, classifier=8)
+    sizes = {"stage1_block1_conv1": 576, "stage1_block1_conv2": 576, "stage2_block1_conv1": 1152,
+             "stage2_block1_conv2": 2304, "stage2_block1_proj_conv": 128}
+    calls = []
+
+    def fake_ms(widths):
+        # A stand-in measurement: 1 ms plus 1 ms per 1,000 weights in INT4 kernels.
+        calls.append(dict(widths))
+        return 1.0 + sum(n for name, n in sizes.items() if widths[name] <= 4) / 1000
+
+    # All ternary: 1 + 4.736 ms. Widening conv2 (2,304) straight to 8 (4 is INT4 too) -> 3.432,
+    # then stage2 conv1 (1,152) -> 2.280, then the first 576-weight conv -> 1.704 <= 2.0.
+    widths, ms = fit_to_latency(model, all2, 2.0, fake_ms, "int4", (2, 4, 8),
+                                frozen=["stem_conv", "classifier"])
+    assert widths == dict(all2, stage2_block1_conv2=8, stage2_block1_conv1=8,
+                          stage1_block1_conv1=8)
+    assert ms == pytest.approx(1.704) and len(calls) == 4
+    # A bytes budget that the first widening would break: the next largest kernel is widened.
+    budget = kernel_bytes(model, dict(all2, stage2_block1_conv2=8), "int4") - 1
+    widths, _ = fit_to_latency(model, all2, 4.0, fake_ms, "int4", (2, 4, 8), max_bytes=budget,
+                               storage="int4", frozen=["stem_conv", "classifier"])
+    assert widths["stage2_block1_conv2"] == 2 and widths["stage2_block1_conv1"] == 8
+    assert kernel_bytes(model, widths, "int4") <= budget
+    # In an int8 file the width changes nothing: an unmet budget is an error naming the fix.
+    with pytest.raises(ValueError, match="raise max_latency_ms"):
+        fit_to_latency(model, all2, 2.0, fake_ms, "int8", (2, 4, 8))
+    with pytest.raises(ValueError, match="latency_of"):
+        BitWidthSpace(model, None, max_latency_ms=1.0)

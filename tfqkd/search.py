@@ -6,7 +6,10 @@ candidate is first brought within the budget (:func:`fit_to_budget`: the budget 
 constraint on the kernel bytes, computed from the shapes by :mod:`tfqkd.budget`), then scored
 by a cheap proxy: quantize the float student at those widths, fine-tune it briefly with KD and
 coefficient reducing (λ 0.5 → 0; hard labels with ``kd=False``, the AutoQKeras-style baseline),
-and measure accuracy on the validation split. Any keras-tuner oracle drives it; a rerun with the
+and measure accuracy on the validation split. A latency budget (``max_latency_ms``) is a measured
+constraint too: each candidate's runtime file is exported and timed with LiteRT
+(:class:`tfqkd.latency.LatencyProbe`) and widened until it meets the budget
+(:func:`fit_to_latency`). Any keras-tuner oracle drives it; a rerun with the
 same ``directory`` resumes, skipping finished trials.
 
 Example:
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -35,7 +38,7 @@ from tfqkd.layer_bits import weighted_layers
 from tfqkd.quantize_registry import first_and_last_layers
 from tfqkd.quantizers.symmetric import check_bits
 
-__all__ = ["fit_to_budget", "BitWidthSpace", "BitWidthTuner", "pareto_front"]
+__all__ = ["fit_to_budget", "fit_to_latency", "BitWidthSpace", "BitWidthTuner", "pareto_front"]
 
 
 def fit_to_budget(model: keras.Model, widths: Mapping[str, int], max_bytes: int, storage: str,
@@ -81,40 +84,125 @@ def fit_to_budget(model: keras.Model, widths: Mapping[str, int], max_bytes: int,
     return out
 
 
+def fit_to_latency(model: keras.Model, widths: Mapping[str, int], max_latency_ms: float,
+                   latency_of: Callable[[Mapping[str, int]], float], runtime: str,
+                   choices: Sequence[int], *, max_bytes: Optional[int] = None,
+                   storage: str = "int4", per_channel: bool = False,
+                   frozen: Sequence[str] = ()) -> Tuple[Dict[str, int], float]:
+    """``widths`` widened until ``latency_of(widths)`` (a measurement, e.g. a
+    :class:`tfqkd.latency.LatencyProbe`) is at most ``max_latency_ms``; returns the widths and
+    their measured milliseconds.
+
+    Each step widens the largest free kernel that changes its storage in the ``runtime`` file
+    (``"int4"``: from <= 4 bits to the next choice above 4; INT4 kernels run slower than int8 ones
+    on LiteRT's CPU kernels, docs/export.md) to that width, if the kernels then still fit
+    ``max_bytes`` in ``storage``; then measures again.
+
+    Raises:
+        ValueError: no such widening is left and the measurement is still over the budget.
+    """
+    choices = sorted({check_bits(b, "choices") for b in choices})
+    shapes = kernel_shapes(model)
+    out = dict(widths)
+    measured = float(latency_of(out))
+    while measured > max_latency_ms:
+        step = None
+        for name in sorted(shapes, key=lambda n: -shapes[n][0]):
+            if name in frozen:
+                continue
+            n = shapes[name][0]
+            now = tensor_bytes(n, out[name], runtime)
+            wider = [b for b in choices if b > out[name] and tensor_bytes(n, b, runtime) != now]
+            if not wider:
+                continue
+            candidate = dict(out, **{name: wider[0]})
+            if max_bytes is None or kernel_bytes(model, candidate, storage, per_channel,
+                                                 shapes=shapes) <= max_bytes:
+                step = candidate
+                break
+        if step is None:
+            raise ValueError(
+                f"measured {measured:.3f} ms > max_latency_ms={max_latency_ms:g} and no kernel is "
+                f"left to widen in the {runtime} file within the bytes budget: raise "
+                "max_latency_ms or max_bytes, or allow wider choices (width does not change an "
+                "int8 file's speed).")
+        out = step
+        measured = float(latency_of(out))
+    return out, measured
+
+
 class BitWidthSpace:
     """The search space: one ``keras_tuner`` choice per free weighted layer, repaired to the budget.
 
     Args:
         model: The float student (its layer names and kernel shapes).
-        max_bytes: Kernel-bytes budget in ``storage`` (:mod:`tfqkd.budget`).
+        max_bytes: Kernel-bytes budget in ``storage`` (:mod:`tfqkd.budget`); None: no size
+            budget (then give ``max_latency_ms``).
         storage: ``"int8"``, ``"int4"`` or ``"packed"``.
         choices: Widths a free layer may take.
         first_last_bits: Width of the first / last weighted layers (fixed, not searched).
         per_channel: Steps per channel (counts in the packed budget).
+        max_latency_ms: Latency budget, measured by ``latency_of`` (a
+            :class:`tfqkd.latency.LatencyProbe`: the candidate's ``runtime`` file run by
+            LiteRT on this machine); candidates are widened to it (:func:`fit_to_latency`)
+            after being narrowed to ``max_bytes``.
+        latency_of: ``widths -> milliseconds``; required with ``max_latency_ms``.
+        runtime: The file the latency is measured on: ``"int4"`` or ``"int8"``.
+
+    ``latency`` holds the last candidate's measured milliseconds (None without a latency
+    budget).
     """
 
-    def __init__(self, model: keras.Model, max_bytes: int, storage: str = "int4",
+    def __init__(self, model: keras.Model, max_bytes: Optional[int], storage: str = "int4",
                  choices: Sequence[int] = (2, 4, 8), first_last_bits: int = 8,
-                 per_channel: bool = False):
+                 per_channel: bool = False, max_latency_ms: Optional[float] = None,
+                 latency_of: Optional[Callable[[Mapping[str, int]], float]] = None,
+                 runtime: str = "int4"):
+        if max_bytes is None and max_latency_ms is None:
+            raise ValueError("give a budget: max_bytes (kernel bytes) and/or max_latency_ms.")
+        if max_latency_ms is not None and latency_of is None:
+            raise ValueError("max_latency_ms needs latency_of, e.g. a "
+                             "tfqkd.latency.LatencyProbe(student, mode=runtime, ...).")
         self.model = model
-        self.max_bytes = int(max_bytes)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
         self.storage = storage
         self.choices = sorted({check_bits(b, "choices") for b in choices})
         self.per_channel = per_channel
+        self.max_latency_ms = None if max_latency_ms is None else float(max_latency_ms)
+        self.latency_of = latency_of
+        self.runtime = runtime
+        self.latency: Optional[float] = None
         first, last = first_and_last_layers(model)
         self.fixed = {name: check_bits(first_last_bits, "first_last_bits") for name in first + last}
         self.free = [layer.name for layer in weighted_layers(model) if layer.name not in self.fixed]
-        # Fails early, naming the fix, if no choice at all fits.
-        fit_to_budget(model, layer_widths(model, min(self.choices), first_last_bits),
-                      self.max_bytes, storage, self.choices, per_channel, frozen=list(self.fixed))
+        # Fails early, naming the fix, if no choice at all fits: the narrowest widths for the
+        # size, the widest within the size for the latency.
+        if self.max_bytes is not None:
+            fit_to_budget(model, layer_widths(model, min(self.choices), first_last_bits),
+                          self.max_bytes, storage, self.choices, per_channel,
+                          frozen=list(self.fixed))
+        if self.max_latency_ms is not None:
+            self._fit(layer_widths(model, max(self.choices), first_last_bits))
+
+    def _fit(self, chosen: Mapping[str, int]) -> Dict[str, int]:
+        out = dict(chosen)
+        if self.max_bytes is not None:
+            out = fit_to_budget(self.model, out, self.max_bytes, self.storage, self.choices,
+                                self.per_channel, frozen=list(self.fixed))
+        if self.max_latency_ms is not None:
+            out, self.latency = fit_to_latency(
+                self.model, out, self.max_latency_ms, self.latency_of, self.runtime,
+                self.choices, max_bytes=self.max_bytes, storage=self.storage,
+                per_channel=self.per_channel, frozen=list(self.fixed))
+        return out
 
     def widths(self, hp) -> Dict[str, int]:
-        """The widths ``hp`` (keras-tuner HyperParameters) chooses, narrowed to the budget."""
+        """The widths ``hp`` (keras-tuner HyperParameters) chooses, narrowed to the size budget
+        and then widened to the latency budget (each measured)."""
         chosen = dict(self.fixed)
         for name in self.free:
             chosen[name] = hp.Choice(f"bits/{name}", self.choices)
-        return fit_to_budget(self.model, chosen, self.max_bytes, self.storage, self.choices,
-                             self.per_channel, frozen=list(self.fixed))
+        return self._fit(chosen)
 
     def bytes_of(self, widths: Mapping[str, int]) -> int:
         """Kernel bytes of ``widths`` in this space's storage."""
@@ -207,7 +295,7 @@ class BitWidthTuner(_tuner_base()):
         accuracy = evaluate_accuracy(q, self.validation_data)
         record = {"trial_id": trial.trial_id, "widths": dict(widths),
                   "kernel_bytes": self.space.bytes_of(widths), "val_accuracy": accuracy,
-                  "kd": self.kd}
+                  "kd": self.kd, "latency_ms": self.space.latency}
         atomic_write(os.path.join(self.project_dir, f"trial_{trial.trial_id}_widths.json"),
                      json.dumps(record, sort_keys=True).encode())
         return {"val_accuracy": accuracy, "kernel_bytes": float(record["kernel_bytes"])}

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import time
 
@@ -142,25 +141,12 @@ def file_breakdown(path: str) -> dict:
 
 
 def _interleaved_medians(interpreters: dict) -> dict:
-    """{key: median ms per invoke} of interpreters whose inputs are set, timed side by side.
+    """{key: median ms per invoke} of interpreters whose inputs are set, timed side by side
+    (``tfqkd.latency.median_latency_ms`` with ``--warmup``, ``--rounds``, ``--inner``)."""
+    from tfqkd.latency import median_latency_ms
 
-    Each interpreter gets ``--warmup`` untimed invocations; then every round runs each one for
-    ``--inner`` invocations in a rotating order, and the figure is the median of the per-round
-    means (so a change of the machine's speed during the run hits every configuration alike).
-    """
-    keys = list(interpreters)
-    for it in interpreters.values():
-        for _ in range(FLAGS.warmup):
-            it.invoke()
-    samples = {k: [] for k in keys}
-    for r in range(FLAGS.rounds):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            it = interpreters[k]
-            t0 = time.perf_counter()
-            for _ in range(FLAGS.inner):
-                it.invoke()
-            samples[k].append((time.perf_counter() - t0) / FLAGS.inner * 1e3)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return median_latency_ms(interpreters, warmup=FLAGS.warmup, rounds=FLAGS.rounds,
+                             inner=FLAGS.inner)
 
 
 def layer_breakdown() -> dict:
