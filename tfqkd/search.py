@@ -234,8 +234,9 @@ class BitWidthTuner(_tuner_base()):
             ``"learned"``).
         **kwargs: ``keras_tuner.Tuner`` arguments (``oracle``, ``directory``, ``project_name``).
 
-    Each finished trial writes ``trial_<id>_widths.json`` (widths, kernel bytes, validation
-    accuracy) in the project directory: the Pareto front is read from those.
+    Each finished trial writes ``trial_<id>_widths.json`` (widths, kernel bytes, measured
+    latency with a latency budget, validation accuracy) in the project directory: the Pareto
+    front is read from those.
     """
 
     def __init__(self, space: BitWidthSpace, student: keras.Model,
