@@ -66,6 +66,13 @@ OPTIONS = common.COMMON_OPTIONS + [
            "every trial and baseline quantizes a copy of it, as the paper's Algorithm 1 "
            "retrains the float student in the quantized domain. Absent: a fresh --arch model "
            "(quantization-aware training from scratch)."),
+    Option("pretrain_student", "none", "Train the float student once before the trials and "
+           "quantize it in every trial (Algorithm 1): hard (hard labels, the paper's Figure "
+           "2(a)), kd (KD from the first --teachers entry, Figure 2(b)); saved as "
+           "output_dir/student_<mode>.h5 and reused by reruns. none: --student, or fresh "
+           "models.", "enum", ("none", "hard", "kd")),
+    Option("student_epochs", None, "Epochs of --pretrain_student (default: --teacher_epochs, "
+           "else --epochs).", "integer"),
     Option("teacher_epochs", None, "Epochs to train each teacher (default: --epochs).",
            "integer"),
     Option("baseline", True, "Also train the quantized student on hard labels (the figures' "
@@ -141,6 +148,7 @@ def _paths(cfg: common.Config) -> Dict[str, str]:
         "teachers": os.path.join(root, "teachers"),
         "tuner": os.path.join(root, "tuner"),
         "results": os.path.join(root, "results.json"),
+        "student": os.path.join(root, f"student_{cfg.pretrain_student}.h5"),
     }
 
 
@@ -288,6 +296,40 @@ def build_tuner(cfg: common.Config) -> tuning.DistillationTuner:
     )
 
 
+def _pretrained_student(cfg: common.Config, data: tuning.TrialData,
+                        paths: Dict[str, str]) -> common.Config:
+    """Trains the float student once (hard labels, or KD from the first --teachers entry) into
+    ``output_dir/student_<mode>.h5``; returns ``cfg`` with ``--student`` pointing at it."""
+    path = paths["student"]
+    if os.path.exists(path):
+        common.log(f"float student: {path} (trained before)")
+    elif cfg.mode == "search" and _distributed():
+        # Each worker would train its own copy: the trials must share one student.
+        raise ValueError(f"--pretrain_student in a distributed search: train the student first "
+                         f"(the same command without KERASTUNER_* variables writes {path}), or "
+                         "pass --student.")
+    else:
+        teacher = None
+        if cfg.pretrain_student == "kd":
+            first = _teacher_keys(cfg)[0]
+            teacher = make_teacher_pool(cfg).get(first, data)
+        common.log(f"float student: training it once ({cfg.pretrain_student}"
+                   + (f" from teacher {_teacher_keys(cfg)[0]}" if teacher is not None else "")
+                   + f") -> {path}")
+        epochs = cfg.student_epochs or cfg.teacher_epochs or cfg.epochs
+        settings = trial_settings(cfg)
+        tuning.pretrain_student(_fresh_model_builder(cfg), data, path, teacher=teacher,
+                                temperature=common.KD_DEFAULTS["temperature"], epochs=epochs,
+                                optimizer=settings["optimizer"], seed=cfg.seed)
+    return cfg.replace(student=path)
+
+
+def _distributed() -> bool:
+    from keras_tuner.src.distribute import utils as dist_utils
+
+    return dist_utils.has_chief_oracle()
+
+
 def _baselines(cfg, data, paths) -> None:
     """Trains the hard-label quantized student once per weight bit-width (skipped if done)."""
     configs = [tuning.normalize_config({"teacher": "none", "weight_bits": b,
@@ -365,6 +407,9 @@ def check_inputs(cfg: common.Config) -> List[Dict[str, Any]]:
     for key in _teacher_keys(cfg):
         if os.path.isabs(key):
             common.load_model(key, what="--teachers entry")
+    if cfg.student and cfg.pretrain_student != "none":
+        raise ValueError(f"--student and --pretrain_student={cfg.pretrain_student} both give the "
+                         "float student: pass one (--pretrain_student=none keeps --student).")
     if cfg.student:
         from tfqkd import data as tdata
 
@@ -404,6 +449,8 @@ def run(cfg: common.Config) -> Dict[str, Any]:
     common.atomic_write_json(os.path.join(paths["root"], f"run_config_{cfg.mode}.json"),
                              cfg.to_dict())
     common.set_seed(cfg.seed)
+    if cfg.pretrain_student != "none" and not chief_oracle:
+        cfg = _pretrained_student(cfg, data, paths)
     if cfg.mode == "grid":
         if cfg.baseline:
             _baselines(cfg, data, paths)

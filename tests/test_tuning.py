@@ -526,3 +526,51 @@ def test_teacher_ensembles_resolve_to_their_members_and_score_their_mean_probabi
     assert sweep._teacher_keys(sweep.make_config("smoke", teachers="1, 1.5+2")) == ["1", "1.5+2"]
     with pytest.raises(ValueError, match="neither a width"):
         sweep._teacher_keys(sweep.make_config("smoke", teachers="1+nope"))
+
+
+def test_sweep_pretrains_the_float_student_once_with_kd_and_quantizes_it(tmp_path, monkeypatch):
+    """--pretrain_student=kd (Figure 2(b)): the float student is trained once, with KD from the
+    first teacher, saved, and every trial quantizes exactly that file's weights; a rerun
+    trains nothing."""
+    from tfqkd import quantize as quantize_lib
+
+    quantized_from = []
+    original = quantize_lib.quantize_model
+
+    def spy(model, *args, **kwargs):
+        quantized_from.append(model.get_weights())
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(quantize_lib, "quantize_model", spy)
+    from tfqkd.distiller import Distiller
+
+    float_students = []  # Distillers built around a float (not quantized) student
+    init = Distiller.__init__
+
+    def spy_init(self, student, *args, **kwargs):
+        if not any(type(layer).__name__.startswith("Quantize") for layer in student.layers):
+            float_students.append(student.name)
+        return init(self, student, *args, **kwargs)
+
+    monkeypatch.setattr(Distiller, "__init__", spy_init)
+    out = tmp_path / "sweep"
+    cfg = sweep.make_config("smoke", output_dir=str(out), pretrain_student="kd",
+                            temperatures="4", teachers="2", schedules="linear", epochs=1,
+                            teacher_epochs=1, baseline=False)
+    assert sweep.run(cfg)["trials"] == 1
+    path = out / "student_kd.h5"
+    saved = keras.models.load_model(str(path), compile=False)
+    assert quantized_from
+    for weights in quantized_from:
+        for got, want in zip(weights, saved.get_weights()):
+            np.testing.assert_array_equal(got, want)
+    # The pretraining distilled (one Distiller around the float student), from the teacher
+    # trained first.
+    assert len(float_students) == 1
+    assert os.path.exists(out / "teachers" / "teacher_2.h5")
+    stamp = os.path.getmtime(path)
+    sweep.run(cfg.replace(temperatures="1,4"))  # one more trial, the same student
+    assert os.path.getmtime(path) == stamp
+    assert len(tuning.read_results(str(out / "trials.csv"))) == 2
+    with pytest.raises(ValueError, match="pass one"):
+        sweep.check_inputs(cfg.replace(student=str(path)))

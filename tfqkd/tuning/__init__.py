@@ -45,7 +45,8 @@ from tfqkd.tuning.results import append_result, grid_configs, read_results, run_
 from tfqkd.tuning.trials import _default_builder, _load_model  # noqa: F401  (tests use them)
 from tfqkd.tuning.trials import ModelBuilder, OptimizerArg  # noqa: F401  (type aliases it had)
 from tfqkd.tuning.trials import (TeacherPool, TrialData, ensemble_members, evaluate_accuracy,
-                                 make_trial_data, run_trial_config, train_classifier)
+                                 make_trial_data, pretrain_student, run_trial_config,
+                                 train_classifier)
 from tfqkd.tuning.tuner import DistillationSearchSpace, DistillationTuner, make_oracle
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "TeacherPool",
     "ensemble_members",
     "train_classifier",
+    "pretrain_student",
     "NO_TEACHER",
     "normalize_config",
     "config_key",

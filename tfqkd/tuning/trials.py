@@ -33,7 +33,7 @@ from tfqkd.training import make_optimizer as _make_optimizer
 from tfqkd.tuning.config import NO_TEACHER, _teacher_key, _teacher_width, normalize_config
 
 __all__ = ["TrialData", "make_trial_data", "TeacherPool", "ensemble_members", "train_classifier",
-           "run_trial_config", "ModelBuilder"]
+           "pretrain_student", "run_trial_config", "ModelBuilder"]
 
 
 @dataclasses.dataclass
@@ -150,6 +150,41 @@ def train_classifier(
     )
     model.fit(data.train, epochs=epochs, verbose=verbose, callbacks=[StopOnNonFinite()])
     return model
+
+
+def pretrain_student(
+    builder: "ModelBuilder", data: TrialData, path: str, *, teacher: Any = None,
+    temperature: float = 4.0, epochs: int = 1, learning_rate: float = 1e-2,
+    optimizer: OptimizerArg = "adam", seed: int = 0, verbose: int = 0,
+) -> str:
+    """The float student of the paper's Algorithm 1, trained once and saved at ``path``.
+
+    ``builder(num_classes, input_shape, seed=seed)`` builds it; it is trained on hard labels, or
+    with KD from ``teacher`` (a model or a list; λ 0.5, ``temperature``) when one is given: the
+    students of the paper's Figure 2(a) and 2(b). A ``path`` that exists is used as it is (a rerun
+    trains nothing); the file is written atomically (HDF5).
+
+    Example:
+        >>> path = pretrain_student(_default_builder, make_trial_data("digits"),
+        ...                         "/tmp/student_hard.h5", epochs=3)  # doctest: +SKIP
+    """
+    if os.path.exists(path):
+        return path
+    model = builder(data.num_classes, data.input_shape, seed=seed)
+    if teacher is None:
+        train_classifier(model, data, epochs=epochs, learning_rate=learning_rate,
+                         optimizer=optimizer, verbose=verbose)
+    else:
+        from tfqkd.distiller import Distiller
+
+        distiller = Distiller(model, teacher, temperature=temperature, coefficient=0.5)
+        distiller.compile(optimizer=_make_optimizer(optimizer, learning_rate,
+                                                    data.steps_per_epoch(), epochs))
+        distiller.fit(data.train, epochs=epochs, verbose=verbose, callbacks=[StopOnNonFinite()])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:
+        model.save(tmp, save_format="h5", include_optimizer=False)
+    return path
 
 
 class TeacherPool:
