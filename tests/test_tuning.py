@@ -460,17 +460,10 @@ def test_distributed_search_chief_and_two_workers(tmp_path, teacher_path):
     assert len(rows) == 4 and {r["tuner_id"] for r in rows} == {"tuner0", "tuner1"}
 
 
-def test_sweep_trials_quantize_the_saved_float_student(tmp_path, monkeypatch):
-    """--student: every trial and the baseline start from the saved float student's weights
-    (the paper's Algorithm 1), read back here from the file with plain Keras."""
-    from recipes import _stages
+def _spy_quantized_float_weights(monkeypatch):
+    """The weights of every float model handed to tfqkd.quantize_model, in call order."""
     from tfqkd import quantize as quantize_lib
 
-    student_dir = tmp_path / "student"
-    _stages.train_student(_stages.student_config(
-        "smoke", dataset="digits", subset=None, test_subset=None, epochs=2, progress="none",
-        output_dir=str(student_dir)))
-    saved = keras.models.load_model(str(student_dir / "model" / "model.h5"), compile=False)
     quantized_from = []
     original = quantize_lib.quantize_model
 
@@ -479,6 +472,19 @@ def test_sweep_trials_quantize_the_saved_float_student(tmp_path, monkeypatch):
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(quantize_lib, "quantize_model", spy)
+    return quantized_from
+
+
+def test_sweep_trials_quantize_the_saved_float_student(tmp_path, monkeypatch):
+    """--student: every trial and the baseline start from the saved float student's weights
+    (the paper's Algorithm 1), read back here from the file with plain Keras."""
+    from recipes import _stages
+    student_dir = tmp_path / "student"
+    _stages.train_student(_stages.student_config(
+        "smoke", dataset="digits", subset=None, test_subset=None, epochs=2, progress="none",
+        output_dir=str(student_dir)))
+    saved = keras.models.load_model(str(student_dir / "model" / "model.h5"), compile=False)
+    quantized_from = _spy_quantized_float_weights(monkeypatch)
     cfg = sweep.make_config("smoke", output_dir=str(tmp_path / "sweep"), student=str(student_dir),
                             temperatures="4", teachers="1", schedules="constant,linear",
                             epochs=1, teacher_epochs=1)
@@ -532,16 +538,7 @@ def test_sweep_pretrains_the_float_student_once_with_kd_and_quantizes_it(tmp_pat
     """--pretrain_student=kd (Figure 2(b)): the float student is trained once, with KD from the
     first teacher, saved, and every trial quantizes exactly that file's weights; a rerun
     trains nothing."""
-    from tfqkd import quantize as quantize_lib
-
-    quantized_from = []
-    original = quantize_lib.quantize_model
-
-    def spy(model, *args, **kwargs):
-        quantized_from.append(model.get_weights())
-        return original(model, *args, **kwargs)
-
-    monkeypatch.setattr(quantize_lib, "quantize_model", spy)
+    quantized_from = _spy_quantized_float_weights(monkeypatch)
     from tfqkd.distiller import Distiller
 
     float_students = []  # Distillers built around a float (not quantized) student
