@@ -30,7 +30,13 @@ distribute the trials; ``tools/distributed_tuning_demo.py`` does that on localho
 
 Outputs in ``output_dir``: ``trials.csv``, ``baseline.csv`` (hard-label quantized student),
 ``accuracy_vs_teacher.{png,svg}`` (Figure 1), ``cr_comparison.{png,svg}`` (Figure 2),
-``heatmap.{png,svg}`` (τ × teacher), ``teachers/``, ``tuner/`` (search mode), ``results.json``.
+``heatmap.{png,svg}`` (τ × teacher), ``teachers/``, ``tuner/`` (search mode), ``results.json``,
+``student_<mode>.h5`` (``--pretrain_student``).
+
+Algorithm 1 (trials retrain a trained float student in the quantized domain): ``--student`` (a
+saved float student) or ``--pretrain_student=hard|kd`` (trained once here, on hard labels or with
+KD from the first ``--teachers`` entry: the paper's Figure 2(a) / 2(b)); without either, every
+trial quantizes a freshly initialised model.
 """
 
 from __future__ import annotations
