@@ -155,6 +155,14 @@ def compile_classifier(model: keras.Model, cfg: Config, steps_per_epoch: int) ->
     )
 
 
+def teacher_paths(cfg: Config) -> list:
+    """``--teacher`` (a multi-string flag: one path, a list, or absent) as a list of paths."""
+    t = cfg.teacher
+    if not t:
+        return []
+    return [t] if isinstance(t, str) else list(t)
+
+
 def load_teachers(paths, strategy, cfg=None, info=None) -> list:
     """Loads saved teacher models (frozen) inside ``strategy``'s scope; with ``cfg`` and the
     data ``info`` a path may also be a ``tfqkd.models.get`` name (a fresh model) and a teacher

@@ -75,8 +75,10 @@ class Run:
 
 
 def start_run(cfg: Config, default_dir: str,
-              strategy: Optional[tf.distribute.Strategy] = None) -> Run:
-    """Opens ``cfg.output_dir`` (or ``default_dir``), creates the strategy, seeds, loads data.
+              strategy: Optional[tf.distribute.Strategy] = None, *,
+              validation: Optional[float] = None) -> Run:
+    """Opens ``cfg.output_dir`` (or ``default_dir``), creates the strategy, seeds, loads data
+    (``validation=f``: with that fraction of the training images held out, :func:`load_data`).
 
     The order matters: a completed run is reported (or refused, when the training options
     differ) before TensorFlow is touched; the strategy exists before any other TensorFlow state
@@ -93,7 +95,7 @@ def start_run(cfg: Config, default_dir: str,
     strategy = strategy or make_strategy(cfg.distribute, cfg.cpu_devices)
     out.attach(strategy)
     set_seed(cfg.seed)
-    return Run(cfg, out, strategy, load_data(cfg))
+    return Run(cfg, out, strategy, load_data(cfg, validation=validation))
 
 
 def _rerun_finished(cfg: Config, out: OutputDir) -> Dict[str, Any]:

@@ -172,22 +172,15 @@ def quantize_distill_config(preset: str = "paper", **overrides) -> common.Config
     return apply_row(common.make_config(QD_OPTIONS, QD_PRESETS, preset, **overrides))
 
 
-def _teachers_of(cfg) -> list:
-    t = cfg.teacher
-    if not t:
-        return []
-    return [t] if isinstance(t, str) else list(t)
-
-
 def quantize_distill(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> dict:
     """Runs Algorithm 1 as configured by ``cfg``; returns the content of results.json."""
     cfg = apply_row(cfg)
-    check_row_inputs(cfg, _teachers_of(cfg))
+    check_row_inputs(cfg, common.teacher_paths(cfg))
     run_ = common.start_run(cfg, "runs/quantize_distill", strategy)
     if run_.finished is not None:
         return run_.finished
     data, strategy = run_.data, run_.strategy
-    teacher_paths = _teachers_of(cfg)
+    teacher_paths = common.teacher_paths(cfg)
     extra: dict = {"row": row_record(cfg)} if cfg.row else {}
     with strategy.scope():
         float_student, origin = common.load_or_build_student(cfg, data)

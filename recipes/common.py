@@ -128,7 +128,8 @@ from recipes._data import (RAW_PIXELS, Data, _info_get, clean_training_set,  # n
 from recipes._build import (adapt_teacher, build_model, coefficient_scheduler,  # noqa: F401
                             compile_classifier, compile_distiller, load_or_build_model,
                             load_or_build_student, load_teachers, make_distiller,
-                            make_lr_schedule, make_optimizer, precise_bn, quantize)
+                            make_lr_schedule, make_optimizer, precise_bn, quantize,
+                            teacher_paths)
 from recipes._run import Run, export_and_verify, finish_run, start_run, write_results  # noqa: F401
 # The shared training helpers, written once in the library.
 from tfqkd.training import load_model  # noqa: F401
@@ -147,7 +148,7 @@ __all__ = [
     "data_kwargs_for_model", "RAW_PIXELS", "input_normalization", "adapt_teacher",
     "load_or_build_model", "build_model", "load_or_build_student", "make_lr_schedule",
     "make_optimizer", "compile_classifier", "load_teachers", "make_distiller",
-    "compile_distiller", "quantize", "coefficient_scheduler", "precise_bn",
+    "compile_distiller", "quantize", "coefficient_scheduler", "precise_bn", "teacher_paths",
     # a run (_run)
     "Run", "start_run", "finish_run", "write_results", "export_and_verify",
     # utilities (_util)

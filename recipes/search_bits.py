@@ -134,13 +134,6 @@ def parse_choices(text: Any) -> List[int]:
     return sorted(set(out))
 
 
-def teachers_of(cfg: common.Config) -> List[str]:
-    t = cfg.teacher
-    if not t:
-        return []
-    return [t] if isinstance(t, str) else list(t)
-
-
 def check_inputs(cfg: common.Config) -> None:
     """Every option the search needs, checked before anything is loaded or written.
 
@@ -172,7 +165,7 @@ def check_inputs(cfg: common.Config) -> None:
     if cfg.max_bytes_at_bits is not None and not 1 <= cfg.max_bytes_at_bits <= 8:
         raise ValueError(f"--max_bytes_at_bits must be a width in 1..8, got "
                          f"{cfg.max_bytes_at_bits}.")
-    if (cfg.search_kd or cfg.retrain == "kd_cr") and not teachers_of(cfg):
+    if (cfg.search_kd or cfg.retrain == "kd_cr") and not common.teacher_paths(cfg):
         raise ValueError("--teacher is required for --search_kd and --retrain=kd_cr; pass a "
                          "trained teacher (recipes/train_teacher.py) or --nosearch_kd "
                          "--retrain=hard to search and retrain on labels only.")
@@ -260,17 +253,16 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> Dict[str
     from tfqkd.budget import kernel_shapes
 
     check_inputs(cfg)
-    run_ = common.start_run(cfg, "runs/search_bits", strategy)
+    # Candidates are scored on held-out training images: the run's data carry the hold-out.
+    run_ = common.start_run(cfg, "runs/search_bits", strategy, validation=cfg.validation)
     if run_.finished is not None:
         return run_.finished
-    # Candidates are scored on held-out training images: the run's data carry the hold-out.
-    data = common.load_data(cfg, validation=cfg.validation)
+    data = run_.data
     # The proxy never trains on more images than the run: --proxy_subset within --subset.
     proxy_subset = min(n for n in (cfg.proxy_subset, cfg.subset) if n) \
         if (cfg.proxy_subset or cfg.subset) else None
     proxy = common.load_data(cfg.replace(subset=proxy_subset), validation=cfg.validation)
-    run_.data = data
-    teacher_paths = teachers_of(cfg)
+    teacher_paths = common.teacher_paths(cfg)
     with run_.strategy.scope():
         student, origin = common.load_or_build_student(cfg, data)
         teachers = common.load_teachers(teacher_paths, run_.strategy, cfg, data.info) \

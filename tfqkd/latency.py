@@ -124,10 +124,9 @@ class LatencyProbe:
 
     def _measure(self, widths: Mapping[str, int]) -> float:
         from tfqkd.export import export_tflite
-        from tfqkd.quantize import quantize_model
+        from tfqkd.quantize import quantize_at_widths
 
-        q = quantize_model(self.student, weight_bits=min(widths.values()), first_last_bits=None,
-                           layer_bits=dict(widths), **self.quantize_kwargs)
+        q = quantize_at_widths(self.student, widths, **self.quantize_kwargs)
         directory = tempfile.mkdtemp(prefix="tfqkd-latency-")
         try:
             path = os.path.join(directory, f"candidate_{self.mode}.tflite")

@@ -84,6 +84,7 @@ from tfqkd.quantizers import SymmetricQuantizer, l2_optimal_step
 
 __all__ = [
     "quantize_model",
+    "quantize_at_widths",
     "quantize_scope",
     "quantized_weights",
     "quantization_info",
@@ -362,6 +363,24 @@ def quantize_model(
         raise RuntimeError(f"layers {missing} were not wrapped for quantization.")
     _init_learned_steps(qmodel)
     return qmodel
+
+
+def quantize_at_widths(model: keras.Model, widths: Mapping[str, int],
+                       **kwargs: Any) -> keras.Model:
+    """:func:`quantize_model` with each weighted layer's kernel width given by ``widths``
+    (layer name → bits, e.g. a bit-width search's candidate); no first/last default applies.
+    ``kwargs``: the other :func:`quantize_model` arguments (``activation_bits``,
+    ``per_channel``, ``step``, ...).
+
+    Example:
+        >>> import tfqkd
+        >>> m = tfqkd.models.tiny_resnet(seed=0)
+        >>> widths = {layer.name: 4 for layer in tfqkd.layer_bits.weighted_layers(m)}
+        >>> quantization_info(quantize_at_widths(m, dict(widths, classifier=8)))["classifier"]["bits"]
+        8
+    """
+    return quantize_model(model, weight_bits=min(widths.values()), first_last_bits=None,
+                          layer_bits=dict(widths), **kwargs)
 
 
 def _copy_weights(src: keras.Model, dst: keras.Model) -> None:

@@ -263,12 +263,10 @@ class BitWidthTuner(_tuner_base()):
 
     def quantized_student(self, widths: Mapping[str, int]) -> keras.Model:
         """The float student quantized at ``widths``."""
-        from tfqkd.quantize import quantize_model
+        from tfqkd.quantize import quantize_at_widths
 
-        return quantize_model(self.student, weight_bits=min(self.space.choices),
-                              activation_bits=self.activation_bits,
-                              per_channel=self.space.per_channel, first_last_bits=None,
-                              step=self.step, layer_bits=dict(widths))
+        return quantize_at_widths(self.student, widths, activation_bits=self.activation_bits,
+                                  per_channel=self.space.per_channel, step=self.step)
 
     def run_trial(self, trial, *args, **kwargs) -> Dict[str, float]:
         from tfqkd.callbacks import CoefficientScheduler
