@@ -77,6 +77,14 @@ def _save_load(q, tmp_path):
         return keras.models.load_model(path, compile=False)
 
 
+#: (family, mode) -> _check_file bound where 0.75 does not hold. MobileNetV3's INT4 files track the
+#: student less closely (LiteRT's INT4 kernels differ from int8 by one step here and there, and
+#: hard-swish/hard-sigmoid grow those steps): measured seeds 1-10, MobileNetV3Small 0.20-0.59,
+#: MobileNetV3Large 0.46-0.82 (CI failed at 0.78 against 0.75); the same models' int8 files
+#: 0.16-0.41 and 0.23-0.44. A file of another model is near 1, so 0.95 still catches one.
+MAX_RATIO = {("mobilenet_v3_small", "int4"): 0.95, ("mobilenet_v3_large", "int4"): 0.95}
+
+
 def _check_file(path, q, xv, yv, max_ratio=0.75):
     """The file's outputs track the student's: its relative output error is at most ``max_ratio``
     of that of an "unrelated" file, the student's own outputs for other images (reversed order).
@@ -86,8 +94,8 @@ def _check_file(path, q, xv, yv, max_ratio=0.75):
     the file's integer requantization, grown through 50+ layers, flip many of them (CI failed on
     MobileNetV3Large at 0.41 with a bound of 0.5). The relative error does not hinge on ties.
     Measured W2A8, seeds 1-3, int8 / int4, as a fraction of the unrelated error: MobileNet
-    0.14-0.21 / 0.26-0.48, MobileNetV2 0.28-0.37 / 0.41-0.56, MobileNetV3Small 0.20-0.32 (int8),
-    MobileNetV3Large 0.20-0.33 (int8), ResNet50 0.49-0.53 / 0.48-0.58, ResNet50V2 0.41-0.58 /
+    0.14-0.21 / 0.26-0.48, MobileNetV2 0.28-0.37 / 0.41-0.56, MobileNetV3Small 0.16-0.41 /
+    0.20-0.59 and MobileNetV3Large 0.20-0.44 / 0.46-0.82 (seeds 1-10; see MAX_RATIO), ResNet50 0.49-0.53 / 0.48-0.58, ResNet50V2 0.41-0.58 /
     0.43-0.58, DenseNet121 0.26-0.38 / 0.27-0.37; a file of another model is near 1.
     """
     report = export.verify_tflite(path, q, (xv, yv))
@@ -121,6 +129,8 @@ def _check_stem(path, q, xv):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_w2a8_whole_path(family, cifar, tmp_path):
     xt, yt, xv, yv = cifar
+    # Seeded so that a failure reproduces; the bounds were measured over other seeds (_check_file).
+    keras.utils.set_random_seed(0)
     teacher = build(family)
     teacher(xt[:32], training=True)  # batch statistics into the moving averages
     q = quantize_model(teacher, weight_bits=2, activation_bits=8)
@@ -136,7 +146,7 @@ def test_family_w2a8_whole_path(family, cifar, tmp_path):
         if family.startswith("efficientnet"):
             _check_stem(path, q, xv)
         else:
-            _check_file(path, q, xv, yv)
+            _check_file(path, q, xv, yv, max_ratio=MAX_RATIO.get((family, mode), 0.75))
     # Packed archive: the forward weights at their bit-width, bit-exact round trip.
     archive = os.path.join(tmp_path, f"{family}.tfqkdpw")
     stats = export.pack_weights(q, archive)
