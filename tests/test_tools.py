@@ -123,10 +123,16 @@ def test_benchmark_tflite_applications_model_side_by_side():
     """--model=<Applications name>: float, int8 and int4 files of one W8A8 model in one JSON."""
     p = _tool("benchmark_tflite.py", "--model=mobilenet", "--weight_bits=8", "--per_channel",
               "--rounds=1", "--inner=1", "--warmup=1", "--threads=1", "--num_calibration=8",
-              "--json_only")
+              "--num_classes=7", "--converter_int8", "--json_only")
     r = last_json_line(p.stdout)
     assert r["model"] == "mobilenet_w8a8" and r["alpha"] == 0.25 and r["export_errors"] == {}
-    assert set(r["file_bytes"]) == {"float", "int8", "int4"}
+    assert r["num_classes"] == 7
+    assert set(r["file_bytes"]) == {"float", "int8", "int4", "converter_int8"}
+    assert set(r["latency_ms"]) == {f"{m}_t1_ms" for m in r["file_bytes"]}
+    # The converter's own post-training file holds the same kernels at one byte per weight.
+    assert r["converter_int8_file_breakdown"]["weight_buffers"] == \
+        r["int8_file_breakdown"]["weight_buffers"]
+    assert set(r["converter_int8_over_float_latency"]) == {"t1"}
     # 8-bit weights: int8 and int4 files hold the same int8 kernels, about a quarter of float.
     assert r["file_bytes"]["int8"] == r["file_bytes"]["int4"]
     assert r["int8_over_float_size"] == r["file_bytes"]["int8"] / r["file_bytes"]["float"] < 0.35

@@ -25,8 +25,16 @@ All files keep float32 input and output (the int8 ones quantize/dequantize insid
 interface as the float file, so the latencies compare like for like. ``int8_io=True`` would save
 two QUANTIZE/DEQUANTIZE ops and their two float tensors (under 100 bytes).
 
+``--model=<Applications name>`` (with ``--image_size``, ``--alpha``, ``--num_classes``) does the
+same for a W``--weight_bits``A8 Applications student (float / int8 / int4);
+``--converter_int8`` adds, side by side, the TFLite converter's own post-training int8 file of
+the same float model: what a user without tfqkd gets, so a latency ratio can be read as this
+CPU's int8 kernels or as tfqkd's file.
+
 Example:
     CUDA_VISIBLE_DEVICES= python tools/benchmark_tflite.py --rounds=15 --inner=20
+    CUDA_VISIBLE_DEVICES= python tools/benchmark_tflite.py --model=mobilenet_v2 --alpha=1.0 \\
+        --image_size=224 --num_classes=1000 --weight_bits=8 --per_channel --converter_int8
 """
 
 from __future__ import annotations
@@ -54,9 +62,15 @@ flags.DEFINE_bool("json_only", False, "Print only the final JSON line.")
 flags.DEFINE_string("model", "resnet20", "resnet20 (tfqkd's CIFAR ResNet20) or a "
                     "Keras Applications model by name (tfqkd.models.names(): mobilenet_v2, ...).")
 flags.DEFINE_integer("image_size", 32, "Input size of an Applications model.")
+flags.DEFINE_integer("num_classes", 10, "Classes of the model's head (1000: the "
+                     "ImageNet head the published MobileNet file sizes refer to).")
 flags.DEFINE_float("alpha", None, "Width of an Applications model (default: its smallest).")
 flags.DEFINE_integer("weight_bits", 2, "Student weight bits (8 for the W8A8 targets).")
 flags.DEFINE_bool("per_channel", False, "Per-channel weight steps.")
+flags.DEFINE_bool("converter_int8", False, "Also time the TFLite converter's own post-training "
+                  "int8 quantization of the same float model (per-channel, the same calibration "
+                  "images): separates what tfqkd's file costs from what this CPU's int8 kernels "
+                  "give.")
 flags.DEFINE_bool("layer_breakdown", False, "Also time six stacked 3x3 convolutions at each "
                   "ResNet20 stage shape, float vs int8, and report ns per output pixel.")
 
@@ -197,6 +211,19 @@ def layer_breakdown() -> dict:
     return out
 
 
+def _converter_int8(float_model, calib, path: str) -> str:
+    """The TFLite converter's post-training int8 file of ``float_model`` (float32 interface)."""
+    from tfqkd._keras import tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(float_model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([calib[i:i + 1]] for i in range(len(calib)))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    with open(path, "wb") as f:
+        f.write(converter.convert())
+    return path
+
+
 def _faster_layout(latency: dict, threads: list) -> str:
     s2d_wins = [latency[f"int8_s2d_t{t}_ms"] < latency[f"int8_t{t}_ms"] for t in threads]
     return "space_to_depth" if all(s2d_wins) else "compact" if not any(s2d_wins) else "mixed"
@@ -215,7 +242,7 @@ def main(argv):
     rng = np.random.default_rng(FLAGS.seed)
     size = 32
     if FLAGS.model == "resnet20":
-        float_model = tfqkd.models.resnet20(seed=FLAGS.seed)
+        float_model = tfqkd.models.resnet20(FLAGS.num_classes, seed=FLAGS.seed)
         modes = MODES
     else:
         if FLAGS.model not in tfqkd.models.names():
@@ -223,7 +250,7 @@ def main(argv):
                              f"{tfqkd.models.names()}")
         size = FLAGS.image_size
         keras.utils.set_random_seed(FLAGS.seed)
-        float_model = tfqkd.models.get(FLAGS.model, 10, (size, size, 3),
+        float_model = tfqkd.models.get(FLAGS.model, FLAGS.num_classes, (size, size, 3),
                                        alpha=FLAGS.alpha or tfqkd.models.smallest_alpha(FLAGS.model),
                                        include_softmax=False)
         for layer in float_model.layers:  # batch norm at the statistics of one batch
@@ -236,7 +263,7 @@ def main(argv):
                              per_channel=FLAGS.per_channel)
     if FLAGS.train_steps:
         x = rng.normal(size=(64 * FLAGS.train_steps, size, size, 3)).astype("float32")
-        y = rng.integers(0, 10, len(x)).astype("int32")
+        y = rng.integers(0, FLAGS.num_classes, len(x)).astype("int32")
         student.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         student.fit(x, y, batch_size=64, epochs=1, verbose=0)
     # One forward pass in training mode sets the EMA activation clips, as training would.
@@ -260,6 +287,13 @@ def main(argv):
         files[mode], sizes[mode], infos[mode] = info["path"], info["bytes"], info
         _log(f"exported {mode}: {info['bytes']} bytes in {export_seconds[mode]:.1f} s")
     modes = tuple(m for m in modes if m in files)
+    if FLAGS.converter_int8:
+        # The reference a user without tfqkd has: the float model through the converter's
+        # post-training int8 quantization. Not a student: timed and sized, not verified.
+        files["converter_int8"] = _converter_int8(float_model, calib,
+                                                  os.path.join(out_dir, f"{tag}_ptq.tflite"))
+        sizes["converter_int8"] = os.path.getsize(files["converter_int8"])
+        _log(f"converter int8 (post-training): {sizes['converter_int8']} bytes")
     levels = {mode: export.tflite_weight_levels(files[mode]) for mode in modes}
     weight_bits = {}
     for mode in modes:
@@ -271,7 +305,8 @@ def main(argv):
     _log(f"packed archive: {packed['bytes']} bytes, {packed['bits_per_weight']:.3f} bits/weight")
 
     threads = [int(t) for t in FLAGS.threads.split(",")]
-    configs = [(mode, t) for t in threads for mode in modes]
+    timed = modes + (("converter_int8",) if FLAGS.converter_int8 else ())
+    configs = [(mode, t) for t in threads for mode in timed]
     interpreters = {}
     for mode, t in configs:
         it = Interpreter(model_path=files[mode], num_threads=t)
@@ -283,6 +318,7 @@ def main(argv):
     lat = lambda mode, t: latency[f"{mode}_t{t}_ms"] / latency[f"float_t{t}_ms"]  # noqa: E731
     result = {
         "model": tag, "image_size": size, "rounds": FLAGS.rounds,
+        "num_classes": FLAGS.num_classes,
         "alpha": None if FLAGS.model == "resnet20" else
         FLAGS.alpha or tfqkd.models.smallest_alpha(FLAGS.model),
         "inner": FLAGS.inner, "host": host_cpu(), "file_bytes": sizes, "io_dtype": "float32",
@@ -293,12 +329,14 @@ def main(argv):
         "packed_bits_per_weight_whole_file": packed["bits_per_weight"],
         "export_seconds": export_seconds,
     }
-    for mode in modes[1:]:  # side by side with the float file of the same run
+    for mode in timed[1:]:  # side by side with the float file of the same run
         result[f"{mode}_over_float_size"] = sizes[mode] / sizes["float"]
         result[f"{mode}_over_float_latency"] = {f"t{t}": lat(mode, t) for t in threads}
     result["packed_over_float_size"] = packed["bytes"] / sizes["float"]
     if "int8" in modes:
         result["int8_file_breakdown"] = file_breakdown(files["int8"])
+    if FLAGS.converter_int8:
+        result["converter_int8_file_breakdown"] = file_breakdown(files["converter_int8"])
     if FLAGS.model == "resnet20":
         result.update({
             "int8_s2d_convs": infos["int8_s2d"]["space_to_depth_convs"],
