@@ -571,3 +571,22 @@ def test_sweep_pretrains_the_float_student_once_with_kd_and_quantizes_it(tmp_pat
     assert len(tuning.read_results(str(out / "trials.csv"))) == 2
     with pytest.raises(ValueError, match="pass one"):
         sweep.check_inputs(cfg.replace(student=str(path)))
+
+
+def test_run_grid_progress_line_ranks_on_validation(tmp_path, monkeypatch):
+    """The "best" a grid's progress line names is the best validation trial, not the best test."""
+    scores = {1.0: (0.9, 0.5), 4.0: (0.5, 0.9)}  # temperature -> (val, test)
+
+    def fake_trial(cfg, data, teachers=None, **kwargs):
+        val, test = scores[float(cfg["temperature"])]
+        return {"val_accuracy": val, "test_accuracy": test, "train_accuracy": 1.0,
+                "teacher_accuracy": 0.8, "wall_time": 0.0}
+
+    monkeypatch.setattr(tuning.results, "run_trial_config", fake_trial)
+    lines = []
+    tuning.run_grid(tuning.grid_configs(temperatures=[1, 4], teachers=["1"],
+                                        schedules=["constant"]),
+                    None, str(tmp_path / "trials.csv"), log=lines.append)
+    last = lines[-1]
+    assert "val_accuracy=0.5000 test_accuracy=0.9000" in last
+    assert last.endswith("| best val_accuracy 0.9000 (τ=1 teacher=1 λ=0.5 constant w2)"), last

@@ -172,7 +172,7 @@ def run_grid(
     csv_path: str,
     *,
     teachers: Optional[TeacherPool] = None,
-    objective: str = "test_accuracy",
+    objective: str = "val_accuracy",
     log: Optional[Callable[[str], None]] = None,
     **trial_kwargs: Any,
 ) -> List[Dict[str, Any]]:
@@ -186,7 +186,8 @@ def run_grid(
         data: Train / validation / test batches.
         csv_path: The results file (created if missing).
         teachers: Where teachers come from.
-        objective: Metric the progress line ranks trials by.
+        objective: Metric the progress line ranks trials by: the validation accuracy, as every
+            choice is made (the test accuracy is shown beside it, never ranked on).
         log: Receives one progress line per trial (default: print to stdout).
         **trial_kwargs: Passed to :func:`run_trial_config` (optimizer, learning rate, ...).
 
@@ -216,6 +217,8 @@ def run_grid(
         append_result(csv_path, {**cfg, **metrics})
         if best is None or metrics[objective] > best[0]:
             best = (metrics[objective], _describe(cfg))
-        log(f"[sweep] trial {i}/{len(configs)} done in {metrics['wall_time']:.1f} s: "
-            f"{objective}={metrics[objective]:.4f} | best {best[0]:.4f} ({best[1]})")
+        shown = "".join(f" {m}={metrics[m]:.4f}" for m in (objective, "test_accuracy")
+                        if m == objective or (m in metrics and metrics[m] is not None))
+        log(f"[sweep] trial {i}/{len(configs)} done in {metrics['wall_time']:.1f} s:{shown} | "
+            f"best {objective} {best[0]:.4f} ({best[1]})")
     return read_results(csv_path)
