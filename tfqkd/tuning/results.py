@@ -217,8 +217,10 @@ def run_grid(
         append_result(csv_path, {**cfg, **metrics})
         if best is None or metrics[objective] > best[0]:
             best = (metrics[objective], _describe(cfg))
-        shown = "".join(f" {m}={metrics[m]:.4f}" for m in (objective, "test_accuracy")
-                        if m == objective or (m in metrics and metrics[m] is not None))
+        shown = [objective]
+        if objective != "test_accuracy" and metrics.get("test_accuracy") is not None:
+            shown.append("test_accuracy")  # reported beside, never ranked on
+        shown = "".join(f" {m}={metrics[m]:.4f}" for m in shown)
         log(f"[sweep] trial {i}/{len(configs)} done in {metrics['wall_time']:.1f} s:{shown} | "
             f"best {objective} {best[0]:.4f} ({best[1]})")
     return read_results(csv_path)
