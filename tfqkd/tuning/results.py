@@ -217,10 +217,9 @@ def run_grid(
         append_result(csv_path, {**cfg, **metrics})
         if best is None or metrics[objective] > best[0]:
             best = (metrics[objective], _describe(cfg))
-        shown = [objective]
-        if objective != "test_accuracy" and metrics.get("test_accuracy") is not None:
-            shown.append("test_accuracy")  # reported beside, never ranked on
-        shown = "".join(f" {m}={metrics[m]:.4f}" for m in shown)
+        # run_trial_config always fills test_accuracy: reported beside, never ranked on.
+        columns = [objective] + (["test_accuracy"] if objective != "test_accuracy" else [])
+        shown = "".join(f" {m}={metrics[m]:.4f}" for m in columns)
         log(f"[sweep] trial {i}/{len(configs)} done in {metrics['wall_time']:.1f} s:{shown} | "
             f"best {objective} {best[0]:.4f} ({best[1]})")
     return read_results(csv_path)
