@@ -8,7 +8,6 @@ Example:
 from __future__ import annotations
 
 import os
-import re
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -109,11 +108,28 @@ def _iter_samples(data, input_rank: int, limit: Optional[int]) -> Iterable[np.nd
 
 
 def _layer_of(tensor_name: str, layer_names: Sequence[str]) -> Optional[str]:
-    """The Keras layer a (possibly fused, ';'-joined) TFLite tensor name comes from."""
-    parts = re.split(r"[;/]", tensor_name)
-    for part in parts:
-        if part in layer_names:
-            return part
-        if part.startswith("quant_") and part[6:] in layer_names:
-            return part[6:]
+    """The Keras layer a (possibly fused, ';'-joined) TFLite tensor name comes from.
+
+    Keras Applications names hold slashes (MobileNetV3's ``expanded_conv_9/squeeze_excite/Conv_1``,
+    ``expanded_conv/depthwise``), so a name is matched as a run of ``/``-separated parts, the
+    longest run first: one part alone would take the squeeze-excite convolution for the stem
+    ``Conv_1`` and miss ``expanded_conv/depthwise`` entirely.
+
+    Example:
+        >>> _layer_of("M/expanded_conv_9/squeeze_excite/Conv_1/Conv2D",
+        ...           ["Conv_1", "expanded_conv_9/squeeze_excite/Conv_1"])
+        'expanded_conv_9/squeeze_excite/Conv_1'
+        >>> _layer_of("M/quant_conv1/BiasAdd;M/conv1/Relu", ["conv1"])
+        'conv1'
+    """
+    names = set(layer_names)
+    for segment in tensor_name.split(";"):
+        parts = segment.split("/")
+        for length in range(len(parts), 0, -1):
+            for start in range(len(parts) - length + 1):
+                candidate = "/".join(parts[start:start + length])
+                if candidate in names:
+                    return candidate
+                if candidate.startswith("quant_") and candidate[6:] in names:
+                    return candidate[6:]
     return None
