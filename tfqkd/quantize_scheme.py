@@ -37,19 +37,26 @@ class TfqkdQuantizeLayoutTransform(_tfmot_q.QuantizeLayoutTransform):
     BN afterwards. With ``activation_bits`` the scheme passes tfmot's ``InputLayerQuantize``
     (a ``QuantizeLayer`` after each input, here with an 8-bit :class:`RangeQuantizer`: the
     integer file's input is int8 too). ``transforms`` (tfmot ``Transform`` objects) are applied with
-    tfmot's ``ModelTransformer``.
+    tfmot's ``ModelTransformer``. ``quantize_all_inputs`` makes every model input a candidate for
+    them: tfmot's ``quantize_apply`` lists an input only when the layer right after it is
+    annotated, so a model that starts with a ``ZeroPadding2D`` (ResNet50, ResNet50V2,
+    DenseNet121) kept a float input that the integer file rounds to int8.
 
     Example:
         >>> TfqkdQuantizeLayoutTransform().transforms
         []
     """
 
-    def __init__(self, transforms: Optional[List[Any]] = None):
+    def __init__(self, transforms: Optional[List[Any]] = None, quantize_all_inputs: bool = False):
         self.transforms = list(transforms or [])
+        self.quantize_all_inputs = quantize_all_inputs
 
     def apply(self, model, layer_quantize_map):
         if not self.transforms:
             return model, layer_quantize_map
+        if self.quantize_all_inputs:
+            inputs = {layer.name: {} for layer in model._input_layers}  # noqa: SLF001 (Keras API)
+            layer_quantize_map = {**inputs, **layer_quantize_map}
         return _tfmot_q.graph_transformations.model_transformer.ModelTransformer(
             model, self.transforms, set(layer_quantize_map.keys()), layer_quantize_map
         ).transform()
@@ -128,7 +135,7 @@ class TfqkdQuantizeScheme(_tfmot_q.QuantizeScheme):
     def get_layout_transformer(self):
         if self._registry.activation_bits is None:
             return TfqkdQuantizeLayoutTransform()
-        return TfqkdQuantizeLayoutTransform([_input_layer_quantize()])
+        return TfqkdQuantizeLayoutTransform([_input_layer_quantize()], quantize_all_inputs=True)
 
     def get_quantize_registry(self):
         return self._registry
