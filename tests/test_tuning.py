@@ -107,6 +107,24 @@ def test_figure_2_splits_constant_and_linear_lambda():
     left, right = ({l.get_label(): l.get_color() for l in ax.get_lines()} for ax in fig.axes)
     assert set(right) == {"τ=4"}
     assert right["τ=4"] == left["τ=4"] != left["τ=1"]
+    # Both panels show one y range that holds every point of both. Sixteen validation
+    # accuracies of the 2026-12-05 sweep (teacher, τ, schedule; two seeds): sharing the left
+    # panel's limits cut the right panel at 0.697, below its τ = 10 line (0.7035).
+    measured = [(1, 10, "c", 0.6964), (1, 10, "l", 0.7068), (1, 20, "c", 0.6946),
+                (1, 20, "l", 0.6976), (2, 10, "c", 0.7018), (2, 10, "l", 0.7092),
+                (2, 20, "c", 0.702), (2, 20, "l", 0.7062), (1, 10, "c", 0.6666),
+                (1, 10, "l", 0.6924), (1, 20, "c", 0.6904), (1, 20, "l", 0.6962),
+                (2, 10, "c", 0.6908), (2, 10, "l", 0.6978), (2, 20, "c", 0.687),
+                (2, 20, "l", 0.6894)]
+    rows = [dict(tuning.normalize_config({"temperature": t, "teacher": w, "schedule":
+                                          {"c": "constant", "l": "linear"}[s]}), val_accuracy=v)
+            for w, t, s, v in measured]
+    fig = tuning.plot_cr_comparison(rows, baseline=0.6967, metric="val_accuracy")
+    assert fig.axes[0].get_ylim() == fig.axes[1].get_ylim()
+    bottom, top = fig.axes[0].get_ylim()
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            assert bottom <= min(line.get_ydata()) and max(line.get_ydata()) <= top
     # Only one schedule swept: the other panel says so instead of drawing nothing silently.
     fig = tuning.plot_cr_comparison(_rows(schedules=("linear",)))
     assert len(fig.axes[0].get_lines()) == 0 and "no constant runs" in fig.axes[0].texts[0].get_text()

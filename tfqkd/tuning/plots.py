@@ -128,7 +128,7 @@ def plot_cr_comparison(
 ):
     """Figure 2: the same curves without CR (constant λ) and with CR (linear λ), side by side.
 
-    Two panels with a shared y axis: left constant λ, right coefficient reducing; each has one line
+    Two panels with one y range (covering both): left constant λ, right coefficient reducing; each has one line
     per τ and the hard-label baseline.
 
     Example:
@@ -153,7 +153,11 @@ def plot_cr_comparison(
             ax.text(0.5, 0.5, f"no {schedule} runs", ha="center", va="center",
                     transform=ax.transAxes)
         ax.set_title(name)
-    axes[0, 1].sharey(axes[0, 0])
+    # One y range over both panels (the union of their data): sharing the left panel's limits
+    # cut off every CR line above the constant-λ curves (2026-12-05 sweep).
+    lows, highs = zip(*(ax.get_ylim() for ax in axes[0]))
+    for ax in axes[0]:
+        ax.set_ylim(min(lows), max(highs))
     if title:
         fig.suptitle(title)
     return fig
