@@ -112,7 +112,7 @@ def _layer_of(tensor_name: str, layer_names: Sequence[str]) -> Optional[str]:
 
     Keras Applications names hold slashes (MobileNetV3's ``expanded_conv_9/squeeze_excite/Conv_1``,
     ``expanded_conv/depthwise``), so a name is matched as a run of ``/``-separated parts, the
-    longest run first: one part alone would take the squeeze-excite convolution for the stem
+    longest run first: one part alone would take the squeeze-excite convolution for the head
     ``Conv_1`` and miss ``expanded_conv/depthwise`` entirely.
 
     Example:

@@ -128,8 +128,8 @@ def plot_cr_comparison(
 ):
     """Figure 2: the same curves without CR (constant λ) and with CR (linear λ), side by side.
 
-    Two panels with one y range (covering both): left constant λ, right coefficient reducing; each has one line
-    per τ and the hard-label baseline.
+    Two panels with one y range covering both: left constant λ, right coefficient reducing; each
+    has one line per τ and the hard-label baseline.
 
     Example:
         >>> rows = [dict(normalize_config({"temperature": 2, "teacher": w, "schedule": s}),
@@ -154,7 +154,7 @@ def plot_cr_comparison(
                     transform=ax.transAxes)
         ax.set_title(name)
     # One y range over both panels (the union of their data): sharing the left panel's limits
-    # cut off every CR line above the constant-λ curves (2026-12-05 sweep).
+    # cut off the CR lines that rose above the constant-λ panel's range (2026-12-05 sweep).
     lows, highs = zip(*(ax.get_ylim() for ax in axes[0]))
     for ax in axes[0]:
         ax.set_ylim(min(lows), max(highs))
