@@ -277,8 +277,6 @@ def test_softmax_head_exports_integer_softmax(cifar, tmp_path):
     assert report.max_logit_diff < 0.5  # measured 0.20-0.27 (accumulated rounding, see above)
 
 
-
-
 def _bias_offsets(path, student_pre, x, conv_layer):
     """Per output channel of the file's op for Keras layer ``conv_layer``: mean of (student's
     pre-rounding value - the file's exact integer result) over ``x``, in units of the file's
