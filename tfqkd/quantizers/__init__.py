@@ -43,6 +43,7 @@ from tfqkd.quantizers.symmetric import (  # noqa: F401  (L2_*: module constants 
     L2_CANDIDATES,
     L2_ITERATIONS,
     L2_REFINE_CANDIDATES,
+    L2_THOROUGH,
     STEP_KINDS,
     check_bits,
     l2_optimal_step,
