@@ -358,3 +358,52 @@ def test_align_student_reaches_slash_named_layers(cifar, tmp_path):
     for conv_layer, tensor in checks.items():
         offsets = _bias_offsets(path, keras.Model(q.inputs, tensor), xv[:8], conv_layer)
         assert np.abs(offsets).max() < 0.05, (conv_layer, np.round(offsets, 4))
+
+
+def _dense_block(seed):
+    """DenseNet's pattern in miniature: two ReLU outputs concatenated, then an unfolded batch
+    norm (it follows the concatenation, so no kernel takes it) -> ReLU -> 1x1 conv."""
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    inp = keras.Input((16, 16, 3))
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inp)
+    x = layers.ReLU(name="stem_relu")(layers.BatchNormalization(name="stem_bn")(x))
+    y = layers.Conv2D(8, 3, padding="same", use_bias=False, name="branch")(x)
+    y = layers.ReLU(name="branch_relu")(layers.BatchNormalization(name="branch_bn")(y))
+    z = layers.BatchNormalization(name="pre_bn")(layers.Concatenate(name="concat")([x, y]))
+    z = layers.Conv2D(16, 1, name="after")(layers.ReLU(name="pre_relu")(z))
+    out = layers.Dense(10, name="logits")(layers.GlobalAveragePooling2D(name="gap")(z))
+    return keras.Model(inp, out)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_align_student_matches_concatenation_groups_and_unfolded_batch_norm(seed, tmp_path):
+    """align_student makes a DenseNet-style student compute what its int8 file computes.
+
+    Regressions, both measured on this model at seed 0:
+    * the file rounds both inputs of a concatenation on one scale (TFLite's same-scale
+      constraint: the union of the student's ranges) while the student rounded each on its
+      own range: 10 % of ``stem_relu``'s values differed by more than half a step (max 0.9);
+      now the student's quantizers take the file's range and every value is equal;
+    * an unfolded batch norm runs as a 1x1 depthwise convolution whose int32 bias has a grid of
+      ~1/127 input step, and its beta was not aligned: the student was up to 0.48 bias steps off
+      the file's exact integer result; now 0.0003.
+    """
+    q = quantize_model(_dense_block(seed), weight_bits=8, activation_bits=8, per_channel=True)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(256, 16, 16, 3)).astype("float32")
+    q.compile(keras.optimizers.Adam(1e-2),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    q.fit(x, rng.integers(0, 10, 256), batch_size=32, epochs=2, verbose=0)
+    path = os.path.join(tmp_path, "dense.tflite")
+    info = export.export_tflite(q, path, x[:64], mode="int8", align_student=True)
+    for name in ("stem_relu", "branch_relu", "concat"):
+        student = keras.Model(q.inputs, q.get_layer(f"quant_{name}").output)
+        steps = file_tensor_steps(path, student, x[:4],
+                                  lambda op, tensor, n=name: f"/{n}/" in tensor)
+        assert steps.max() < 0.01, (name, float(steps.max()))
+    offsets = _bias_offsets(path, keras.Model(q.inputs, q.get_layer("pre_bn").output), x[:8],
+                            "pre_bn")
+    assert np.abs(offsets).max() < 0.05, np.round(offsets, 4)
+    assert info["aligned_ranges"]["unaligned"] == []
+    assert info["aligned_ranges"]["tensors"] >= 2  # the group's EMA ranges never agree

@@ -105,7 +105,7 @@ def _check(family, data, tmp):
             "relative_output_error": r.relative_output_error,
             "tied_disagreements": r.tied_disagreements,
             "file_bytes": r.file_bytes, "align_student": FLAGS.align_student,
-            "aligned_biases": info["aligned_biases"],
+            "aligned_biases": info["aligned_biases"], "aligned_ranges": info["aligned_ranges"],
             # The file and the student round probabilities on the 1/256 grid: a sum within 10/512.
             "softmax_output": bool(np.allclose(probs.sum(-1), 1.0, atol=0.02)),
             "median_top2_margin": float(np.median(top2[:, 1] - top2[:, 0]))}

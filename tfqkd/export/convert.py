@@ -29,6 +29,7 @@ from tfqkd.export._flatbuffer import WEIGHT_OPS as _WEIGHT_OPS
 from tfqkd.export._flatbuffer import op_names as _op_names
 from tfqkd.export._flatbuffer import read as _read_flatbuffer
 from tfqkd.export._flatbuffer import write as _write_flatbuffer
+from tfqkd.export.fakequant import _channel_affine
 from tfqkd.export.forward import _fold, _fold_plan
 from tfqkd.qat_weights import (
     KERNEL_LAYERS,
@@ -286,15 +287,27 @@ def _align_student_biases(model: keras.Model, plain: keras.Model, content: bytes
             if name is None:
                 continue
             layer = plain.get_layer(name)
-            if not isinstance(layer, KERNEL_LAYERS):
-                # A per-channel affine layer the fake-quant graph runs as a 1x1 depthwise
-                # convolution (Rescaling, unfolded batch norm, ``x * c``): its constant bias is
-                # not a student weight to align.
-                continue
-            bn = plan.get(id(layer))
-            _, bias, g = _fold(layer, bn)
             stored = np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.int32) * \
                 np.asarray(b_t.quantization.scale, np.float64)
+            if isinstance(layer, keras.layers.BatchNormalization):
+                # An unfolded batch norm (after a concatenation or a residual Add: DenseNet's
+                # and ResNetV2's pre-activation batch norms) runs as a 1x1 depthwise
+                # convolution `a*x + b` with its bias on the same int32 grid `s_in * s_w`.
+                # With one weight per channel that grid is ~1/127 of the input step times
+                # |a|, so its rounding is far coarser than a kernel's: align the student's
+                # own beta (moving mean without one).
+                affine = _channel_affine(layer, stored.size)
+                if affine is None:
+                    continue
+                bn, (g, bias) = layer, affine
+            elif isinstance(layer, KERNEL_LAYERS):
+                bn = plan.get(id(layer))
+                _, bias, g = _fold(layer, bn)
+            else:
+                # Another per-channel affine layer the fake-quant graph runs as a 1x1 depthwise
+                # convolution (Rescaling, Normalization, ``x * c``): its constant bias is not a
+                # student weight to align.
+                continue
             if stored.shape != bias.shape:
                 continue
             shift = stored - bias.astype(np.float64)

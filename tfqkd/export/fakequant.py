@@ -61,6 +61,57 @@ def _quantizer_range(quantizer, qvars) -> Optional[Tuple[float, float]]:
     return None
 
 
+def _set_quantizer_range(quantizer, qvars, lo: float, hi: float) -> bool:
+    """Makes an 8-bit activation quantizer round on ``[lo, hi]`` at inference; False if it cannot.
+
+    The inverse of :func:`_quantizer_range`: a tfqkd ``RangeQuantizer`` (through its widening)
+    or tfmot ``min_var``/``max_var`` take any range; an unsigned ``ActivationQuantizer`` takes
+    ``[0, hi]`` through its EMA clip or PACT alpha; fixed ranges and low-bit grids cannot move.
+    """
+    if not isinstance(qvars, dict):
+        return False
+    if hasattr(quantizer, "range_of") and "min_var" in qvars and "max_var" in qvars:
+        scale = 1.0 + float(getattr(quantizer, "widen", 0.0))
+        qvars["min_var"].assign(lo / scale)
+        qvars["max_var"].assign(hi / scale)
+        return True
+    if hasattr(quantizer, "clip_of"):
+        if lo != 0.0 or getattr(quantizer, "bits", 8) != 8 or "clip" not in qvars:
+            return False
+        qvars["clip"].assign(hi)
+        return True
+    if "min_var" in qvars and "max_var" in qvars:  # tfmot's quantizers
+        qvars["min_var"].assign(lo)
+        qvars["max_var"].assign(hi)
+        return True
+    return False
+
+
+def _align_student_ranges(model: keras.Model, final: Dict[str, Tuple[float, float]]
+                          ) -> Dict[str, Any]:
+    """Sets the student's output quantizers to the ranges the file rounds on, in place.
+
+    TFLite runs a concatenation, a pooling or a reshape with one scale on every input and the
+    output, so the file gives such a group of tensors the union of the student's ranges
+    (:func:`_share_ranges`): a DenseNet block's concatenations, its convolutions' outputs and
+    its pooling share one. The student trained each with its own range, so it rounds most of
+    those values on another grid than the file. Here each quantizer whose range the file
+    changed is set to the file's. Returns ``{"tensors": moved, "unaligned": [names]}`` (a
+    quantizer that cannot take the range: an unsigned ReLU quantizer in a group with signed
+    members, a fixed or low-bit range).
+    """
+    moved, unaligned = 0, []
+    for name, quantizer, qvars in _output_quantizers(model):
+        want, have = final.get(name), _quantizer_range(quantizer, qvars)
+        if want is None or have is None or np.allclose(want, have, rtol=1e-6, atol=0.0):
+            continue
+        if _set_quantizer_range(quantizer, qvars, *want):
+            moved += 1
+        else:
+            unaligned.append(name)
+    return {"tensors": moved, "unaligned": unaligned}
+
+
 def _output_quantizers(model: keras.Model) -> Iterable[Tuple[str, Any, Any]]:
     """(inner layer name, output quantizer, its variables) of every wrapped layer with one."""
     for layer in model.layers:
@@ -487,7 +538,7 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
                      weight_levels: Optional[Dict[str, Tuple[np.ndarray, np.ndarray, bool]]]
                      = None, pre_activation_ranges: Optional[Dict[str, Tuple[float, float]]] = None,
                      activation_bits: Optional[Dict[str, int]] = None,
-                     ) -> Tuple[keras.Model, Dict[str, int]]:
+                     ) -> Tuple[keras.Model, Dict[str, int], Dict[str, Tuple[float, float]]]:
     """The plain model as a QAT-style graph the converter turns into a full-integer file.
 
     Batch norm is folded into the preceding kernel; kernels get a per-channel FakeQuant whose
@@ -502,6 +553,9 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     ``activation_bits`` (by layer name, :func:`_student_activation_bits`): outputs the student
     rounds at fewer than 8 bits on its fixed ``[0, c]``; the file rounds them on that grid
     (:class:`_LowBitActivation`).
+
+    Returns ``(graph, bits used per kernel layer, {layer name: (min, max)} of every 8-bit
+    output FakeQuant)``: the ranges after same-scale groups were merged (:func:`_share_ranges`).
     """
     fixed_ranges = dict(fixed_ranges or {})
     weight_levels = dict(weight_levels or {})
@@ -619,4 +673,6 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
             continue
         rebuilt.get_layer(layer.name).set_weights(layer.get_weights())
     finalize_layer_states(rebuilt)
-    return rebuilt, used_bits
+    by_id = {id(layer): layer.name for layer in plain.layers}
+    final = {by_id[key]: r for key, r in ranges.items() if key not in low_bit_clips}
+    return rebuilt, used_bits, final

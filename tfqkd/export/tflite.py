@@ -33,6 +33,7 @@ from tfqkd.export.convert import (
     _tflite_layout_levels,
 )
 from tfqkd.export.fakequant import (
+    _align_student_ranges,
     _fakequant_model,
     _student_activation_bits,
     _student_activation_ranges,
@@ -88,12 +89,14 @@ def export_tflite(
             levels are exact in the file.
         allow_select_tf_ops: Let ops without a TFLite builtin run as TF (Flex) ops; the file then
             needs the Flex delegate.
-        align_student: Full-integer modes: after writing, shift ``model``'s folded biases (batch
-            norm ``beta``) *in place* onto the int32 grid the file stores them on, by at most
-            half a bias step (about 1e-3 output steps), so that the student computes what the
-            file computes; without it, accumulators within that distance of a rounding tie
-            round differently and the difference spreads through the network (see
-            docs/export.md, Parity).
+        align_student: Full-integer modes: after writing, change ``model`` *in place* so that
+            the student computes what the file computes (see docs/export.md, Parity): shift its
+            folded biases (batch norm ``beta``), and the ``beta`` of batch norms the file runs
+            as 1x1 depthwise convolutions, onto the int32 grid the file stores them on (by at
+            most half a bias step); and set the output quantizers of tensors the file rounds on
+            one shared scale (a concatenation, a pooling or a reshape with its inputs) to that
+            scale's range. Without it, values near a rounding tie, and in such groups most
+            values, round differently and the difference spreads through the network.
         space_to_depth: ``"int8"`` only: run every 3x3 stride-1 convolution with <= 16 output
             channels on a 2x2 space-to-depth view (``tfqkd.export.layout.space_to_depth_convs``):
             bit-identical outputs, but those kernels take 16x the bytes (ResNet20: 0.47 x
@@ -104,8 +107,10 @@ def export_tflite(
 
     Returns:
         ``{"path", "mode", "bytes", "snapped_channels", "weight_bits", "aligned_biases",
-        "space_to_depth_convs"}`` (``aligned_biases``: ``{"channels", "max_shift_steps"}`` with
-        ``align_student``, else None; ``space_to_depth_convs``: how many convolutions were
+        "aligned_ranges", "space_to_depth_convs"}`` (with ``align_student``, else None:
+        ``aligned_biases`` ``{"channels", "max_shift_steps"}``, ``aligned_ranges``
+        ``{"tensors", "unaligned"}``, the quantizers moved and the names of those that cannot
+        take the file's range; ``space_to_depth_convs``: how many convolutions were
         rewritten).
 
     Raises:
@@ -164,10 +169,11 @@ def export_tflite(
     snapped = 0
     used_bits: Dict[str, int] = {}
     to_convert = plain
+    file_ranges: Dict[str, Any] = {}
     fakequant = mode == "int4" or (mode == "int8" and method == "fakequant")
     if fakequant:
         # Calibration runs here, in Python: an error of the data propagates as it is.
-        to_convert, used_bits = _fakequant_model(
+        to_convert, used_bits, file_ranges = _fakequant_model(
             plain, bits_by_layer,
             _iter_samples(representative_data, input_rank, num_calibration),
             low_bit=mode == "int4", fixed_ranges=_student_activation_ranges(model), source=model,
@@ -200,10 +206,12 @@ def export_tflite(
     if space_to_depth:
         written, rewritten = space_to_depth_convs(content)
     atomic_write(path, written)
-    aligned = None
+    aligned = aligned_ranges = None
     if align_student and mode in ("int8", "int4"):
         # The rewrite only tiles biases: align on the compact file's one copy per channel.
         aligned = _align_student_biases(model, plain, content)
+        aligned_ranges = _align_student_ranges(model, file_ranges)
     return {"path": path, "mode": mode, "bytes": len(written), "snapped_channels": snapped,
             "weight_bits": used_bits or {k: v for k, v in bits_by_layer.items() if v},
-            "aligned_biases": aligned, "space_to_depth_convs": rewritten}
+            "aligned_biases": aligned, "aligned_ranges": aligned_ranges,
+            "space_to_depth_convs": rewritten}
