@@ -66,7 +66,8 @@ def _set_quantizer_range(quantizer, qvars, lo: float, hi: float) -> bool:
 
     The inverse of :func:`_quantizer_range`: a tfqkd ``RangeQuantizer`` (through its widening)
     or tfmot ``min_var``/``max_var`` take any range; an unsigned ``ActivationQuantizer`` takes
-    ``[0, hi]`` through its EMA clip or PACT alpha; fixed ranges and low-bit grids cannot move.
+    ``[0, hi]`` through its EMA clip or PACT alpha (and the grid of a signed ``[lo, hi]`` on its
+    non-negative values, clipped at ``hi - lo``); fixed ranges and low-bit grids cannot move.
     """
     if not isinstance(qvars, dict):
         return False
@@ -76,9 +77,12 @@ def _set_quantizer_range(quantizer, qvars, lo: float, hi: float) -> bool:
         qvars["max_var"].assign(hi / scale)
         return True
     if hasattr(quantizer, "clip_of"):
-        if lo != 0.0 or getattr(quantizer, "bits", 8) != 8 or "clip" not in qvars:
+        if lo > 0.0 or getattr(quantizer, "bits", 8) != 8 or "clip" not in qvars:
             return False
-        qvars["clip"].assign(hi)
+        # [0, c] rounds on multiples of c/255. A signed file range [lo, hi] rounds on multiples
+        # of (hi - lo)/255 (zero is a grid point), so c = hi - lo gives the same grid on the
+        # ReLU's non-negative values; only values above hi, which the file clips, differ.
+        qvars["clip"].assign(hi - lo)
         return True
     if "min_var" in qvars and "max_var" in qvars:  # tfmot's quantizers
         qvars["min_var"].assign(lo)
@@ -97,8 +101,10 @@ def _align_student_ranges(model: keras.Model, final: Dict[str, Tuple[float, floa
     its pooling share one. The student trained each with its own range, so it rounds most of
     those values on another grid than the file. Here each quantizer whose range the file
     changed is set to the file's. Returns ``{"tensors": moved, "unaligned": [names]}`` (a
-    quantizer that cannot take the range: an unsigned ReLU quantizer in a group with signed
-    members, a fixed or low-bit range).
+    quantizer that cannot take the range: a fixed or low-bit range). An unsigned ReLU
+    quantizer in a group with signed members (DenseNet's stem ReLU, whose max pooling feeds
+    the first block's concatenations) takes the file's grid; values above the file's maximum,
+    which the file clips and the student does not, are the one difference left.
     """
     moved, unaligned = 0, []
     for name, quantizer, qvars in _output_quantizers(model):
