@@ -411,3 +411,9 @@ def test_align_student_matches_concatenation_groups_and_unfolded_batch_norm(seed
     assert np.abs(offsets).max() < 0.05, np.round(offsets, 4)
     assert info["aligned_ranges"]["unaligned"] == []
     assert info["aligned_ranges"]["tensors"] >= 2  # the group's EMA ranges never agree
+    # Aligning is idempotent: exporting the aligned student again writes the same file (the
+    # ReLU's clip, widened to the signed group's grid, must not widen the group again).
+    again = os.path.join(tmp_path, "again.tflite")
+    export.export_tflite(q, again, x[:64], mode="int8", align_student=True)
+    with open(path, "rb") as first, open(again, "rb") as second:
+        assert first.read() == second.read()

@@ -53,7 +53,13 @@ def _quantizer_range(quantizer, qvars) -> Optional[Tuple[float, float]]:
         if hasattr(quantizer, "range_of"):  # tfqkd RangeQuantizer (its widened range)
             return quantizer.range_of(qvars)
         if hasattr(quantizer, "clip_of"):  # tfqkd ActivationQuantizer (and subclasses): [0, c]
-            return 0.0, float(np.asarray(quantizer.clip_of(qvars)))
+            clip = float(np.asarray(quantizer.clip_of(qvars)))
+            grid = getattr(quantizer, "_signed_file_range", None)
+            if grid is not None and np.isclose(clip, grid[1] - grid[0], rtol=1e-6, atol=0.0):
+                # Set by _set_quantizer_range and not trained since: the signed range whose
+                # grid it holds, so that exporting again gives the group the same range.
+                return grid
+            return 0.0, clip
         if isinstance(qvars, dict) and "min_var" in qvars and "max_var" in qvars:  # tfmot
             return float(np.asarray(qvars["min_var"])), float(np.asarray(qvars["max_var"]))
     except Exception:  # noqa: BLE001 (an unusual quantizer: calibrate instead)
@@ -83,6 +89,8 @@ def _set_quantizer_range(quantizer, qvars, lo: float, hi: float) -> bool:
         # of (hi - lo)/255 (zero is a grid point), so c = hi - lo gives the same grid on the
         # ReLU's non-negative values; only values above hi, which the file clips, differ.
         qvars["clip"].assign(hi - lo)
+        if lo < 0.0:
+            quantizer._signed_file_range = (lo, hi)  # noqa: SLF001 (read by _quantizer_range)
         return True
     if "min_var" in qvars and "max_var" in qvars:  # tfmot's quantizers
         qvars["min_var"].assign(lo)
