@@ -389,9 +389,8 @@ def test_align_student_matches_concatenation_groups_and_unfolded_batch_norm(seed
       every value is equal;
     * an unfolded batch norm runs as a 1x1 depthwise convolution whose int32 bias has a grid of
       ~1/127 input step, and its beta was not aligned: with its input aligned (measured on a
-      variant with two ReLU inputs), the student was
-      still up to 0.48 bias steps off the file's exact integer result (5.9-6.8 with both
-      causes); now 0.0003.
+      variant with two ReLU inputs), the student was still up to 0.48 bias steps off the
+      file's exact integer result (5.9-6.8 with both causes); now 0.0003.
     """
     q = quantize_model(_dense_block(seed), weight_bits=8, activation_bits=8, per_channel=True)
     rng = np.random.default_rng(seed)
