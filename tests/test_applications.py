@@ -411,8 +411,12 @@ def test_align_student_matches_concatenation_groups_and_unfolded_batch_norm(seed
     assert info["aligned_ranges"]["unaligned"] == []
     assert info["aligned_ranges"]["tensors"] >= 2  # the group's EMA ranges never agree
     # Aligning is idempotent: exporting the aligned student again writes the same file (the
-    # ReLU's clip, widened to the signed group's grid, must not widen the group again).
-    again = os.path.join(tmp_path, "again.tflite")
-    export.export_tflite(q, again, x[:64], mode="int8", align_student=True)
-    with open(path, "rb") as first, open(again, "rb") as second:
-        assert first.read() == second.read()
+    # ReLU's clip, widened to the signed group's grid, must not widen the group again), also
+    # after saving and loading it (the signed range is in the quantizer's config).
+    with open(path, "rb") as first:
+        first_bytes = first.read()
+    for n, student in enumerate((q, _save_load(q, tmp_path))):
+        again = os.path.join(tmp_path, f"again{n}.tflite")
+        export.export_tflite(student, again, x[:64], mode="int8", align_student=True)
+        with open(again, "rb") as second:
+            assert second.read() == first_bytes, ("re-export", n)

@@ -264,6 +264,16 @@ def test_quantizer_config_round_trip():
     assert again == q and again.axis == (2, 3)
     a = ActivationQuantizer(4, clip="pact", clip_value=3.0, ema_decay=0.9)
     assert ActivationQuantizer.from_config(a.get_config()) == a
+    assert "signed_range" not in a.get_config()  # configs saved before it existed still load
+    s = ActivationQuantizer(8, signed_range=(-1.5, 2.0))
+    again = keras.utils.legacy.deserialize_keras_object(keras.utils.legacy.serialize_keras_object(s))
+    assert again.signed_range == (-1.5, 2.0) and again != a
+
+
+@pytest.mark.parametrize("bad", [(0.0, 1.0), (-1.0, -0.5), (1.0,), "ab", 3.0])
+def test_bad_signed_range_raises_naming_it(bad):
+    with pytest.raises(ValueError, match="signed_range must be None or"):
+        ActivationQuantizer(8, signed_range=bad)
 
 
 @pytest.mark.parametrize("bad", [0, 9, -1, 2.5, "2", None, True])

@@ -54,10 +54,11 @@ def _quantizer_range(quantizer, qvars) -> Optional[Tuple[float, float]]:
             return quantizer.range_of(qvars)
         if hasattr(quantizer, "clip_of"):  # tfqkd ActivationQuantizer (and subclasses): [0, c]
             clip = float(np.asarray(quantizer.clip_of(qvars)))
-            grid = getattr(quantizer, "_signed_file_range", None)
+            grid = getattr(quantizer, "signed_range", None)
             if grid is not None and np.isclose(clip, grid[1] - grid[0], rtol=1e-6, atol=0.0):
                 # Set by _set_quantizer_range and not trained since: the signed range whose
-                # grid it holds, so that exporting again gives the group the same range.
+                # grid it holds (kept in the config, so it survives save / load), so that
+                # exporting again gives the group the same range.
                 return grid
             return 0.0, clip
         if isinstance(qvars, dict) and "min_var" in qvars and "max_var" in qvars:  # tfmot
@@ -90,7 +91,7 @@ def _set_quantizer_range(quantizer, qvars, lo: float, hi: float) -> bool:
         # ReLU's non-negative values; only values above hi, which the file clips, differ.
         qvars["clip"].assign(hi - lo)
         if lo < 0.0:
-            quantizer._signed_file_range = (lo, hi)  # noqa: SLF001 (read by _quantizer_range)
+            quantizer.signed_range = (float(lo), float(hi))  # read by _quantizer_range
         return True
     if "min_var" in qvars and "max_var" in qvars:  # tfmot's quantizers
         qvars["min_var"].assign(lo)

@@ -29,6 +29,19 @@ __all__ = ["ActivationQuantizer", "RangeQuantizer", "FixedRangeQuantizer", "CLIP
 CLIP_KINDS: Tuple[str, ...] = ("ema", "fixed", "pact")
 
 
+def _check_signed_range(signed_range: Any) -> Optional[Tuple[float, float]]:
+    if signed_range is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in signed_range)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if not lo < 0.0 < hi:
+        raise ValueError(f"signed_range must be None or (lo, hi) with lo < 0 < hi, got "
+                         f"{signed_range!r}.")
+    return lo, hi
+
+
 def _check_clip_kind(clip: Any) -> str:
     if clip not in CLIP_KINDS:
         raise ValueError(f"clip must be one of {CLIP_KINDS}, got {clip!r}.")
@@ -49,13 +62,21 @@ class ActivationQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qu
     * ``"pact"``: a trainable ``α`` started at ``clip_value`` with the PACT gradient
       (Choi et al. 2018): ``∂Q/∂α = 1`` where ``x ≥ α``, 0 elsewhere.
 
+    ``signed_range`` is set by the exporter's ``align_student`` (never needed by hand): when a
+    ReLU output shares one scale with signed tensors in the integer file (a concatenation
+    group), its clip is set to the span ``hi − lo`` of the file's range ``[lo, hi]`` so that it
+    rounds on the file's grid, and the range is kept here, in the config, so that exporting
+    the saved and reloaded model again gives the group the same range. It is read only while
+    the clip still equals that span (it no longer does once the EMA moves).
+
     Example:
         >>> q = ActivationQuantizer(2, clip="fixed", clip_value=3.0)
         >>> q(tf.constant([-1.0, 0.4, 1.6, 2.9, 7.0]), False, {}).numpy().tolist()
         [0.0, 0.0, 2.0, 3.0, 3.0]
     """
 
-    def __init__(self, bits: int = 8, clip: str = "ema", clip_value: float = 6.0, ema_decay: float = 0.99):
+    def __init__(self, bits: int = 8, clip: str = "ema", clip_value: float = 6.0, ema_decay: float = 0.99,
+                 signed_range: Optional[Tuple[float, float]] = None):
         self.bits = check_bits(bits)
         self.clip = _check_clip_kind(clip)
         if not isinstance(clip_value, numbers.Real) or isinstance(clip_value, bool) or not clip_value > 0:
@@ -64,6 +85,7 @@ class ActivationQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qu
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
         self.clip_value = float(clip_value)
         self.ema_decay = float(ema_decay)
+        self.signed_range = _check_signed_range(signed_range)
 
     def build(self, tensor_shape, name: str, layer) -> Dict[str, tf.Variable]:
         """Creates the clip variable (non-trainable for ``"ema"``, trainable for ``"pact"``)."""
@@ -117,8 +139,11 @@ class ActivationQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qu
         return _straight_through(q, y)
 
     def get_config(self) -> Dict[str, Any]:
-        return {"bits": self.bits, "clip": self.clip, "clip_value": self.clip_value,
-                "ema_decay": self.ema_decay}
+        config = {"bits": self.bits, "clip": self.clip, "clip_value": self.clip_value,
+                  "ema_decay": self.ema_decay}
+        if self.signed_range is not None:  # absent key: configs saved before it existed load
+            config["signed_range"] = list(self.signed_range)
+        return config
 
 
 @keras.utils.register_keras_serializable(package="tfqkd")
