@@ -305,16 +305,17 @@ def l2_optimal_step(
     The std step is a candidate, so the result is never worse than :func:`std_step`. For 1 bit
     the optimum is closed-form, ``Δ = mean|w|``. Measured against a 20,000-point grid
     (``tools/benchmark_l2_step.py``: Gaussian, Laplacian and Student-t(2, 3) weights, 576 to
-    9,216 per step, 24 draws per bit-width):
+    9,216 per step, 36 draws per bit-width):
 
-    * the defaults are within 0.1 % at 2–5 bits (worst 0.10 % at 5); at 6–8 bits, where the
-      error is small and bumpy in ``Δ``, within 0.5 % and 3 %. Time: 0.8–1.5x the former
-      8-candidate, 4-round search (``candidates=8, refine_candidates=0, iterations=4``), which
-      is 0.3–18 % above the grid;
+    * the defaults are within 0.1 % at 2–4 bits and 0.102 % at 5; at 6–8 bits, where the
+      error is small and bumpy in ``Δ``, within 0.53 %, 0.86 % and 3.0 %. Time: 0.81–1.76x the
+      former 8-candidate, 4-round search (``candidates=8, refine_candidates=0, iterations=4``),
+      which is 1.1–17.8 % above the grid;
     * ``**L2_THOROUGH`` (25 coarse candidates, 3 basins, 12 fine candidates each and a
-      12-candidate polish) is within 0.05 % at every bit-width, at 1.2–3.9x the former's time
-      (most for kernels of 36,864 weights and more). The step is recomputed at every training
-      step, so the default stays the cheaper search; use this one where a step is computed once.
+      12-candidate polish) is within 0.05 % at every bit-width, at 1.19–5.47x the former's time
+      (above 2x for kernels of 36,864 weights and more). The step is recomputed at every
+      training step, so the default stays the cheaper search; use this one where a step is
+      computed once. Figures: docs/quantization.md (2026-12-05).
 
     Args:
         w: The weights.
