@@ -117,9 +117,10 @@ def _check_stem(path, q, xv):
     families (24 files): at most 5 of the 65,536 values differ, by at most 2 steps (one value);
     without alignment up to 33 differ and one unseeded CI run measured 3 steps.
 
-    At the logits these W2A8 models from random weights are a miss, so no bound is set there:
-    relative output error as a fraction of the unrelated error (_check_file), seeds 1-3, int8 and
-    int4: EfficientNetB0 0.45-0.65, EfficientNetV2B0 0.83-0.93 (docs/export.md).
+    At the logits, relative output error as a fraction of the unrelated error (_check_file),
+    seeds 1-3, measured 2026-12-06: int8 (aligned) EfficientNetB0 0.10-0.25, EfficientNetV2B0
+    0.17-0.34, bounded at 0.75 by the caller; int4 0.52-0.64 and 0.71-0.96, not bounded (the
+    INT4 kernels' miss, docs/export.md).
     """
     student = keras.Model(q.inputs, q.get_layer("quant_stem_activation").output)
     steps = file_tensor_steps(path, student, xv[:8],
@@ -147,6 +148,8 @@ def test_family_w2a8_whole_path(family, cifar, tmp_path):
         export.export_tflite(q, path, xt, mode=mode, align_student=family.startswith("efficientnet"))
         if family.startswith("efficientnet"):
             _check_stem(path, q, xv)
+            if mode == "int8":  # INT4 kernels: see docs/export.md ("Miss: INT4 kernels")
+                _check_file(path, q, xv, yv)
         else:
             _check_file(path, q, xv, yv, max_ratio=MAX_RATIO.get((family, mode), 0.75))
     # Packed archive: the forward weights at their bit-width, bit-exact round trip.
