@@ -102,6 +102,9 @@ def test_quantizer_config_round_trip_and_registration():
     restored = keras.utils.deserialize_keras_object(serialized)
     assert isinstance(restored, StochasticPrecisionQuantizer) and restored == q
     assert json.loads(json.dumps(config)) == config
+    # An 8-bit one in a signed same-scale group gets the file's range from align_student.
+    aligned = StochasticPrecisionQuantizer(bits=8, high_bits=8, signed_range=(-1.0, 3.0))
+    assert StochasticPrecisionQuantizer.from_config(aligned.get_config()).signed_range == (-1.0, 3.0)
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import threading
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 from tfqkd._keras import keras, tf
 from tfqkd.distiller import Distiller
@@ -160,8 +160,10 @@ class StochasticPrecisionQuantizer(ActivationQuantizer):
         clip: str = "ema",
         clip_value: float = 6.0,
         ema_decay: float = 0.99,
+        signed_range: Optional[Tuple[float, float]] = None,
     ):
-        super().__init__(bits, clip=clip, clip_value=clip_value, ema_decay=ema_decay)
+        super().__init__(bits, clip=clip, clip_value=clip_value, ema_decay=ema_decay,
+                         signed_range=signed_range)
         if high_bits is not None:
             high_bits = check_bits(high_bits, "high_bits")
             if high_bits < self.bits:
