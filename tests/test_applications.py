@@ -10,6 +10,7 @@ These are the slowest tests of the suite (every family converts twice); they car
 """
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -146,7 +147,12 @@ def test_family_w2a8_whole_path(family, cifar, tmp_path):
         path = os.path.join(tmp_path, f"{family}_{mode}.tflite")
         # EfficientNet's stem check needs the student's biases on the file's grid (_check_stem);
         # the other families' bounds were measured on files written without alignment.
-        export.export_tflite(q, path, xt, mode=mode, align_student=family.startswith("efficientnet"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export.export_tflite(q, path, xt, mode=mode,
+                                 align_student=family.startswith("efficientnet"))
+        # A8: no INT4 parity warning (it is for students with < 8-bit activations).
+        assert not [w for w in caught if "LiteRT's INT4" in str(w.message)]
         if family.startswith("efficientnet"):
             _check_stem(path, q, xv)
             if mode == "int8":  # INT4 kernels: see docs/export.md ("Miss: INT4 kernels")
@@ -182,7 +188,12 @@ def test_depthwise_bit_widths(weight_bits, activation_bits, per_channel, mode, c
     path = os.path.join(tmp_path, "mbv2.tflite")
     # A bias rounded to the file's int32 grid moves accumulators (at A4 by up to ~0.3 output
     # steps), so the student takes the file's biases (align_student) to be compared exactly.
-    info = export.export_tflite(q, path, xt, mode=mode, align_student=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = export.export_tflite(q, path, xt, mode=mode, align_student=True)
+    # Only an INT4 file of an A4 student carries the INT4 kernels' parity warning.
+    int4_warnings = [w for w in caught if "LiteRT's INT4" in str(w.message)]
+    assert len(int4_warnings) == (1 if mode == "int4" and activation_bits < 8 else 0)
     plain = export.forward_model(q)
     entries = export.tflite_weight_levels(path, [layer.name for layer in plain.layers])
     dw = [e for e in entries if e["op"] == "DEPTHWISE_CONV_2D"]

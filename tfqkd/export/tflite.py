@@ -75,7 +75,9 @@ def export_tflite(
             images, or a generator function yielding ``[images]`` as the TFLite converter takes.
         mode: One of :data:`MODES`: ``"float"``, ``"dynamic"`` (int8 weights, float
             activations), ``"int8"`` (full integer), ``"int4"`` (full integer with weights trained
-            at <= 4 bits stored as INT4).
+            at <= 4 bits stored as INT4; LiteRT's INT4 kernels round a few % of outputs one
+            step up, so with < 8-bit activations the file does not track the student: a
+            ``UserWarning`` says so).
         num_calibration: At most this many images are used for calibration (``None``: all).
         int8_io: Full-integer modes only: int8 input and output tensors instead of float32.
         method: How ``"int8"`` fixes ranges. ``"fakequant"`` (default): batch norm folded by us,
@@ -181,6 +183,15 @@ def export_tflite(
             weight_levels=_student_weight_levels(kernels),
             pre_activation_ranges=_student_pre_activation_ranges(model),
             activation_bits=_student_activation_bits(model))
+        if mode == "int4" and _student_activation_bits(model) and \
+                any(bits <= 4 for bits in used_bits.values()):
+            warnings.warn(
+                "mode='int4' with activations below 8 bits: LiteRT's INT4 convolution kernels "
+                "return one step above the integer result on a few % of outputs, and at low-bit "
+                "activations that compounds until the file no longer tracks the student "
+                "(docs/export.md, 'Miss: INT4 kernels'). Check it with verify_tflite, or use "
+                "mode='int8', which rounds the activations the same way and stores the weights "
+                "as int8.", UserWarning, stacklevel=2)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
