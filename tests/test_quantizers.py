@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -232,10 +232,20 @@ def test_straight_through_gradient_is_all_ones(step, per_channel):
 @PROPS
 @given(hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 6)), elements=finite),
        st.integers(2, 8))
+@example(np.array([[2.0, 1.625, 3.9511719, 3.90625, 2.875], [1.3359375] + [1.6523438] * 4,
+                   [1.6523438] * 5], np.float32), 2)
 def test_quantizer_forward_equals_eq2_with_l2_step(w, bits):
+    """The forward is Eq. 2 with the quantizer's own step, and that step is an L2 step.
+
+    The quantizer searches its step in a graph function; ``l2_optimal_step`` runs eagerly here.
+    Their float32 sums differ in the last bits, so where two candidate steps tie to float32
+    resolution the two may pick different ones (the example: CI found 2.037617 against 2.037630,
+    whose float64 errors differ by 3e-10 relative). The step is therefore compared by its error.
+    """
     q = SymmetricQuantizer(bits, "l2")
-    expected = _q(w, bits, l2_optimal_step(w, bits))
-    np.testing.assert_allclose(q(tf.constant(w), True, {}).numpy(), expected, atol=1e-6)
+    step = q.compute_step(tf.constant(w))
+    np.testing.assert_allclose(q(tf.constant(w), True, {}).numpy(), _q(w, bits, step), atol=1e-6)
+    assert _err(w, bits, step) <= _err(w, bits, l2_optimal_step(w, bits)) * (1 + 1e-5) + 1e-12
 
 
 def test_learned_step_gets_lsq_gradient_and_quantizes():
