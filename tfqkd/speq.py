@@ -143,7 +143,8 @@ class StochasticPrecisionQuantizer(ActivationQuantizer):
             float activations. ``high_bits == bits`` makes the quantizer deterministic.
         probability: Chance, per layer and per teacher forward pass, of the high precision;
             0 makes the teacher identical to the student.
-        clip, clip_value, ema_decay: As for :class:`~tfqkd.quantizers.ActivationQuantizer`.
+        clip, clip_value, ema_decay, signed_range: As for
+            :class:`~tfqkd.quantizers.ActivationQuantizer`.
 
     Example:
         >>> from tfqkd.speq import StochasticPrecisionQuantizer
