@@ -87,6 +87,11 @@ def _save_load(q, tmp_path):
 MAX_RATIO = {("mobilenet_v3_small", "int4"): 0.95, ("mobilenet_v3_large", "int4"): 0.95}
 
 
+def _int4_parity_warnings(caught):
+    """The recorded warnings that are export_tflite's INT4-kernel parity warning."""
+    return [w for w in caught if "LiteRT's INT4" in str(w.message)]
+
+
 def _check_file(path, q, xv, yv, max_ratio=0.75):
     """The file's outputs track the student's: its relative output error is at most ``max_ratio``
     of that of an "unrelated" file, the student's own outputs for other images (reversed order).
@@ -152,7 +157,7 @@ def test_family_w2a8_whole_path(family, cifar, tmp_path):
             export.export_tflite(q, path, xt, mode=mode,
                                  align_student=family.startswith("efficientnet"))
         # A8: no INT4 parity warning (it is for students with < 8-bit activations).
-        assert not [w for w in caught if "LiteRT's INT4" in str(w.message)]
+        assert not _int4_parity_warnings(caught)
         if family.startswith("efficientnet"):
             _check_stem(path, q, xv)
             if mode == "int8":  # INT4 kernels: see docs/export.md ("Miss: INT4 kernels")
@@ -192,8 +197,8 @@ def test_depthwise_bit_widths(weight_bits, activation_bits, per_channel, mode, c
         warnings.simplefilter("always")
         info = export.export_tflite(q, path, xt, mode=mode, align_student=True)
     # Only an INT4 file of an A4 student carries the INT4 kernels' parity warning.
-    int4_warnings = [w for w in caught if "LiteRT's INT4" in str(w.message)]
-    assert len(int4_warnings) == (1 if mode == "int4" and activation_bits < 8 else 0)
+    assert len(_int4_parity_warnings(caught)) == (
+        1 if mode == "int4" and activation_bits < 8 else 0)
     plain = export.forward_model(q)
     entries = export.tflite_weight_levels(path, [layer.name for layer in plain.layers])
     dw = [e for e in entries if e["op"] == "DEPTHWISE_CONV_2D"]

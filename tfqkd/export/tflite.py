@@ -174,6 +174,7 @@ def export_tflite(
     file_ranges: Dict[str, Any] = {}
     fakequant = mode == "int4" or (mode == "int8" and method == "fakequant")
     if fakequant:
+        low_bit_activations = _student_activation_bits(model)
         # Calibration runs here, in Python: an error of the data propagates as it is.
         to_convert, used_bits, file_ranges = _fakequant_model(
             plain, bits_by_layer,
@@ -182,8 +183,8 @@ def export_tflite(
             input_ranges=_student_input_ranges(model),
             weight_levels=_student_weight_levels(kernels),
             pre_activation_ranges=_student_pre_activation_ranges(model),
-            activation_bits=_student_activation_bits(model))
-        if mode == "int4" and _student_activation_bits(model) and \
+            activation_bits=low_bit_activations)
+        if mode == "int4" and low_bit_activations and \
                 any(bits <= 4 for bits in used_bits.values()):
             warnings.warn(
                 "mode='int4' with activations below 8 bits: LiteRT's INT4 convolution kernels "
