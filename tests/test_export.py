@@ -189,6 +189,21 @@ def test_align_student_skips_affine_layers_run_as_depthwise(tmp_path):
     assert report.relative_output_error < 0.05, report.relative_output_error
 
 
+def test_realigned_relu_quantizer_forgets_its_signed_range():
+    """An unsigned ReLU quantizer aligned into a signed group keeps the group's range, and one
+    aligned again into an unsigned group drops it: else the old range is read back whenever the
+    new clip equals the old span (here 3.0 = 2.0 - (-1.0))."""
+    from tfqkd.export.fakequant import _quantizer_range, _set_quantizer_range
+    from tfqkd.quantizers import ActivationQuantizer
+
+    quantizer, qvars = ActivationQuantizer(8), {"clip": tf.Variable(1.0)}
+    assert _set_quantizer_range(quantizer, qvars, -1.0, 2.0)
+    assert _quantizer_range(quantizer, qvars) == (-1.0, 2.0)
+    assert _set_quantizer_range(quantizer, qvars, 0.0, 3.0)
+    assert _quantizer_range(quantizer, qvars) == (0.0, 3.0)
+    assert "signed_range" not in quantizer.get_config()
+
+
 def test_float_and_dynamic_modes(tiny, tmp_path):
     q, x, y = tiny
     f = export.export_tflite(q, tmp_path / "f.tflite", mode="float")

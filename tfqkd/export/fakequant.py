@@ -90,8 +90,9 @@ def _set_quantizer_range(quantizer, qvars, lo: float, hi: float) -> bool:
         # of (hi - lo)/255 (zero is a grid point), so c = hi - lo gives the same grid on the
         # ReLU's non-negative values; only values above hi, which the file clips, differ.
         qvars["clip"].assign(hi - lo)
-        if lo < 0.0:
-            quantizer.signed_range = (float(lo), float(hi))  # read by _quantizer_range
+        # Read by _quantizer_range. Cleared for an unsigned range: a stale signed range would be
+        # read back whenever the new clip happened to equal its span.
+        quantizer.signed_range = (float(lo), float(hi)) if lo < 0.0 else None
         return True
     if "min_var" in qvars and "max_var" in qvars:  # tfmot's quantizers
         qvars["min_var"].assign(lo)
