@@ -507,9 +507,36 @@ def _calibrate_ranges(source: keras.Model, names: Sequence[str], samples: Iterab
     return ranges[:n_in], ranges[n_in:]
 
 
+def _twin_layers(plain: keras.Model) -> List[Tuple[int, int]]:
+    """``(id, id)`` of weightless layers with the same class and config called on the same inputs.
+
+    The converter merges such twins into one op (NASNet applies ``Activation("relu")`` twice to a
+    cell's output: once for the next cell, once for the cell after it), and one op has one
+    output range. Two different ranges leave the merged op float: an ``ExportError`` that came
+    and went with the training run, as the two student quantizers' ranges happened to match.
+    """
+    seen: Dict[Tuple[Any, ...], int] = {}
+    pairs = []
+    for layer_id, nodes in _layer_calls(plain).items():
+        if len(nodes) != 1 or nodes[0].layer.weights:
+            continue
+        node, layer = nodes[0], nodes[0].layer
+        config = {k: v for k, v in layer.get_config().items() if k != "name"}
+        key = (type(layer), repr(sorted(config.items())),
+               tuple(id(t) for t in tf.nest.flatten(node.keras_inputs)),
+               repr(sorted(node.call_kwargs.items())))
+        if key in seen:
+            pairs.append((seen[key], layer_id))
+        else:
+            seen[key] = layer_id
+    return pairs
+
+
 def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
                   fixed: Optional[set] = None) -> None:
     """Gives pooling/reshape/concatenation outputs and their inputs one range, in place.
+
+    Twin layers (:func:`_twin_layers`) join one group too: the converter merges them.
 
     TFLite runs these ops with the same scale on every input and the output, and the converter
     rejects a file where the FakeQuant ranges differ ("same scale constraint"). Layers linked by
@@ -534,6 +561,9 @@ def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
             for inbound in tf.nest.flatten(node.inbound_layers):
                 if id(inbound) in ranges:
                     parent[find(id(inbound))] = find(id(layer))
+    for first, twin in _twin_layers(plain):
+        if first in ranges and twin in ranges:
+            parent[find(twin)] = find(first)
     groups: Dict[int, List[int]] = {}
     for key in ranges:
         if key in parent:
