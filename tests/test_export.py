@@ -193,7 +193,7 @@ def test_realigned_relu_quantizer_forgets_its_signed_range():
     """An unsigned ReLU quantizer aligned into a signed group keeps the group's range, and one
     aligned again into an unsigned group drops it: else the old range is read back whenever the
     new clip equals the old span (here 3.0 = 2.0 - (-1.0))."""
-    from tfqkd.export.fakequant import _quantizer_range, _set_quantizer_range
+    from tfqkd.export.ranges import _quantizer_range, _set_quantizer_range
     from tfqkd.quantizers import ActivationQuantizer
 
     quantizer, qvars = ActivationQuantizer(8), {"clip": tf.Variable(1.0)}

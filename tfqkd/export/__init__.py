@@ -41,6 +41,8 @@ true bit-width (ternary: 5 trits per byte, 1.6 bits) with exact round trip.
 The package, one concept per module: :mod:`~tfqkd.export.forward` (the float forward model,
 batch-norm folding), :mod:`~tfqkd.export.convert` (converter runs, diagnosis, snapping, bias
 alignment), :mod:`~tfqkd.export.fakequant` (the fake-quant / INT4 graph),
+:mod:`~tfqkd.export.ranges` (the student's activation ranges, the groups the file gives one
+range, aligning them),
 :mod:`~tfqkd.export.tflite` (:func:`export_tflite`), :mod:`~tfqkd.export.verify` (reading files
 back, parity), :mod:`~tfqkd.export.packed` (the packed archive), :mod:`~tfqkd.export.layout`
 (layout rewrites of int8 files) and the private ``_flatbuffer`` (reading / writing ``.tflite``

@@ -9,8 +9,9 @@ concatenation groups share one range; softmax / sigmoid / tanh outputs are pinne
 grids). Activations the student rounds at fewer bits (``activation_bits=4``: its ReLU outputs on
 ``[0, c]``) are int8 tensors whose step is the student's, ``c / (2^b - 1)``, clamped at ``c``
 by a MINIMUM (:class:`_LowBitActivation`): TFLite's kernels take no 4-bit activations. The
-student's ranges and levels are read here (``_student_*``); the levels come from the one reader
-of quantized weights, :mod:`tfqkd.qat_weights`.
+student's ranges and levels are read, and groups of tensors given one range, in
+:mod:`tfqkd.export.ranges`; the levels come from the one reader of quantized weights,
+:mod:`tfqkd.qat_weights`.
 
 Example:
     >>> fq = _FakeQuantActivation(0.0, 1.0, name="fq")
@@ -35,181 +36,11 @@ from tfqkd.export.forward import (
     _rebuild,
 )
 from tfqkd.qat_weights import KERNEL_LAYERS as _KERNEL_LAYERS
-from tfqkd.qat_weights import (
-    QuantizedWeight,
-    _inner,
-    _is_quantize_layer,
-    _is_wrapper,
-    _weight_short_name,
-)
+from tfqkd.qat_weights import _inner, _weight_short_name
+from tfqkd.export.ranges import _share_ranges
 from tfqkd.quantize_configs import PINNED_OUTPUT_RANGES, activation_name
 
 __all__: List[str] = []
-
-
-def _quantizer_range(quantizer, qvars) -> Optional[Tuple[float, float]]:
-    """The fixed range an activation quantizer uses at inference, if it has one."""
-    try:
-        if hasattr(quantizer, "range_of"):  # tfqkd RangeQuantizer (its widened range)
-            return quantizer.range_of(qvars)
-        if hasattr(quantizer, "clip_of"):  # tfqkd ActivationQuantizer (and subclasses): [0, c]
-            clip = float(np.asarray(quantizer.clip_of(qvars)))
-            grid = getattr(quantizer, "signed_range", None)
-            if grid is not None and np.isclose(clip, grid[1] - grid[0], rtol=1e-6, atol=0.0):
-                # Set by _set_quantizer_range and not trained since: the signed range whose
-                # grid it holds (kept in the config, so it survives save / load), so that
-                # exporting again gives the group the same range.
-                return grid
-            return 0.0, clip
-        if isinstance(qvars, dict) and "min_var" in qvars and "max_var" in qvars:  # tfmot
-            return float(np.asarray(qvars["min_var"])), float(np.asarray(qvars["max_var"]))
-    except Exception:  # noqa: BLE001 (an unusual quantizer: calibrate instead)
-        return None
-    return None
-
-
-def _set_quantizer_range(quantizer, qvars, lo: float, hi: float) -> bool:
-    """Makes an 8-bit activation quantizer round on ``[lo, hi]`` at inference; False if it cannot.
-
-    The inverse of :func:`_quantizer_range`: a tfqkd ``RangeQuantizer`` (through its widening)
-    or tfmot ``min_var``/``max_var`` take any range; an unsigned ``ActivationQuantizer`` takes
-    ``[0, hi]`` through its EMA clip or PACT alpha (and the grid of a signed ``[lo, hi]`` on its
-    non-negative values, clipped at ``hi - lo``); fixed ranges and low-bit grids cannot move.
-    """
-    if not isinstance(qvars, dict):
-        return False
-    if hasattr(quantizer, "range_of") and "min_var" in qvars and "max_var" in qvars:
-        scale = 1.0 + float(getattr(quantizer, "widen", 0.0))
-        qvars["min_var"].assign(lo / scale)
-        qvars["max_var"].assign(hi / scale)
-        return True
-    if hasattr(quantizer, "clip_of"):
-        if lo > 0.0 or getattr(quantizer, "bits", 8) != 8 or "clip" not in qvars:
-            return False
-        # [0, c] rounds on multiples of c/255. A signed file range [lo, hi] rounds on multiples
-        # of (hi - lo)/255 (zero is a grid point), so c = hi - lo gives the same grid on the
-        # ReLU's non-negative values; only values above hi, which the file clips, differ.
-        qvars["clip"].assign(hi - lo)
-        # Read by _quantizer_range. Cleared for an unsigned range: a stale signed range would be
-        # read back whenever the new clip happened to equal its span.
-        quantizer.signed_range = (float(lo), float(hi)) if lo < 0.0 else None
-        return True
-    if "min_var" in qvars and "max_var" in qvars:  # tfmot's quantizers
-        qvars["min_var"].assign(lo)
-        qvars["max_var"].assign(hi)
-        return True
-    return False
-
-
-def _align_student_ranges(model: keras.Model, final: Dict[str, Tuple[float, float]]
-                          ) -> Dict[str, Any]:
-    """Sets the student's output quantizers to the ranges the file rounds on, in place.
-
-    TFLite runs a concatenation, a pooling or a reshape with one scale on every input and the
-    output, so the file gives such a group of tensors the union of the student's ranges
-    (:func:`_share_ranges`): a DenseNet block's concatenations, its convolutions' outputs and
-    its pooling share one. The student trained each with its own range, so it rounds most of
-    those values on another grid than the file. Here each quantizer whose range the file
-    changed is set to the file's. Returns ``{"tensors": moved, "unaligned": [names]}`` (a
-    quantizer that cannot take the range: a fixed or low-bit range). An unsigned ReLU
-    quantizer in a group with signed members (DenseNet's stem ReLU, whose max pooling feeds
-    the first block's concatenations) takes the file's grid; values above the file's maximum,
-    which the file clips and the student does not, are the one difference left.
-    """
-    moved, unaligned = 0, []
-    for name, quantizer, qvars in _output_quantizers(model):
-        want, have = final.get(name), _quantizer_range(quantizer, qvars)
-        if want is None or have is None or np.allclose(want, have, rtol=1e-6, atol=0.0):
-            continue
-        if _set_quantizer_range(quantizer, qvars, *want):
-            moved += 1
-        else:
-            unaligned.append(name)
-    return {"tensors": moved, "unaligned": unaligned}
-
-
-def _output_quantizers(model: keras.Model) -> Iterable[Tuple[str, Any, Any]]:
-    """(inner layer name, output quantizer, its variables) of every wrapped layer with one."""
-    for layer in model.layers:
-        if _is_wrapper(layer) and getattr(layer, "_output_quantizers", None):
-            yield (layer.layer.name, layer._output_quantizers[0],  # noqa: SLF001 (tfmot API)
-                   getattr(layer, "_output_quantizer_vars", {}))
-
-
-def _student_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, float]]:
-    """{inner layer name: (min, max) of its output quantizer} for every wrapped layer with one."""
-    out = {}
-    for name, quantizer, qvars in _output_quantizers(model):
-        r = _quantizer_range(quantizer, qvars)
-        if r is not None and np.isfinite(r).all() and r[1] > r[0]:
-            out[name] = r
-    return out
-
-
-def _student_activation_bits(model: keras.Model) -> Dict[str, int]:
-    """{inner layer name: bits} of every wrapped layer whose output quantizer rounds at < 8 bits.
-
-    Those are :class:`~tfqkd.quantizers.ActivationQuantizer` outputs (ReLUs at
-    ``activation_bits``); the file must round them on the same coarse grid
-    (:class:`_LowBitActivation`).
-    """
-    out = {}
-    for name, quantizer, _ in _output_quantizers(model):
-        bits = getattr(quantizer, "bits", None)
-        if hasattr(quantizer, "clip_of") and isinstance(bits, int) and bits < 8:
-            out[name] = bits
-    return out
-
-
-def _student_pre_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, float]]:
-    """{inner layer name: (min, max)} of the quantizer before a fused softmax / sigmoid / tanh."""
-    out = {}
-    for layer in model.layers:
-        for act in getattr(layer, "_quantize_activations", None) or []:
-            if not (_is_wrapper(layer) and getattr(act, "_should_pre_quantize", lambda: False)()):
-                continue
-            r = _quantizer_range(act.quantizer, getattr(act, "_pre_activation_vars", {}))
-            if r is not None and np.isfinite(r).all() and r[1] > r[0]:
-                out[layer.layer.name] = r
-    return out
-
-
-def _student_weight_levels(kernels: Dict[str, QuantizedWeight]
-                           ) -> Dict[str, Tuple[np.ndarray, np.ndarray, bool]]:
-    """{layer name: (integer levels, step, per_channel)} of every kernel that has levels.
-
-    ``kernels`` is the student's reading (:func:`tfqkd.qat_weights.kernel_weights`): the
-    quantizer's own levels where it states them (an 8-bit kernel's smallest used level is often
-    not 1, so they cannot be inferred from the rounded kernel), else inferred from the values.
-    """
-    out = {}
-    for name, w in kernels.items():
-        if w.levels is None:
-            continue
-        step = np.asarray(w.step, np.float32)
-        out[name] = (w.levels.astype(np.int32), step if w.per_channel else step.reshape(()),
-                     bool(w.per_channel))
-    return out
-
-
-def _student_input_ranges(model: keras.Model) -> List[Optional[Tuple[float, float]]]:
-    """Per model input: (min, max) of the tfmot ``QuantizeLayer`` right after it, else None.
-
-    tfqkd's scheme (with ``activation_bits``) puts one there, as tfmot's default scheme does; the
-    file's int8 input then uses the range the QAT model rounds its input with.
-    """
-    out: List[Optional[Tuple[float, float]]] = []
-    for inp in model.inputs:
-        found = None
-        for layer in model.layers:
-            if not _is_quantize_layer(layer) or not layer._inbound_nodes:  # noqa: SLF001
-                continue
-            if any(t is inp for t in tf.nest.flatten(layer._inbound_nodes[0].input_tensors)):  # noqa
-                r = _quantizer_range(layer.quantizer, getattr(layer, "quantizer_vars", {}))
-                if r is not None and np.isfinite(r).all() and r[1] > r[0]:
-                    found = r
-        out.append(found)
-    return out
 
 
 class _FakeQuantKernelLayer(keras.layers.Layer):
@@ -305,12 +136,6 @@ class _LowBitActivation(keras.layers.Layer):
 
 #: Activations that are not a ReLU the converter fuses: they get an input FakeQuant of their own.
 _SPLIT_ACTIVATIONS = ("softmax", "sigmoid", "tanh", "swish", "silu")
-#: Layers TFLite runs with the same scale on input and output (the converter rejects others).
-_SAME_SCALE_LAYERS = (keras.layers.AveragePooling2D, keras.layers.MaxPooling2D,
-                      keras.layers.Reshape, keras.layers.Flatten, keras.layers.ZeroPadding2D,
-                      keras.layers.Cropping2D)
-
-
 class _IntegerActivation(keras.layers.Layer):
     """An activation as TFLite's integer kernels run it; swish gets its sigmoid on the 1/256 grid."""
 
@@ -505,75 +330,6 @@ def _calibrate_ranges(source: keras.Model, names: Sequence[str], samples: Iterab
         update(batch)
     ranges = list(zip(lo.tolist(), hi.tolist()))
     return ranges[:n_in], ranges[n_in:]
-
-
-def _twin_layers(plain: keras.Model) -> List[Tuple[int, int]]:
-    """``(id, id)`` of weightless layers with the same class and config called on the same inputs.
-
-    The converter merges such twins into one op (NASNet applies ``Activation("relu")`` twice to a
-    cell's output: once for the next cell, once for the cell after it), and one op has one
-    output range. Two different ranges leave the merged op float: an ``ExportError`` that came
-    and went with the training run, as the two student quantizers' ranges happened to match.
-    """
-    seen: Dict[Tuple[Any, ...], int] = {}
-    pairs = []
-    for layer_id, nodes in _layer_calls(plain).items():
-        if len(nodes) != 1 or nodes[0].layer.weights:
-            continue
-        node, layer = nodes[0], nodes[0].layer
-        config = {k: v for k, v in layer.get_config().items() if k != "name"}
-        key = (type(layer), repr(sorted(config.items())),
-               tuple(id(t) for t in tf.nest.flatten(node.keras_inputs)),
-               repr(sorted(node.call_kwargs.items())))
-        if key in seen:
-            pairs.append((seen[key], layer_id))
-        else:
-            seen[key] = layer_id
-    return pairs
-
-
-def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
-                  fixed: Optional[set] = None) -> None:
-    """Gives pooling/reshape/concatenation outputs and their inputs one range, in place.
-
-    Twin layers (:func:`_twin_layers`) join one group too: the converter merges them.
-
-    TFLite runs these ops with the same scale on every input and the output, and the converter
-    rejects a file where the FakeQuant ranges differ ("same scale constraint"). Layers linked by
-    such ops form groups (union-find; DenseNet chains concatenations through its blocks); each
-    group gets the union of its members' ranges; of the ``fixed`` members' only (the student's
-    own ranges) where the group has any, so that the file rounds as the student does.
-    """
-    fixed = fixed or set()
-    parent: Dict[int, int] = {}
-
-    def find(a: int) -> int:
-        while parent.setdefault(a, a) != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for layer in plain.layers:
-        if not isinstance(layer, _SAME_SCALE_LAYERS + (keras.layers.Concatenate,)) or \
-                id(layer) not in ranges:
-            continue
-        for node in layer._inbound_nodes:  # noqa: SLF001
-            for inbound in tf.nest.flatten(node.inbound_layers):
-                if id(inbound) in ranges:
-                    parent[find(id(inbound))] = find(id(layer))
-    for first, twin in _twin_layers(plain):
-        if first in ranges and twin in ranges:
-            parent[find(twin)] = find(first)
-    groups: Dict[int, List[int]] = {}
-    for key in ranges:
-        if key in parent:
-            groups.setdefault(find(key), []).append(key)
-    for members in groups.values():
-        chosen = [m for m in members if m in fixed] or members
-        lo = min(ranges[m][0] for m in chosen)
-        hi = max(ranges[m][1] for m in chosen)
-        for m in members:
-            ranges[m] = (lo, hi)
 
 
 def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]],

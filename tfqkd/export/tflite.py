@@ -32,17 +32,17 @@ from tfqkd.export.convert import (
     _snap_int8_levels,
     _tflite_layout_levels,
 )
-from tfqkd.export.fakequant import (
+from tfqkd.export.fakequant import _fakequant_model
+from tfqkd.export.forward import forward_model
+from tfqkd.export.layout import space_to_depth_convs
+from tfqkd.export.ranges import (
     _align_student_ranges,
-    _fakequant_model,
     _student_activation_bits,
     _student_activation_ranges,
     _student_input_ranges,
     _student_pre_activation_ranges,
     _student_weight_levels,
 )
-from tfqkd.export.forward import forward_model
-from tfqkd.export.layout import space_to_depth_convs
 from tfqkd.qat_weights import kernel_weights
 
 __all__ = ["export_tflite"]
