@@ -54,6 +54,12 @@ def _quantizer_range(quantizer, qvars) -> Optional[Tuple[float, float]]:
     return None
 
 
+def _usable_range(quantizer, qvars) -> Optional[Tuple[float, float]]:
+    """:func:`_quantizer_range` where it is finite and not empty (else None: calibrate instead)."""
+    r = _quantizer_range(quantizer, qvars)
+    return r if r is not None and np.isfinite(r).all() and r[1] > r[0] else None
+
+
 def _set_quantizer_range(quantizer, qvars, lo: float, hi: float) -> bool:
     """Makes an 8-bit activation quantizer round on ``[lo, hi]`` at inference; False if it cannot.
 
@@ -126,8 +132,8 @@ def _student_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, flo
     """{inner layer name: (min, max) of its output quantizer} for every wrapped layer with one."""
     out = {}
     for name, quantizer, qvars in _output_quantizers(model):
-        r = _quantizer_range(quantizer, qvars)
-        if r is not None and np.isfinite(r).all() and r[1] > r[0]:
+        r = _usable_range(quantizer, qvars)
+        if r is not None:
             out[name] = r
     return out
 
@@ -154,8 +160,8 @@ def _student_pre_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float,
         for act in getattr(layer, "_quantize_activations", None) or []:
             if not (_is_wrapper(layer) and getattr(act, "_should_pre_quantize", lambda: False)()):
                 continue
-            r = _quantizer_range(act.quantizer, getattr(act, "_pre_activation_vars", {}))
-            if r is not None and np.isfinite(r).all() and r[1] > r[0]:
+            r = _usable_range(act.quantizer, getattr(act, "_pre_activation_vars", {}))
+            if r is not None:
                 out[layer.layer.name] = r
     return out
 
@@ -191,8 +197,8 @@ def _student_input_ranges(model: keras.Model) -> List[Optional[Tuple[float, floa
             if not _is_quantize_layer(layer) or not layer._inbound_nodes:  # noqa: SLF001
                 continue
             if any(t is inp for t in tf.nest.flatten(layer._inbound_nodes[0].input_tensors)):  # noqa
-                r = _quantizer_range(layer.quantizer, getattr(layer, "quantizer_vars", {}))
-                if r is not None and np.isfinite(r).all() and r[1] > r[0]:
+                r = _usable_range(layer.quantizer, getattr(layer, "quantizer_vars", {}))
+                if r is not None:
                     found = r
         out.append(found)
     return out
