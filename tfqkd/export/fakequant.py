@@ -35,9 +35,9 @@ from tfqkd.export.forward import (
     _layer_calls,
     _rebuild,
 )
+from tfqkd.export.ranges import _share_ranges
 from tfqkd.qat_weights import KERNEL_LAYERS as _KERNEL_LAYERS
 from tfqkd.qat_weights import _inner, _weight_short_name
-from tfqkd.export.ranges import _share_ranges
 from tfqkd.quantize_configs import PINNED_OUTPUT_RANGES, activation_name
 
 __all__: List[str] = []
