@@ -250,11 +250,14 @@ def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
             a = parent[a]
         return a
 
+    # This graph's calls only (as for the twins): a layer reused from another model also lists
+    # that model's calls among its `_inbound_nodes`.
+    calls = _layer_calls(plain)
     for layer in plain.layers:
         if not isinstance(layer, _SAME_SCALE_LAYERS + (keras.layers.Concatenate,)) or \
                 id(layer) not in ranges:
             continue
-        for node in layer._inbound_nodes:  # noqa: SLF001
+        for node in calls.get(id(layer), []):
             for inbound in tf.nest.flatten(node.inbound_layers):
                 if id(inbound) in ranges:
                     parent[find(id(inbound))] = find(id(layer))
