@@ -236,6 +236,55 @@ def test_twin_relus_on_one_tensor_share_one_range(tmp_path):
     assert report.relative_output_error < 0.05, report.relative_output_error
 
 
+@pytest.mark.parametrize("gap_scale", [0.8, 1.3])
+def test_bias_after_a_removed_mean_is_added_on_the_runtime_grid(tmp_path, gap_scale):
+    """A global average pooling over a 1x1 map (MobileNet at 32x32) is removed by the converter,
+    so the head conv reads the ReLU's tensor, but its int32 bias was quantized with the pooling's
+    scale. TFLite's kernels add ``B * s_in * s_w`` whatever the bias tensor states, so the head's
+    bias came out ``s_pool / s_relu`` times what the student adds. The references here are that
+    runtime rule and the student's own output on an input whose ReLU output is all zero (the
+    head then outputs its bias alone)."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.ReLU(name="relu")(keras.layers.Conv2D(8, 8, name="c1")(inp))
+    h = keras.layers.GlobalAveragePooling2D(keepdims=True, name="gap")(h)
+    out = keras.layers.Reshape((10,))(keras.layers.Conv2D(10, 1, name="head")(h))
+    q = quantize_model(keras.Model(inp, out), weight_bits=8, activation_bits=8)
+    x = np.random.default_rng(0).normal(size=(64, 8, 8, 3)).astype("float32")
+    q(x, training=True)
+
+    def weight(layer, part):
+        return next(w for w in q.get_layer(layer).weights if part in w.name)
+
+    weight("quant_head", "bias").assign(np.linspace(-1.0, 1.0, 10).astype("float32"))
+    weight("quant_c1", "bias").assign(-np.ones(8, "float32"))  # x = 0: ReLU output 0
+    # The pooling's own range, apart from the ReLU's (a student's two EMA ranges differ so).
+    gap_max = weight("quant_gap", "output_max")
+    gap_max.assign(gap_max * gap_scale)
+    info = export.export_tflite(q, tmp_path / "t.tflite", x, mode="int8")
+    assert info["rescaled_bias_channels"] == 10
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(str(info["path"]))
+    interpreter.allocate_tensors()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    convs = [op for op in interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]  # noqa
+    assert len(convs) == 2  # the MEAN is gone: the head reads the ReLU's tensor
+    for op in convs:
+        x_t, w_t, b_t = (tensors[i] for i in op["inputs"][:3])
+        runtime = x_t["quantization"][0] * w_t["quantization_parameters"]["scales"]
+        np.testing.assert_allclose(b_t["quantization_parameters"]["scales"], runtime, rtol=1e-5)
+    zero = np.zeros((1, 8, 8, 3), "float32")
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], zero)
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    want = q(zero, training=False).numpy()
+    step = tensors[convs[-1]["outputs"][0]]["quantization"][0]
+    assert np.abs(want).max() > 0.9  # the bias is what comes out
+    assert np.abs(got - want).max() <= 1.01 * step, (got, want, step)
+
+
 def test_float_and_dynamic_modes(tiny, tmp_path):
     q, x, y = tiny
     f = export.export_tflite(q, tmp_path / "f.tflite", mode="float")

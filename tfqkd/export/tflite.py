@@ -28,6 +28,7 @@ from tfqkd.export.convert import (
     _diagnose,
     _float_ops,
     _is_converter_error,
+    _match_bias_scales,
     _shorten_tensor_names,
     _snap_int8_levels,
     _tflite_layout_levels,
@@ -109,11 +110,12 @@ def export_tflite(
 
     Returns:
         ``{"path", "mode", "bytes", "snapped_channels", "weight_bits", "aligned_biases",
-        "aligned_ranges", "space_to_depth_convs"}`` (with ``align_student``, else None:
-        ``aligned_biases`` ``{"channels", "max_shift_steps"}``, ``aligned_ranges``
-        ``{"tensors", "unaligned"}``, the quantizers moved and the names of those that cannot
-        take the file's range; ``space_to_depth_convs``: how many convolutions were
-        rewritten).
+        "aligned_ranges", "space_to_depth_convs", "rescaled_bias_channels"}`` (with
+        ``align_student``, else None: ``aligned_biases`` ``{"channels", "max_shift_steps"}``,
+        ``aligned_ranges`` ``{"tensors", "unaligned"}``, the quantizers moved and the names of
+        those that cannot take the file's range; ``space_to_depth_convs``: how many
+        convolutions were rewritten; ``rescaled_bias_channels``: int32 bias channels the
+        converter stated on another scale than the runtime adds them on, re-expressed).
 
     Raises:
         ValueError: unknown mode, missing/empty representative data.
@@ -212,6 +214,7 @@ def export_tflite(
                 f"ops {', '.join(ops)} have no integer kernel and stayed float (layers "
                 f"{', '.join(culprits)})"), calibration, layers=culprits)
     content = _shorten_tensor_names(content)
+    content, rescaled_biases = _match_bias_scales(content)
     if mode == "int8" and method == "ptq" and snap_levels:
         content, snapped = _snap_int8_levels(content, _tflite_layout_levels(plain, kernels))
     written, rewritten = content, 0
@@ -226,4 +229,4 @@ def export_tflite(
     return {"path": path, "mode": mode, "bytes": len(written), "snapped_channels": snapped,
             "weight_bits": used_bits or {k: v for k, v in bits_by_layer.items() if v},
             "aligned_biases": aligned, "aligned_ranges": aligned_ranges,
-            "space_to_depth_convs": rewritten}
+            "space_to_depth_convs": rewritten, "rescaled_bias_channels": rescaled_biases}
