@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -251,6 +251,21 @@ def _snap_int8_levels(content: bytes, levels_by_layer: Dict[str, np.ndarray]
     return _write_flatbuffer(model_obj), changed
 
 
+def _int32_bias_ops(model_obj) -> Iterator[Tuple[Any, Any, Any, np.ndarray]]:
+    """``(subgraph, op, bias buffer, int32 values)`` of every conv / depthwise / fully-connected
+    op of ``model_obj`` (a ``ModelT``) that has an int32 bias."""
+    names = _op_names(model_obj)
+    for sg in model_obj.subgraphs:
+        for op in sg.operators:
+            if names.get(op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 3 or \
+                    op.inputs[2] < 0:
+                continue
+            buf = model_obj.buffers[sg.tensors[op.inputs[2]].buffer]
+            if sg.tensors[op.inputs[2]].type != 2 or buf.data is None or not len(buf.data):
+                continue  # 2 = INT32
+            yield sg, op, buf, np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.int32)
+
+
 #: Relative difference between a bias's stored scale and ``s_in * s_w`` that is float32 noise.
 _BIAS_SCALE_RTOL = 1e-5
 
@@ -271,32 +286,23 @@ def _match_bias_scales(content: bytes) -> Tuple[bytes, int]:
     changed.
     """
     model_obj = _read_flatbuffer(content)
-    names = _op_names(model_obj)
     changed = 0
-    for sg in model_obj.subgraphs:
-        for op in sg.operators:
-            if names.get(op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 3 or \
-                    op.inputs[2] < 0:
-                continue
-            x_t, w_t, b_t = (sg.tensors[i] for i in op.inputs[:3])
-            buf = model_obj.buffers[b_t.buffer]
-            if b_t.type != 2 or buf.data is None or not len(buf.data):  # 2 = INT32
-                continue
-            scales = [t.quantization.scale if t.quantization is not None else None
-                      for t in (x_t, w_t, b_t)]
-            if any(v is None or not len(v) for v in scales) or len(scales[0]) != 1:
-                continue
-            stored = np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.int32)
-            b_scale = np.broadcast_to(np.asarray(scales[2], np.float64), stored.shape)
-            runtime = np.broadcast_to(float(scales[0][0]) * np.asarray(scales[1], np.float64),
-                                      stored.shape)
-            if np.allclose(b_scale, runtime, rtol=_BIAS_SCALE_RTOL, atol=0.0):
-                continue
-            ints = np.clip(np.rint(stored * b_scale / runtime), -2 ** 31, 2 ** 31 - 1)
-            buf.data = ints.astype(np.int32).view(np.uint8).ravel()
-            b_t.quantization.scale = runtime.astype(np.float32).tolist()
-            b_t.quantization.zeroPoint = [0] * stored.size
-            changed += int(np.sum(~np.isclose(b_scale, runtime, rtol=_BIAS_SCALE_RTOL, atol=0.0)))
+    for sg, op, buf, stored in _int32_bias_ops(model_obj):
+        x_t, w_t, b_t = (sg.tensors[i] for i in op.inputs[:3])
+        scales = [t.quantization.scale if t.quantization is not None else None
+                  for t in (x_t, w_t, b_t)]
+        if any(v is None or not len(v) for v in scales) or len(scales[0]) != 1:
+            continue
+        b_scale = np.broadcast_to(np.asarray(scales[2], np.float64), stored.shape)
+        runtime = np.broadcast_to(float(scales[0][0]) * np.asarray(scales[1], np.float64),
+                                  stored.shape)
+        if np.allclose(b_scale, runtime, rtol=_BIAS_SCALE_RTOL, atol=0.0):
+            continue
+        ints = np.clip(np.rint(stored * b_scale / runtime), -2 ** 31, 2 ** 31 - 1)
+        buf.data = ints.astype(np.int32).view(np.uint8).ravel()
+        b_t.quantization.scale = runtime.astype(np.float32).tolist()
+        b_t.quantization.zeroPoint = [0] * stored.size
+        changed += int(np.sum(~np.isclose(b_scale, runtime, rtol=_BIAS_SCALE_RTOL, atol=0.0)))
     if not changed:
         return content, 0
     return _write_flatbuffer(model_obj), changed
@@ -319,64 +325,56 @@ def _align_student_biases(model: keras.Model, plain: keras.Model, content: bytes
     output quantization steps).
     """
     model_obj = _read_flatbuffer(content)
-    names = _op_names(model_obj)
     plan = _fold_plan(plain)
     layer_names = [layer.name for layer in plain.layers]
     student = {_inner(layer).name: layer for layer in model.layers if not _is_quantize_layer(layer)}
     updates = []
     max_shift = 0.0
-    for sg in model_obj.subgraphs:
-        for op in sg.operators:
-            if names.get(op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 3 or \
-                    op.inputs[2] < 0:
+    for sg, op, _, ints in _int32_bias_ops(model_obj):
+        w_t, b_t = sg.tensors[op.inputs[1]], sg.tensors[op.inputs[2]]
+        if b_t.quantization is None or b_t.quantization.scale is None:
+            continue
+        name = _layer_of(w_t.name.decode() if isinstance(w_t.name, bytes) else str(w_t.name),
+                         layer_names)
+        if name is None:
+            continue
+        layer = plain.get_layer(name)
+        stored = ints * np.asarray(b_t.quantization.scale, np.float64)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            # An unfolded batch norm (after a concatenation or a residual Add: DenseNet's
+            # and ResNetV2's pre-activation batch norms) runs as a 1x1 depthwise
+            # convolution `a*x + b` with its bias on the same int32 grid `s_in * s_w`.
+            # With one weight per channel that grid is ~1/127 of the input step times
+            # |a|, so its rounding is far coarser than a kernel's: align the student's
+            # own beta (moving mean without one).
+            affine = _channel_affine(layer, stored.size)
+            if affine is None:
                 continue
-            w_t, b_t = sg.tensors[op.inputs[1]], sg.tensors[op.inputs[2]]
-            buf = model_obj.buffers[b_t.buffer]
-            if b_t.type != 2 or buf.data is None or not len(buf.data) or \
-                    b_t.quantization is None or b_t.quantization.scale is None:  # 2 = INT32
-                continue
-            name = _layer_of(w_t.name.decode() if isinstance(w_t.name, bytes) else str(w_t.name),
-                             layer_names)
-            if name is None:
-                continue
-            layer = plain.get_layer(name)
-            stored = np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.int32) * \
-                np.asarray(b_t.quantization.scale, np.float64)
-            if isinstance(layer, keras.layers.BatchNormalization):
-                # An unfolded batch norm (after a concatenation or a residual Add: DenseNet's
-                # and ResNetV2's pre-activation batch norms) runs as a 1x1 depthwise
-                # convolution `a*x + b` with its bias on the same int32 grid `s_in * s_w`.
-                # With one weight per channel that grid is ~1/127 of the input step times
-                # |a|, so its rounding is far coarser than a kernel's: align the student's
-                # own beta (moving mean without one).
-                affine = _channel_affine(layer, stored.size)
-                if affine is None:
-                    continue
-                bn, (g, bias) = layer, affine
-            elif isinstance(layer, KERNEL_LAYERS):
-                bn = plan.get(id(layer))
-                _, bias, g = _fold(layer, bn)
-            else:
-                # Another per-channel affine layer the fake-quant graph runs as a 1x1 depthwise
-                # convolution (Rescaling, Normalization, ``x * c``): its constant bias is not a
-                # student weight to align.
-                continue
-            if stored.shape != bias.shape:
-                continue
-            shift = stored - bias.astype(np.float64)
-            out_q = sg.tensors[op.outputs[0]].quantization
-            if out_q is not None and out_q.scale is not None and len(out_q.scale):
-                max_shift = max(max_shift, float(np.abs(shift).max() / out_q.scale[0]))
-            target = student.get(bn.name if bn is not None else name)
-            if target is None:
-                continue
-            variables = _layer_variables(target)
-            if bn is not None and "beta" in variables:
-                updates.append((variables["beta"], shift))
-            elif bn is not None:  # center=False: the same shift through the moving mean
-                updates.append((variables["moving_mean"], -shift / g))
-            elif "bias" in variables:
-                updates.append((variables["bias"], shift))
+            bn, (g, bias) = layer, affine
+        elif isinstance(layer, KERNEL_LAYERS):
+            bn = plan.get(id(layer))
+            _, bias, g = _fold(layer, bn)
+        else:
+            # Another per-channel affine layer the fake-quant graph runs as a 1x1 depthwise
+            # convolution (Rescaling, Normalization, ``x * c``): its constant bias is not a
+            # student weight to align.
+            continue
+        if stored.shape != bias.shape:
+            continue
+        shift = stored - bias.astype(np.float64)
+        out_q = sg.tensors[op.outputs[0]].quantization
+        if out_q is not None and out_q.scale is not None and len(out_q.scale):
+            max_shift = max(max_shift, float(np.abs(shift).max() / out_q.scale[0]))
+        target = student.get(bn.name if bn is not None else name)
+        if target is None:
+            continue
+        variables = _layer_variables(target)
+        if bn is not None and "beta" in variables:
+            updates.append((variables["beta"], shift))
+        elif bn is not None:  # center=False: the same shift through the moving mean
+            updates.append((variables["moving_mean"], -shift / g))
+        elif "bias" in variables:
+            updates.append((variables["bias"], shift))
     for var, shift in updates:
         var.assign((var.numpy().astype(np.float64) + shift).astype(np.float32))
     return {"channels": int(sum(s.size for _, s in updates)), "max_shift_steps": max_shift}
