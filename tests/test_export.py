@@ -236,14 +236,10 @@ def test_twin_relus_on_one_tensor_share_one_range(tmp_path):
     assert report.relative_output_error < 0.05, report.relative_output_error
 
 
-@pytest.mark.parametrize("gap_scale", [0.8, 1.3])
-def test_bias_after_a_removed_mean_is_added_on_the_runtime_grid(tmp_path, gap_scale):
-    """A global average pooling over a 1x1 map (MobileNet at 32x32) is removed by the converter,
-    so the head conv reads the ReLU's tensor, but its int32 bias was quantized with the pooling's
-    scale. TFLite's kernels add ``B * s_in * s_w`` whatever the bias tensor states, so the head's
-    bias came out ``s_pool / s_relu`` times what the student adds. The references here are that
-    runtime rule and the student's own output on an input whose ReLU output is all zero (the
-    head then outputs its bias alone)."""
+def _pooled_head_student(gap_scale):
+    """ReLU -> global average pooling over a 1x1 map -> 1x1 conv head (MobileNet's head at 32x32),
+    W8A8, head biases -1..1, and the pooling's own range ``gap_scale`` times the ReLU's: a
+    student's two EMA ranges differ so. Returns ``(student, x, weight(layer, part))``."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 3))
     h = keras.layers.ReLU(name="relu")(keras.layers.Conv2D(8, 8, name="c1")(inp))
@@ -257,19 +253,34 @@ def test_bias_after_a_removed_mean_is_added_on_the_runtime_grid(tmp_path, gap_sc
         return next(w for w in q.get_layer(layer).weights if part in w.name)
 
     weight("quant_head", "bias").assign(np.linspace(-1.0, 1.0, 10).astype("float32"))
-    weight("quant_c1", "bias").assign(-np.ones(8, "float32"))  # x = 0: ReLU output 0
-    # The pooling's own range, apart from the ReLU's (a student's two EMA ranges differ so).
     gap_max = weight("quant_gap", "output_max")
     gap_max.assign(gap_max * gap_scale)
-    info = export.export_tflite(q, tmp_path / "t.tflite", x, mode="int8")
-    assert info["rescaled_bias_channels"] == 10
+    return q, x, weight
 
+
+def _file_scales(path):
+    """(interpreter, {tensor index: details}, CONV_2D ops) of a TFLite file."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(str(info["path"]))
+    interpreter = Interpreter(str(path))
     interpreter.allocate_tensors()
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     convs = [op for op in interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]  # noqa
+    return interpreter, tensors, convs
+
+
+@pytest.mark.parametrize("gap_scale", [0.8, 1.3])
+def test_bias_after_a_removed_mean_is_added_on_the_runtime_grid(tmp_path, gap_scale):
+    """A global average pooling over a 1x1 map is removed by the converter, so the head conv
+    reads the ReLU's tensor, but its int32 bias was quantized with the pooling's scale. TFLite's
+    kernels add ``B * s_in * s_w`` whatever the bias tensor states, so the head's bias came out
+    ``s_pool / s_relu`` times what the student adds. The references here are that runtime rule
+    and the student's own output on an input whose ReLU output is all zero (the head then
+    outputs its bias alone)."""
+    q, x, weight = _pooled_head_student(gap_scale)
+    weight("quant_c1", "bias").assign(-np.ones(8, "float32"))  # x = 0: ReLU output 0
+    info = export.export_tflite(q, tmp_path / "t.tflite", x, mode="int8")
+    interpreter, tensors, convs = _file_scales(info["path"])
     assert len(convs) == 2  # the MEAN is gone: the head reads the ReLU's tensor
     for op in convs:
         x_t, w_t, b_t = (tensors[i] for i in op["inputs"][:3])
@@ -283,6 +294,26 @@ def test_bias_after_a_removed_mean_is_added_on_the_runtime_grid(tmp_path, gap_sc
     step = tensors[convs[-1]["outputs"][0]]["quantization"][0]
     assert np.abs(want).max() > 0.9  # the bias is what comes out
     assert np.abs(got - want).max() <= 1.01 * step, (got, want, step)
+
+
+@pytest.mark.parametrize("gap_scale", [0.8, 1.3])
+def test_pooling_over_one_position_shares_its_inputs_range(tmp_path, gap_scale):
+    """The file has no pooling op to round the pooled value on its own grid, so the student must
+    not either: the pooling and the ReLU get one range, and ``align_student`` moves the
+    student's pooling quantizer to it. Before, the student rounded the ReLU's levels again on
+    the pooling's grid and its logits differed from the file's by several steps."""
+    q, x, _ = _pooled_head_student(gap_scale)
+    info = export.export_tflite(q, tmp_path / "t.tflite", x, mode="int8", align_student=True)
+    interpreter, tensors, convs = _file_scales(info["path"])
+    assert info["aligned_ranges"]["tensors"] >= 1
+    outputs = []
+    for sample in x:
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], sample[None])
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0])
+    step = tensors[convs[-1]["outputs"][0]]["quantization"][0]
+    diff = np.abs(np.array(outputs) - q(x, training=False).numpy()) / step
+    assert diff.max() <= 1.01, diff.max()
 
 
 def test_float_and_dynamic_modes(tiny, tmp_path):

@@ -229,10 +229,24 @@ def _twin_layers(plain: keras.Model) -> List[Tuple[int, int]]:
     return pairs
 
 
+def _pools_one_position(layer, node) -> bool:
+    """A global pooling over a 1x1 map (MobileNet's head, EfficientNet's squeeze-excite in the
+    last stage, at 32x32 inputs): an identity, which the converter removes, so the next op reads
+    the pooling's input tensor and its range. One range for both makes the student's rounding of
+    the pooled value a no-op, as in the file."""
+    if not isinstance(layer, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
+        return False
+    shape = tuple(tf.nest.flatten(node.keras_inputs)[0].shape)
+    spatial = shape[1:-1] if getattr(layer, "data_format", "channels_last") == "channels_last" \
+        else shape[2:]
+    return len(spatial) == 2 and all(d == 1 for d in spatial)
+
+
 def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
                   fixed: Optional[set] = None) -> None:
     """Gives pooling/reshape/concatenation outputs and their inputs one range, in place.
 
+    A global pooling over a 1x1 map (:func:`_pools_one_position`) is linked as these are.
     Twin layers (:func:`_twin_layers`) join one group too: the converter merges them.
 
     TFLite runs these ops with the same scale on every input and the output, and the converter
@@ -254,10 +268,12 @@ def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
     # that model's calls among its `_inbound_nodes`.
     calls = _layer_calls(plain)
     for layer in plain.layers:
-        if not isinstance(layer, _SAME_SCALE_LAYERS + (keras.layers.Concatenate,)) or \
-                id(layer) not in ranges:
+        if id(layer) not in ranges:
             continue
         for node in calls.get(id(layer), []):
+            if not isinstance(layer, _SAME_SCALE_LAYERS + (keras.layers.Concatenate,)) and \
+                    not _pools_one_position(layer, node):
+                continue
             for inbound in tf.nest.flatten(node.inbound_layers):
                 if id(inbound) in ranges:
                     parent[find(id(inbound))] = find(id(layer))
