@@ -316,6 +316,34 @@ def test_pooling_over_one_position_shares_its_inputs_range(tmp_path, gap_scale):
     assert diff.max() <= 1.01, diff.max()
 
 
+def test_scalar_op_of_a_rounded_input_takes_the_image_of_its_range(tmp_path):
+    """MobileNetV3's hard sigmoid, ``ReLU6(x + 3) * (1/6)``: the student rounds the ReLU6 and
+    leaves the product unrounded. The file's range for the product is ``(1/6) * [0, c]``, the
+    exact image of the ReLU6's grid, not the calibration images' min/max: calibrated on small
+    inputs it clipped larger ones (V3Small: up to 216 steps off)."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2D(8, 1, name="c1")(inp)
+    gate = keras.layers.ReLU(6.0, name="r6")(x + 3.0) * (1.0 / 6.0)
+    h = keras.layers.Multiply(name="hswish")([x, gate])
+    out = keras.layers.Dense(4, name="head")(keras.layers.GlobalAveragePooling2D()(h))
+    q = quantize_model(keras.Model(inp, out), weight_bits=8, activation_bits=8)
+    wide = np.random.default_rng(0).normal(scale=4.0, size=(64, 4, 4, 3)).astype("float32")
+    q(wide, training=True)  # the student's ranges see the whole ReLU6 range
+    narrow = wide * 0.05  # calibration images that never get near it
+    info = export.export_tflite(q, tmp_path / "t.tflite", narrow, mode="int8", align_student=True)
+    relu6_max = float(next(w for w in q.get_layer("quant_r6").weights if "clip" in w.name).numpy())
+    assert relu6_max > 5.0
+    _, tensors, _ = _file_scales(info["path"])
+    products = [t for t in tensors.values() if t["dtype"] == np.int8 and len(t["shape"]) == 4
+                and "tf.math.multiply" in t["name"]]
+    assert len(products) == 1, [t["name"] for t in tensors.values()]
+    scale, zero_point = products[0]["quantization"]
+    np.testing.assert_allclose(scale * (127 - zero_point), relu6_max / 6.0, rtol=1e-5)
+    report = export.verify_tflite(info["path"], q, (wide, np.zeros(64, "int32")))
+    assert report.relative_output_error < 0.05, report.relative_output_error
+
+
 def test_float_and_dynamic_modes(tiny, tmp_path):
     q, x, y = tiny
     f = export.export_tflite(q, tmp_path / "f.tflite", mode="float")

@@ -293,6 +293,36 @@ def _scalar_op_affine(layer, node) -> Optional[Tuple[float, float]]:
     return rule(constant)
 
 
+def _scalar_op_ranges(plain: keras.Model, fq_layers: Sequence[Any],
+                      ranges: Dict[int, Tuple[float, float]],
+                      fixed_ranges: Dict[str, Tuple[float, float]]
+                      ) -> Dict[int, Tuple[float, float]]:
+    """{id(layer): range} of scalar ops ``x * c``, ``x + c``... whose input the student rounds on
+    a fixed range: ``a * range + b``, the exact image of the input's grid.
+
+    MobileNetV3's hard sigmoid is ``ReLU6(x + 3) * (1/6)``: the student rounds the ReLU6 and
+    leaves the product unrounded, on the ReLU6's grid divided by 6. Calibrated, the product's
+    range stopped at the largest value the calibration images reached, and the file clipped
+    larger ones (up to 216 steps off on 0.1-0.5 % of the products of a MobileNetV3Small, test
+    images, 2026-12-06). The image of the input's range holds every value the student makes.
+    """
+    calls = _layer_calls(plain)
+    out: Dict[int, Tuple[float, float]] = {}
+    for layer in fq_layers:
+        nodes = calls.get(id(layer), [])
+        if layer.name in fixed_ranges or len(nodes) != 1:
+            continue
+        affine = _scalar_op_affine(layer, nodes[0])
+        inbound = tf.nest.flatten(nodes[0].inbound_layers)
+        if affine is None or len(inbound) != 1 or inbound[0].name not in fixed_ranges or \
+                id(inbound[0]) not in ranges:
+            continue
+        a, b = affine
+        lo, hi = ranges[id(inbound[0])]
+        out[id(layer)] = (min(a * lo + b, a * hi + b), max(a * lo + b, a * hi + b))
+    return out
+
+
 def _calibrate_ranges(source: keras.Model, names: Sequence[str], samples: Iterable[np.ndarray],
                       pre: Sequence[Any] = ()
                       ) -> Tuple[List[Tuple[float, float]], List[Tuple[float, float]]]:
@@ -397,10 +427,12 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
         if bits and layer.name in fixed_ranges and fixed_ranges[layer.name][0] == 0.0:
             ranges[id(layer)], low_bit_clips[id(layer)] = _low_bit_range(
                 fixed_ranges[layer.name][1], bits)
+    derived = _scalar_op_ranges(plain, fq_layers, ranges, fixed_ranges)
+    ranges.update(derived)
     # A same-scale group (pooling, concatenation...) of coarse members shares their grid; where
     # it mixes grids the union range applies and the coarse member is rounded on it (not exact).
     _share_ranges(plain, ranges, fixed={id(layer) for layer in fq_layers
-                                        if layer.name in fixed_ranges
+                                        if layer.name in fixed_ranges or id(layer) in derived
                                         or activation_name(layer) in PINNED_OUTPUT_RANGES})
     used_bits: Dict[str, int] = {}
     affine = {}
