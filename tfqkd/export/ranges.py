@@ -234,7 +234,8 @@ def _pools_one_position(layer, node) -> bool:
     last stage, at 32x32 inputs): an identity, which the converter removes, so the next op reads
     the pooling's input tensor and its range. One range for both makes the student's rounding of
     the pooled value a no-op, as in the file."""
-    if not isinstance(layer, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
+    if not isinstance(layer, (keras.layers.GlobalAveragePooling2D,
+                              keras.layers.GlobalMaxPooling2D)):
         return False
     shape = tuple(tf.nest.flatten(node.keras_inputs)[0].shape)
     spatial = shape[1:-1] if getattr(layer, "data_format", "channels_last") == "channels_last" \
