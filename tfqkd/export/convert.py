@@ -260,9 +260,10 @@ def _int32_bias_ops(model_obj) -> Iterator[Tuple[Any, Any, Any, np.ndarray]]:
             if names.get(op.opcodeIndex) not in _WEIGHT_OPS or len(op.inputs) < 3 or \
                     op.inputs[2] < 0:
                 continue
-            buf = model_obj.buffers[sg.tensors[op.inputs[2]].buffer]
-            if sg.tensors[op.inputs[2]].type != 2 or buf.data is None or not len(buf.data):
-                continue  # 2 = INT32
+            b_t = sg.tensors[op.inputs[2]]
+            buf = model_obj.buffers[b_t.buffer]
+            if b_t.type != 2 or buf.data is None or not len(buf.data):  # 2 = INT32
+                continue
             yield sg, op, buf, np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.int32)
 
 
@@ -276,9 +277,10 @@ def _match_bias_scales(content: bytes) -> Tuple[bytes, int]:
     LiteRT's conv / depthwise / fully-connected kernels add the int32 bias ``B`` in accumulator
     units, ``s_in * s_w`` (the op's input scale times the channel's weight scale), whatever scale
     the bias tensor itself states. The converter quantizes the bias with the scale of the input
-    it saw, and sometimes removes that input's op afterwards: a mean over a 1x1 map (MobileNet's
-    global pooling at 32x32, EfficientNet's squeeze-excite pooling in the last stages), so the
-    op now reads its producer's tensor, whose range differs. The file then adds ``B * s_in *
+    it saw, and sometimes removes that input's op afterwards: an identity such as a dropout or a
+    mean over a 1x1 map (MobileNet's global pooling and dropout at 32x32, EfficientNet's
+    squeeze-excite pooling in the last stages), so the op now reads its producer's tensor,
+    whose range differs. The file then adds ``B * s_in *
     s_w`` where it meant ``B * s_bias``: MobileNet's logits got a bias 1.074x too large and
     EfficientNetV2B0's 9.4x (measured on 32x32 int8 files, 2026-12-06). Here such a bias becomes
     ``rint(B * s_bias / (s_in * s_w))`` with the scale ``s_in * s_w``: the value the converter
@@ -296,13 +298,14 @@ def _match_bias_scales(content: bytes) -> Tuple[bytes, int]:
         b_scale = np.broadcast_to(np.asarray(scales[2], np.float64), stored.shape)
         runtime = np.broadcast_to(float(scales[0][0]) * np.asarray(scales[1], np.float64),
                                   stored.shape)
-        if np.allclose(b_scale, runtime, rtol=_BIAS_SCALE_RTOL, atol=0.0):
+        off = ~np.isclose(b_scale, runtime, rtol=_BIAS_SCALE_RTOL, atol=0.0)
+        if not off.any():
             continue
         ints = np.clip(np.rint(stored * b_scale / runtime), -2 ** 31, 2 ** 31 - 1)
         buf.data = ints.astype(np.int32).view(np.uint8).ravel()
         b_t.quantization.scale = runtime.astype(np.float32).tolist()
         b_t.quantization.zeroPoint = [0] * stored.size
-        changed += int(np.sum(~np.isclose(b_scale, runtime, rtol=_BIAS_SCALE_RTOL, atol=0.0)))
+        changed += int(off.sum())
     if not changed:
         return content, 0
     return _write_flatbuffer(model_obj), changed

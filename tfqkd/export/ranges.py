@@ -271,9 +271,9 @@ def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
     for layer in plain.layers:
         if id(layer) not in ranges:
             continue
+        same_scale = isinstance(layer, _SAME_SCALE_LAYERS + (keras.layers.Concatenate,))
         for node in calls.get(id(layer), []):
-            if not isinstance(layer, _SAME_SCALE_LAYERS + (keras.layers.Concatenate,)) and \
-                    not _pools_one_position(layer, node):
+            if not (same_scale or _pools_one_position(layer, node)):
                 continue
             for inbound in tf.nest.flatten(node.inbound_layers):
                 if id(inbound) in ranges:
