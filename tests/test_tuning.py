@@ -608,3 +608,65 @@ def test_run_grid_progress_line_ranks_on_validation(tmp_path, monkeypatch):
     last = lines[-1]
     assert "val_accuracy=0.5000 test_accuracy=0.9000" in last
     assert last.endswith("| best val_accuracy 0.9000 (τ=1 teacher=1 λ=0.5 constant w2)"), last
+
+
+_FILL_THE_DISK = r'''
+import json, resource, sys
+import keras_tuner
+import tfqkd
+from tfqkd import tuning
+from tfqkd.search import BitWidthSpace, BitWidthTuner
+
+directory, kind, fill = sys.argv[1], sys.argv[2], sys.argv[3] == "fill"
+space = keras_tuner.HyperParameters()  # room for many distinct trials, whatever the tuner
+space.Int("x", 0, 10**6)
+oracle = keras_tuner.oracles.RandomSearchOracle(
+    objective=keras_tuner.Objective("val_accuracy", "max"), max_trials=5, seed=0,
+    hyperparameters=space)
+if kind == "bits":
+    student = tfqkd.models.tiny_resnet(seed=0)
+    space = BitWidthSpace(student, max_bytes=3500, storage="int4", choices=(2, 4, 8))
+    tuner = BitWidthTuner(space, student, None, None, None, kd=False, oracle=oracle,
+                          directory=directory, project_name="p", overwrite=False)
+else:
+    tuner = tuning.DistillationTuner(oracle, directory=directory, project_name="p",
+                                     overwrite=False, log=lambda m: None)
+if not fill:  # the reload: what survived
+    print(json.dumps({t.trial_id: [t.status, t.score] for t in tuner.oracle.trials.values()}))
+    sys.exit()
+trial = tuner.oracle.create_trial(tuner.tuner_id)
+tuner.oracle.update_trial(trial.trial_id, {"val_accuracy": 0.75})
+trial.status = "COMPLETED"
+tuner.oracle.end_trial(trial)
+tuner.save()
+# The disk fills up: from now on no file may grow past 8 bytes (Python ignores SIGXFSZ, so
+# each write fails with an error instead of killing the process).
+resource.setrlimit(resource.RLIMIT_FSIZE, (8, resource.RLIM_INFINITY))
+failed = []
+for name, save in [("create_trial", lambda: tuner.oracle.create_trial(tuner.tuner_id)),
+                   ("tuner.save", tuner.save)]:
+    try:
+        save()
+    except Exception as e:
+        failed.append(name)
+print(json.dumps({"finished": trial.trial_id, "failed": failed}))
+'''
+
+
+@pytest.mark.parametrize("kind", ["distillation", "bits"])
+def test_a_save_that_fails_halfway_leaves_the_project_reloadable(tmp_path, kind):
+    # keras-tuner truncates oracle.json, trial.json and tuner0.json before writing them: a
+    # kill or a full disk in between used to leave an empty file, and the next run could not
+    # reload the project (CI saw "Expecting value: line 1 column 1" after a SIGKILL).
+    from conftest import run_script
+
+    script = tmp_path / "fill_the_disk.py"
+    script.write_text(_FILL_THE_DISK)
+    project = tmp_path / "project"
+    first = last_json_line(run_script(script, project, kind, "fill").stdout)
+    assert first["failed"] == ["create_trial", "tuner.save"]  # the fault did hit both saves
+    for path in (project / "p").rglob("*.json"):
+        json.loads(path.read_text())  # every file left is whole
+    assert not list((project / "p").rglob(".tmp-*"))  # no temporary file left behind
+    reloaded = last_json_line(run_script(script, project, kind, "reload").stdout)
+    assert reloaded == {first["finished"]: ["COMPLETED", 0.75]}

@@ -37,6 +37,7 @@ from tfqkd.budget import STORAGES, kernel_bytes, kernel_shapes, layer_widths, te
 from tfqkd.layer_bits import weighted_layers
 from tfqkd.quantize_registry import first_and_last_layers
 from tfqkd.quantizers.symmetric import check_bits
+from tfqkd.tuning.crash_safe import CrashSafeTunerSaves, crash_safe_oracle
 
 __all__ = ["fit_to_budget", "fit_to_latency", "BitWidthSpace", "BitWidthTuner", "pareto_front"]
 
@@ -215,7 +216,7 @@ def _tuner_base():
     return keras_tuner.Tuner
 
 
-class BitWidthTuner(_tuner_base()):
+class BitWidthTuner(CrashSafeTunerSaves, _tuner_base()):
     """Scores each width choice with a short KD + CR fine-tune, on the validation split.
 
     Args:
@@ -236,7 +237,8 @@ class BitWidthTuner(_tuner_base()):
 
     Each finished trial writes ``trial_<id>_widths.json`` (widths, kernel bytes, measured
     latency with a latency budget, validation accuracy) in the project directory: the Pareto
-    front is read from those.
+    front is read from those. keras-tuner's own project files are written atomically
+    (:mod:`tfqkd.tuning.crash_safe`), so a search killed at any moment resumes.
     """
 
     def __init__(self, space: BitWidthSpace, student: keras.Model,
@@ -244,6 +246,8 @@ class BitWidthTuner(_tuner_base()):
                  train: tf.data.Dataset, validation: tf.data.Dataset, proxy_epochs: int = 1,
                  kd: bool = True, temperature: float = 4.0, learning_rate: float = 1e-3,
                  activation_bits: Optional[int] = None, step: str = "l2", **kwargs: Any):
+        if kwargs.get("oracle") is not None:
+            kwargs["oracle"] = crash_safe_oracle(kwargs["oracle"])
         super().__init__(**kwargs)
         if isinstance(teacher, (list, tuple)):
             teacher = list(teacher) if len(teacher) > 1 else (teacher[0] if teacher else None)

@@ -25,7 +25,8 @@ one line per τ, hard-label baseline; the same with and without CR; a τ × teac
 The package, one concept per module: :mod:`~tfqkd.tuning.config` (a trial's config: columns,
 validation, key), :mod:`~tfqkd.tuning.trials` (trial data, the teacher pool, one trial),
 :mod:`~tfqkd.tuning.results` (the CSV with its lock, the grid), :mod:`~tfqkd.tuning.tuner`
-(the keras-tuner front-end), :mod:`~tfqkd.tuning.plots` (the figures). Every public name is
+(the keras-tuner front-end), :mod:`~tfqkd.tuning.crash_safe` (keras-tuner's project files
+written atomically), :mod:`~tfqkd.tuning.plots` (the figures). Every public name is
 importable from ``tfqkd.tuning`` itself.
 
 Example:

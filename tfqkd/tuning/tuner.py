@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from tfqkd._io import atomic_write
 from tfqkd._keras import keras
 from tfqkd.tuning.config import SCHEDULES, _teacher_key, normalize_config
+from tfqkd.tuning.crash_safe import CrashSafeTunerSaves, crash_safe_oracle
 from tfqkd.tuning.results import _describe, append_result
 from tfqkd.tuning.trials import (ModelBuilder, TeacherPool, TrialData, _default_builder,
                                  run_trial_config)
@@ -204,12 +205,13 @@ def _tuner_base():
         return object
 
 
-class DistillationTuner(_tuner_base()):
+class DistillationTuner(CrashSafeTunerSaves, _tuner_base()):
     """A keras-tuner ``Tuner`` whose trials distill quantized students.
 
     keras-tuner 1.4's build-and-fit path expects Keras 3 models, so this tuner overrides
     ``run_trial`` and returns the metrics of :func:`run_trial_config`: every oracle works, a
-    project resumes from its directory (``overwrite=False`` → finished trials are not redone) and
+    project resumes from its directory (``overwrite=False`` → finished trials are not redone; the
+    project files are written atomically, :mod:`tfqkd.tuning.crash_safe`) and
     keras-tuner's chief/worker mode (``KERASTUNER_TUNER_ID``, ``KERASTUNER_ORACLE_IP``,
     ``KERASTUNER_ORACLE_PORT``) distributes the trials. Hyperband's ``tuner/epochs`` and
     ``tuner/initial_epoch`` are honoured, and a continued trial starts from the student of the
@@ -258,7 +260,7 @@ class DistillationTuner(_tuner_base()):
         search_space = search_space or DistillationSearchSpace()
         # Read before keras-tuner replaces the oracle of a distributed worker by a gRPC client.
         self._max_epochs = getattr(oracle, "max_epochs", None)
-        super().__init__(oracle, hypermodel=search_space, **kwargs)
+        super().__init__(crash_safe_oracle(oracle), hypermodel=search_space, **kwargs)
         self.teachers = teachers if isinstance(teachers, TeacherPool) else TeacherPool(teachers)
         self.student_builder = student_builder
         self.epochs = int(epochs or search_space.epochs)
