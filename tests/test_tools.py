@@ -119,12 +119,23 @@ def test_benchmark_tflite_reports_every_figure():
                                      "packed_le_1.61_bits_per_ternary"}
 
 
-def test_benchmark_tflite_applications_model_side_by_side():
-    """--model=<Applications name>: float, int8 and int4 files of one W8A8 model in one JSON."""
-    p = _tool("benchmark_tflite.py", "--model=mobilenet", "--weight_bits=8", "--per_channel",
-              "--rounds=1", "--inner=1", "--warmup=1", "--threads=1", "--num_calibration=8",
-              "--num_classes=7", "--converter_int8", "--json_only")
-    r = last_json_line(p.stdout)
+def test_benchmark_tflite_applications_models_side_by_side():
+    """--model=<Applications names>: float, int8 and int4 files of W8A8 models in one JSON."""
+    p = _tool("benchmark_tflite.py", "--model=mobilenet,mobilenet_v3_small", "--weight_bits=8",
+              "--per_channel", "--rounds=1", "--inner=1", "--warmup=1", "--threads=1",
+              "--num_calibration=8", "--num_classes=7", "--converter_int8", "--json_only")
+    both = last_json_line(p.stdout)
+    assert set(both["models"]) == set(both["targets_met"]) == {"mobilenet_w8a8",
+                                                               "mobilenet_v3_small_w8a8"}
+    assert both["host"]["cores"] >= 1
+    v3 = both["models"]["mobilenet_v3_small_w8a8"]
+    assert v3["alpha"] == 0.75 and set(v3["file_bytes"]) == {"float", "int8", "int4",
+                                                              "converter_int8"}
+    # Each model is timed against its own float file: its ratios use its own latencies.
+    assert v3["int8_over_float_latency"]["t1"] == \
+        v3["latency_ms"]["int8_t1_ms"] / v3["latency_ms"]["float_t1_ms"]
+    assert both["targets_met"]["mobilenet_v3_small_w8a8"] == v3["targets_met"]
+    r = both["models"]["mobilenet_w8a8"]
     assert r["model"] == "mobilenet_w8a8" and r["alpha"] == 0.25 and r["export_errors"] == {}
     assert r["num_classes"] == 7
     assert set(r["file_bytes"]) == {"float", "int8", "int4", "converter_int8"}

@@ -29,12 +29,17 @@ two QUANTIZE/DEQUANTIZE ops and their two float tensors (under 100 bytes).
 same for a W``--weight_bits``A8 Applications student (float / int8 / int4);
 ``--converter_int8`` adds, side by side, the TFLite converter's own post-training int8 file of
 the same float model: what a user without tfqkd gets, so a latency ratio can be read as this
-CPU's int8 kernels or as tfqkd's file.
+CPU's int8 kernels or as tfqkd's file. Several names (``--model=mobilenet,mobilenet_v2,...``) are
+benchmarked one after the other, each model's files timed side by side with its own float file,
+and the last line is then one JSON object ``{"host", "models": {tag: figures},
+"targets_met": {tag: ...}}`` with each model's figures as a single-model run reports them.
 
 Example:
     CUDA_VISIBLE_DEVICES= python tools/benchmark_tflite.py --rounds=15 --inner=20
     CUDA_VISIBLE_DEVICES= python tools/benchmark_tflite.py --model=mobilenet_v2 --alpha=1.0 \\
         --image_size=224 --num_classes=1000 --weight_bits=8 --per_channel --converter_int8
+    CUDA_VISIBLE_DEVICES= python tools/benchmark_tflite.py --weight_bits=8 --per_channel \
+        --model=mobilenet,mobilenet_v2,mobilenet_v3_small,efficientnet_b0 --image_size=96
 """
 
 from __future__ import annotations
@@ -59,8 +64,9 @@ flags.DEFINE_integer("num_calibration", 100, "Calibration images (random normal,
 flags.DEFINE_string("output_dir", None, "Keep the files here (default: a temporary directory).")
 flags.DEFINE_integer("seed", 0, "Seed of the model and the random data.")
 flags.DEFINE_bool("json_only", False, "Print only the final JSON line.")
-flags.DEFINE_string("model", "resnet20", "resnet20 (tfqkd's CIFAR ResNet20) or a "
-                    "Keras Applications model by name (tfqkd.models.names(): mobilenet_v2, ...).")
+flags.DEFINE_list("model", ["resnet20"], "resnet20 (tfqkd's CIFAR ResNet20) or a Keras "
+                  "Applications model by name (tfqkd.models.names(): mobilenet_v2, ...); several, "
+                  "comma-separated, are benchmarked one after the other into one JSON.")
 flags.DEFINE_integer("image_size", 32, "Input size of an Applications model.")
 flags.DEFINE_integer("num_classes", 10, "Classes of the model's head (1000: the "
                      "ImageNet head the published MobileNet file sizes refer to).")
@@ -229,8 +235,8 @@ def _faster_layout(latency: dict, threads: list) -> str:
     return "space_to_depth" if all(s2d_wins) else "compact" if not any(s2d_wins) else "mixed"
 
 
-def main(argv):
-    del argv
+def benchmark_model(model_name: str, out_dir: str) -> dict:
+    """Every figure of one model: its files exported into ``out_dir``, timed side by side."""
     import numpy as np
     from ai_edge_litert.interpreter import Interpreter
 
@@ -241,24 +247,24 @@ def main(argv):
 
     rng = np.random.default_rng(FLAGS.seed)
     size = 32
-    if FLAGS.model == "resnet20":
+    if model_name == "resnet20":
         float_model = tfqkd.models.resnet20(FLAGS.num_classes, seed=FLAGS.seed)
         modes = MODES
     else:
-        if FLAGS.model not in tfqkd.models.names():
-            raise SystemExit(f"error: unknown --model {FLAGS.model!r}; choose resnet20 or one of "
+        if model_name not in tfqkd.models.names():
+            raise SystemExit(f"error: unknown --model {model_name!r}; choose resnet20 or one of "
                              f"{tfqkd.models.names()}")
         size = FLAGS.image_size
         keras.utils.set_random_seed(FLAGS.seed)
-        float_model = tfqkd.models.get(FLAGS.model, FLAGS.num_classes, (size, size, 3),
-                                       alpha=FLAGS.alpha or tfqkd.models.smallest_alpha(FLAGS.model),
+        float_model = tfqkd.models.get(model_name, FLAGS.num_classes, (size, size, 3),
+                                       alpha=FLAGS.alpha or tfqkd.models.smallest_alpha(model_name),
                                        include_softmax=False)
         for layer in float_model.layers:  # batch norm at the statistics of one batch
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = 0.0
         float_model(rng.normal(size=(32, size, size, 3)).astype("float32"), training=True)
         modes = ("float", "int8", "int4")  # space-to-depth is for ResNet20's narrow convs
-    tag = f"{FLAGS.model}_w{FLAGS.weight_bits}a8"
+    tag = f"{model_name}_w{FLAGS.weight_bits}a8"
     student = quantize_model(float_model, weight_bits=FLAGS.weight_bits, activation_bits=8,
                              per_channel=FLAGS.per_channel)
     if FLAGS.train_steps:
@@ -270,7 +276,6 @@ def main(argv):
     calib = rng.normal(size=(FLAGS.num_calibration, size, size, 3)).astype("float32")
     student(calib[:64], training=True)
 
-    out_dir = FLAGS.output_dir or tempfile.mkdtemp(prefix="tfqkd_bench_")
     os.makedirs(out_dir, exist_ok=True)
     files, sizes, export_seconds, infos = {}, {}, {}, {}
     export_errors = {}
@@ -319,8 +324,8 @@ def main(argv):
     result = {
         "model": tag, "image_size": size, "rounds": FLAGS.rounds,
         "num_classes": FLAGS.num_classes,
-        "alpha": None if FLAGS.model == "resnet20" else
-        FLAGS.alpha or tfqkd.models.smallest_alpha(FLAGS.model),
+        "alpha": None if model_name == "resnet20" else
+        FLAGS.alpha or tfqkd.models.smallest_alpha(model_name),
         "inner": FLAGS.inner, "host": host_cpu(), "file_bytes": sizes, "io_dtype": "float32",
         "export_errors": export_errors,
         "latency_ms": latency,
@@ -337,7 +342,7 @@ def main(argv):
         result["int8_file_breakdown"] = file_breakdown(files["int8"])
     if FLAGS.converter_int8:
         result["converter_int8_file_breakdown"] = file_breakdown(files["converter_int8"])
-    if FLAGS.model == "resnet20":
+    if model_name == "resnet20":
         result.update({
             "int8_s2d_convs": infos["int8_s2d"]["space_to_depth_convs"],
             # Which int8 layout is faster here, at every thread count (else "mixed").
@@ -369,8 +374,24 @@ def main(argv):
     if FLAGS.layer_breakdown:
         result["layer_breakdown"] = layer_breakdown()
     for c in configs:
-        _log(f"{c[0]:8s} threads={c[1]}: median {medians[c]:.3f} ms")
-    print(json.dumps(result))
+        _log(f"{tag} {c[0]:8s} threads={c[1]}: median {medians[c]:.3f} ms")
+    return result
+
+
+def main(argv):
+    del argv
+    out_dir = FLAGS.output_dir or tempfile.mkdtemp(prefix="tfqkd_bench_")
+    if len(FLAGS.model) == 1:
+        print(json.dumps(benchmark_model(FLAGS.model[0], out_dir)))
+        return
+    # Several models: each one's files are timed side by side with its own float file (the
+    # ratios), one model after the other; one JSON holds them all, keyed by model tag.
+    results = {}
+    for name in FLAGS.model:
+        result = benchmark_model(name, os.path.join(out_dir, name))
+        results[result["model"]] = result
+    print(json.dumps({"host": host_cpu(), "models": results,
+                      "targets_met": {tag: r.get("targets_met") for tag, r in results.items()}}))
 
 
 if __name__ == "__main__":
