@@ -670,3 +670,27 @@ def test_a_save_that_fails_halfway_leaves_the_project_reloadable(tmp_path, kind)
     assert not list((project / "p").rglob(".tmp-*"))  # no temporary file left behind
     reloaded = last_json_line(run_script(script, project, kind, "reload").stdout)
     assert reloaded == {first["finished"]: ["COMPLETED", 0.75]}
+
+
+def test_crash_safe_oracle_keeps_the_search_and_an_oracle_that_saves_itself():
+    import keras_tuner
+
+    from tfqkd.tuning.crash_safe import crash_safe_oracle
+
+    def random_oracle(cls=keras_tuner.oracles.RandomSearchOracle):
+        space = keras_tuner.HyperParameters()
+        space.Int("x", 0, 10**6)
+        return cls(objective="val_accuracy", max_trials=3, seed=4, hyperparameters=space)
+
+    plain, safe = random_oracle(), crash_safe_oracle(random_oracle())
+    assert type(safe).__name__ == "CrashSafeRandomSearchOracle"
+    assert crash_safe_oracle(safe) is safe and type(crash_safe_oracle(safe)) is type(safe)
+    # The same draws: the subclass changes only how files are written.
+    assert [plain._random_values() for _ in range(3)] == [safe._random_values() for _ in range(3)]
+
+    class SavesItself(keras_tuner.oracles.RandomSearchOracle):
+        def save(self):
+            self.saved = True
+
+    own = random_oracle(SavesItself)
+    assert type(crash_safe_oracle(own)) is SavesItself  # its own save is kept

@@ -54,10 +54,14 @@ def crash_safe_oracle(oracle):
     """``oracle``, now an instance of a subclass of its class with atomic saves.
 
     The subclass adds no state (only the two save methods), so the object and its search are
-    unchanged. An oracle already crash-safe is returned as it is.
+    unchanged. An oracle already crash-safe is returned as it is, and so is one whose class
+    writes its files itself (it overrides ``save`` or ``_save_trial``): its own writing is kept.
     """
+    from keras_tuner import Oracle
+
     cls = type(oracle)
-    if isinstance(oracle, CrashSafeOracleSaves):
+    if isinstance(oracle, CrashSafeOracleSaves) or not isinstance(oracle, Oracle) or \
+            cls.save is not Oracle.save or cls._save_trial is not Oracle._save_trial:
         return oracle
     if cls not in _SUBCLASSES:
         _SUBCLASSES[cls] = type(f"CrashSafe{cls.__name__}", (CrashSafeOracleSaves, cls),
