@@ -40,6 +40,7 @@ from __future__ import annotations
 from tfqkd.tuning.config import _teacher_key  # noqa: F401  (tests and callers use it)
 from tfqkd.tuning.config import (HYPERPARAMETERS, METRICS, NO_TEACHER, SCHEDULES, config_key,
                                  normalize_config)
+from tfqkd.tuning.crash_safe import CrashSafeOracleSaves, CrashSafeTunerSaves, crash_safe_oracle
 from tfqkd.tuning.plots import (plot_accuracy_vs_teacher, plot_cr_comparison, plot_heatmap,
                                 plot_results, save_figure)
 from tfqkd.tuning.results import append_result, grid_configs, read_results, run_grid
@@ -72,6 +73,9 @@ __all__ = [
     "DistillationSearchSpace",
     "DistillationTuner",
     "make_oracle",
+    "crash_safe_oracle",
+    "CrashSafeOracleSaves",
+    "CrashSafeTunerSaves",
     "plot_accuracy_vs_teacher",
     "plot_cr_comparison",
     "plot_heatmap",

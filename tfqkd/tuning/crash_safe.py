@@ -3,7 +3,7 @@
 keras-tuner writes ``oracle.json``, each ``trial_<id>/trial.json`` and ``<tuner_id>.json`` by
 truncating the file and then writing it. A process killed (or a disk filling up) between the
 two leaves an empty or partial file, and the next run's reload of the project fails with a JSON
-error: the finished trials are lost with it. The search recipes kill and resume projects, so
+error: the finished trials are lost with it. The search recipes resume killed projects, so
 both tuners (:class:`tfqkd.tuning.DistillationTuner`, :class:`tfqkd.search.BitWidthTuner`)
 write these files through :func:`tfqkd._io.atomic_write` instead: a temporary file in the same
 directory, flushed, then renamed over the old one. The file contents are keras-tuner's own
@@ -50,7 +50,7 @@ class CrashSafeOracleSaves:
 _SUBCLASSES: Dict[type, Type[Any]] = {}
 
 
-def crash_safe_oracle(oracle):
+def crash_safe_oracle(oracle: Any) -> Any:
     """``oracle``, now an instance of a subclass of its class with atomic saves.
 
     The subclass adds no state (only the two save methods), so the object and its search are
