@@ -35,7 +35,7 @@ from tfqkd.export.forward import (
     _layer_calls,
     _rebuild,
 )
-from tfqkd.export.ranges import _share_ranges
+from tfqkd.export.ranges import _share_ranges, _twin_layers
 from tfqkd.qat_weights import KERNEL_LAYERS as _KERNEL_LAYERS
 from tfqkd.qat_weights import _inner, _weight_short_name
 from tfqkd.quantize_configs import PINNED_OUTPUT_RANGES, activation_name
@@ -394,16 +394,43 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     plan = _fold_plan(plain)
     folded_bns = {id(bn) for bn in plan.values()}
     consumers = _consumers(plain)
+    # Per-channel affine layers (an unfolded batch norm...) become 1x1 depthwise kernels.
+    affine = {}
+    calls = _layer_calls(plain)  # this graph's calls only (see _layer_calls)
+    for layer in plain.layers:
+        nodes = calls.get(id(layer), [])
+        if id(layer) in folded_bns or isinstance(layer, _KERNEL_LAYERS) or len(nodes) != 1:
+            continue
+        shape = tuple(tf.nest.flatten(nodes[0].outputs)[0].shape)
+        if len(shape) != 4 or shape[-1] is None:
+            continue
+        found = _channel_affine(layer, int(shape[-1]))
+        scalar = _scalar_op_affine(layer, nodes[0]) if low_bit else None
+        if scalar is not None:
+            # The converter's low-bit path leaves a MUL/ADD by a Python constant float (no int4
+            # file); as a 1x1 depthwise convolution it is an integer kernel. The int8 path keeps
+            # TFLite's integer ADD/MUL (elementwise, cheaper than a depthwise kernel).
+            found = (np.full(int(shape[-1]), scalar[0]), np.full(int(shape[-1]), scalar[1]))
+        if found is not None:
+            affine[id(layer)] = found
+
     # Tensors that get an activation FakeQuant: every layer output, except a kernel layer's raw
     # output whose BN is folded (the BN's output takes its place) and outputs feeding only a plain
     # ReLU that the converter fuses into the producing conv/add.
-    fq_layers = []
+    # Twin ReLUs count as one: the converter merges them into one op (see _twin_layers), which
+    # it then fuses too (NASNet's stem: one batch norm output read by five identical ReLUs).
+    twin_first = {twin: first for first, twin in _twin_layers(plain)}
+    fq_layers, fused_relu = [], {}
     for layer in plain.layers:
         if isinstance(layer, keras.layers.InputLayer) or id(layer) in plan:
             continue
         users = consumers.get(id(layer), [])
-        fusable = isinstance(layer, _KERNEL_LAYERS + (keras.layers.Add,)) or id(layer) in folded_bns
-        if fusable and len(users) == 1 and _is_plain_relu(users[0]):
+        # A kernel (an affine layer's 1x1 depthwise kernel included) or an add fuses a ReLU.
+        fusable = isinstance(layer, _KERNEL_LAYERS + (keras.layers.Add,)) or \
+            id(layer) in folded_bns or id(layer) in affine
+        if fusable and users and all(_is_plain_relu(u) for u in users) and \
+                len({twin_first.get(id(u), id(u)) for u in users}) == 1:
+            fused_relu[id(layer)] = users[0]
             continue
         fq_layers.append(layer)
     # A fused conv(+BN)+ReLU output is quantized with the ReLU's range: keep the student's.
@@ -431,29 +458,18 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     ranges.update(derived)
     # A same-scale group (pooling, concatenation...) of coarse members shares their grid; where
     # it mixes grids the union range applies and the coarse member is rounded on it (not exact).
+    # The model inputs join the groups with their own (fixed) ranges: a padding or pooling of
+    # the input (ResNet50V2's conv1_pad) then keeps the input's grid, where a calibrated range
+    # of its own made the file requantize the input once more (68 % of its values moved).
+    input_layers = list(plain._input_layers)  # noqa: SLF001 (Keras API: one per model input)
+    for layer, r in zip(input_layers, in_ranges):
+        ranges[id(layer)] = r
     _share_ranges(plain, ranges, fixed={id(layer) for layer in fq_layers
                                         if layer.name in fixed_ranges or id(layer) in derived
-                                        or activation_name(layer) in PINNED_OUTPUT_RANGES})
+                                        or activation_name(layer) in PINNED_OUTPUT_RANGES}
+                  | {id(layer) for layer in input_layers})
+    in_ranges = [ranges.pop(id(layer)) for layer in input_layers]
     used_bits: Dict[str, int] = {}
-    affine = {}
-    calls = _layer_calls(plain)  # this graph's calls only (see _layer_calls)
-    for layer in plain.layers:
-        nodes = calls.get(id(layer), [])
-        if id(layer) in folded_bns or isinstance(layer, _KERNEL_LAYERS) or len(nodes) != 1:
-            continue
-        shape = tuple(tf.nest.flatten(nodes[0].outputs)[0].shape)
-        if len(shape) != 4 or shape[-1] is None:
-            continue
-        found = _channel_affine(layer, int(shape[-1]))
-        scalar = _scalar_op_affine(layer, nodes[0]) if low_bit else None
-        if scalar is not None:
-            # The converter's low-bit path leaves a MUL/ADD by a Python constant float (no int4
-            # file); as a 1x1 depthwise convolution it is an integer kernel. The int8 path keeps
-            # TFLite's integer ADD/MUL (elementwise, cheaper than a depthwise kernel).
-            found = (np.full(int(shape[-1]), scalar[0]), np.full(int(shape[-1]), scalar[1]))
-        if found is not None:
-            affine[id(layer)] = found
-
     def input_fn(x):
         lo, hi = in_ranges.pop(0)
         return _FakeQuantActivation(lo, hi, name="input_fq")(x)
@@ -509,4 +525,11 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     finalize_layer_states(rebuilt)
     by_id = {id(layer): layer.name for layer in plain.layers}
     final = {by_id[key]: r for key, r in ranges.items() if key not in low_bit_clips}
+    # A fused output has no tensor of its own in the file: the conv rounds straight onto the
+    # ReLU's range. A student that rounds it too (a batch norm read by twin ReLUs gets an
+    # output quantizer) is aligned onto that range, on which its rounding and the ReLU's
+    # rounding together give the file's one rounding.
+    for key, relu in fused_relu.items():
+        if id(relu) in ranges and id(relu) not in low_bit_clips:
+            final.setdefault(by_id[key], ranges[id(relu)])
     return rebuilt, used_bits, final

@@ -174,8 +174,21 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
         True
     """
 
-    def __init__(self, bits: int = 8, ema_decay: float = 0.99, widen: float = 0.0):
+    def __init__(self, bits: int = 8, ema_decay: float = 0.99, widen: float = 0.0,
+                 mean_window: Optional[int] = None):
         self.bits = check_bits(bits, "bits")
+        # Set by the exporter's align_student on an average pooling's output quantizer (never
+        # needed by hand; kept in the config so a saved, reloaded student rounds the same): the
+        # values one pooling window holds. The file runs the pooling with its input's scale and
+        # rounds the mean of the window's int8 values half away from zero (LiteRT's
+        # AVERAGE_POOL_2D, XNNPACK and reference kernels alike); FakeQuant rounds the float
+        # mean half up, with float noise deciding the exact halves, which a 3x3 "same" pooling
+        # at small maps gives on ~15 % of its values (means of 4 or 6 values at the edges).
+        if mean_window is not None and (isinstance(mean_window, bool) or
+                                        not isinstance(mean_window, numbers.Integral) or
+                                        mean_window < 1):
+            raise ValueError(f"mean_window must be None or an integer >= 1, got {mean_window!r}.")
+        self.mean_window = None if mean_window is None else int(mean_window)
         if not 0.0 <= float(widen) < 0.5:
             raise ValueError(f"widen must be in [0, 0.5), got {widen!r}.")
         # Rounds on [min, max] * (1 + widen). The model input gets widen = 1/1024: inputs on a
@@ -217,9 +230,12 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
         empty = hi <= lo
         if self.widen:
             lo, hi = lo * (1.0 + self.widen), hi * (1.0 + self.widen)
-        q = tf.quantization.fake_quant_with_min_max_vars(
-            x, tf.where(empty, -1.0, lo), tf.where(empty, 1.0, hi), num_bits=self.bits,
-            narrow_range=False)
+        lo, hi = tf.where(empty, -1.0, lo), tf.where(empty, 1.0, hi)
+        if self.mean_window is not None and self.bits == 8:
+            q = _integer_mean_rounding(x, lo, hi, self.mean_window)
+        else:
+            q = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=self.bits,
+                                                             narrow_range=False)
         return tf.where(empty, x, q)
 
     def range_of(self, weights) -> Tuple[float, float]:
@@ -232,7 +248,33 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
         config = {"bits": self.bits, "ema_decay": self.ema_decay}
         if self.widen:
             config["widen"] = self.widen
+        if self.mean_window is not None:  # absent key: configs saved before it existed load
+            config["mean_window"] = self.mean_window
         return config
+
+
+#: Largest pooling window whose means are snapped to their exact grid: the means of up to
+#: ``n`` int8 values are multiples of ``1/lcm(1..n)``, exact in float32 up to n = 12.
+_MAX_SNAPPED_WINDOW = 12
+
+
+def _integer_mean_rounding(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, window: int) -> tf.Tensor:
+    """8-bit rounding of ``x`` on ``[lo, hi]`` (nudged as FakeQuant nudges it), exact halves of
+    int8 units away from zero: the int8 output of an integer average pooling whose input has
+    the same grid. The gradient is straight-through inside the range, as FakeQuant's.
+    """
+    scale = (hi - lo) / 255.0
+    zero_point = tf.clip_by_value(tf.floor(-lo / scale + 0.5), 0.0, 255.0)  # as FakeQuant's nudge
+    low, high = -zero_point * scale, (255.0 - zero_point) * scale
+    units = x / scale + (zero_point - 128.0)  # int8 units: a mean of integers
+    if window <= _MAX_SNAPPED_WINDOW:
+        # The mean of k <= window integers is a multiple of 1/k, hence of 1/lcm(1..window):
+        # snapping to that grid removes the float noise that would decide the exact halves.
+        grid = float(np.lcm.reduce(np.arange(1, window + 1)))
+        units = tf.round(units * grid) / grid
+    levels = tf.clip_by_value(tf.sign(units) * tf.floor(tf.abs(units) + 0.5), -128.0, 127.0)
+    q = (levels + 128.0 - zero_point) * scale
+    return _straight_through(q, tf.clip_by_value(x, low, high))
 
 
 @keras.utils.register_keras_serializable(package="tfqkd")
