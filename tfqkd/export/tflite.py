@@ -112,8 +112,9 @@ def export_tflite(
         ``{"path", "mode", "bytes", "snapped_channels", "weight_bits", "aligned_biases",
         "aligned_ranges", "space_to_depth_convs", "rescaled_bias_channels"}`` (with
         ``align_student``, else None: ``aligned_biases`` ``{"channels", "max_shift_steps"}``,
-        ``aligned_ranges`` ``{"tensors", "unaligned"}``, the quantizers moved and the names of
-        those that cannot take the file's range; ``space_to_depth_convs``: how many
+        ``aligned_ranges`` ``{"tensors", "unaligned", "integer_means"}``, the quantizers moved,
+        the names of those that cannot take the file's range, and the average poolings given
+        the runtime's rounding of a mean; ``space_to_depth_convs``: how many
         convolutions were rewritten; ``rescaled_bias_channels``: int32 bias channels the
         converter stated on another scale than the runtime adds them on, re-expressed).
 
