@@ -29,6 +29,7 @@ from tfqkd.export.convert import (
     _float_ops,
     _is_converter_error,
     _match_bias_scales,
+    _per_channel_dense_weights,
     _shorten_tensor_names,
     _snap_int8_levels,
     _tflite_layout_levels,
@@ -110,13 +111,16 @@ def export_tflite(
 
     Returns:
         ``{"path", "mode", "bytes", "snapped_channels", "weight_bits", "aligned_biases",
-        "aligned_ranges", "space_to_depth_convs", "rescaled_bias_channels"}`` (with
+        "aligned_ranges", "space_to_depth_convs", "rescaled_bias_channels",
+        "per_channel_dense_kernels"}`` (with
         ``align_student``, else None: ``aligned_biases`` ``{"channels", "max_shift_steps"}``,
         ``aligned_ranges`` ``{"tensors", "unaligned", "integer_means"}``, the quantizers moved,
         the names of those that cannot take the file's range, and the average poolings given
         the runtime's rounding of a mean; ``space_to_depth_convs``: how many
         convolutions were rewritten; ``rescaled_bias_channels``: int32 bias channels the
-        converter stated on another scale than the runtime adds them on, re-expressed).
+        converter stated on another scale than the runtime adds them on, re-expressed;
+        ``per_channel_dense_kernels``: dense kernels of a per-channel student written with its
+        per-channel integers and steps, which the converter would only take per tensor).
 
     Raises:
         ValueError: unknown mode, missing/empty representative data.
@@ -216,6 +220,9 @@ def export_tflite(
                 f"{', '.join(culprits)})"), calibration, layers=culprits)
     content = _shorten_tensor_names(content)
     content, rescaled_biases = _match_bias_scales(content)
+    per_channel_dense = 0
+    if fakequant:
+        content, per_channel_dense = _per_channel_dense_weights(content, plain, kernels)
     if mode == "int8" and method == "ptq" and snap_levels:
         content, snapped = _snap_int8_levels(content, _tflite_layout_levels(plain, kernels))
     written, rewritten = content, 0
@@ -230,4 +237,5 @@ def export_tflite(
     return {"path": path, "mode": mode, "bytes": len(written), "snapped_channels": snapped,
             "weight_bits": used_bits or {k: v for k, v in bits_by_layer.items() if v},
             "aligned_biases": aligned, "aligned_ranges": aligned_ranges,
-            "space_to_depth_convs": rewritten, "rescaled_bias_channels": rescaled_biases}
+            "space_to_depth_convs": rewritten, "rescaled_bias_channels": rescaled_biases,
+            "per_channel_dense_kernels": per_channel_dense}
