@@ -378,8 +378,7 @@ def test_average_pooling_rounds_exact_halves_as_the_file(tmp_path):
     file's rule (``mean_window``); before, the pooled tensors differed by 1 step on the halves."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((6, 6, 3))
-    # The conv's output and the pooling share one range in the file (the model input would
-    # not: its pooling is requantized after the mean).
+    # The conv's output and the pooling share one range in the file.
     pooled = keras.layers.AveragePooling2D(3, 1, "same", name="pool")(
         keras.layers.Conv2D(8, 1, name="c1")(inp))
     out = keras.layers.Dense(4, name="head")(keras.layers.GlobalAveragePooling2D()(pooled))

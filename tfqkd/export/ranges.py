@@ -134,8 +134,8 @@ def _round_pooled_means_as_the_file(model: keras.Model,
     two differ only on exact halves, which are frequent: at a 3x3 "same" pooling the edge
     windows average 4 or 6 values (15 % of NASNetMobile's pooled values at 32x32).
     ``RangeQuantizer.mean_window`` makes the student round those as the file does. A pooling
-    whose output range differs from its input's (the model input's pooling) is requantized by
-    the file after the mean and keeps FakeQuant's rounding. Returns the number of quantizers set.
+    whose output range differs from its input's is requantized by the file after the mean and
+    keeps FakeQuant's rounding. Returns the number of quantizers set.
     """
     from tfqkd.quantizers.activations import RangeQuantizer
 
