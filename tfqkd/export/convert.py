@@ -267,6 +267,14 @@ def _int32_bias_ops(model_obj) -> Iterator[Tuple[Any, Any, Any, np.ndarray]]:
             yield sg, op, buf, np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.int32)
 
 
+def _restate_int32_bias(b_t, buf, value: np.ndarray, runtime: np.ndarray) -> None:
+    """Writes the bias ``value`` (float, per channel) as int32 on the scales ``runtime``."""
+    ints = np.clip(np.rint(value / runtime), -2 ** 31, 2 ** 31 - 1)
+    buf.data = ints.astype(np.int32).view(np.uint8).ravel()
+    b_t.quantization.scale = runtime.astype(np.float32).tolist()
+    b_t.quantization.zeroPoint = [0] * ints.size
+
+
 #: Relative difference between a bias's stored scale and ``s_in * s_w`` that is float32 noise.
 _BIAS_SCALE_RTOL = 1e-5
 
@@ -301,10 +309,7 @@ def _match_bias_scales(content: bytes) -> Tuple[bytes, int]:
         off = ~np.isclose(b_scale, runtime, rtol=_BIAS_SCALE_RTOL, atol=0.0)
         if not off.any():
             continue
-        ints = np.clip(np.rint(stored * b_scale / runtime), -2 ** 31, 2 ** 31 - 1)
-        buf.data = ints.astype(np.int32).view(np.uint8).ravel()
-        b_t.quantization.scale = runtime.astype(np.float32).tolist()
-        b_t.quantization.zeroPoint = [0] * stored.size
+        _restate_int32_bias(b_t, buf, stored * b_scale, runtime)
         changed += int(off.sum())
     if not changed:
         return content, 0
@@ -371,12 +376,9 @@ def _per_channel_dense_weights(content: bytes, plain: keras.Model,
                 if b_t.type == 2 and b_buf.data is not None and len(b_buf.data) and \
                         b_t.quantization is not None and len(b_t.quantization.scale):
                     stored = np.frombuffer(bytes(np.asarray(b_buf.data, np.uint8)), np.int32)
-                    runtime = float(x_t.quantization.scale[0]) * new_scales  # s_in * s_w,c
                     value = stored * np.asarray(b_t.quantization.scale, np.float64)
-                    b_buf.data = np.clip(np.rint(value / runtime), -2 ** 31, 2 ** 31 - 1).astype(
-                        np.int32).view(np.uint8).ravel()
-                    b_t.quantization.scale = runtime.astype(np.float32).tolist()
-                    b_t.quantization.zeroPoint = [0] * len(n)
+                    runtime = float(x_t.quantization.scale[0]) * new_scales  # s_in * s_w,c
+                    _restate_int32_bias(b_t, b_buf, value, runtime)
                     b_t.quantization.quantizedDimension = 0
             changed += 1
     if not changed:

@@ -419,7 +419,8 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     # ReLU that the converter fuses into the producing conv/add.
     # Twin ReLUs count as one: the converter merges them into one op (see _twin_layers), which
     # it then fuses too (NASNet's stem: one batch norm output read by five identical ReLUs).
-    twin_first = {twin: first for first, twin in _twin_layers(plain)}
+    twins = _twin_layers(plain)
+    twin_first = {twin: first for first, twin in twins}
     fq_layers, fused_relu = [], {}
     for layer in plain.layers:
         if isinstance(layer, keras.layers.InputLayer) or id(layer) in plan:
@@ -467,7 +468,7 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     _share_ranges(plain, ranges, fixed={id(layer) for layer in fq_layers
                                         if layer.name in fixed_ranges or id(layer) in derived
                                         or activation_name(layer) in PINNED_OUTPUT_RANGES}
-                  | {id(layer) for layer in input_layers})
+                  | {id(layer) for layer in input_layers}, twins=twins)
     in_ranges = [ranges.pop(id(layer)) for layer in input_layers]
     used_bits: Dict[str, int] = {}
     def input_fn(x):

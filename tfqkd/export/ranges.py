@@ -286,11 +286,13 @@ def _pools_one_position(layer, node) -> bool:
 
 
 def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
-                  fixed: Optional[set] = None) -> None:
+                  fixed: Optional[set] = None,
+                  twins: Optional[List[Tuple[int, int]]] = None) -> None:
     """Gives pooling/reshape/concatenation outputs and their inputs one range, in place.
 
     A global pooling over a 1x1 map (:func:`_pools_one_position`) is linked as these are.
-    Twin layers (:func:`_twin_layers`) join one group too: the converter merges them.
+    Twin layers (:func:`_twin_layers`, or ``twins`` where the caller has found them) join one
+    group too: the converter merges them.
 
     TFLite runs these ops with the same scale on every input and the output, and the converter
     rejects a file where the FakeQuant ranges differ ("same scale constraint"). Layers linked by
@@ -320,7 +322,7 @@ def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
             for inbound in tf.nest.flatten(node.inbound_layers):
                 if id(inbound) in ranges:
                     parent[find(id(inbound))] = find(id(layer))
-    for first, twin in _twin_layers(plain):
+    for first, twin in (_twin_layers(plain) if twins is None else twins):
         if first in ranges and twin in ranges:
             parent[find(twin)] = find(first)
     groups: Dict[int, List[int]] = {}
