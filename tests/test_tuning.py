@@ -694,3 +694,61 @@ def test_crash_safe_oracle_keeps_the_search_and_an_oracle_that_saves_itself():
 
     own = random_oracle(SavesItself)
     assert type(crash_safe_oracle(own)) is SavesItself  # its own save is kept
+
+
+@pytest.mark.parametrize("kill", ["in_create_trial", "after_end_trial"])
+def test_a_kill_between_two_project_files_loses_no_trial_and_reruns_none(tmp_path, kill):
+    # keras-tuner's create_trial writes the new trial.json, then oracle.json. CI killed a
+    # search between the two: the resumed search never ran that trial and numbered the next
+    # one after it (trials.csv held 0, 1 and 3). And end_trial writes oracle.json while the
+    # finished trial is still listed as running: a kill before the tuner's next save trained
+    # it again.
+    import keras_tuner
+
+    from tfqkd.tuning.crash_safe import crash_safe_oracle
+
+    def oracle():
+        space = keras_tuner.HyperParameters()
+        space.Int("x", 0, 10**6)
+        made = crash_safe_oracle(keras_tuner.oracles.RandomSearchOracle(
+            objective="val_accuracy", max_trials=3, seed=4, hyperparameters=space))
+        made._set_project_dir(str(tmp_path), "p")
+        return made
+
+    def finish(oracle_, trial):
+        oracle_.update_trial(trial.trial_id, {"val_accuracy": 0.5})
+        trial.status = "COMPLETED"
+        oracle_.end_trial(trial)
+
+    first = oracle()
+    finish(first, first.create_trial("tuner0"))
+    orphan = None
+    if kill == "in_create_trial":
+        first.save()  # as the tuner does after end_trial
+
+        class Killed(Exception):
+            pass
+
+        def killed():
+            raise Killed
+
+        first.save = killed  # the kill lands after the new trial.json, before oracle.json
+        with pytest.raises(Killed):
+            first.create_trial("tuner0")
+        orphan = json.loads((tmp_path / "p" / "trial_1" / "trial.json").read_text())
+        assert orphan["status"] == "RUNNING"
+
+    resumed = oracle()
+    resumed.reload()
+    ids = []
+    while True:
+        trial = resumed.create_trial("tuner0")
+        if trial.status == "STOPPED":
+            break
+        ids.append(trial.trial_id)
+        if orphan and trial.trial_id == "1":  # the same draw as the one the kill cut short
+            assert trial.hyperparameters.values == orphan["hyperparameters"]["values"]
+        finish(resumed, trial)
+    assert ids == ["1", "2"]
+    assert {t.trial_id: t.status for t in resumed.trials.values()} == {
+        "0": "COMPLETED", "1": "COMPLETED", "2": "COMPLETED"}

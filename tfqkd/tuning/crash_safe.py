@@ -9,6 +9,12 @@ write these files through :func:`tfqkd._io.atomic_write` instead: a temporary fi
 directory, flushed, then renamed over the old one. The file contents are keras-tuner's own
 (``get_state()`` as JSON), so keras-tuner reloads them unchanged.
 
+The same ordering leaves one more hole: ``create_trial`` writes the new ``trial.json`` before
+``oracle.json``, and a kill between the two leaves a trial that never runs but takes its id;
+``end_trial`` writes ``oracle.json`` while the finished trial is still listed as running, and a
+kill right after it trains that trial again. The crash-safe oracle's ``reload`` mends both
+(:meth:`CrashSafeOracleSaves.reload`).
+
 The oracle is extended the way keras-tuner's own oracles extend ``Oracle``: a subclass
 overriding ``save`` and ``_save_trial``. :func:`crash_safe_oracle` gives a caller's oracle that
 subclass of its own class, so any oracle (random, Bayesian, Hyperband, a user's) keeps its
@@ -37,7 +43,8 @@ __all__ = ["CrashSafeOracleSaves", "CrashSafeTunerSaves", "crash_safe_oracle"]
 
 
 class CrashSafeOracleSaves:
-    """Oracle mixin: ``oracle.json`` and each ``trial.json`` written atomically."""
+    """Oracle mixin: ``oracle.json`` and each ``trial.json`` written atomically, and a reload
+    that neither loses a trial nor trains a finished one again (see :meth:`reload`)."""
 
     def save(self) -> None:
         atomic_write(self._get_oracle_fname(), json.dumps(self.get_state()))
@@ -45,6 +52,26 @@ class CrashSafeOracleSaves:
     def _save_trial(self, trial) -> None:
         path = os.path.join(self._get_trial_dir(trial.trial_id), "trial.json")
         atomic_write(path, json.dumps(trial.get_state()))
+
+    def reload(self) -> None:
+        # keras-tuner's create_trial writes the new trial's trial.json, then oracle.json. A
+        # kill between the two leaves a RUNNING trial that oracle.json does not list: it is in
+        # neither the ongoing trials (which reload sends for retry) nor the start order, so it
+        # never runs, and its id is taken, so the next trial gets the id after it (CI saw a
+        # resumed search with trials 0, 1 and 3). Dropping it rolls the project back to
+        # oracle.json, whose seed state then draws the same trial again under the same id;
+        # its trial.json is overwritten then. Such a trial never reached run_trial, which
+        # starts only after oracle.json is written.
+        super().reload()
+        started = set(self.start_order)
+        for trial_id in [t for t in self.trials if t not in started]:
+            del self.trials[trial_id]
+        # end_trial writes oracle.json before it takes the trial off the ongoing ones (the
+        # tuner's save right after writes it again). A kill in between leaves a finished trial,
+        # already in the end order, that reload sends for retry: it would train again.
+        ended = set(self.end_order)
+        self._retry_queue = [t for t in self._retry_queue
+                             if not (t in ended and self.trials[t].status == "COMPLETED")]
 
 
 _SUBCLASSES: Dict[type, Type[Any]] = {}
