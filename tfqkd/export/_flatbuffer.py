@@ -11,7 +11,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-__all__ = ["WEIGHT_OPS", "read", "write", "op_names"]
+__all__ = ["WEIGHT_OPS", "read", "write", "op_names", "tensor_name"]
 
 # Kernel ops whose second input is a weight tensor.
 WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -92,3 +92,9 @@ def op_names(model_obj) -> Dict[int, str]:
         value = max(code.builtinCode, code.deprecatedBuiltinCode)
         out[i] = builtin.get(value, str(value))
     return out
+
+
+def tensor_name(tensor) -> str:
+    """A ``TensorT``'s name as text (the object API gives ``bytes``)."""
+    name = tensor.name
+    return name.decode() if isinstance(name, bytes) else str(name)

@@ -30,6 +30,7 @@ from tfqkd.export._common import ExportError, _layer_of
 from tfqkd.export._flatbuffer import WEIGHT_OPS as _WEIGHT_OPS
 from tfqkd.export._flatbuffer import op_names as _op_names
 from tfqkd.export._flatbuffer import read as _read_flatbuffer
+from tfqkd.export._flatbuffer import tensor_name as _tensor_name
 from tfqkd.export._flatbuffer import write as _write_flatbuffer
 from tfqkd.export.fakequant import _channel_affine
 from tfqkd.export.forward import _fold, _fold_plan
@@ -113,8 +114,7 @@ def _float_ops(content: bytes) -> List[Tuple[str, str]]:
                 continue
             tensors = [sg.tensors[i] for i in list(op.outputs) if i >= 0]
             if any(t.type == 0 for t in tensors):  # 0 = FLOAT32
-                t = tensors[0].name
-                out.append((name, t.decode() if isinstance(t, bytes) else str(t)))
+                out.append((name, _tensor_name(tensors[0])))
     return out
 
 
@@ -204,7 +204,7 @@ def _snap_int8_levels(content: bytes, levels_by_layer: Dict[str, np.ndarray]
             if w_t.type != 9 or q is None or q.scale is None or buf.data is None or \
                     len(buf.data) == 0:  # 9 = INT8
                 continue
-            tname = w_t.name.decode() if isinstance(w_t.name, bytes) else str(w_t.name)
+            tname = _tensor_name(w_t)
             layer = _layer_of(tname, layer_names)
             shape = tuple(int(s) for s in w_t.shape)
             if layer is None or levels_by_layer[layer].shape != shape:
@@ -353,7 +353,7 @@ def _per_channel_dense_weights(content: bytes, plain: keras.Model,
                     len(set(np.asarray(q.scale).tolist())) != 1 or buf.data is None or \
                     not len(buf.data):  # 9 = INT8 on one grid (one scale, or one repeated)
                 continue
-            layer = _layer_of(w_t.name.decode() if isinstance(w_t.name, bytes) else str(w_t.name),
+            layer = _layer_of(_tensor_name(w_t),
                               list(found))
             if layer is None or found[layer][0].shape != tuple(int(d) for d in w_t.shape):
                 continue
@@ -412,7 +412,7 @@ def _align_student_biases(model: keras.Model, plain: keras.Model, content: bytes
         w_t, b_t = sg.tensors[op.inputs[1]], sg.tensors[op.inputs[2]]
         if b_t.quantization is None or b_t.quantization.scale is None:
             continue
-        name = _layer_of(w_t.name.decode() if isinstance(w_t.name, bytes) else str(w_t.name),
+        name = _layer_of(_tensor_name(w_t),
                          layer_names)
         if name is None:
             continue

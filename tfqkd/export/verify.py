@@ -24,6 +24,7 @@ from tfqkd.export._common import _as_numpy, _layer_of, _open_interpreter
 from tfqkd.export._flatbuffer import WEIGHT_OPS as _WEIGHT_OPS
 from tfqkd.export._flatbuffer import op_names as _op_names
 from tfqkd.export._flatbuffer import read as _read_flatbuffer
+from tfqkd.export._flatbuffer import tensor_name as _tensor_name
 from tfqkd.qat_weights import _inner
 
 __all__ = ["ParityReport", "verify_tflite", "tflite_weight_levels", "quantize_input"]
@@ -84,7 +85,7 @@ def tflite_weight_levels(path: Union[str, os.PathLike], layer_names: Sequence[st
             axis = 0  # TFLite stores conv (O,H,W,I) and dense (O,I) output-channel first
         rows = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
         levels = max(len(np.unique(r)) for r in rows)
-        tname = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+        tname = _tensor_name(t)
         out.append({
             "op": op_name, "tensor": tname, "layer": _layer_of(tname, layer_names),
             "dtype": _TYPE_NAMES.get(t.type, str(t.type)), "storage_bits": _TYPE_BITS.get(t.type, 0),
