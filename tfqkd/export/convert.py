@@ -353,8 +353,7 @@ def _per_channel_dense_weights(content: bytes, plain: keras.Model,
                     len(set(np.asarray(q.scale).tolist())) != 1 or buf.data is None or \
                     not len(buf.data):  # 9 = INT8 on one grid (one scale, or one repeated)
                 continue
-            layer = _layer_of(_tensor_name(w_t),
-                              list(found))
+            layer = _layer_of(_tensor_name(w_t), list(found))
             if layer is None or found[layer][0].shape != tuple(int(d) for d in w_t.shape):
                 continue
             levels, steps = found[layer]
@@ -412,8 +411,7 @@ def _align_student_biases(model: keras.Model, plain: keras.Model, content: bytes
         w_t, b_t = sg.tensors[op.inputs[1]], sg.tensors[op.inputs[2]]
         if b_t.quantization is None or b_t.quantization.scale is None:
             continue
-        name = _layer_of(_tensor_name(w_t),
-                         layer_names)
+        name = _layer_of(_tensor_name(w_t), layer_names)
         if name is None:
             continue
         layer = plain.get_layer(name)

@@ -80,9 +80,10 @@ _SUBCLASSES: Dict[type, Type[Any]] = {}
 def crash_safe_oracle(oracle: Any) -> Any:
     """``oracle``, now an instance of a subclass of its class with atomic saves.
 
-    The subclass adds no state (only the two save methods), so the object and its search are
-    unchanged. An oracle already crash-safe is returned as it is, and so is one whose class
-    writes its files itself (it overrides ``save`` or ``_save_trial``): its own writing is kept.
+    The subclass adds no state (only the two save methods and the reload), so the object and
+    its search are unchanged. An oracle already crash-safe is returned as it is, and so is one
+    whose class writes its files itself (it overrides ``save`` or ``_save_trial``): its own
+    writing is kept.
     """
     from keras_tuner import Oracle
 
