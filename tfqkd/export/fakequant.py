@@ -465,10 +465,10 @@ def _fakequant_model(plain: keras.Model, bits_by_layer: Dict[str, Optional[int]]
     input_layers = list(plain._input_layers)  # noqa: SLF001 (Keras API: one per model input)
     for layer, r in zip(input_layers, in_ranges):
         ranges[id(layer)] = r
-    _share_ranges(plain, ranges, fixed={id(layer) for layer in fq_layers
-                                        if layer.name in fixed_ranges or id(layer) in derived
-                                        or activation_name(layer) in PINNED_OUTPUT_RANGES}
-                  | {id(layer) for layer in input_layers}, twins=twins)
+    fixed_ids = {id(layer) for layer in fq_layers
+                 if layer.name in fixed_ranges or id(layer) in derived
+                 or activation_name(layer) in PINNED_OUTPUT_RANGES}
+    _share_ranges(plain, ranges, twins, fixed=fixed_ids | {id(layer) for layer in input_layers})
     in_ranges = [ranges.pop(id(layer)) for layer in input_layers]
     used_bits: Dict[str, int] = {}
     def input_fn(x):

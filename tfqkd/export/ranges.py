@@ -286,12 +286,11 @@ def _pools_one_position(layer, node) -> bool:
 
 
 def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
-                  fixed: Optional[set] = None,
-                  twins: Optional[List[Tuple[int, int]]] = None) -> None:
+                  twins: List[Tuple[int, int]], fixed: Optional[set] = None) -> None:
     """Gives pooling/reshape/concatenation outputs and their inputs one range, in place.
 
     A global pooling over a 1x1 map (:func:`_pools_one_position`) is linked as these are.
-    Twin layers (:func:`_twin_layers`, or ``twins`` where the caller has found them) join one
+    Twin layers (``twins``, from :func:`_twin_layers`, which the caller needs too) join one
     group too: the converter merges them.
 
     TFLite runs these ops with the same scale on every input and the output, and the converter
@@ -322,7 +321,7 @@ def _share_ranges(plain: keras.Model, ranges: Dict[int, Tuple[float, float]],
             for inbound in tf.nest.flatten(node.inbound_layers):
                 if id(inbound) in ranges:
                     parent[find(id(inbound))] = find(id(layer))
-    for first, twin in (_twin_layers(plain) if twins is None else twins):
+    for first, twin in twins:
         if first in ranges and twin in ranges:
             parent[find(twin)] = find(first)
     groups: Dict[int, List[int]] = {}
