@@ -11,7 +11,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-__all__ = ["WEIGHT_OPS", "read", "write", "op_names", "tensor_name"]
+__all__ = ["WEIGHT_OPS", "read", "write", "op_names", "tensor_name", "buffer_values"]
 
 # Kernel ops whose second input is a weight tensor.
 WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -98,3 +98,9 @@ def tensor_name(tensor) -> str:
     """A ``TensorT``'s name as text (the object API gives ``bytes``)."""
     name = tensor.name
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def buffer_values(buffer, dtype) -> np.ndarray:
+    """A ``BufferT``'s bytes read as a flat, read-only array of ``dtype`` (the object API holds
+    them as a uint8 array or a list of ints)."""
+    return np.frombuffer(bytes(np.asarray(buffer.data, np.uint8)), dtype)

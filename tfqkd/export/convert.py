@@ -28,6 +28,7 @@ import numpy as np
 from tfqkd._keras import keras, tf
 from tfqkd.export._common import ExportError, _layer_of
 from tfqkd.export._flatbuffer import WEIGHT_OPS as _WEIGHT_OPS
+from tfqkd.export._flatbuffer import buffer_values as _buffer_values
 from tfqkd.export._flatbuffer import op_names as _op_names
 from tfqkd.export._flatbuffer import read as _read_flatbuffer
 from tfqkd.export._flatbuffer import tensor_name as _tensor_name
@@ -210,7 +211,7 @@ def _snap_int8_levels(content: bytes, levels_by_layer: Dict[str, np.ndarray]
             if layer is None or levels_by_layer[layer].shape != shape:
                 continue
             levels = levels_by_layer[layer].reshape(shape[0], -1).astype(np.int64)
-            ints = np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.int8).reshape(shape)
+            ints = _buffer_values(buf, np.int8).reshape(shape)
             scales = np.asarray(q.scale, np.float64)
             per_channel = scales.size > 1
             if per_channel and int(q.quantizedDimension) != 0:
@@ -241,7 +242,7 @@ def _snap_int8_levels(content: bytes, levels_by_layer: Dict[str, np.ndarray]
                 b_t = sg.tensors[op.inputs[2]]
                 b_buf = model_obj.buffers[b_t.buffer]
                 if b_t.type == 2 and b_buf.data is not None and len(b_buf.data):  # 2 = INT32
-                    b_int = np.frombuffer(bytes(np.asarray(b_buf.data, np.uint8)), np.int32)
+                    b_int = _buffer_values(b_buf, np.int32)
                     b_scales = np.asarray(b_t.quantization.scale, np.float64)
                     b_new = np.rint(b_int / ratio) if per_channel else np.rint(b_int / ratio[0])
                     b_buf.data = b_new.astype(np.int32).view(np.uint8).ravel()
@@ -264,7 +265,7 @@ def _int32_bias_ops(model_obj) -> Iterator[Tuple[Any, Any, Any, np.ndarray]]:
             buf = model_obj.buffers[b_t.buffer]
             if b_t.type != 2 or buf.data is None or not len(buf.data):  # 2 = INT32
                 continue
-            yield sg, op, buf, np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.int32)
+            yield sg, op, buf, _buffer_values(buf, np.int32)
 
 
 def _restate_int32_bias(b_t, buf, value: np.ndarray, runtime: np.ndarray) -> None:
@@ -358,8 +359,7 @@ def _per_channel_dense_weights(content: bytes, plain: keras.Model,
                 continue
             levels, steps = found[layer]
             scale = float(q.scale[0])
-            ints = np.frombuffer(bytes(np.asarray(buf.data, np.uint8)), np.int8).reshape(
-                levels.shape)
+            ints = _buffer_values(buf, np.int8).reshape(levels.shape)
             if np.abs(ints * scale - levels * steps[:, None]).max() > 0.5 * scale * (1 + 1e-5):
                 continue  # not the per-tensor rounding of the student's kernel (a folded BN)
             kmax = np.abs(levels).max(axis=1)
@@ -374,7 +374,7 @@ def _per_channel_dense_weights(content: bytes, plain: keras.Model,
                 b_buf = model_obj.buffers[b_t.buffer]
                 if b_t.type == 2 and b_buf.data is not None and len(b_buf.data) and \
                         b_t.quantization is not None and len(b_t.quantization.scale):
-                    stored = np.frombuffer(bytes(np.asarray(b_buf.data, np.uint8)), np.int32)
+                    stored = _buffer_values(b_buf, np.int32)
                     value = stored * np.asarray(b_t.quantization.scale, np.float64)
                     runtime = float(x_t.quantization.scale[0]) * new_scales  # s_in * s_w,c
                     _restate_int32_bias(b_t, b_buf, value, runtime)

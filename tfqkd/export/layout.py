@@ -31,7 +31,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from tfqkd.export._flatbuffer import op_names, read, write
+from tfqkd.export._flatbuffer import buffer_values, op_names, read, write
 
 __all__ = ["space_to_depth_convs"]
 
@@ -187,12 +187,11 @@ def space_to_depth_convs(content: bytes, max_out_channels: int = 16) -> Tuple[by
         c_out = int(w.shape[0])
         own_buffer(w)
         own_buffer(b)
-        kernel = np.frombuffer(bytes(model_obj.buffers[w.buffer].data), np.int8).reshape(
-            c_out, 3, 3, c_in)
+        kernel = buffer_values(model_obj.buffers[w.buffer], np.int8).reshape(c_out, 3, 3, c_in)
         model_obj.buffers[w.buffer].data = np.frombuffer(_block_kernel(kernel).tobytes(), np.uint8)
         w.shape = np.asarray([4 * c_out, 3, 3, 4 * c_in], np.int32)
         w.quantization = _tile_quantization(w.quantization, 4)
-        bias = np.frombuffer(bytes(model_obj.buffers[b.buffer].data), np.int32)
+        bias = buffer_values(model_obj.buffers[b.buffer], np.int32)
         model_obj.buffers[b.buffer].data = np.frombuffer(np.tile(bias, 4).tobytes(), np.uint8)
         b.shape = np.asarray([4 * c_out], np.int32)
         b.quantization = _tile_quantization(b.quantization, 4)
