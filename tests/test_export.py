@@ -965,6 +965,50 @@ def test_swish_and_squeeze_excite_round_as_the_file_does(tmp_path, seed):
     assert steps.max() <= 2.01, steps.max()  # its input, the SE conv's swish, is 1 step off
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_wide_gate_input_is_rounded_only_where_the_sigmoid_still_moves(tmp_path, seed):
+    """A squeeze-excite gate with pre-activations of tens (an EfficientNetB0 student's reached
+    [-78, 51]): the file's LOGISTIC input used to get that whole range, a step of ~0.4, so one
+    rounding flip moved the gate by up to 32 output steps. Its range is now clipped to
+    [-8, 8], where round(256 * sigmoid) has already saturated: the file's LOGISTIC input step
+    is at most 16/255 (before: 0.75 here, seeds 0 and 1), and student and file agree on every gate value
+    but for one-step flips."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    inp = keras.Input((4, 4, 3))
+    h = keras.layers.Conv2D(8, 1, kernel_initializer=keras.initializers.GlorotUniform(seed),
+                            name="stem")(inp)
+    se = keras.layers.GlobalAveragePooling2D(keepdims=True)(h)
+    se = keras.layers.Conv2D(8, 1, activation="sigmoid", name="gate",
+                             kernel_initializer=keras.initializers.RandomNormal(0.0, 40.0, seed))(se)
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Multiply()([h, se]))
+    model = keras.Model(inp, keras.layers.Dense(10)(h))
+    x = rng.normal(size=(64, 4, 4, 3)).astype("float32")
+    q = quantize_model(model, weight_bits=8, activation_bits=8, per_channel=True)
+    _fit(q, x, rng.integers(0, 10, size=64), steps=4)
+    path = str(tmp_path / "gate.tflite")
+    export.export_tflite(q, path, x, mode="int8")
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=path)
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    logistic = [o for o in it._get_ops_details() if o["op_name"] == "LOGISTIC"]  # noqa: SLF001
+    assert len(logistic) == 1, [o["op_name"] for o in it._get_ops_details()]  # noqa: SLF001
+    gate_in = details[logistic[0]["inputs"][0]]
+    # The data really is wide: the student's EMA range (not the clipped one) spans tens.
+    pre = q.get_layer("quant_gate").quantize_config.pre_activation_quantizer
+    weights = {v.name.split("/")[-1].split(":")[0]: v for v in q.get_layer("quant_gate").weights}
+    span = float(weights["pre_activation_max"].numpy() - weights["pre_activation_min"].numpy())
+    assert span > 40.0, span
+    assert gate_in["quantization"][0] <= 16.0 / 255.0 * (1 + 1e-6), gate_in["quantization"]
+    assert pre.get_config()["limits"] == [-8.0, 8.0]  # kept through save / load
+    gate = keras.Model(q.inputs, q.get_layer("quant_gate").output)
+    steps = file_tensor_steps(path, gate, x[:16],
+                               lambda op, name: op["op_name"] == "LOGISTIC")
+    assert steps.max() <= 4.01, steps.max()  # a flip of the input: 0.063 * 256 / 4 steps at most
+    assert np.mean(steps < 0.01) >= 0.99, np.mean(steps < 0.01)
+
+
 def test_packed_weights_restore_a_normalization_layer(tmp_path):
     """load_packed_weights into a model whose Normalization had other statistics: the layer's
     derived mean/variance tensors are recomputed (before, it kept using the old ones: a zeroed

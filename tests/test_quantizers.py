@@ -382,3 +382,45 @@ def test_range_quantizer_tracks_signed_range_and_rounds_like_tflite():
         RangeQuantizer(8, ema_decay=1.0)
     with pytest.raises(ValueError, match="bits"):
         RangeQuantizer(1)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_pre_activation_limits_lie_where_the_output_grid_has_saturated(activation):
+    """Clipping a sigmoid / tanh input to PRE_ACTIVATION_LIMITS changes no output level of
+    TFLite's pinned grid (1/256 from 0; 1/128 from -1), even after the input is rounded on the
+    limited range: NumPy's sigmoid / tanh, levels by round-half-up, as the FakeQuant rounds."""
+    from tfqkd.quantize_configs import PINNED_OUTPUT_RANGES, PRE_ACTIVATION_LIMITS
+
+    lo, hi = PRE_ACTIVATION_LIMITS[activation]
+    out_lo, out_hi = PINNED_OUTPUT_RANGES[activation]
+    out_step = (out_hi - out_lo) / 255.0
+    fn = {"sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v)), "tanh": np.tanh}[activation]
+
+    def level(v):
+        return np.clip(np.floor((fn(v) - out_lo) / out_step + 0.5), 0, 255)
+
+    in_step = (hi - lo) / 255.0
+    beyond_hi = np.linspace(hi - in_step, 100.0, 2001)  # the top grid point and everything above
+    beyond_lo = np.linspace(-100.0, lo + in_step, 2001)
+    assert (level(beyond_hi) == 255).all() and (level(beyond_lo) == 0).all()
+
+
+def test_range_quantizer_limits_clip_the_range_it_rounds_on_and_round_trip():
+    from tfqkd._keras import keras as k
+
+    layer = k.layers.Layer()
+    q = RangeQuantizer(8, limits=(-8.0, 8.0))
+    v = q.build((), "gate", layer)
+    x = tf.constant([-78.0, -8.0, -0.03, 0.0, 0.5, 3.0, 51.0])
+    q(x, True, v)
+    assert (float(v["min_var"].numpy()), float(v["max_var"].numpy())) == (-78.0, 51.0)
+    assert q.range_of(v) == (-8.0, 8.0)
+    y = q(x, False, v).numpy()
+    step = 16.0 / 255.0
+    # Values outside [-8, 8] land on its ends; the others within half a step (16/255).
+    np.testing.assert_allclose(y[[0, -1]], [-8.0, 8.0], atol=step / 2 + 1e-6)
+    assert np.abs(y - np.clip(x.numpy(), -8.0, 8.0)).max() <= step / 2 + 1e-6
+    assert RangeQuantizer.from_config(q.get_config()) == q
+    assert RangeQuantizer.from_config(RangeQuantizer(8).get_config()).limits is None
+    with pytest.raises(ValueError, match=r"limits must be None or \(lo, hi\) with lo < 0 < hi"):
+        RangeQuantizer(8, limits=(0.0, 8.0))

@@ -48,6 +48,7 @@ __all__ = [
     "integer_swish",
     "is_swish",
     "PINNED_OUTPUT_RANGES",
+    "PRE_ACTIVATION_LIMITS",
     "activation_name",
 ]
 
@@ -82,6 +83,16 @@ def activation_name(layer) -> str:
         return "linear"
     return getattr(act, "__name__", type(act).__name__)
 
+
+#: Ranges the input of a sigmoid / tanh on its pinned output grid is clipped to (the registry's
+#: pre-activation ``RangeQuantizer(limits=...)``). Beyond them the output level no longer changes:
+#: ``round(256·sigmoid(x))`` is 255 from x = ln(254.5 / 1.5) = 5.13 and 0 below
+#: ln(0.5 / 255.5) = -6.24; ``round(128·tanh(x))`` is 127 from atanh(126.5 / 128) = 2.57 and -128
+#: below -atanh(127.5 / 128) = -3.12. Each limit lies more than one input step (16/255, 8/255)
+#: beyond them, so clipping changes no output and keeps the input step fine. Softmax has no
+#: limit: it depends on differences of its inputs, not on their values.
+PRE_ACTIVATION_LIMITS: Dict[str, Tuple[float, float]] = {
+    "sigmoid": (-8.0, 8.0), "tanh": (-4.0, 4.0)}
 
 #: Fused activations whose INPUT the integer file rounds (tfmot's QuantizeAwareActivation quantizes
 #: before them): they run as their own SOFTMAX / LOGISTIC / TANH op after the kernel's output.
@@ -181,7 +192,8 @@ class KernelQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
         pre_activation_quantizer: Optional quantizer of the input of a fused softmax, sigmoid
             or tanh (``Dense(activation="softmax")``, a squeeze-excite gate): the integer file
             rounds the pre-activation tensor before its SOFTMAX / LOGISTIC / TANH op. tfmot's
-            ``QuantizeAwareActivation`` applies it before those activations.
+            ``QuantizeAwareActivation`` applies it before those activations. tfqkd's registry
+            limits it to :data:`PRE_ACTIVATION_LIMITS` for sigmoid and tanh.
 
     Example:
         >>> cfg = DenseQuantizeConfig(SymmetricQuantizer(4))

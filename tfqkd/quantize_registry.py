@@ -27,6 +27,7 @@ import tensorflow_model_optimization as tfmot
 from tfqkd._keras import keras, tf
 from tfqkd.quantize_configs import (
     PINNED_OUTPUT_RANGES,
+    PRE_ACTIVATION_LIMITS,
     PRE_QUANTIZED_ACTIVATIONS,
     ActivationQuantizeConfig,
     Conv2DQuantizeConfig,
@@ -332,7 +333,9 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
             if layer.name in self.output_layers:
                 output_q = _integer_output_quantizer(layer)
                 if activation_name(layer) in PRE_QUANTIZED_ACTIVATIONS:
-                    pre_q = RangeQuantizer(8)  # the kernel's own output, before its softmax
+                    # The kernel's own output, before its softmax / sigmoid / tanh.
+                    pre_q = RangeQuantizer(
+                        8, limits=PRE_ACTIVATION_LIMITS.get(activation_name(layer)))
             return config_cls(weight_q, self._make_activation_quantizer(layer.name),
                               output_quantizer=output_q,
                               pre_activation_quantizer=pre_q)

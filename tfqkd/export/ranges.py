@@ -71,6 +71,9 @@ def _set_quantizer_range(quantizer, qvars, lo: float, hi: float) -> bool:
     if not isinstance(qvars, dict):
         return False
     if hasattr(quantizer, "range_of") and "min_var" in qvars and "max_var" in qvars:
+        limits = getattr(quantizer, "limits", None)
+        if limits is not None and not limits[0] <= lo <= hi <= limits[1]:
+            return False  # it would round on the range clipped to its limits, not on [lo, hi]
         scale = 1.0 + float(getattr(quantizer, "widen", 0.0))
         qvars["min_var"].assign(lo / scale)
         qvars["max_var"].assign(hi / scale)

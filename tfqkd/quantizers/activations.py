@@ -29,15 +29,16 @@ __all__ = ["ActivationQuantizer", "RangeQuantizer", "FixedRangeQuantizer", "CLIP
 CLIP_KINDS: Tuple[str, ...] = ("ema", "fixed", "pact")
 
 
-def _check_signed_range(signed_range: Any) -> Optional[Tuple[float, float]]:
+def _check_signed_range(signed_range: Any, name: str = "signed_range"
+                        ) -> Optional[Tuple[float, float]]:
     if signed_range is None:
         return None
     try:
         lo, hi = (float(v) for v in signed_range)
     except (TypeError, ValueError):
         lo = hi = float("nan")
-    if not lo < 0.0 < hi:
-        raise ValueError(f"signed_range must be None or (lo, hi) with lo < 0 < hi, got "
+    if not lo < 0.0 < hi or not np.isfinite([lo, hi]).all():
+        raise ValueError(f"{name} must be None or (lo, hi) with lo < 0 < hi, got "
                          f"{signed_range!r}.")
     return lo, hi
 
@@ -158,12 +159,19 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
     which a short fine-tune never leaves). Before any training step the range is empty and the
     quantizer passes its input through. tfqkd puts it (with ``activation_bits``) on the tensors
     of a residual network that the integer file quantizes besides ReLU outputs (pre-add conv+BN
-    outputs, pooled features, logits); the exporter writes ``[min, max]`` into the file.
+    outputs, pooled features, logits); the exporter writes ``[min, max]`` into the file. With
+    ``limits=(lo, hi)`` the range used is ``[max(min, lo), min(max, hi)]`` (the variables keep
+    tracking the data): the input of a sigmoid or tanh, whose output stops changing beyond them.
 
     Example:
         >>> import numpy as np
         >>> from tfqkd._keras import keras
         >>> layer = keras.layers.Layer()
+        >>> gate_input = RangeQuantizer(8, limits=(-8.0, 8.0))
+        >>> v = gate_input.build((), "gate", layer)
+        >>> _ = gate_input(tf.constant([-78.0, 51.0]), True, v)
+        >>> gate_input.range_of(v)
+        (-8.0, 8.0)
         >>> q = RangeQuantizer(8)
         >>> v = q.build((4,), "out", layer)
         >>> x = tf.constant([-1.0, -0.1, 0.3, 2.0])
@@ -175,8 +183,15 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
     """
 
     def __init__(self, bits: int = 8, ema_decay: float = 0.99, widen: float = 0.0,
-                 mean_window: Optional[int] = None):
+                 mean_window: Optional[int] = None,
+                 limits: Optional[Tuple[float, float]] = None):
         self.bits = check_bits(bits, "bits")
+        # The range is never wider than ``limits`` (lo < 0 < hi): the input of a sigmoid or tanh
+        # whose output is rounded on TFLite's fixed grid, beyond which every input gives the same
+        # output level (the registry's PRE_ACTIVATION_LIMITS). A squeeze-excite gate's EMA range
+        # reached [-78, 51] in an EfficientNetB0 student: a 0.5 step on the sigmoid's input, so a
+        # one-step flip between the student and its file moved the gate by 32 output steps.
+        self.limits = _check_signed_range(limits, "limits")
         # Set by the exporter's align_student on an average pooling's output quantizer (never
         # needed by hand; kept in the config so a saved, reloaded student rounds the same): the
         # values one pooling window holds. The file runs the pooling with its input's scale and
@@ -230,6 +245,8 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
         empty = hi <= lo
         if self.widen:
             lo, hi = lo * (1.0 + self.widen), hi * (1.0 + self.widen)
+        if self.limits is not None:
+            lo, hi = tf.maximum(lo, self.limits[0]), tf.minimum(hi, self.limits[1])
         lo, hi = tf.where(empty, -1.0, lo), tf.where(empty, 1.0, hi)
         if self.mean_window is not None and self.bits == 8:
             q = _integer_mean_rounding(x, lo, hi, self.mean_window)
@@ -241,8 +258,11 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
     def range_of(self, weights) -> Tuple[float, float]:
         """The ``(min, max)`` this quantizer rounds on at inference (what the file must use)."""
         scale = 1.0 + self.widen
-        return (float(np.asarray(weights["min_var"])) * scale,
-                float(np.asarray(weights["max_var"])) * scale)
+        lo = float(np.asarray(weights["min_var"])) * scale
+        hi = float(np.asarray(weights["max_var"])) * scale
+        if self.limits is not None and hi > lo:
+            lo, hi = max(lo, self.limits[0]), min(hi, self.limits[1])
+        return lo, hi
 
     def get_config(self) -> Dict[str, Any]:
         config = {"bits": self.bits, "ema_decay": self.ema_decay}
@@ -250,6 +270,8 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
             config["widen"] = self.widen
         if self.mean_window is not None:  # absent key: configs saved before it existed load
             config["mean_window"] = self.mean_window
+        if self.limits is not None:  # likewise
+            config["limits"] = list(self.limits)
         return config
 
 
