@@ -332,10 +332,10 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
             pre_q = None
             if layer.name in self.output_layers:
                 output_q = _integer_output_quantizer(layer)
-                if activation_name(layer) in PRE_QUANTIZED_ACTIVATIONS:
+                activation = activation_name(layer)
+                if activation in PRE_QUANTIZED_ACTIVATIONS:
                     # The kernel's own output, before its softmax / sigmoid / tanh.
-                    pre_q = RangeQuantizer(
-                        8, limits=PRE_ACTIVATION_LIMITS.get(activation_name(layer)))
+                    pre_q = RangeQuantizer(8, limits=PRE_ACTIVATION_LIMITS.get(activation))
             return config_cls(weight_q, self._make_activation_quantizer(layer.name),
                               output_quantizer=output_q,
                               pre_activation_quantizer=pre_q)
