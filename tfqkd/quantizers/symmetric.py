@@ -18,6 +18,8 @@ from __future__ import annotations
 import numbers
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
+
 from tfqkd._keras import tf
 from tfqkd.quantizers._base import _TINY, _keep_nan, _no_autograph
 
@@ -60,6 +62,11 @@ L2_ITERATIONS = 2
 L2_CANDIDATES = 12
 #: Default number of fine candidate steps scored around the best coarse one.
 L2_REFINE_CANDIDATES = 12
+#: Coarse candidates of :func:`l2_optimal_step` above the top of its geometric grid (the larger
+#: of the std step and the no-clipping step ``max|w|/K``), as fractions above it. The least
+#: error can lie there: with few or heavy-tailed weights the top level may stay unused
+#: (measured: 3.2 % above ``max|w|/K`` at 6 bits and 4.4 % at 7, rows of 256 weights).
+_ABOVE_HI: Tuple[float, ...] = (0.025, 0.05)
 #: Keyword arguments of :func:`l2_optimal_step` for a search within 0.1 % of a fine grid at every
 #: bit-width (measured in ``tools/benchmark_l2_step.py``), at several times the default's cost.
 L2_THOROUGH: Dict[str, int] = {"candidates": 25, "refine_candidates": 12, "basins": 3,
@@ -169,6 +176,10 @@ def _as_rows(absw: tf.Tensor, reduce, kept: Optional[Tuple[int, ...]]) -> tf.Ten
     if kept is None:
         return tf.reshape(absw, [1, -1])
     rows = tf.transpose(absw, list(kept) + list(reduce))
+    if rows.shape.is_fully_defined():
+        # A static shape lets the search size its chunks (`_chunk_size`).
+        n_rows = int(np.prod(rows.shape[:len(kept)]))
+        return tf.reshape(rows, [n_rows, rows.shape.num_elements() // max(n_rows, 1)])
     return tf.reshape(rows, tf.stack([tf.reduce_prod(tf.shape(rows)[:len(kept)]), -1]))
 
 
@@ -189,13 +200,39 @@ def _levels(absw: tf.Tensor, step: tf.Tensor, k: float) -> tf.Tensor:
     return tf.minimum(tf.floor(absw / step + 0.5), k)
 
 
+def _chunk_size(count: Optional[int], weights: Optional[int]) -> int:
+    """Candidates scored per batched op, for ``count`` candidates over ``weights`` weights.
+
+    One batch of many candidates over a large kernel streams tens of MB through every op; chunks
+    of about 600,000 values stay in cache, and for mid-sized kernels single-candidate chains run
+    in parallel on the inter-op threads. Measured on 2 cores (2026-12-06, 24 candidates): 1,024
+    rows of 256 weights 4.5 ms in one batch, 2.3–2.4 ms in chunks of 2–3; 36,864 weights 0.53 ms,
+    0.40 ms one at a time; 432 to 2,304 weights fastest in one batch (fewer ops).
+    """
+    if count is None or weights is None or count * weights <= 131_072:
+        return count or 1
+    if weights <= 65_536:
+        return 1
+    return max(1, round(600_000 / weights))
+
+
 def _score_steps(absw: tf.Tensor, steps: tf.Tensor, k: float, c_reduce) -> tf.Tensor:
-    """‖w − Q(w)‖² for each of the candidate steps ``steps`` (leading axis), in one batched op.
+    """‖w − Q(w)‖² for each of the candidate steps ``steps`` (leading axis), in batched ops.
 
     Written in units of the step, ``Δ²·Σ(t − min(round(t), K))²`` with ``t = |w|/Δ``: one op
     fewer per weight than rounding ``|w|/Δ + 0.5`` down, and the same error, since at an exact
-    tie both levels are equally far. The search is memory-bound, so ops per weight are its cost.
+    tie both levels are equally far. The search is memory-bound, so ops per weight and their
+    cache traffic are its cost: large kernels are scored a few candidates at a time.
     """
+    count = steps.shape[0]
+    chunk = _chunk_size(count, absw.shape.num_elements())
+    if count is None or chunk >= count:
+        return _score_chunk(absw, steps, k, c_reduce)
+    return tf.concat([_score_chunk(absw, steps[i:i + chunk], k, c_reduce)
+                      for i in range(0, count, chunk)], 0)
+
+
+def _score_chunk(absw: tf.Tensor, steps: tf.Tensor, k: float, c_reduce) -> tf.Tensor:
     t = absw[None] * (1.0 / steps)
     r = t - tf.minimum(tf.round(t), k)
     return tf.reduce_sum(tf.square(r), axis=c_reduce, keepdims=True) * tf.square(steps)
@@ -244,6 +281,8 @@ def _l2_step_keepdims(absw: tf.Tensor, bits: int, reduce, iterations: int, candi
     lo, hi = 0.7 * tf.minimum(std, no_clip), tf.maximum(std, no_clip)
     points = max(1, candidates - 1)
     grid = lo[None] * tf.pow(hi / lo, tf.reshape(tf.linspace(0.0, 1.0, points), shape))
+    if points > 1:
+        grid = tf.concat([grid, hi[None] * tf.reshape(1.0 + tf.constant(_ABOVE_HI), shape)], 0)
     grid_errs = _score_steps(absw, grid, k, c_reduce)
     best, best_err = _keep_better(std, _score_steps(absw, std[None], k, c_reduce)[0], grid, grid_errs)
     if refine_candidates > 0 and points > 1:
@@ -255,6 +294,7 @@ def _l2_step_keepdims(absw: tf.Tensor, bits: int, reduce, iterations: int, candi
         centres = best[None] if basins == 1 else _basin_steps(grid, grid_errs, min(basins, points))
         fine = centres[:, None] * tf.pow(spacing, offsets)[None]  # (basins, refine, ...)
         fine = tf.reshape(fine, tf.concat([[-1], tf.shape(fine)[2:]], 0))
+        fine.set_shape([centres.shape[0] * refine_candidates] + best.shape.as_list())
         best, best_err = _keep_better(best, best_err, fine, _score_steps(absw, fine, k, c_reduce))
         if polish_candidates > 0:
             # 3. Polish: a geometric grid one fine spacing either side of the best so far.
@@ -287,9 +327,10 @@ def l2_optimal_step(
 
     Algorithm (a fixed amount of vectorised work, so it is one static graph and fast):
 
-    1. *coarse search*: score ``candidates`` steps at once — a geometric grid from
+    1. *coarse search*: score ``candidates`` steps — a geometric grid from
        ``0.7·min(std, max|w|/K)`` to ``max(std, max|w|/K)`` (``max|w|/K`` is the step that clips
-       nothing) — plus the Gaussian-optimal :func:`std_step`, and take the one with the least
+       nothing) — plus two steps 2.5 % and 5 % above its top (the optimum can leave the top
+       level unused) and the Gaussian-optimal :func:`std_step`, and take the one with the least
        error. This finds the right basin even for heavy-tailed weights at high bit-widths, where
        clipping dominates the error and Lloyd alone converges very slowly;
     2. *fine search*: score ``refine_candidates`` steps on a geometric grid one coarse spacing
@@ -304,18 +345,18 @@ def l2_optimal_step(
 
     The std step is a candidate, so the result is never worse than :func:`std_step`. For 1 bit
     the optimum is closed-form, ``Δ = mean|w|``. Measured against a 20,000-point grid
-    (``tools/benchmark_l2_step.py``: Gaussian, Laplacian and Student-t(2, 3) weights, 576 to
-    9,216 per step, 36 draws per bit-width):
+    (``tools/benchmark_l2_step.py``: Gaussian, Laplacian and Student-t(2, 3) weights, 256 to
+    9,216 per step, 96 draws per bit-width):
 
-    * the defaults are within 0.1 % at 2–4 bits and 0.102 % at 5; at 6–8 bits, where the
-      error is small and bumpy in ``Δ``, within 0.53 %, 0.86 % and 3.0 %. Time: 0.81–1.76x the
-      former 8-candidate, 4-round search (``candidates=8, refine_candidates=0, iterations=4``),
-      which is 1.1–17.8 % above the grid;
+    * the defaults are within 0.04 % at 2–3 bits and 0.14 % at 4–5; at 6–8 bits, where the
+      error is small and bumpy in ``Δ``, within 1.3 %, 3.3 % and 3.9 %. Time: 0.57–1.32x the
+      search as filed with issue 25 (8 candidates, 4 Lloyd rounds: 0.6–25 % above the grid);
     * ``**L2_THOROUGH`` (25 coarse candidates, 3 basins, 12 fine candidates each and a
-      12-candidate polish) is within 0.05 % at every bit-width, at 1.19–5.47x the former's time
-      (above 2x for kernels of 36,864 weights and more). The step is recomputed at every
-      training step, so the default stays the cheaper search; use this one where a step is
-      computed once. Figures: docs/quantization.md (2026-12-05).
+      12-candidate polish) is within 0.07 % at every bit-width but 8 bits on rows of 256
+      weights (0.78 %), at 1.13–2.74x the filed search's time (above 2x on the 1x1 256->1024
+      per channel). The step is recomputed at every training step, so the default stays the
+      cheaper search; use this one where a step is computed once. Figures:
+      docs/quantization.md (2026-12-06).
 
     Args:
         w: The weights.
