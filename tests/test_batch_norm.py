@@ -1,5 +1,7 @@
 """Precise batch-norm statistics (tfqkd.batch_norm)."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,8 @@ from tfqkd.batch_norm import batch_norm_layers, recalibrate_batch_norm
 
 def _batches(n=4, size=16, seed=0):
     x = np.random.default_rng(seed).normal(1.0, 2.0, (n * size, 8, 8, 1)).astype(np.float32)
-    return x, tf.data.Dataset.from_tensor_slices((x, np.zeros(len(x), np.int64))).batch(size)
+    labels = np.arange(len(x)) % 10  # every batch mixes classes, as a shuffled data set does
+    return x, tf.data.Dataset.from_tensor_slices((x, labels)).batch(size)
 
 
 def _bn_state(model):
@@ -85,6 +88,24 @@ def test_bad_input_names_the_problem():
     for (m0, v0), (m1, v1) in zip(before, _bn_state(model)):
         np.testing.assert_array_equal(m0, m1)
         np.testing.assert_array_equal(v0, v1)
+
+
+def test_batches_of_one_class_each_warn_and_mixed_batches_do_not():
+    # A data set listed class by class and not shuffled (tools/check_applications.py did this
+    # until 2026-12-06: 20 batches of airplanes) gives each class's own statistics.
+    model = tfqkd.models.tiny_resnet(seed=0)
+    x = np.random.default_rng(0).normal(1.0, 2.0, (64, 8, 8, 1)).astype(np.float32)
+    by_class = np.repeat(np.arange(4), 16)
+    sorted_ds = tf.data.Dataset.from_tensor_slices((x, by_class)).batch(16)
+    with pytest.warns(UserWarning, match="each of the 4 batches holds images of a single class"):
+        recalibrate_batch_norm(model, sorted_ds)
+    mixed = tf.data.Dataset.from_tensor_slices((x, np.tile(np.arange(4), 16))).batch(16)
+    images_only = tf.data.Dataset.from_tensor_slices(x).batch(16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recalibrate_batch_norm(model, mixed)
+        recalibrate_batch_norm(model, images_only)
+        recalibrate_batch_norm(model, sorted_ds, batches=1)  # one batch: nothing to compare
 
 
 MIRRORED_BODY = """

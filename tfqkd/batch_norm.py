@@ -14,6 +14,7 @@ quantized recipes (``quantize_distill.py``, ``speq.py``, ``qkd.py``) run it by d
 
 from __future__ import annotations
 
+import warnings
 from typing import List
 
 import numpy as np
@@ -35,6 +36,15 @@ def batch_norm_layers(model: keras.Model) -> List[keras.layers.BatchNormalizatio
     if isinstance(model, keras.layers.BatchNormalization):
         found.insert(0, model)
     return found
+
+
+def _one_class(batch) -> bool:
+    """Whether a batch of ``(images, labels, ...)`` has >= 2 integer labels, all the same."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        return False
+    labels = np.asarray(batch[1])
+    return (labels.ndim == 1 and labels.size >= 2 and np.issubdtype(labels.dtype, np.integer)
+            and bool(np.all(labels == labels[0])))
 
 
 def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset,
@@ -63,6 +73,11 @@ def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset,
     Raises:
         ValueError: no batch-norm layer, ``batches`` < 1, or an empty ``dataset``.
 
+    Warns:
+        UserWarning: when every one of two or more labelled batches holds a single class: a data
+        set listed class by class and not shuffled gives within-class statistics (labels that
+        are all placeholders, e.g. zeros, warn too: pass the images alone).
+
     Example:
         >>> import numpy as np, tensorflow as tf, tfqkd
         >>> model = tfqkd.quantize_model(tfqkd.models.tiny_resnet(seed=0), weight_bits=2)
@@ -82,7 +97,7 @@ def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset,
     momenta = [layer.momentum for layer in layers]
     means = [np.zeros(layer.moving_mean.shape, np.float64) for layer in layers]
     variances = [np.zeros(layer.moving_variance.shape, np.float64) for layer in layers]
-    seen = 0
+    seen = single_class = 0
     try:
         # Momentum 0 makes each training-mode call store exactly that batch's statistics; a
         # fresh tf.function traces the layers with it.
@@ -95,6 +110,7 @@ def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset,
 
         for batch in dataset.take(int(batches)):
             forward(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            single_class += _one_class(batch)
             for i, layer in enumerate(layers):
                 means[i] += layer.moving_mean.numpy()
                 variances[i] += layer.moving_variance.numpy()
@@ -106,6 +122,14 @@ def recalibrate_batch_norm(model: keras.Model, dataset: tf.data.Dataset,
             variable.assign(value)
     if seen == 0:
         raise ValueError("dataset yielded no batch: pass the training data set (batched).")
+    if seen >= 2 and single_class == seen:
+        # A warning, not an error: placeholder labels (all zeros) look the same.
+        warnings.warn(
+            f"recalibrate_batch_norm: each of the {seen} batches holds images of a single "
+            "class. If the data set lists its images class by class and is not shuffled, the "
+            "statistics are those of one class at a time, not of the data: shuffle it before "
+            "batching (load_dataset(..., shuffle=True, seed=0), or dataset.shuffle(n) before "
+            ".batch()). If the labels are placeholders, pass the images alone.", stacklevel=2)
     for i, layer in enumerate(layers):
         layer.moving_mean.assign((means[i] / seen).astype(layer.moving_mean.dtype.as_numpy_dtype))
         layer.moving_variance.assign(
