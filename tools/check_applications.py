@@ -125,6 +125,8 @@ def main(argv):
                                                             FLAGS.teacher_steps) * 64))
 
     def data(family):
+        import numpy as np
+
         # Each family gets the input range it expects (its own preprocess_input).
         kw = dict(data_dir=FLAGS.data_dir, augment=False, shuffle=False,
                   image_size=FLAGS.image_size, normalization=f"imagenet:{family}")
@@ -134,7 +136,11 @@ def main(argv):
                                        subset=FLAGS.num_test, **kw)
         (xt, yt), = train.take(1).as_numpy_iterator()
         (xv, yv), = test.take(1).as_numpy_iterator()
-        return xt, yt.astype("int32"), xv, yv.astype("int32")
+        # Unshuffled, the subset comes class by class: the batch-norm re-estimation's first
+        # batches and the first calibration images would all be airplanes (until 2026-12-06
+        # they were). One seeded permutation mixes them; training shuffles on its own.
+        order = np.random.default_rng(FLAGS.seed).permutation(len(xt))
+        return xt[order], yt[order].astype("int32"), xv, yv.astype("int32")
 
     results = {}
     tmp = tempfile.mkdtemp(prefix="tfqkd_apps_")
