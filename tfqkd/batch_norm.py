@@ -42,7 +42,10 @@ def _one_class(batch) -> bool:
     """Whether a batch of ``(images, labels, ...)`` has >= 2 integer labels, all the same."""
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         return False
-    labels = np.asarray(batch[1])
+    try:
+        labels = np.asarray(batch[1])
+    except (TypeError, ValueError):  # e.g. ragged or per-replica labels: nothing to judge
+        return False
     return (labels.ndim == 1 and labels.size >= 2 and np.issubdtype(labels.dtype, np.integer)
             and bool(np.all(labels == labels[0])))
 

@@ -55,7 +55,7 @@ DISTRIBUTIONS = ("gaussian", "laplace", "student_t3", "student_t2")
 
 
 def _filed(w, bits: int, axis=None):
-    """``l2_optimal_step`` as filed with issue 25 (d285526), verbatim but for names: the
+    """``l2_optimal_step`` as filed with issue 25 (d285526), its computation written out: the
     std step and 7 geometric candidates scored in one batch, then 4 Lloyd rounds."""
     from tfqkd._keras import tf
     from tfqkd.quantizers import GAUSSIAN_STEP_RATIO, max_level
