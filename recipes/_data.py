@@ -1,6 +1,6 @@
 """A run's data: :func:`load_data` (train/test pipelines of ``--dataset`` as :class:`Data`), the
-``tfqkd.data`` arguments a run shares (:func:`data_source_kwargs`, :func:`data_kwargs_for_model`)
-the input normalisation a model expects (:func:`input_normalization`, ``RAW_PIXELS``) and
+``tfqkd.data`` arguments a run shares (:func:`data_source_kwargs`, :func:`data_kwargs_for_model`),
+a tool's evaluation images (:func:`load_evaluation_split`), the input normalisation a model expects (:func:`input_normalization`, ``RAW_PIXELS``) and
 telling a model name from a saved model's path (:func:`is_model_name`). Part of
 :mod:`recipes.common`.
 
@@ -23,8 +23,8 @@ from recipes._options import Config
 from tfqkd._keras import keras, tf
 from tfqkd.training import load_model
 
-__all__ = ["Data", "load_data", "data_source_kwargs", "data_kwargs_for_model", "RAW_PIXELS",
-           "input_normalization", "is_model_name"]
+__all__ = ["Data", "load_data", "data_source_kwargs", "data_kwargs_for_model",
+           "load_evaluation_split", "RAW_PIXELS", "input_normalization", "is_model_name"]
 
 # --------------------------------------------------------------------------------------------
 # Data, models, optimizers
@@ -80,6 +80,21 @@ def data_kwargs_for_model(model: keras.Model, *, data_dir: Optional[str] = None,
     if models.expects_raw_pixels(model):  # the recipes trained it on raw pixels too
         kw["normalization"] = RAW_PIXELS
     return kw
+
+
+def load_evaluation_split(dataset: str, split: str, data_kw: Mapping[str, Any], *,
+                          batch_size: int, num_eval: Optional[int]) -> tf.data.Dataset:
+    """``split`` of ``dataset`` for a tool's parity or accuracy check on its first ``num_eval``
+    images (every image when ``None``); ``data_kw`` from :func:`data_kwargs_for_model`.
+
+    With ``num_eval``, the split is shuffled first, seeded: a folder or archive lists its images
+    class by class, so the first images of an unshuffled split can all be one class (CIFAR-10's
+    first 1,000 test images are airplanes). The fixed seed lets two tools check the same images.
+    """
+    from tfqkd import data as tdata
+
+    return tdata.load_dataset(dataset, split, **data_kw, batch_size=batch_size, augment=False,
+                              shuffle=num_eval is not None, seed=0)
 
 
 def load_data(cfg: Config, *, augment: Optional[bool] = None,

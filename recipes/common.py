@@ -124,7 +124,7 @@ from recipes._train import (EpochLogger, HistoryLogger, ScalarSummaries,  # noqa
                             evaluate_accuracy, fit_with_resume)
 from recipes._data import (RAW_PIXELS, Data, _info_get, clean_training_set,  # noqa: F401
                            data_kwargs_for_model, data_source_kwargs, input_normalization,
-                           is_model_name, load_data)
+                           is_model_name, load_data, load_evaluation_split)
 from recipes._build import (adapt_teacher, build_model, coefficient_scheduler,  # noqa: F401
                             compile_classifier, compile_distiller, load_or_build_model,
                             load_or_build_student, load_teachers, make_distiller,
@@ -145,8 +145,8 @@ __all__ = [
     "fit_with_resume", "evaluate_accuracy", "HistoryLogger", "EpochLogger", "ScalarSummaries",
     # models and data (tfqkd.training, _data, _build)
     "load_model", "is_model_name", "Data", "load_data", "clean_training_set", "data_source_kwargs",
-    "data_kwargs_for_model", "RAW_PIXELS", "input_normalization", "adapt_teacher",
-    "load_or_build_model", "build_model", "load_or_build_student", "make_lr_schedule",
+    "data_kwargs_for_model", "load_evaluation_split", "RAW_PIXELS", "input_normalization",
+    "adapt_teacher", "load_or_build_model", "build_model", "load_or_build_student", "make_lr_schedule",
     "make_optimizer", "compile_classifier", "load_teachers", "make_distiller",
     "compile_distiller", "quantize", "coefficient_scheduler", "precise_bn", "teacher_paths",
     # a run (_run)

@@ -917,6 +917,30 @@ def test_tfds_spec_reads_a_data_set_prepared_offline(tmp_path, cifar_jpegs):
         data.load_arrays("tfds:mnist", "train", data_dir=tmp_path / "empty")
 
 
+def test_the_tools_evaluation_images_span_the_classes_of_a_class_sorted_folder(tmp_path,
+                                                                               cifar_jpegs):
+    """export_tflite --verify and evaluate_tflite --num_eval check the first images of a split;
+    a folder lists them class by class, so those must come from a seeded shuffle."""
+    from recipes import common
+
+    _write_folder(tmp_path / "imgs", cifar_jpegs)
+    spec = f"folder:{tmp_path / 'imgs'}"
+    sorted_labels = data.load_arrays(spec, "train")[1]
+    assert list(sorted_labels) == [0] * 5 + [1] * 5 + [2] * 5  # the folder's own order
+
+    def labels(num_eval):
+        split = common.load_evaluation_split(spec, "train", {}, batch_size=5, num_eval=num_eval)
+        return np.concatenate([y.numpy() for _, y in split])
+
+    first = labels(num_eval=5)
+    # A permutation of all 15 images, the same one every call, whose first 5 are not one class.
+    assert sorted(first) == sorted(sorted_labels)
+    np.testing.assert_array_equal(labels(num_eval=5), first)
+    assert len(set(first[:5])) > 1, first
+    # Every image, in the folder's order, when the whole split is evaluated.
+    np.testing.assert_array_equal(labels(num_eval=None), sorted_labels)
+
+
 def test_recipe_runs_on_an_image_folder(tmp_path, cifar_jpegs):
     from conftest import REPO, run_script, subprocess_env
 

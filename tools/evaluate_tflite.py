@@ -38,7 +38,7 @@ flags.mark_flags_as_required(["tflite", "model"])
 
 def main(argv):
     del argv
-    from tfqkd import data, export
+    from tfqkd import export
 
     from recipes import common
 
@@ -49,11 +49,8 @@ def main(argv):
     data_kw = common.data_kwargs_for_model(model, data_dir=FLAGS.data_dir,
                                            image_size=FLAGS.image_size,
                                            skip_corrupt=FLAGS.skip_corrupt_images)
-    # With --num_eval, a seeded shuffle first: a folder or archive lists its images class by
-    # class, so the first images of an unshuffled split can all be one class.
-    dataset = data.load_dataset(FLAGS.dataset, FLAGS.split, **data_kw,
-                                batch_size=FLAGS.batch_size, augment=False,
-                                shuffle=FLAGS.num_eval is not None, seed=0)
+    dataset = common.load_evaluation_split(FLAGS.dataset, FLAGS.split, data_kw,
+                                           batch_size=FLAGS.batch_size, num_eval=FLAGS.num_eval)
     report = export.verify_tflite(FLAGS.tflite, model, dataset, max_examples=FLAGS.num_eval,
                                   num_threads=FLAGS.num_threads)
     print(report)

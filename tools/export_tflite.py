@@ -102,10 +102,8 @@ def main(argv):
               f"{stats['bits_per_weight']:.3f} bits/weight overall)")
         result["packed"] = stats
     if FLAGS.verify:
-        # Shuffled (seeded): a folder or archive lists its images class by class, so the first
-        # --num_eval of an unshuffled split can be one class (CIFAR-10's first 1,000: airplanes).
-        test = data.load_dataset(FLAGS.dataset, "test", **data_kw, batch_size=100,
-                                 augment=False, shuffle=True, seed=0)
+        test = common.load_evaluation_split(FLAGS.dataset, "test", data_kw, batch_size=100,
+                                            num_eval=FLAGS.num_eval)
         report = export.verify_tflite(FLAGS.output, model, test, max_examples=FLAGS.num_eval)
         print(report)
         result["report"] = {k: v for k, v in report.to_dict().items() if k != "layers"}
