@@ -197,6 +197,19 @@ def test_thorough_l2_step_finds_an_optimum_above_the_no_clip_step(bits):
         assert found <= _fine_grid_error(w, bits) * 1.001, i
 
 
+@pytest.mark.parametrize("shape,axis", [((3, 3, 16, 16), None), ((3, 3, 16, 16), -1),
+                                        ((3, 3, 32, 1), (2, 3))])
+def test_default_l2_search_graph_stays_small(shape, axis):
+    """Every quantized layer holds a search in its training graph, and a model's first ``fit``
+    pays to trace and optimise them all. The default search on a small kernel builds 154-169
+    ops (2026-12-07); it built 377-392 when its grids came from ``tf.linspace`` and reshapes
+    and every candidate axis was added by indexing (DenseNet121's first KD ``fit`` took 32-38 s
+    to trace then, 27-30 s after)."""
+    graph = tf.function(lambda w: l2_optimal_step(w, 2, axis=axis)).get_concrete_function(
+        tf.TensorSpec(shape, tf.float32)).graph
+    assert len(graph.get_operations()) <= 200
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_gaussian_ratio_table_is_the_gaussian_l2_optimum(bits):
     w = np.random.default_rng(0).normal(0.0, 0.5, size=400_000).astype(np.float32)

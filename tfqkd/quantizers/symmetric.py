@@ -200,17 +200,18 @@ def _levels(absw: tf.Tensor, step: tf.Tensor, k: float) -> tf.Tensor:
     return tf.minimum(tf.floor(absw / step + 0.5), k)
 
 
-def _chunk_size(count: Optional[int], weights: Optional[int]) -> int:
+def _chunk_size(count: int, weights: Optional[int]) -> int:
     """Candidates scored per batched op, for ``count`` candidates over ``weights`` weights.
 
-    One batch of many candidates over a large kernel streams tens of MB through every op; chunks
-    of about 600,000 values stay in cache, and for mid-sized kernels single-candidate chains run
-    in parallel on the inter-op threads. Measured on 2 cores (2026-12-06, 24 candidates): 1,024
-    rows of 256 weights 4.5 ms in one batch, 2.3–2.4 ms in chunks of 2–3; 36,864 weights 0.53 ms,
-    0.40 ms one at a time; 432 to 2,304 weights fastest in one batch (fewer ops).
+    The search is memory-bound: one batch of many candidates over a kernel streams MBs through
+    every op, while one chunk's values stay in cache. Each chunk is another op chain in the
+    graph, though, which costs tracing time, so small jobs stay in one batch. Measured on 2
+    cores (2026-12-06/07, the default 12 + 2 coarse candidates): 36,864 weights 0.50–0.60 ms one
+    candidate per chain, 0.78–0.97 ms in one batch, 0.80–0.94 ms in two chunks; 1,024 rows of 256
+    weights 4.5 ms in one batch, 2.3–2.4 ms in chunks of 2–3.
     """
-    if count is None or weights is None or count * weights <= 131_072:
-        return count or 1
+    if weights is None or count * weights <= 131_072:
+        return count
     if weights <= 65_536:
         return 1
     return max(1, round(600_000 / weights))
@@ -225,22 +226,26 @@ def _score_steps(absw: tf.Tensor, steps: tf.Tensor, k: float, c_reduce) -> tf.Te
     cache traffic are its cost: large kernels are scored a few candidates at a time.
     """
     count = steps.shape[0]
+    if count is None:  # an unknown number of candidates: one batch
+        return _score_chunk(absw, steps, k, c_reduce)
     chunk = _chunk_size(count, absw.shape.num_elements())
-    if count is None or chunk >= count:
+    if chunk >= count:
         return _score_chunk(absw, steps, k, c_reduce)
     return tf.concat([_score_chunk(absw, steps[i:i + chunk], k, c_reduce)
                       for i in range(0, count, chunk)], 0)
 
 
 def _score_chunk(absw: tf.Tensor, steps: tf.Tensor, k: float, c_reduce) -> tf.Tensor:
-    t = absw[None] * (1.0 / steps)
+    # No candidate axis on |w|: broadcasting adds it (one op less per search in the graph).
+    t = absw * (1.0 / steps)
     r = t - tf.minimum(tf.round(t), k)
     return tf.reduce_sum(tf.square(r), axis=c_reduce, keepdims=True) * tf.square(steps)
 
 
 def _pick(steps: tf.Tensor, errs: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
     """(step, error) of the least-error candidate along the leading axis, per channel."""
-    pick = tf.one_hot(tf.argmin(errs, axis=0), tf.shape(steps)[0], axis=0, dtype=steps.dtype)
+    count = steps.shape[0] if steps.shape[0] is not None else tf.shape(steps)[0]
+    pick = tf.one_hot(tf.argmin(errs, axis=0), count, axis=0, dtype=steps.dtype)
     return tf.reduce_sum(steps * pick, axis=0), tf.reduce_min(errs, axis=0)
 
 
@@ -260,6 +265,22 @@ def _basin_steps(steps: tf.Tensor, errs: tf.Tensor, basins: int) -> tf.Tensor:
     return tf.stack(picked)
 
 
+def _linspace(start: float, stop: float, num: int) -> np.ndarray:
+    """``tf.linspace(start, stop, num)`` in float32, value for value, computed in NumPy."""
+    if num == 1:
+        return np.array([start], np.float32)
+    delta = (np.float32(stop) - np.float32(start)) / np.float32(num - 1)
+    inner = np.float32(start) + delta * np.arange(1, num - 1, dtype=np.float32)
+    return np.concatenate([[start], inner, [stop]]).astype(np.float32)
+
+
+def _column(values: np.ndarray, rank: int) -> tf.Tensor:
+    """``values`` as one float32 constant shaped ``(len, 1, ..., 1)`` to broadcast against a
+    rank-``rank`` tensor: a constant, not ``tf.linspace`` and a reshape, which add a dozen ops
+    each to a graph that holds a search per quantized layer (tracing time)."""
+    return tf.constant(np.asarray(values, np.float32).reshape([-1] + [1] * rank))
+
+
 def _keep_better(step, err, cands, cand_errs):
     cand_step, cand_err = _pick(cands, cand_errs)
     return tf.where(cand_err < err, cand_step, step), tf.minimum(cand_err, err)
@@ -273,34 +294,37 @@ def _l2_step_keepdims(absw: tf.Tensor, bits: int, reduce, iterations: int, candi
         return tf.maximum(tf.reduce_mean(absw, axis=reduce, keepdims=True), _TINY)
     k = float(max_level(bits))
     std = _std_step_keepdims(absw, bits, reduce)
-    shape = [-1] + [1] * absw.shape.rank
+    rank = absw.shape.rank
     c_reduce = [a + 1 for a in reduce]
     # 1. Coarse search: a geometric grid between 0.7·min and max of the std step and the
     #    no-clipping step max|w|/K, plus the std step itself.
     no_clip = tf.maximum(tf.reduce_max(absw, axis=reduce, keepdims=True) / k, _TINY)
     lo, hi = 0.7 * tf.minimum(std, no_clip), tf.maximum(std, no_clip)
     points = max(1, candidates - 1)
-    grid = lo[None] * tf.pow(hi / lo, tf.reshape(tf.linspace(0.0, 1.0, points), shape))
+    grid = lo * tf.pow(hi / lo, _column(_linspace(0.0, 1.0, points), rank))
     if points > 1:
-        grid = tf.concat([grid, hi[None] * tf.reshape(1.0 + tf.constant(_ABOVE_HI), shape)], 0)
+        grid = tf.concat([grid, hi * _column(np.float32(1.0) + np.array(_ABOVE_HI, np.float32), rank)], 0)
     grid_errs = _score_steps(absw, grid, k, c_reduce)
-    best, best_err = _keep_better(std, _score_steps(absw, std[None], k, c_reduce)[0], grid, grid_errs)
+    best, best_err = _keep_better(std, _score_chunk(absw, std, k, reduce), grid, grid_errs)
     if refine_candidates > 0 and points > 1:
         # 2. Fine search: a geometric grid one coarse spacing either side of each of the best
         #    `basins` separate coarse steps.
         spacing = tf.pow(hi / lo, 1.0 / (points - 1))
-        offsets = tf.reshape(tf.linspace(-1.0, 1.0, refine_candidates), shape)
-        # One basin: the best step so far (the std step included), as before `basins` existed.
-        centres = best[None] if basins == 1 else _basin_steps(grid, grid_errs, min(basins, points))
-        fine = centres[:, None] * tf.pow(spacing, offsets)[None]  # (basins, refine, ...)
-        fine = tf.reshape(fine, tf.concat([[-1], tf.shape(fine)[2:]], 0))
-        fine.set_shape([centres.shape[0] * refine_candidates] + best.shape.as_list())
+        offsets = _column(_linspace(-1.0, 1.0, refine_candidates), rank)
+        # One basin: around the best step so far (the std step included).
+        if basins == 1:
+            fine = best * tf.pow(spacing, offsets)
+        else:
+            centres = _basin_steps(grid, grid_errs, min(basins, points))
+            fine = centres[:, None] * tf.pow(spacing, offsets)[None]  # (basins, refine, ...)
+            fine = tf.reshape(fine, tf.concat([[-1], tf.shape(fine)[2:]], 0))
+            fine.set_shape([centres.shape[0] * refine_candidates] + best.shape.as_list())
         best, best_err = _keep_better(best, best_err, fine, _score_steps(absw, fine, k, c_reduce))
         if polish_candidates > 0:
             # 3. Polish: a geometric grid one fine spacing either side of the best so far.
             fine_spacing = tf.pow(spacing, 2.0 / max(1, refine_candidates - 1))
-            polish = best[None] * tf.pow(
-                fine_spacing[None], tf.reshape(tf.linspace(-1.0, 1.0, polish_candidates), shape))
+            polish = best * tf.pow(
+                fine_spacing, _column(_linspace(-1.0, 1.0, polish_candidates), rank))
             best, best_err = _keep_better(best, best_err, polish,
                                           _score_steps(absw, polish, k, c_reduce))
     if iterations == 0:
@@ -314,7 +338,7 @@ def _l2_step_keepdims(absw: tf.Tensor, bits: int, reduce, iterations: int, candi
         step = tf.maximum(tf.where(den > 0.0, tf.math.divide_no_nan(num, den), step), _TINY)
     # Each round cannot increase the error in exact arithmetic; in float32 keep the better of
     # the two, so "l2 error <= std error" holds to the last bit (std is a candidate).
-    final_err = _score_steps(absw, step[None], k, c_reduce)[0]
+    final_err = _score_chunk(absw, step, k, reduce)
     return tf.where(final_err <= best_err, step, best)
 
 
