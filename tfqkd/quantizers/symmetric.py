@@ -206,9 +206,9 @@ def _chunk_size(count: int, weights: Optional[int]) -> int:
     The search is memory-bound: one batch of many candidates over a kernel streams MBs through
     every op, while one chunk's values stay in cache. Each chunk is another op chain in the
     graph, though, which costs tracing time, so small jobs stay in one batch. Measured on 2
-    cores (2026-12-06/07, the default 12 + 2 coarse candidates): 36,864 weights 0.50–0.60 ms one
-    candidate per chain, 0.78–0.97 ms in one batch, 0.80–0.94 ms in two chunks; 1,024 rows of 256
-    weights 4.5 ms in one batch, 2.3–2.4 ms in chunks of 2–3.
+    cores: the whole default search over 36,864 weights 0.50–0.62 ms with one candidate per
+    chain, 0.74–0.97 ms in one batch, 0.80–0.94 ms in two chunks (2026-12-07); 24 candidates
+    over 1,024 rows of 256 weights 4.5 ms in one batch, 2.3–2.4 ms in chunks of 2–3.
     """
     if weights is None or count * weights <= 131_072:
         return count
@@ -303,7 +303,8 @@ def _l2_step_keepdims(absw: tf.Tensor, bits: int, reduce, iterations: int, candi
     points = max(1, candidates - 1)
     grid = lo * tf.pow(hi / lo, _column(_linspace(0.0, 1.0, points), rank))
     if points > 1:
-        grid = tf.concat([grid, hi * _column(np.float32(1.0) + np.array(_ABOVE_HI, np.float32), rank)], 0)
+        above = np.float32(1.0) + np.array(_ABOVE_HI, np.float32)  # as float32 arithmetic gives
+        grid = tf.concat([grid, hi * _column(above, rank)], 0)
     grid_errs = _score_steps(absw, grid, k, c_reduce)
     best, best_err = _keep_better(std, _score_chunk(absw, std, k, reduce), grid, grid_errs)
     if refine_candidates > 0 and points > 1:
