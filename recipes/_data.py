@@ -1,8 +1,8 @@
 """A run's data: :func:`load_data` (train/test pipelines of ``--dataset`` as :class:`Data`), the
 ``tfqkd.data`` arguments a run shares (:func:`data_source_kwargs`, :func:`data_kwargs_for_model`),
-a tool's evaluation images (:func:`load_evaluation_split`), the input normalisation a model expects (:func:`input_normalization`, ``RAW_PIXELS``) and
-telling a model name from a saved model's path (:func:`is_model_name`). Part of
-:mod:`recipes.common`.
+a tool's evaluation images (:func:`load_evaluation_split`), the input normalisation a model
+expects (:func:`input_normalization`, ``RAW_PIXELS``) and telling a model name from a saved
+model's path (:func:`is_model_name`). Part of :mod:`recipes.common`.
 
 Example:
     >>> from recipes._options import Config

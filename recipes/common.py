@@ -146,8 +146,8 @@ __all__ = [
     # models and data (tfqkd.training, _data, _build)
     "load_model", "is_model_name", "Data", "load_data", "clean_training_set", "data_source_kwargs",
     "data_kwargs_for_model", "load_evaluation_split", "RAW_PIXELS", "input_normalization",
-    "adapt_teacher", "load_or_build_model", "build_model", "load_or_build_student", "make_lr_schedule",
-    "make_optimizer", "compile_classifier", "load_teachers", "make_distiller",
+    "adapt_teacher", "load_or_build_model", "build_model", "load_or_build_student",
+    "make_lr_schedule", "make_optimizer", "compile_classifier", "load_teachers", "make_distiller",
     "compile_distiller", "quantize", "coefficient_scheduler", "precise_bn", "teacher_paths",
     # a run (_run)
     "Run", "start_run", "finish_run", "write_results", "export_and_verify",

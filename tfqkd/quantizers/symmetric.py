@@ -235,11 +235,13 @@ def _score_steps(absw: tf.Tensor, steps: tf.Tensor, k: float, c_reduce) -> tf.Te
                       for i in range(0, count, chunk)], 0)
 
 
-def _score_chunk(absw: tf.Tensor, steps: tf.Tensor, k: float, c_reduce) -> tf.Tensor:
-    # No candidate axis on |w|: broadcasting adds it (one op less per search in the graph).
+def _score_chunk(absw: tf.Tensor, steps: tf.Tensor, k: float, axes) -> tf.Tensor:
+    """The error of each step in ``steps``, summed over ``axes``: ``steps`` either carries a
+    leading candidate axis (then ``axes`` are the candidate-shifted ones) or is one step per row.
+    |w| gets no candidate axis of its own: broadcasting adds it, with no op in the graph."""
     t = absw * (1.0 / steps)
     r = t - tf.minimum(tf.round(t), k)
-    return tf.reduce_sum(tf.square(r), axis=c_reduce, keepdims=True) * tf.square(steps)
+    return tf.reduce_sum(tf.square(r), axis=axes, keepdims=True) * tf.square(steps)
 
 
 def _pick(steps: tf.Tensor, errs: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
