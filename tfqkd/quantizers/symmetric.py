@@ -305,7 +305,8 @@ def _l2_step_keepdims(absw: tf.Tensor, bits: int, reduce, iterations: int, candi
     points = max(1, candidates - 1)
     grid = lo * tf.pow(hi / lo, _column(_linspace(0.0, 1.0, points), rank))
     if points > 1:
-        above = np.float32(1.0) + np.array(_ABOVE_HI, np.float32)  # as float32 arithmetic gives
+        # 1 + x summed in float32, as the graph summed it before: the same steps bit for bit.
+        above = np.float32(1.0) + np.array(_ABOVE_HI, np.float32)
         grid = tf.concat([grid, hi * _column(above, rank)], 0)
     grid_errs = _score_steps(absw, grid, k, c_reduce)
     best, best_err = _keep_better(std, _score_chunk(absw, std, k, reduce), grid, grid_errs)
