@@ -204,7 +204,8 @@ def quantize(model: keras.Model, cfg: Config) -> keras.Model:
     return tfqkd.quantize_model(model, weight_bits=cfg.weight_bits,
                                 activation_bits=cfg.activation_bits,
                                 first_last_bits=cfg.first_last_bits,
-                                per_channel=cfg.per_channel, step=cfg.step)
+                                per_channel=cfg.per_channel, step=cfg.step,
+                                softmax_head_bits=getattr(cfg, "softmax_head_bits", 16))
 
 
 def coefficient_scheduler(cfg: Config):

@@ -272,6 +272,10 @@ def _validate(cfg: Config) -> None:
             ok = False
         if not ok:
             raise ValueError(f"--save_freq must be 'epoch' or a positive integer, got {sf!r}.")
+    head_bits = getattr(cfg, "softmax_head_bits", 16)
+    if head_bits not in (8, 16):
+        raise ValueError(f"--softmax_head_bits must be 8 (an int8 head) or 16 (int16), "
+                         f"got {head_bits!r}.")
     for name in ("epochs", "batch_size"):
         if hasattr(cfg, name) and (getattr(cfg, name) is None or getattr(cfg, name) < 1):
             raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)!r}.")
@@ -425,6 +429,11 @@ QUANT_OPTIONS = [
     Option("step", "l2", "Quantization step: l2 (L2-error minimising), std, or learned (LSQ: "
            "trainable, initialised at the l2 step).", "enum", ("l2", "std", "learned")),
     Option("per_channel", False, "One step size per output channel.", "bool"),
+    Option("softmax_head_bits", 16, "With --activation_bits: width of the logits and "
+           "probabilities of a softmax-ended student, in the student and its integer file: 16 "
+           "(int16, LiteRT's 16x8 kernels) or 8 (int8, for runtimes that take int8 tensors "
+           "only).",
+           "integer", former_defaults=(8,)),
     Option("precise_bn_batches", 100, "After training, re-estimate the student's batch-norm "
            "statistics over this many training batches (tfqkd.batch_norm: low-bit weights that "
            "flip late in training leave stale moving statistics); 0: off, the paper's exact "

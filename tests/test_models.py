@@ -246,16 +246,20 @@ def test_logits_model_of_a_qat_model(kind):
     view = models.logits_model(q)
     x = tf.random.stateless_normal((4, 8, 8, 1), seed=(5, 6))
     _assert_logits_of(q, view, x)
-    # W4A8: the student rounds its softmax output on TFLite's int8 SOFTMAX grid (1/256), as the
-    # file does; the view's logits give those probabilities after softmax and that rounding.
-    q8 = tfqkd.quantize_model(_softmax_models()[kind], weight_bits=4, activation_bits=8)
-    view8 = models.logits_model(q8)
-    q8(x, training=True)  # the range quantizers see data
-    p = q8(x, training=False).numpy().astype(np.float64)
-    z = view8(x, training=False).numpy().astype(np.float64)
-    soft = np.exp(z - z.max(-1, keepdims=True))
-    soft /= soft.sum(-1, keepdims=True)
-    np.testing.assert_allclose(p * 256, np.clip(np.floor(soft * 256 + 0.5), 0, 255), atol=1e-3)
+    # W4A8: the student rounds its softmax head on the grid the file stores it on: int16 steps
+    # of 1/32768 by default, TFLite's int8 SOFTMAX grid (1/256) with softmax_head_bits=8; the
+    # view's logits give those probabilities after softmax and that rounding.
+    for head_bits, steps, top in ((16, 32768, 32767), (8, 256, 255)):
+        q8 = tfqkd.quantize_model(_softmax_models()[kind], weight_bits=4, activation_bits=8,
+                                  softmax_head_bits=head_bits)
+        view8 = models.logits_model(q8)
+        q8(x, training=True)  # the range quantizers see data
+        p = q8(x, training=False).numpy().astype(np.float64)
+        z = view8(x, training=False).numpy().astype(np.float64)
+        soft = np.exp(z - z.max(-1, keepdims=True))
+        soft /= soft.sum(-1, keepdims=True)
+        np.testing.assert_allclose(p * steps, np.clip(np.floor(soft * steps + 0.5), 0, top),
+                                   atol=1e-3 * steps / 256)
 
 
 def test_logits_model_returns_logit_models_as_is_and_rejects_nested_softmax():

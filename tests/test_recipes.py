@@ -137,6 +137,18 @@ def test_presets_and_explicit_flags_override():
         quantize_distill.make_config("smoke", save_freq="often")
     with pytest.raises(ValueError, match="preset"):
         quantize_distill.make_config("huge")
+    with pytest.raises(ValueError, match="--softmax_head_bits must be 8 .* or 16"):
+        quantize_distill.make_config("smoke", softmax_head_bits=12)
+    # The head width reaches quantize_model: an int8 head on a softmax-ended student.
+    from tfqkd._keras import keras
+
+    inputs = tfqkd_models.tiny_resnet(seed=0).inputs
+    softmax_net = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(
+        keras.layers.Flatten()(inputs[0])))
+    for bits in (8, 16):
+        head_q = quantize(softmax_net, quantize_distill.make_config(
+            "smoke", activation_bits=8, softmax_head_bits=bits)).get_layer("quant_head")
+        assert head_q._output_quantizers[0].bits == bits
     # KD options reach the Distiller (Hinton's τ² factor: on by default, the measured best with
     # τ = 4; off is the paper's Eq. 3).
     import tfqkd

@@ -58,7 +58,9 @@ from tfqkd._keras import keras, tf
 from tfqkd.budget import layer_widths
 from tfqkd.layer_bits import BitsSpec, activation_layers, resolve_layer_bits, weighted_layers
 from tfqkd.qat_weights import _weight_vars, quantization_info, quantized_weights
+from tfqkd.models.heads import softmax_layer
 from tfqkd.quantize_configs import (
+    SOFTMAX_HEAD_BITS,
     PRE_QUANTIZED_ACTIVATIONS,
     activation_name,
     is_quantizable_relu_layer,
@@ -71,6 +73,7 @@ from tfqkd.quantize_registry import (
     TfqkdQuantizeRegistry,
     _is_weight_layer,
     _check_options,
+    _parents,
     first_and_last_layers,
     integer_graph_tensors,
 )
@@ -233,6 +236,7 @@ def quantize_model(
     activation_quantizer: Optional[Callable[[int], Any]] = None,
     layer_bits: BitsSpec = None,
     layer_activation_bits: BitsSpec = None,
+    softmax_head_bits: int = SOFTMAX_HEAD_BITS,
 ) -> keras.Model:
     """Returns a quantization-aware-training copy of ``model`` (tfmot ``QuantizeWrapperV2`` layers).
 
@@ -260,6 +264,14 @@ def quantize_model(
             and ``first_last_bits`` for the layers they name (mixed precision).
         layer_activation_bits: The same for ReLU outputs (a ReLU layer, or a Conv/Dense with a
             fused ReLU), overriding ``activation_bits``, which must be set.
+        softmax_head_bits: With ``activation_bits``, the width of the logits and probabilities
+            of the softmax the model ends in (its head), as the student rounds them and the
+            integer file computes them (:func:`tfqkd.export.export_tflite`): 16 (default: int16
+            logits on a symmetric grid, probabilities in steps of 1/32768, LiteRT's 16x8
+            kernels) or 8 (int8; probabilities in steps of 1/256, for runtimes that take int8
+            tensors only). With int8 logits, top classes one logit step apart tie and argmax
+            takes the lower index (14-306 of 1,000 test images in 10-class Applications
+            students, docs/export.md).
 
     Returns:
         The QAT model, named like ``model``; layer ``x`` becomes ``quant_x``.
@@ -312,7 +324,9 @@ def quantize_model(
         weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel,
         step=step, activation_clip=activation_clip, activation_quantizer=activation_quantizer,
         layer_bits=kernel_bits, layer_activation_bits=chosen_activation_bits,
-        output_layers=integer_graph_tensors(model) if activation_bits is not None else ())
+        output_layers=integer_graph_tensors(model) if activation_bits is not None else (),
+        softmax_head=softmax_layer(model), softmax_head_bits=softmax_head_bits,
+        softmax_logits=_softmax_logits(model))
     scheme = TfqkdQuantizeScheme(**registry_kwargs)
     registry = scheme.get_quantize_registry()
 
@@ -363,6 +377,32 @@ def quantize_model(
         raise RuntimeError(f"layers {missing} were not wrapped for quantization.")
     _init_learned_steps(qmodel)
     return qmodel
+
+
+#: Layers between a softmax's logits and the softmax that do not change the values.
+_VALUE_PRESERVING = (keras.layers.Reshape, keras.layers.Flatten, keras.layers.Dropout)
+
+
+def _softmax_logits(model: keras.Model) -> Optional[str]:
+    """Name of the Conv/Dense layer whose output is the logits of the softmax ``model`` ends in
+    (that layer itself for a ``Dense(activation="softmax")``; behind a ``Reshape`` / ``Flatten``
+    / ``Dropout`` for MobileNet's and MobileNetV3's ``Activation("softmax")``), else None."""
+    name = softmax_layer(model)
+    by_name = {layer.name: layer for layer in model.layers}
+    parents = _parents(model)  # this model's own graph (its layers may sit in other models too)
+    layer = by_name.get(name)
+    for _ in range(8):
+        if layer is None:
+            return None
+        if _is_weight_layer(layer):
+            return layer.name if activation_name(layer) in ("softmax", "linear") else None
+        feeding = parents.get(layer.name, set())
+        if len(feeding) != 1:
+            return None  # several inputs, or none
+        layer = by_name.get(next(iter(feeding)))
+        if not isinstance(layer, _VALUE_PRESERVING + (keras.layers.Conv2D, keras.layers.Dense)):
+            return None
+    return None
 
 
 def quantize_at_widths(model: keras.Model, widths: Mapping[str, int],

@@ -48,6 +48,8 @@ __all__ = [
     "integer_swish",
     "is_swish",
     "PINNED_OUTPUT_RANGES",
+    "SOFTMAX_HEAD_BITS",
+    "SOFTMAX_HEAD_RANGES",
     "PRE_ACTIVATION_LIMITS",
     "activation_name",
 ]
@@ -63,6 +65,16 @@ _deserialize = keras.utils.legacy.deserialize_keras_object
 PINNED_OUTPUT_RANGES: Dict[str, Tuple[float, float]] = {
     "softmax": (0.0, 255.0 / 256.0), "sigmoid": (0.0, 255.0 / 256.0),
     "tanh": (-1.0, 127.0 / 128.0)}
+
+#: Output grids of a softmax head (the softmax a model ends in), by bit-width. 8: the int8
+#: ``SOFTMAX`` output above. 16: the head on LiteRT's 16x8 kernels (:mod:`tfqkd.export.heads`):
+#: int16 logits, and probabilities at zero point 0 (``DEQUANTIZE`` takes int16 only there),
+#: scale 1/32768 on ``[-1, 32767/32768]``. With int8 logits, top classes one logit step apart
+#: tie and argmax takes the lower index.
+SOFTMAX_HEAD_RANGES: Dict[int, Tuple[float, float]] = {
+    8: PINNED_OUTPUT_RANGES["softmax"], 16: (-1.0, 32767.0 / 32768.0)}
+#: Default bit-width of a softmax head, in the student and in the integer file.
+SOFTMAX_HEAD_BITS = 16
 
 
 def activation_name(layer) -> str:

@@ -28,6 +28,8 @@ from tfqkd._keras import keras, tf
 from tfqkd.quantize_configs import (
     PINNED_OUTPUT_RANGES,
     PRE_ACTIVATION_LIMITS,
+    SOFTMAX_HEAD_BITS,
+    SOFTMAX_HEAD_RANGES,
     PRE_QUANTIZED_ACTIVATIONS,
     ActivationQuantizeConfig,
     Conv2DQuantizeConfig,
@@ -237,12 +239,15 @@ def integer_graph_tensors(model: keras.Model) -> List[str]:
     return out
 
 
-def _integer_output_quantizer(layer=None):
+def _integer_output_quantizer(layer=None, head_bits: Optional[int] = None):
     # Like tfmot's default_8bit activations: 8-bit, asymmetric EMA min/max (signed tensors such
     # as pre-add BN outputs keep their negative half), the FakeQuantWithMinMaxVars rounding the
     # exporter puts into the file; but the EMA starts from the data, not from ±6. Softmax /
-    # sigmoid / tanh outputs: the fixed grid of TFLite's integer kernel.
+    # sigmoid / tanh outputs: the fixed grid of TFLite's integer kernel; the softmax head
+    # (`head_bits` given) the grid of its width.
     pinned = PINNED_OUTPUT_RANGES.get(activation_name(layer)) if layer is not None else None
+    if head_bits is not None and pinned is not None and activation_name(layer) == "softmax":
+        return FixedRangeQuantizer(head_bits, *SOFTMAX_HEAD_RANGES[head_bits])
     if pinned is not None:
         return FixedRangeQuantizer(8, *pinned)
     return RangeQuantizer(8)
@@ -265,6 +270,14 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
             or a weighted layer's fused ReLU).
         output_layers: Names of layers whose output gets an 8-bit output quantizer (only with
             ``activation_bits``; :func:`quantize_model` passes :func:`integer_graph_tensors`).
+        softmax_head: Name of the softmax layer the model ends in, if any (one of
+            ``output_layers``): its output is rounded at ``softmax_head_bits``.
+        softmax_logits: Name of the kernel layer computing that softmax's logits (the head
+            itself for a ``Dense(activation="softmax")``): at 16 bits they are rounded on a
+            16-bit symmetric grid (``RangeQuantizer(16)``), as the file's int16 logits.
+        softmax_head_bits: 16 (default: int16 logits and probabilities in the integer file,
+            probabilities in steps of 1/32768) or 8 (int8, 1/256): see
+            :data:`tfqkd.quantize_configs.SOFTMAX_HEAD_RANGES`.
 
     Example:
         >>> reg = TfqkdQuantizeRegistry(weight_bits=2, layer_bits={"stem": 8})
@@ -283,6 +296,9 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
         layer_bits: Optional[Mapping[str, int]] = None,
         output_layers: Optional[Sequence[str]] = None,
         layer_activation_bits: Optional[Mapping[str, int]] = None,
+        softmax_head: Optional[str] = None,
+        softmax_head_bits: int = SOFTMAX_HEAD_BITS,
+        softmax_logits: Optional[str] = None,
     ):
         self.weight_bits, self.activation_bits, _, self.per_channel = _check_options(
             weight_bits, activation_bits, None, per_channel, step, activation_clip,
@@ -299,6 +315,14 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
         # Without activation quantization the model stays W-only (W2A32): no output quantizers.
         self.output_layers = frozenset(output_layers or ()) if self.activation_bits is not None \
             else frozenset()
+        if isinstance(softmax_head_bits, bool) or softmax_head_bits not in SOFTMAX_HEAD_RANGES:
+            raise ValueError(f"softmax_head_bits must be 8 (an int8 output, steps of 1/256) or "
+                             f"16 (int16, steps of 1/32768), got {softmax_head_bits!r}.")
+        self.softmax_head, self.softmax_head_bits = softmax_head, int(softmax_head_bits)
+        self.softmax_logits = softmax_logits if self.softmax_head_bits == 16 else None
+
+    def _head_bits(self, layer) -> Optional[int]:
+        return self.softmax_head_bits if layer.name == self.softmax_head else None
 
     def _make_activation_quantizer(self, layer_name: Optional[str] = None):
         if self.activation_bits is None:
@@ -331,18 +355,22 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
             output_q = None
             pre_q = None
             if layer.name in self.output_layers:
-                output_q = _integer_output_quantizer(layer)
+                output_q = _integer_output_quantizer(layer, self._head_bits(layer))
                 activation = activation_name(layer)
+                logits_bits = 16 if layer.name == self.softmax_logits else 8
                 if activation in PRE_QUANTIZED_ACTIVATIONS:
                     # The kernel's own output, before its softmax / sigmoid / tanh.
-                    pre_q = RangeQuantizer(8, limits=PRE_ACTIVATION_LIMITS.get(activation))
+                    pre_q = RangeQuantizer(logits_bits,
+                                           limits=PRE_ACTIVATION_LIMITS.get(activation))
+                elif logits_bits == 16:  # the logits of a softmax layer of their own
+                    output_q = RangeQuantizer(16)
             return config_cls(weight_q, self._make_activation_quantizer(layer.name),
                               output_quantizer=output_q,
                               pre_activation_quantizer=pre_q)
         if self.supports(layer) and is_quantizable_relu_layer(layer):
             return ActivationQuantizeConfig(self._make_activation_quantizer(layer.name))
         if self.supports(layer):
-            return OutputQuantizeConfig(_integer_output_quantizer(layer))
+            return OutputQuantizeConfig(_integer_output_quantizer(layer, self._head_bits(layer)))
         raise ValueError(
             f"layer {layer.name!r} ({type(layer).__name__}) is not quantized by tfqkd; supported: "
             f"{', '.join(c.__name__ for c in SUPPORTED_WEIGHT_LAYERS)} (+ ReLU with activation_bits).")

@@ -38,6 +38,9 @@ flags.DEFINE_bool("skip_corrupt_images", False, "Skip images that do not decode 
 flags.DEFINE_string("data_dir", None, "Offline data source (default: $TFQKD_DATA_DIR).")
 flags.DEFINE_integer("num_calibration", 500, "Calibration images (int8 / int4).")
 flags.DEFINE_bool("int8_io", False, "int8 input/output tensors (int8 / int4 modes).")
+flags.DEFINE_enum("softmax_head_bits", None, ["8", "16"],
+                  "int8 / int4: width of a softmax head's logits and probabilities in the file "
+                  "(default: the student's; 8 for runtimes that take int8 tensors only).")
 flags.DEFINE_bool("verify", False, "Run the file on the test split and print the parity report.")
 flags.DEFINE_integer("num_eval", 1000, "Test images used by --verify.")
 flags.DEFINE_string("pack", None, "Also write the packed weight archive to this path.")
@@ -86,7 +89,9 @@ def main(argv):
     info = export.export_tflite(model, FLAGS.output, calibration, mode=FLAGS.mode,
                                 num_calibration=FLAGS.num_calibration, int8_io=FLAGS.int8_io,
                                 method=FLAGS.method, align_student=FLAGS.align_student,
-                                space_to_depth=FLAGS.space_to_depth)
+                                space_to_depth=FLAGS.space_to_depth,
+                                softmax_head_bits=(int(FLAGS.softmax_head_bits)
+                                                   if FLAGS.softmax_head_bits else None))
     result = {"export": {k: v for k, v in info.items() if k != "weight_bits"}}
     print(f"wrote {info['path']} ({info['bytes']} bytes, mode {info['mode']})")
     if FLAGS.aligned_model and info["aligned_biases"] is not None:

@@ -36,6 +36,7 @@ from tfqkd.export.convert import (
 )
 from tfqkd.export.fakequant import _fakequant_model
 from tfqkd.export.forward import forward_model
+from tfqkd.export.heads import _check_head_bits, _head_report, _int8_head_kernel
 from tfqkd.export.layout import space_to_depth_convs
 from tfqkd.export.ranges import (
     _align_student_ranges,
@@ -46,6 +47,7 @@ from tfqkd.export.ranges import (
     _student_weight_levels,
 )
 from tfqkd.qat_weights import kernel_weights
+from tfqkd.quantize_configs import SOFTMAX_HEAD_RANGES
 
 __all__ = ["export_tflite"]
 
@@ -63,6 +65,7 @@ def export_tflite(
     allow_select_tf_ops: bool = False,
     align_student: bool = False,
     space_to_depth: bool = False,
+    softmax_head_bits: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Converts a (quantized) student to a ``.tflite`` file, written atomically.
 
@@ -81,7 +84,8 @@ def export_tflite(
             step up, so with < 8-bit activations the file does not track the student: a
             ``UserWarning`` says so).
         num_calibration: At most this many images are used for calibration (``None``: all).
-        int8_io: Full-integer modes only: int8 input and output tensors instead of float32.
+        int8_io: Full-integer modes only: integer input and output tensors instead of float32
+            (int8; a softmax head's output is int16 at ``softmax_head_bits=16``).
         method: How ``"int8"`` fixes ranges. ``"fakequant"`` (default): batch norm folded by us,
             kernels behind a per-channel FakeQuant whose grid holds the trained levels exactly,
             activations at the student's own quantizer ranges (calibrated min/max where it has
@@ -108,11 +112,17 @@ def export_tflite(
             whose int8 kernels cost the same for 16 as for 64 channels (ResNet20 on an AMX
             Xeon: 1.4-1.8x faster; on an AMD EPYC: 1.8x slower); measure on the target with
             ``tools/benchmark_tflite.py`` (``faster_int8_layout``).
+        softmax_head_bits: Full-integer modes: the width of the logits and probabilities of a
+            softmax the model ends in. ``None`` (default): the student's (``quantize_model``'s
+            ``softmax_head_bits``; 16 for a student that keeps its head float). 16: the head
+            runs on LiteRT's 16x8 kernels, int16 logits and probabilities in steps of 1/32768
+            (:mod:`tfqkd.export.heads`); 8: the converter's int8 head (probabilities in steps of
+            1/256), for runtimes that take int8 tensors only.
 
     Returns:
         ``{"path", "mode", "bytes", "snapped_channels", "weight_bits", "aligned_biases",
         "aligned_ranges", "space_to_depth_convs", "rescaled_bias_channels",
-        "per_channel_dense_kernels"}`` (with
+        "per_channel_dense_kernels", "softmax_head_bits"}`` (with
         ``align_student``, else None: ``aligned_biases`` ``{"channels", "max_shift_steps"}``,
         ``aligned_ranges`` ``{"tensors", "unaligned", "integer_means"}``, the quantizers moved,
         the names of those that cannot take the file's range, and the average poolings given
@@ -120,7 +130,8 @@ def export_tflite(
         convolutions were rewritten; ``rescaled_bias_channels``: int32 bias channels the
         converter stated on another scale than the runtime adds them on, re-expressed;
         ``per_channel_dense_kernels``: dense kernels of a per-channel student written with its
-        per-channel integers and steps, which the converter would only take per tensor).
+        per-channel integers and steps, which the converter would only take per tensor;
+        ``softmax_head_bits``: 8 or 16 for a full-integer file with a softmax head, else None).
 
     Raises:
         ValueError: unknown mode, missing/empty representative data.
@@ -144,6 +155,7 @@ def export_tflite(
             "tf.data.Dataset of images or (images, labels), an array, or a generator function), "
             "e.g. tfqkd.data.load_dataset('cifar10', 'train', augment=False). Without data use "
             "mode='dynamic' (int8 weights, float activations).")
+    softmax_head_bits = _check_head_bits(softmax_head_bits)
     if num_calibration is not None and num_calibration < 1:
         raise ValueError(f"num_calibration must be >= 1 or None, got {num_calibration!r}.")
     if not isinstance(model, keras.Model):
@@ -163,6 +175,8 @@ def export_tflite(
         raise ExportError(f"could not rebuild model {model.name!r} as a plain float model for "
                           f"export: {err}") from err
     bits_by_layer: Dict[str, Optional[int]] = {name: w.bits for name, w in kernels.items()}
+    if mode == "int4":
+        bits_by_layer = _int8_head_kernel(model, bits_by_layer, softmax_head_bits)
 
     if method not in ("fakequant", "ptq"):
         raise ValueError(f"unknown int8 method {method!r}; choose 'fakequant' or 'ptq'.")
@@ -227,6 +241,12 @@ def export_tflite(
         content, per_channel_dense = _per_channel_dense_weights(content, plain, kernels)
     if mode == "int8" and method == "ptq" and snap_levels:
         content, snapped = _snap_int8_levels(content, _tflite_layout_levels(plain, kernels))
+    head_bits = None
+    int8_head = content  # the int32 biases _align_student_biases reads, the head's included
+    if mode in ("int8", "int4"):
+        content, widened, head_bits = _head_report(model, content, softmax_head_bits)
+        if widened is not None:
+            file_ranges[widened] = SOFTMAX_HEAD_RANGES[16]
     written, rewritten = content, 0
     if space_to_depth:
         written, rewritten = space_to_depth_convs(content)
@@ -234,10 +254,10 @@ def export_tflite(
     aligned = aligned_ranges = None
     if align_student and mode in ("int8", "int4"):
         # The rewrite only tiles biases: align on the compact file's one copy per channel.
-        aligned = _align_student_biases(model, plain, content)
+        aligned = _align_student_biases(model, plain, int8_head)
         aligned_ranges = _align_student_ranges(model, file_ranges)
     return {"path": path, "mode": mode, "bytes": len(written), "snapped_channels": snapped,
             "weight_bits": used_bits or {k: v for k, v in bits_by_layer.items() if v},
             "aligned_biases": aligned, "aligned_ranges": aligned_ranges,
             "space_to_depth_convs": rewritten, "rescaled_bias_channels": rescaled_biases,
-            "per_channel_dense_kernels": per_channel_dense}
+            "per_channel_dense_kernels": per_channel_dense, "softmax_head_bits": head_bits}

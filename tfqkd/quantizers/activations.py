@@ -185,7 +185,9 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
     def __init__(self, bits: int = 8, ema_decay: float = 0.99, widen: float = 0.0,
                  mean_window: Optional[int] = None,
                  limits: Optional[Tuple[float, float]] = None):
-        self.bits = check_bits(bits, "bits")
+        # 16: the int16 grid of TFLite's 16x8 kernels, symmetric (zero point 0): steps of
+        # max(|min|, |max|) / 32767 on [-32768, 32767] steps. The logits of a softmax head.
+        self.bits = 16 if _is_sixteen(bits) else check_bits(bits, "bits")
         # The range is never wider than ``limits`` (lo < 0 < hi): the input of a sigmoid or tanh
         # whose output is rounded on TFLite's fixed grid, beyond which every input gives the same
         # output level (the registry's PRE_ACTIVATION_LIMITS). A squeeze-excite gate's EMA range
@@ -248,6 +250,8 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
         if self.limits is not None:
             lo, hi = tf.maximum(lo, self.limits[0]), tf.minimum(hi, self.limits[1])
         lo, hi = tf.where(empty, -1.0, lo), tf.where(empty, 1.0, hi)
+        if self.bits == 16:
+            lo, hi = _int16_range(lo, hi)
         if self.mean_window is not None and self.bits == 8:
             q = _integer_mean_rounding(x, lo, hi, self.mean_window)
         else:
@@ -262,6 +266,8 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
         hi = float(np.asarray(weights["max_var"])) * scale
         if self.limits is not None and hi > lo:
             lo, hi = max(lo, self.limits[0]), min(hi, self.limits[1])
+        if self.bits == 16 and hi > lo:
+            lo, hi = (float(v) for v in _int16_range(np.float32(lo), np.float32(hi)))
         return lo, hi
 
     def get_config(self) -> Dict[str, Any]:
@@ -273,6 +279,18 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
         if self.limits is not None:  # likewise
             config["limits"] = list(self.limits)
         return config
+
+
+def _is_sixteen(bits) -> bool:
+    return isinstance(bits, numbers.Integral) and not isinstance(bits, bool) and int(bits) == 16
+
+
+def _int16_range(lo, hi):
+    """``[-32768 s, 32767 s]`` with ``s = max(|lo|, |hi|) / 32767``: FakeQuant at 16 bits on it
+    rounds on multiples of ``s`` with zero at level 32768, the int16 zero point 0."""
+    step = np.maximum(np.abs(lo), np.abs(hi)) / np.float32(32767.0) if isinstance(lo, np.floating) \
+        else tf.maximum(tf.abs(lo), tf.abs(hi)) / 32767.0
+    return -32768.0 * step, 32767.0 * step
 
 
 #: Largest pooling window whose means are snapped to their exact grid: the means of up to
@@ -306,16 +324,29 @@ class FixedRangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qu
     TFLite's int8 ``SOFTMAX`` and ``LOGISTIC`` (sigmoid) outputs have scale 1/256 and zero point
     -128, i.e. the range ``[0, 255/256]``; ``TANH`` has ``[-1, 127/128]``. tfqkd rounds those
     outputs on the same grid in the student (:func:`tfqkd.quantize.quantize_model` with
-    ``activation_bits``), so the file and the student agree on them, ties included.
+    ``activation_bits``), so the file and the student agree on them, ties included. A softmax
+    head (the model's output) can be int16 in the file: 16 bits on ``[-1, 32767/32768]``
+    (scale 1/32768, zero point 0).
+
+    Args:
+        bits: 2..8, or 16 (an int16 tensor).
+        min, max: The range; ``min <= 0 <= max``.
 
     Example:
         >>> q = FixedRangeQuantizer(8, 0.0, 255.0 / 256.0)
         >>> float(q(tf.constant(0.3), False, {}).numpy()) * 256
         77.0
+        >>> float(FixedRangeQuantizer(16, -1.0, 32767 / 32768)(tf.constant(0.3), False, {})) * 32768
+        9830.0
     """
 
     def __init__(self, bits: int = 8, min: float = 0.0, max: float = 255.0 / 256.0):  # noqa: A002
-        self.bits = check_bits(bits, "bits")
+        # fake_quant rounds at 2..16 bits; TFLite stores 2..8 as int8 and 16 as int16.
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or \
+                int(bits) not in (2, 3, 4, 5, 6, 7, 8, 16):
+            raise ValueError(f"bits must be an integer in 2..8 (an int8 tensor) or 16 (int16), "
+                             f"got {bits!r}.")
+        self.bits = int(bits)
         if not float(min) <= 0.0 <= float(max) or float(max) <= float(min):
             raise ValueError(f"need min <= 0 <= max and min < max, got [{min!r}, {max!r}].")
         self.min, self.max = float(min), float(max)
