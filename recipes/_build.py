@@ -205,7 +205,7 @@ def quantize(model: keras.Model, cfg: Config) -> keras.Model:
                                 activation_bits=cfg.activation_bits,
                                 first_last_bits=cfg.first_last_bits,
                                 per_channel=cfg.per_channel, step=cfg.step,
-                                softmax_head_bits=getattr(cfg, "softmax_head_bits", 16))
+                                softmax_head_bits=getattr(cfg, "softmax_head_bits", None))
 
 
 def coefficient_scheduler(cfg: Config):

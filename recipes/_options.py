@@ -272,8 +272,8 @@ def _validate(cfg: Config) -> None:
             ok = False
         if not ok:
             raise ValueError(f"--save_freq must be 'epoch' or a positive integer, got {sf!r}.")
-    head_bits = getattr(cfg, "softmax_head_bits", 16)
-    if head_bits not in (8, 16):
+    head_bits = getattr(cfg, "softmax_head_bits", None)
+    if head_bits not in (None, 8, 16):
         raise ValueError(f"--softmax_head_bits must be 8 (an int8 head) or 16 (int16), "
                          f"got {head_bits!r}.")
     for name in ("epochs", "batch_size"):
@@ -429,10 +429,10 @@ QUANT_OPTIONS = [
     Option("step", "l2", "Quantization step: l2 (L2-error minimising), std, or learned (LSQ: "
            "trainable, initialised at the l2 step).", "enum", ("l2", "std", "learned")),
     Option("per_channel", False, "One step size per output channel.", "bool"),
-    Option("softmax_head_bits", 16, "With --activation_bits: width of the logits and "
+    Option("softmax_head_bits", None, "With --activation_bits: width of the logits and "
            "probabilities of a softmax-ended student, in the student and its integer file: 16 "
            "(int16, LiteRT's 16x8 kernels) or 8 (int8, for runtimes that take int8 tensors "
-           "only).",
+           "only); absent: 16 for heads of up to 131,072 weights, else 8.",
            "integer", former_defaults=(8,)),
     Option("precise_bn_batches", 100, "After training, re-estimate the student's batch-norm "
            "statistics over this many training batches (tfqkd.batch_norm: low-bit weights that "

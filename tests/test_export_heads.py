@@ -174,3 +174,25 @@ def test_bad_softmax_head_bits_are_named_and_leave_no_file(tmp_path):
     with pytest.raises(ValueError, match="softmax_head_bits must be None .* 8 .* or 16"):
         export.export_tflite(q, path, x[:64], mode="int8", softmax_head_bits=4)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_wide_head_stays_int8_by_default_and_16_bit_on_request(tmp_path):
+    """The 16x8 head does not run on XNNPACK: by default only logits kernels of up to
+    SIXTEEN_BIT_HEAD_MAX_WEIGHTS weights get it (a 200 x 700 = 140,000-weight head does not)."""
+    from tfqkd.quantize_configs import SIXTEEN_BIT_HEAD_MAX_WEIGHTS, default_head_bits
+
+    assert default_head_bits(200 * 700) == 8
+    assert default_head_bits(SIXTEEN_BIT_HEAD_MAX_WEIGHTS) == 16
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(200, activation="relu")(inp)
+    wide = keras.Model(inp, keras.layers.Dense(700, activation="softmax", name="head")(h))
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    for requested, expected in ((None, 8), (16, 16)):
+        q = quantize_model(wide, weight_bits=8, activation_bits=8, softmax_head_bits=requested)
+        q(x, training=True)
+        assert q.get_layer("quant_head")._output_quantizers[0].bits == expected
+        info = export.export_tflite(q, tmp_path / f"wide_{expected}.tflite", x, mode="int8")
+        assert info["softmax_head_bits"] == expected
+    # A float model's head takes the default for its size too.
+    info = export.export_tflite(wide, tmp_path / "float.tflite", x, mode="int8")
+    assert info["softmax_head_bits"] == 8

@@ -50,6 +50,7 @@ import importlib
 import warnings
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import tensorflow_model_optimization as tfmot
 
 # finalize_layer_states, INPUT_RANGE_WIDEN: re-exported, this module was their home before.
@@ -60,7 +61,7 @@ from tfqkd.layer_bits import BitsSpec, activation_layers, resolve_layer_bits, we
 from tfqkd.qat_weights import _weight_vars, quantization_info, quantized_weights
 from tfqkd.models.heads import softmax_layer
 from tfqkd.quantize_configs import (
-    SOFTMAX_HEAD_BITS,
+    default_head_bits,
     PRE_QUANTIZED_ACTIVATIONS,
     activation_name,
     is_quantizable_relu_layer,
@@ -236,7 +237,7 @@ def quantize_model(
     activation_quantizer: Optional[Callable[[int], Any]] = None,
     layer_bits: BitsSpec = None,
     layer_activation_bits: BitsSpec = None,
-    softmax_head_bits: int = SOFTMAX_HEAD_BITS,
+    softmax_head_bits: Optional[int] = None,
 ) -> keras.Model:
     """Returns a quantization-aware-training copy of ``model`` (tfmot ``QuantizeWrapperV2`` layers).
 
@@ -266,12 +267,14 @@ def quantize_model(
             fused ReLU), overriding ``activation_bits``, which must be set.
         softmax_head_bits: With ``activation_bits``, the width of the logits and probabilities
             of the softmax the model ends in (its head), as the student rounds them and the
-            integer file computes them (:func:`tfqkd.export.export_tflite`): 16 (default: int16
-            logits on a symmetric grid, probabilities in steps of 1/32768, LiteRT's 16x8
-            kernels) or 8 (int8; probabilities in steps of 1/256, for runtimes that take int8
-            tensors only). With int8 logits, top classes one logit step apart tie and argmax
-            takes the lower index (14-306 of 1,000 test images in 10-class Applications
-            students, docs/export.md).
+            integer file computes them (:func:`tfqkd.export.export_tflite`): 16 (int16 logits
+            on a symmetric grid, probabilities in steps of 1/32768, LiteRT's 16x8 kernels) or
+            8 (int8; probabilities in steps of 1/256, for runtimes that take int8 tensors
+            only). ``None`` (default): 16 for a logits kernel of up to 131,072 weights, 8 above
+            (:func:`tfqkd.quantize_configs.default_head_bits`: the 16x8 head is slower, 1.22x
+            a 1000-class MobileNetV2). With int8 logits, top classes one logit step apart tie
+            and argmax takes the lower index (14-306 of 1,000 test images in 10-class
+            Applications students, docs/export.md).
 
     Returns:
         The QAT model, named like ``model``; layer ``x`` becomes ``quant_x``.
@@ -320,13 +323,14 @@ def quantize_model(
         first, last = first_and_last_layers(model)
         kept_float = tuple(name for name in first + last if name not in chosen_bits)
 
+    logits = _softmax_logits(model)
     registry_kwargs = dict(
         weight_bits=weight_bits, activation_bits=activation_bits, per_channel=per_channel,
         step=step, activation_clip=activation_clip, activation_quantizer=activation_quantizer,
         layer_bits=kernel_bits, layer_activation_bits=chosen_activation_bits,
         output_layers=integer_graph_tensors(model) if activation_bits is not None else (),
-        softmax_head=softmax_layer(model), softmax_head_bits=softmax_head_bits,
-        softmax_logits=_softmax_logits(model))
+        softmax_head=softmax_layer(model),
+        softmax_head_bits=_head_bits(model, logits, softmax_head_bits), softmax_logits=logits)
     scheme = TfqkdQuantizeScheme(**registry_kwargs)
     registry = scheme.get_quantize_registry()
 
@@ -403,6 +407,14 @@ def _softmax_logits(model: keras.Model) -> Optional[str]:
         if not isinstance(layer, _VALUE_PRESERVING + (keras.layers.Conv2D, keras.layers.Dense)):
             return None
     return None
+
+
+def _head_bits(model: keras.Model, logits: Optional[str], requested: Optional[int]) -> int:
+    """``requested``, or by default the width :func:`default_head_bits` gives the logits kernel."""
+    if requested is not None or logits is None:
+        return 16 if requested is None else requested  # the registry checks a bad value
+    kernel = getattr(model.get_layer(logits), "kernel", None)
+    return default_head_bits(None if kernel is None else int(np.prod(kernel.shape)))
 
 
 def quantize_at_widths(model: keras.Model, widths: Mapping[str, int],

@@ -28,7 +28,6 @@ from tfqkd._keras import keras, tf
 from tfqkd.quantize_configs import (
     PINNED_OUTPUT_RANGES,
     PRE_ACTIVATION_LIMITS,
-    SOFTMAX_HEAD_BITS,
     SOFTMAX_HEAD_RANGES,
     PRE_QUANTIZED_ACTIVATIONS,
     ActivationQuantizeConfig,
@@ -275,9 +274,10 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
         softmax_logits: Name of the kernel layer computing that softmax's logits (the head
             itself for a ``Dense(activation="softmax")``): at 16 bits they are rounded on a
             16-bit symmetric grid (``RangeQuantizer(16)``), as the file's int16 logits.
-        softmax_head_bits: 16 (default: int16 logits and probabilities in the integer file,
+        softmax_head_bits: 16 (int16 logits and probabilities in the integer file,
             probabilities in steps of 1/32768) or 8 (int8, 1/256): see
-            :data:`tfqkd.quantize_configs.SOFTMAX_HEAD_RANGES`.
+            :data:`tfqkd.quantize_configs.SOFTMAX_HEAD_RANGES` (``quantize_model`` picks it by
+            the head's size, :func:`tfqkd.quantize_configs.default_head_bits`).
 
     Example:
         >>> reg = TfqkdQuantizeRegistry(weight_bits=2, layer_bits={"stem": 8})
@@ -297,7 +297,7 @@ class TfqkdQuantizeRegistry(_tfmot_q.QuantizeRegistry):
         output_layers: Optional[Sequence[str]] = None,
         layer_activation_bits: Optional[Mapping[str, int]] = None,
         softmax_head: Optional[str] = None,
-        softmax_head_bits: int = SOFTMAX_HEAD_BITS,
+        softmax_head_bits: int = 16,
         softmax_logits: Optional[str] = None,
     ):
         self.weight_bits, self.activation_bits, _, self.per_channel = _check_options(

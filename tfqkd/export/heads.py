@@ -13,7 +13,8 @@ with its int8 kernel and an int64 bias (the same integers) and writes int16 logi
 0, the student's 16-bit step, :class:`~tfqkd.quantizers.RangeQuantizer` ``bits=16``), any
 ``RESHAPE`` passes them on, and ``SOFTMAX`` writes int16 probabilities in steps of 1/32768
 (:data:`tfqkd.quantize_configs.SOFTMAX_HEAD_RANGES`). Only the head changes; every other op
-stays int8.
+stays int8. The 16x8 kernels do not run on XNNPACK, so by default only heads of up to
+:data:`~tfqkd.quantize_configs.SIXTEEN_BIT_HEAD_MAX_WEIGHTS` logits weights are 16-bit.
 
 Example:
     >>> import numpy as np, os, tempfile
@@ -39,7 +40,7 @@ from tfqkd.export._flatbuffer import op_names as _op_names
 from tfqkd.export._flatbuffer import read as _read_flatbuffer
 from tfqkd.export._flatbuffer import write as _write_flatbuffer
 from tfqkd.models.heads import softmax_layer
-from tfqkd.quantize_configs import SOFTMAX_HEAD_BITS, SOFTMAX_HEAD_RANGES
+from tfqkd.quantize_configs import SIXTEEN_BIT_HEAD_MAX_WEIGHTS, SOFTMAX_HEAD_RANGES
 from tfqkd.quantizers import RangeQuantizer
 
 __all__: List[str] = []
@@ -65,21 +66,21 @@ def _sixteen_bit_logits(model: keras.Model) -> Tuple[Optional[str], Optional[flo
     return None, None
 
 
-def _student_head(model: keras.Model) -> Tuple[Optional[str], int, Optional[float]]:
+def _student_head(model: keras.Model) -> Tuple[Optional[str], Optional[int], Optional[float]]:
     """(inner name of the softmax head or None, the width the student rounds its probabilities
-    at, the step of its 16-bit logits or None).
+    at or None, the step of its 16-bit logits or None).
 
     A student without a quantizer on its head (a float model, or weights-only QAT) computes the
-    head in float: the finer 16-bit head is the closer one.
+    head in float: None, the file's head then takes the default width for its size.
     """
     name = softmax_layer(model)
     if name is None:
-        return None, SOFTMAX_HEAD_BITS, None
+        return None, None, None
     layer = model.get_layer(name) if name in {x.name for x in model.layers} else None
     quantizers = getattr(layer, "_output_quantizers", None) or []
     inner = getattr(getattr(layer, "layer", None), "name", name)
     bits = getattr(quantizers[0], "bits", None) if quantizers else None
-    bits = bits if bits in SOFTMAX_HEAD_RANGES else SOFTMAX_HEAD_BITS
+    bits = bits if bits in SOFTMAX_HEAD_RANGES else None
     return inner, bits, _sixteen_bit_logits(model)[1]
 
 
@@ -161,10 +162,12 @@ def _opcode(model_obj, names, builtin: int, name: str) -> int:
     return len(model_obj.operatorCodes) - 1
 
 
-def _widen_head(content: bytes, logits_step: Optional[float]) -> Tuple[bytes, bool]:
+def _widen_head(content: bytes, logits_step: Optional[float],
+                max_weights: Optional[int] = None) -> Tuple[bytes, bool]:
     """Rewrites the file's softmax head to 16 bits (see the module docstring). ``logits_step``:
-    the student's 16-bit logits step; None: the int8 logits' range over 32767 steps. Returns the
-    new content and whether the file had such a head."""
+    the student's 16-bit logits step; None: the int8 logits' range over 32767 steps.
+    ``max_weights``: leave a head whose kernel has more weights as it is. Returns the new content
+    and whether the head was rewritten."""
     from tensorflow.lite.python import schema_py_generated as schema
 
     model_obj = _read_flatbuffer(content)
@@ -174,6 +177,9 @@ def _widen_head(content: bytes, logits_step: Optional[float]) -> Tuple[bytes, bo
         return content, False
     sg = model_obj.subgraphs[0]
     kernel = head["kernel"]
+    if max_weights is not None and \
+            int(np.prod(sg.tensors[int(kernel.inputs[1])].shape)) > max_weights:
+        return content, False
     x_index = int(kernel.inputs[0])
     x = sg.tensors[x_index]
     if logits_step is None:
@@ -226,8 +232,9 @@ def _head_report(model: keras.Model, content: bytes, requested: Optional[int]
     inner, bits, logits_step = _student_head(model)
     if requested is not None:
         bits = requested
-    if bits == 16:
-        content, widened = _widen_head(content, logits_step)
+    if bits != 8:  # 16, or None: the default width for the head's size
+        content, widened = _widen_head(content, logits_step,
+                                       None if bits == 16 else SIXTEEN_BIT_HEAD_MAX_WEIGHTS)
         if widened:
             return content, inner, 16
     return content, None, (8 if inner is not None else None)

@@ -114,10 +114,11 @@ def export_tflite(
             ``tools/benchmark_tflite.py`` (``faster_int8_layout``).
         softmax_head_bits: Full-integer modes: the width of the logits and probabilities of a
             softmax the model ends in. ``None`` (default): the student's (``quantize_model``'s
-            ``softmax_head_bits``; 16 for a student that keeps its head float). 16: the head
-            runs on LiteRT's 16x8 kernels, int16 logits and probabilities in steps of 1/32768
-            (:mod:`tfqkd.export.heads`); 8: the converter's int8 head (probabilities in steps of
-            1/256), for runtimes that take int8 tensors only.
+            ``softmax_head_bits``; for a student that keeps its head float, 16 up to 131,072
+            logits weights, else 8: :func:`tfqkd.quantize_configs.default_head_bits`). 16: the
+            head runs on LiteRT's 16x8 kernels, int16 logits and probabilities in steps of
+            1/32768 (:mod:`tfqkd.export.heads`); 8: the converter's int8 head (probabilities
+            in steps of 1/256), for runtimes that take int8 tensors only.
 
     Returns:
         ``{"path", "mode", "bytes", "snapped_channels", "weight_bits", "aligned_biases",
