@@ -61,9 +61,9 @@ from tfqkd.layer_bits import BitsSpec, activation_layers, resolve_layer_bits, we
 from tfqkd.qat_weights import _weight_vars, quantization_info, quantized_weights
 from tfqkd.models.heads import softmax_layer
 from tfqkd.quantize_configs import (
-    default_head_bits,
     PRE_QUANTIZED_ACTIVATIONS,
     activation_name,
+    default_head_bits,
     is_quantizable_relu_layer,
     is_relu_activation,
     is_swish,
@@ -410,9 +410,10 @@ def _softmax_logits(model: keras.Model) -> Optional[str]:
 
 
 def _head_bits(model: keras.Model, logits: Optional[str], requested: Optional[int]) -> int:
-    """``requested``, or by default the width :func:`default_head_bits` gives the logits kernel."""
+    """``requested``, or by default the width :func:`default_head_bits` gives the logits kernel
+    (8 when no Conv/Dense computes the logits: the file keeps the converter's int8 head then)."""
     if requested is not None or logits is None:
-        return 16 if requested is None else requested  # the registry checks a bad value
+        return 8 if requested is None else requested  # the registry checks a bad value
     kernel = getattr(model.get_layer(logits), "kernel", None)
     return default_head_bits(None if kernel is None else int(np.prod(kernel.shape)))
 

@@ -162,11 +162,18 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
     outputs, pooled features, logits); the exporter writes ``[min, max]`` into the file. With
     ``limits=(lo, hi)`` the range used is ``[max(min, lo), min(max, hi)]`` (the variables keep
     tracking the data): the input of a sigmoid or tanh, whose output stops changing beyond them.
+    ``bits=16`` rounds on the symmetric int16 grid of TFLite's 16x8 kernels instead: steps of
+    ``max(|min|, |max|) / 32767``, zero point 0 (the logits of a 16-bit softmax head).
 
     Example:
         >>> import numpy as np
         >>> from tfqkd._keras import keras
         >>> layer = keras.layers.Layer()
+        >>> logits = RangeQuantizer(16)
+        >>> v = logits.build((), "logits", layer)
+        >>> _ = logits(tf.constant([-3.0, 7.0]), True, v)
+        >>> [round(x * 32767 / 7.0) for x in logits.range_of(v)]
+        [-32768, 32767]
         >>> gate_input = RangeQuantizer(8, limits=(-8.0, 8.0))
         >>> v = gate_input.build((), "gate", layer)
         >>> _ = gate_input(tf.constant([-78.0, 51.0]), True, v)
@@ -186,7 +193,7 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
                  mean_window: Optional[int] = None,
                  limits: Optional[Tuple[float, float]] = None):
         # 16: the int16 grid of TFLite's 16x8 kernels, symmetric (zero point 0): steps of
-        # max(|min|, |max|) / 32767 on [-32768, 32767] steps. The logits of a softmax head.
+        # max(|min|, |max|) / 32767, levels -32768..32767. The logits of a softmax head.
         self.bits = 16 if _is_sixteen(bits) else check_bits(bits, "bits")
         # The range is never wider than ``limits`` (lo < 0 < hi): the input of a sigmoid or tanh
         # whose output is rounded on TFLite's fixed grid, beyond which every input gives the same
