@@ -126,8 +126,9 @@ class ParityReport:
     #: are unrelated to the model's.
     relative_output_error: float = float("nan")
     #: Disagreements where the file's output at the model's top-1 class equals the file's maximum:
-    #: the file ties the two classes on its output grid (an int8 softmax's 1/256) and its argmax
-    #: takes the lower index. Near-tied models (a few training steps) have many of these.
+    #: the file ties the two classes (equal int8 logits, or one 1/256 step of an int8 softmax)
+    #: and its argmax takes the lower index. Near-tied models (a few training steps) have many
+    #: of these with an int8 head, next to none with a 16-bit one (tfqkd.export.heads).
     tied_disagreements: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
