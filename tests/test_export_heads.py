@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tfqkd import export
-from tfqkd._flatbuffer import op_names, read
+from tfqkd._flatbuffer import op_names, read, write
 from tfqkd._keras import keras
 from tfqkd.quantize import quantize_model
 from tfqkd.quantize_configs import SOFTMAX_HEAD_RANGES
@@ -196,3 +196,34 @@ def test_a_wide_head_stays_int8_by_default_and_16_bit_on_request(tmp_path):
     # A float model's head takes the default for its size too.
     info = export.export_tflite(wide, tmp_path / "float.tflite", x, mode="int8")
     assert info["softmax_head_bits"] == 8
+
+
+def test_a_restated_bias_of_a_per_tensor_head_still_loads(tmp_path):
+    """The exporter restates an int32 bias per channel where the converter stated it for an input
+    it then removed (tfqkd.export.convert._match_bias_scales; EfficientNetB0's head at 32x32).
+    The 16x8 kernel reads one bias scale for per-tensor weights and checks it against s_in * s_w
+    within 2 % of its fine output step: the 16-bit head must still load. (It did not: "Node 236
+    (FULLY_CONNECTED) failed to prepare", check_applications, 2026-12-07.)"""
+    from tfqkd.export.heads import _widen_head
+
+    q, x = _student("dense", 0)
+    head = q.get_layer("quant_head").layer
+    head.bias.assign(np.linspace(-0.5, 0.5, 10).astype("float32"))  # a bias the file keeps
+    int8_path = tmp_path / "int8.tflite"
+    export.export_tflite(q, int8_path, x[:256], mode="int8", softmax_head_bits=8)
+    model_obj = read(int8_path.read_bytes())
+    names = op_names(model_obj)
+    sg = model_obj.subgraphs[0]
+    fc = [op for op in sg.operators if names[op.opcodeIndex] == "FULLY_CONNECTED"][-1]
+    weights, bias = sg.tensors[int(fc.inputs[1])], sg.tensors[int(fc.inputs[2])]
+    assert len(weights.quantization.scale) == 1  # per-tensor weights
+    # As _match_bias_scales states a bias: one scale per channel, the same value.
+    channels = int(bias.shape[0])
+    bias.quantization.scale = np.full(channels, bias.quantization.scale[0], np.float32)
+    bias.quantization.zeroPoint = np.zeros(channels, np.int64)
+    content, widened = _widen_head(write(model_obj), None)
+    assert widened
+    path = tmp_path / "restated.tflite"
+    path.write_bytes(content)
+    report = export.verify_tflite(path, q, (x, np.zeros(len(x), "int32")))  # loads and runs
+    assert report.num_examples == len(x)

@@ -211,6 +211,13 @@ def _widen_head(content: bytes, logits_step: Optional[float],
         data.data = np.frombuffer(values.tobytes(), np.uint8)
         model_obj.buffers.append(data)
         bias.buffer, bias.type = len(model_obj.buffers) - 1, _INT64
+        # Stated on the scales the kernel adds it on, s_in * s_w, one per weight scale: the
+        # 16x8 kernels check the bias's scale against s_in * s_w within 2 % of the (fine) int16
+        # output step and read a single scale for per-tensor weights. The integers stay: the
+        # runtime adds them on s_in * s_w whatever the stated scale.
+        w_scales = np.asarray(sg.tensors[inputs[1]].quantization.scale, np.float64)
+        bias.quantization.scale = (float(x.quantization.scale[0]) * w_scales).astype(np.float32)
+        bias.quantization.zeroPoint = np.zeros(len(w_scales), np.int64)
         sg.tensors.append(bias)
         inputs[2] = len(sg.tensors) - 1
     kernel.inputs = np.array(inputs, np.int32)
