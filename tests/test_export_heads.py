@@ -227,3 +227,19 @@ def test_a_restated_bias_of_a_per_tensor_head_still_loads(tmp_path):
     path.write_bytes(content)
     report = export.verify_tflite(path, q, (x, np.zeros(len(x), "int32")))  # loads and runs
     assert report.num_examples == len(x)
+
+
+def test_a_16_bit_head_the_file_cannot_take_is_named_in_a_warning(tmp_path):
+    """A softmax computed by ops other than a Dense / Conv2D (here an Add of two logits) keeps the
+    converter's int8 head; the 16-bit student must not pass silently."""
+    inp = keras.Input((8,))
+    a = keras.layers.Dense(10, name="logits_a")(inp)
+    b = keras.layers.Dense(10, name="logits_b")(inp)
+    out = keras.layers.Activation("softmax", name="head")(keras.layers.Add()([a, b]))
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    q = quantize_model(keras.Model(inp, out), weight_bits=8, activation_bits=8,
+                       softmax_head_bits=16)
+    q(x, training=True)
+    with pytest.warns(UserWarning, match="softmax head 'head' stays int8"):
+        info = export.export_tflite(q, tmp_path / "add.tflite", x, mode="int8")
+    assert info["softmax_head_bits"] == 8

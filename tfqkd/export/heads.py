@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -244,6 +245,13 @@ def _head_report(model: keras.Model, content: bytes, requested: Optional[int]
                                        None if bits == 16 else SIXTEEN_BIT_HEAD_MAX_WEIGHTS)
         if widened:
             return content, inner, 16
+        if bits == 16 and inner is not None:
+            warnings.warn(
+                f"the softmax head {inner!r} stays int8 in the file: it is not a Dense / Conv2D "
+                "(through reshapes) feeding the softmax, which the 16-bit head needs, but the "
+                "model rounds it at 16 bits, so the file can disagree where top classes are "
+                "close. Quantize with softmax_head_bits=8 to make the model match the file.",
+                UserWarning, stacklevel=3)
     return content, None, (8 if inner is not None else None)
 
 
