@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from tfqkd._keras import keras
+from tfqkd.export._flatbuffer import buffer_values as _buffer_values
 from tfqkd.export._flatbuffer import op_names as _op_names
 from tfqkd.export._flatbuffer import read as _read_flatbuffer
 from tfqkd.export._flatbuffer import write as _write_flatbuffer
@@ -206,8 +207,7 @@ def _widen_head(content: bytes, logits_step: Optional[float],
         # The same integers as int64, in a tensor and buffer of their own (the converter lets
         # identical constants share a buffer).
         bias = copy.deepcopy(sg.tensors[inputs[2]])
-        values = np.frombuffer(bytes(np.asarray(model_obj.buffers[bias.buffer].data, np.uint8)),
-                               np.int32).astype(np.int64)
+        values = _buffer_values(model_obj.buffers[bias.buffer], np.int32).astype(np.int64)
         data = schema.BufferT()
         data.data = np.frombuffer(values.tobytes(), np.uint8)
         model_obj.buffers.append(data)
