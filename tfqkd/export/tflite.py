@@ -38,6 +38,7 @@ from tfqkd.export.fakequant import _fakequant_model
 from tfqkd.export.forward import forward_model
 from tfqkd.export.heads import _check_head_bits, _head_report, _int8_head_kernel
 from tfqkd.export.layout import space_to_depth_convs
+from tfqkd.export.requant import _align_student_requantization
 from tfqkd.export.ranges import (
     _align_student_ranges,
     _student_activation_bits,
@@ -80,9 +81,9 @@ def export_tflite(
             images, or a generator function yielding ``[images]`` as the TFLite converter takes.
         mode: One of :data:`MODES`: ``"float"``, ``"dynamic"`` (int8 weights, float
             activations), ``"int8"`` (full integer), ``"int4"`` (full integer with weights trained
-            at <= 4 bits stored as INT4; LiteRT's INT4 kernels round a few % of outputs one
-            step up, so with < 8-bit activations the file does not track the student: a
-            ``UserWarning`` says so).
+            at <= 4 bits stored as INT4; LiteRT runs those on its built-in kernels, which
+            round twice: ``align_student=True`` gives the student that rounding, and without
+            it a student with < 8-bit activations gets a ``UserWarning``).
         num_calibration: At most this many images are used for calibration (``None``: all).
         int8_io: Full-integer modes only: integer input and output tensors instead of float32
             (int8; a softmax head's output is int16 at ``softmax_head_bits=16``).
@@ -103,8 +104,12 @@ def export_tflite(
             as 1x1 depthwise convolutions, onto the int32 grid the file stores them on (by at
             most half a bias step); and set the output quantizers of tensors the file rounds on
             one shared scale (a concatenation, a pooling or a reshape with its inputs) to that
-            scale's range. Without it, values near a rounding tie, and in such groups most
-            values, round differently and the difference spreads through the network.
+            scale's range; in an ``int4`` file, whose INT4 convolutions run on LiteRT's
+            built-in kernels, give the quantizers of their outputs the kernels' double
+            rounding (``requant_shifts``, :mod:`tfqkd.export.requant`; an int8 file, which
+            XNNPACK runs with one rounding, clears them). Without it, values near a rounding
+            tie, and in such groups most values, round differently and the difference spreads
+            through the network.
         space_to_depth: ``"int8"`` only: run every 3x3 stride-1 convolution with <= 16 output
             channels on a 2x2 space-to-depth view (``tfqkd.export.layout.space_to_depth_convs``):
             bit-identical outputs, but those kernels take 16x the bytes (ResNet20: 0.47 x
@@ -122,12 +127,14 @@ def export_tflite(
 
     Returns:
         ``{"path", "mode", "bytes", "snapped_channels", "weight_bits", "aligned_biases",
-        "aligned_ranges", "space_to_depth_convs", "rescaled_bias_channels",
-        "per_channel_dense_kernels", "softmax_head_bits"}`` (with
+        "aligned_ranges", "aligned_requantization", "space_to_depth_convs",
+        "rescaled_bias_channels", "per_channel_dense_kernels", "softmax_head_bits"}`` (with
         ``align_student``, else None: ``aligned_biases`` ``{"channels", "max_shift_steps"}``,
         ``aligned_ranges`` ``{"tensors", "unaligned", "integer_means"}``, the quantizers moved,
         the names of those that cannot take the file's range, and the average poolings given
-        the runtime's rounding of a mean; ``space_to_depth_convs``: how many
+        the runtime's rounding of a mean; ``aligned_requantization`` ``{"layers",
+        "unmatched"}``, the quantizers given INT4 kernels' double rounding and the kernel
+        layers whose output quantizer could not take it; ``space_to_depth_convs``: how many
         convolutions were rewritten; ``rescaled_bias_channels``: int32 bias channels the
         converter stated on another scale than the runtime adds them on, re-expressed;
         ``per_channel_dense_kernels``: dense kernels of a per-channel student written with its
@@ -206,15 +213,16 @@ def export_tflite(
             weight_levels=_student_weight_levels(kernels),
             pre_activation_ranges=_student_pre_activation_ranges(model),
             activation_bits=low_bit_activations)
-        if mode == "int4" and low_bit_activations and \
+        if mode == "int4" and low_bit_activations and not align_student and \
                 any(bits <= 4 for bits in used_bits.values()):
             warnings.warn(
-                "mode='int4' with activations below 8 bits: LiteRT's INT4 convolution kernels "
-                "return one step above the integer result on a few % of outputs, and at low-bit "
-                "activations that compounds until the file no longer tracks the student "
-                "(docs/export.md, 'Miss: INT4 kernels'). Check it with verify_tflite, or use "
-                "mode='int8', which rounds the activations the same way and stores the weights "
-                "as int8.", UserWarning, stacklevel=2)
+                "mode='int4' with activations below 8 bits and align_student=False: LiteRT runs "
+                "INT4 convolutions on its built-in kernels, which round a requantized output "
+                "twice, and at low-bit activations that rounding differs from the student's on "
+                "3-25 % of values, which compounds until the file no longer tracks the student "
+                "(docs/export.md, 'INT4 kernels: double rounding'). Export with "
+                "align_student=True, which gives the student the kernels' rounding.",
+                UserWarning, stacklevel=2)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -252,13 +260,15 @@ def export_tflite(
     if space_to_depth:
         written, rewritten = space_to_depth_convs(content)
     atomic_write(path, written)
-    aligned = aligned_ranges = None
+    aligned = aligned_ranges = aligned_requantization = None
     if align_student and mode in ("int8", "int4"):
         # The rewrite only tiles biases: align on the compact file's one copy per channel.
         aligned = _align_student_biases(model, plain, int8_head)
         aligned_ranges = _align_student_ranges(model, file_ranges)
+        aligned_requantization = _align_student_requantization(model, plain, content)
     return {"path": path, "mode": mode, "bytes": len(written), "snapped_channels": snapped,
             "weight_bits": used_bits or {k: v for k, v in bits_by_layer.items() if v},
             "aligned_biases": aligned, "aligned_ranges": aligned_ranges,
+            "aligned_requantization": aligned_requantization,
             "space_to_depth_convs": rewritten, "rescaled_bias_channels": rescaled_biases,
             "per_channel_dense_kernels": per_channel_dense, "softmax_head_bits": head_bits}

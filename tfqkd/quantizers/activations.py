@@ -23,7 +23,8 @@ from tfqkd._keras import keras, tf
 from tfqkd.quantizers._base import _TINY, ConfigEquality, _no_autograph, _straight_through
 from tfqkd.quantizers.symmetric import check_bits
 
-__all__ = ["ActivationQuantizer", "RangeQuantizer", "FixedRangeQuantizer", "CLIP_KINDS"]
+__all__ = ["ActivationQuantizer", "RangeQuantizer", "FixedRangeQuantizer", "CLIP_KINDS",
+           "requantized_levels"]
 
 #: Accepted clipping rules of :class:`ActivationQuantizer`.
 CLIP_KINDS: Tuple[str, ...] = ("ema", "fixed", "pact")
@@ -49,6 +50,48 @@ def _check_clip_kind(clip: Any) -> str:
     return clip
 
 
+def _check_requant_shifts(shifts: Any) -> Optional[Tuple[int, ...]]:
+    if shifts is None:
+        return None
+    try:
+        values = tuple(int(v) for v in shifts)
+        ok = len(values) > 0 and all(v == s and 0 <= v <= 31 for v, s in zip(values, shifts))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"requant_shifts must be None or a non-empty sequence of integers in "
+                         f"0..31 (one per channel, or one for all), got {shifts!r}.")
+    return values
+
+
+def requantized_levels(units: tf.Tensor, shifts: Tuple[int, ...]) -> tf.Tensor:
+    """The integer levels LiteRT's built-in integer kernels give ``units`` when they requantize.
+
+    Those kernels apply the multiplier ``s_in * s_w / s_out = M * 2^-shift / 2^31`` (an int32
+    ``M``) to the int32 accumulator in two roundings: to an integer number of ``2^-shift``
+    steps, then to a step, both half up (measured on LiteRT 2.3's x86 kernels, convolutions and
+    depthwise convolutions, every output equal; :mod:`tfqkd.export.requant`). Together that is
+    ``floor(units + 1/2 + 2^-(shift + 1))`` for ``shift >= 1``: values within ``2^-(shift+1)``
+    below a half round up, 3 % of them at ``shift = 4`` (a 4-bit kernel into a 4-bit
+    activation), 25 % at ``shift = 1``. With ``shift = 0`` (a left shift) it rounds once, half
+    up. XNNPACK rounds once, in float; a file whose kernels run on the built-in ones (its INT4
+    convolutions, which XNNPACK does not take) needs this rounding in the student.
+
+    Args:
+        units: The exact output in steps, zero point excluded (``x / scale``).
+        shifts: The right shift per channel (last axis), or one for all.
+
+    Example:
+        >>> requantized_levels(tf.constant([2.47, 2.44, -2.53, 2.5]), (4,)).numpy().tolist()
+        [3.0, 2.0, -2.0, 3.0]
+    """
+    shift = np.asarray(shifts, np.float64)
+    nudge = np.where(shift > 0, np.exp2(-shift - 1.0), 0.0)
+    # float64: a nudge of 2^-(shift + 1) must survive next to units of up to 2^8.
+    t = tf.cast(units, tf.float64)
+    return tf.cast(tf.floor(t + (0.5 + tf.constant(nudge, tf.float64))), units.dtype)
+
+
 @keras.utils.register_keras_serializable(package="tfqkd")
 class ActivationQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantizer):
     """tfmot ``Quantizer`` for non-negative activations: unsigned uniform ``bits``-bit on [0, c].
@@ -70,6 +113,9 @@ class ActivationQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qu
     the saved and reloaded model again gives the group the same range. It is read only while
     the clip still equals that span (it no longer does once the EMA moves).
 
+    ``requant_shifts`` is also set by ``align_student`` (for an ``int4`` file): the output is
+    then rounded as LiteRT's built-in kernels requantize it (:func:`requantized_levels`).
+
     Example:
         >>> q = ActivationQuantizer(2, clip="fixed", clip_value=3.0)
         >>> q(tf.constant([-1.0, 0.4, 1.6, 2.9, 7.0]), False, {}).numpy().tolist()
@@ -77,7 +123,8 @@ class ActivationQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qu
     """
 
     def __init__(self, bits: int = 8, clip: str = "ema", clip_value: float = 6.0, ema_decay: float = 0.99,
-                 signed_range: Optional[Tuple[float, float]] = None):
+                 signed_range: Optional[Tuple[float, float]] = None,
+                 requant_shifts: Optional[Tuple[int, ...]] = None):
         self.bits = check_bits(bits)
         self.clip = _check_clip_kind(clip)
         if not isinstance(clip_value, numbers.Real) or isinstance(clip_value, bool) or not clip_value > 0:
@@ -87,6 +134,7 @@ class ActivationQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qu
         self.clip_value = float(clip_value)
         self.ema_decay = float(ema_decay)
         self.signed_range = _check_signed_range(signed_range)
+        self.requant_shifts = _check_requant_shifts(requant_shifts)
 
     def build(self, tensor_shape, name: str, layer) -> Dict[str, tf.Variable]:
         """Creates the clip variable (non-trainable for ``"ema"``, trainable for ``"pact"``)."""
@@ -136,7 +184,10 @@ class ActivationQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qu
         # min(relu(x), α): the PACT gradient (1 where x >= α) reaches α through tf.minimum.
         y = tf.minimum(tf.nn.relu(x), clip)
         scale = tf.stop_gradient(tf.maximum(clip, _TINY)) / float(2 ** self.bits - 1)
-        q = tf.floor(y / scale + 0.5) * scale
+        if self.requant_shifts is None:
+            q = tf.floor(y / scale + 0.5) * scale
+        else:
+            q = requantized_levels(y / scale, self.requant_shifts) * scale
         return _straight_through(q, y)
 
     def get_config(self) -> Dict[str, Any]:
@@ -144,6 +195,8 @@ class ActivationQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qu
                   "ema_decay": self.ema_decay}
         if self.signed_range is not None:  # absent key: configs saved before it existed load
             config["signed_range"] = list(self.signed_range)
+        if self.requant_shifts is not None:  # likewise
+            config["requant_shifts"] = list(self.requant_shifts)
         return config
 
 
@@ -164,6 +217,8 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
     tracking the data): the input of a sigmoid or tanh, whose output stops changing beyond them.
     ``bits=16`` rounds on the symmetric int16 grid of TFLite's 16x8 kernels instead: steps of
     ``max(|min|, |max|) / 32767``, zero point 0 (the logits of a 16-bit softmax head).
+    ``requant_shifts`` (8 bits; set by ``align_student`` for an ``int4`` file) rounds as
+    LiteRT's built-in kernels requantize (:func:`requantized_levels`), on the same nudged grid.
 
     Example:
         >>> import numpy as np
@@ -191,7 +246,8 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
 
     def __init__(self, bits: int = 8, ema_decay: float = 0.99, widen: float = 0.0,
                  mean_window: Optional[int] = None,
-                 limits: Optional[Tuple[float, float]] = None):
+                 limits: Optional[Tuple[float, float]] = None,
+                 requant_shifts: Optional[Tuple[int, ...]] = None):
         # 16: the int16 grid of TFLite's 16x8 kernels, symmetric (zero point 0): steps of
         # max(|min|, |max|) / 32767, levels -32768..32767. The logits of a softmax head.
         self.bits = 16 if _is_sixteen(bits) else check_bits(bits, "bits")
@@ -227,6 +283,11 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
         if not isinstance(ema_decay, numbers.Real) or isinstance(ema_decay, bool) or not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
         self.ema_decay = float(ema_decay)
+        self.requant_shifts = _check_requant_shifts(requant_shifts)
+        if self.requant_shifts is not None and (self.bits != 8 or self.mean_window is not None):
+            raise ValueError("requant_shifts applies to an 8-bit RangeQuantizer without "
+                             f"mean_window (a kernel's output), got bits={self.bits}, "
+                             f"mean_window={self.mean_window}.")
 
     def build(self, tensor_shape, name: str, layer) -> Dict[str, tf.Variable]:
         """Creates ``min_var`` / ``max_var`` (non-trainable, 0 = not yet seen data)."""
@@ -261,6 +322,8 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
             lo, hi = _int16_range(lo, hi)
         if self.mean_window is not None and self.bits == 8:
             q = _integer_mean_rounding(x, lo, hi, self.mean_window)
+        elif self.requant_shifts is not None:
+            q = _requantized_rounding(x, lo, hi, self.requant_shifts)
         else:
             q = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=self.bits,
                                                              narrow_range=False)
@@ -285,6 +348,8 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
             config["mean_window"] = self.mean_window
         if self.limits is not None:  # likewise
             config["limits"] = list(self.limits)
+        if self.requant_shifts is not None:  # likewise
+            config["requant_shifts"] = list(self.requant_shifts)
         return config
 
 
@@ -322,6 +387,20 @@ def _integer_mean_rounding(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, window: i
     levels = tf.clip_by_value(tf.sign(units) * tf.floor(tf.abs(units) + 0.5), -128.0, 127.0)
     q = (levels + 128.0 - zero_point) * scale
     return _straight_through(q, tf.clip_by_value(x, low, high))
+
+
+def _requantized_rounding(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
+                          shifts: Tuple[int, ...]) -> tf.Tensor:
+    """8-bit rounding of ``x`` on ``[lo, hi]`` (nudged as FakeQuant nudges it) as a built-in
+    integer kernel requantizes: :func:`requantized_levels` of ``x / scale`` (the zero point is
+    added after the rounding), clamped to the int8 range. Straight-through gradient inside the
+    range, as FakeQuant's."""
+    scale = (hi - lo) / 255.0
+    zero_point = tf.clip_by_value(tf.floor(-lo / scale + 0.5), 0.0, 255.0)  # as FakeQuant's nudge
+    low, high = -zero_point * scale, (255.0 - zero_point) * scale
+    levels = tf.clip_by_value(requantized_levels(x / scale, shifts), -zero_point,
+                              255.0 - zero_point)
+    return _straight_through(levels * scale, tf.clip_by_value(x, low, high))
 
 
 @keras.utils.register_keras_serializable(package="tfqkd")
