@@ -89,11 +89,11 @@ def _save_load(q, tmp_path):
 
 
 #: (family, mode) -> _check_file bound where 0.75 does not hold. MobileNetV3's INT4 files track the
-#: student less closely (LiteRT's INT4 kernels differ from int8 by one step here and there, and
-#: hard-swish/hard-sigmoid grow those steps): measured seeds 1-10, MobileNetV3Small 0.20-0.59,
-#: MobileNetV3Large 0.46-0.82 (CI failed at 0.78 against 0.75); the same models' int8 files
-#: 0.16-0.41 and 0.20-0.44 (seeds 1-3 and 1-10 together). A file of another model is near 1,
-#: so 0.95 still catches one.
+#: student less closely (written without alignment, the INT4 kernels' double rounding differs by
+#: one step here and there, and hard-swish/hard-sigmoid grow those steps): measured seeds 1-10,
+#: MobileNetV3Small 0.20-0.59, MobileNetV3Large 0.46-0.82 (CI failed at 0.78 against 0.75); the
+#: same models' int8 files 0.16-0.41 and 0.20-0.44 (seeds 1-3 and 1-10 together). A file of
+#: another model is near 1, so 0.95 still catches one.
 MAX_RATIO = {("mobilenet_v3_small", "int4"): 0.95, ("mobilenet_v3_large", "int4"): 0.95}
 
 
@@ -137,8 +137,8 @@ def _check_stem(path, q, xv):
 
     At the logits, relative output error as a fraction of the unrelated error (_check_file),
     seeds 1-3, measured 2026-12-06: int8 (aligned) EfficientNetB0 0.10-0.25, EfficientNetV2B0
-    0.17-0.34, bounded at 0.75 by the caller; int4 0.52-0.64 and 0.71-0.96, not bounded (the
-    INT4 kernels' miss, docs/export.md).
+    0.17-0.34, bounded at 0.75 by the caller; int4 0.52-0.64 and 0.71-0.96, not bounded (measured
+    before align_student gave the student the INT4 kernels' double rounding, docs/export.md).
     """
     student = keras.Model(q.inputs, q.get_layer("quant_stem_activation").output)
     steps = file_tensor_steps(path, student, xv[:8],
@@ -171,7 +171,7 @@ def test_family_w2a8_whole_path(family, cifar, tmp_path):
         assert not _int4_parity_warnings(caught)
         if family.startswith("efficientnet"):
             _check_stem(path, q, xv)
-            if mode == "int8":  # INT4 kernels: see docs/export.md ("Miss: INT4 kernels")
+            if mode == "int8":  # int4: docs/export.md ("INT4 kernels: double rounding")
                 _check_file(path, q, xv, yv)
         else:
             _check_file(path, q, xv, yv, max_ratio=MAX_RATIO.get((family, mode), 0.75))
@@ -207,7 +207,8 @@ def test_depthwise_bit_widths(weight_bits, activation_bits, per_channel, mode, c
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         info = export.export_tflite(q, path, xt, mode=mode, align_student=True)
-    # The INT4 kernels' parity warning is for files written without alignment (next test).
+    # The INT4 parity warning is for files written without alignment
+    # (tests/test_export_requant.py).
     assert not _int4_parity_warnings(caught)
     plain = export.forward_model(q)
     entries = export.tflite_weight_levels(path, [layer.name for layer in plain.layers])

@@ -151,3 +151,35 @@ def test_int4_file_of_an_a4_student_without_alignment_warns(tmp_path):
     assert info["aligned_requantization"] is None
     assert any("align_student=True" in str(w.message) and "built-in kernels" in str(w.message)
                for w in caught), [str(w.message) for w in caught]
+
+
+def test_fused_activations_take_the_shifts_of_their_kernel(tmp_path):
+    """A Conv2D(activation="relu") rounds its output in its fused activation quantizer, a
+    Conv2D(activation="sigmoid") before the sigmoid (a squeeze-excite gate): those quantizers,
+    not the layer's output quantizer (the sigmoid's fixed grid), take the kernel's shifts."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inputs)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv")(x)
+    gate = keras.layers.Conv2D(16, 1, activation="sigmoid", name="gate")(x)
+    x = keras.layers.Multiply()([x, gate])
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(4, name="head")(x)
+    q = quantize_model(keras.Model(inputs, outputs), weight_bits=4, activation_bits=8,
+                       per_channel=True)
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(64, 8, 8, 3)).astype(np.float32)
+    q.compile(keras.optimizers.SGD(0.01), "mse")
+    q.fit(data, rng.normal(size=(64, 4)).astype(np.float32), epochs=2, batch_size=16, verbose=0)
+    path = os.path.join(tmp_path, "fused.tflite")
+    info = export.export_tflite(q, path, data[:32], mode="int4", align_student=True)
+    assert info["aligned_requantization"] == {"layers": 2, "unmatched": []}
+    conv, gate_layer = q.get_layer("quant_conv"), q.get_layer("quant_gate")
+    assert conv._quantize_activations[0].quantizer.requant_shifts  # noqa: SLF001
+    assert gate_layer._quantize_activations[0].quantizer.requant_shifts  # noqa: SLF001
+    assert not hasattr(gate_layer._output_quantizers[0], "requant_shifts")  # noqa: SLF001
+    student = keras.Model(q.inputs, conv.output)
+    steps = file_tensor_steps(path, student, data[32:40], lambda op, name:
+                              op["op_name"] == "CONV_2D" and "/conv/" in name)
+    # Measured: every value equal, seed 0.
+    assert steps.max() < 0.01, (steps.max(), np.mean(steps > 0.01))

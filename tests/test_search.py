@@ -173,7 +173,7 @@ def test_search_bits_recipe_resumes_after_a_kill_and_ships_the_budget(tmp_path):
     assert {name: info[name]["bits"] for name in res["widths"]} == res["widths"]
     assert res["export"]["weight_bits"] == {
         name: 4 if bits <= 4 else 8 for name, bits in res["widths"].items()}
-    # Float activations calibrated by the converter and LiteRT's INT4 kernels (issue 20) keep
+    # Float activations calibrated by the converter and the INT4 kernels' double rounding keep
     # this from exact; measured 0.981 and 0.992 on the 360 test digits.
     assert res["parity"]["top1_agreement"] >= 0.95
     # A rerun of the finished search trains nothing.

@@ -36,6 +36,7 @@ from tfqkd.export._flatbuffer import read as _read_flatbuffer
 from tfqkd.export._flatbuffer import tensor_name as _tensor_name
 from tfqkd.export.forward import _fold_plan
 from tfqkd.export.ranges import _output_quantizers
+from tfqkd.qat_weights import _is_wrapper
 from tfqkd.quantizers import ActivationQuantizer, RangeQuantizer
 
 #: TFLite's INT4 tensor type.
@@ -73,7 +74,7 @@ def _align_student_requantization(model: keras.Model, plain: keras.Model, conten
     quantizers given shifts, "unmatched": [kernel layers whose output quantizer was not found
     or cannot take them]}``.
     """
-    quantizers = {name: quantizer for name, quantizer, _ in _output_quantizers(model)}
+    quantizers = _kernel_output_quantizers(model)
     shifts: Dict[str, tuple] = {}
     unmatched: List[str] = []
     model_obj = _read_flatbuffer(content)
@@ -98,21 +99,40 @@ def _align_student_requantization(model: keras.Model, plain: keras.Model, conten
                            np.asarray(w.quantization.scale, np.float64) /
                            float(out.quantization.scale[0]))
             shifts[rounding] = tuple(right_shift(float(m)) for m in multipliers)
+    # By quantizer: a layer's output quantizer (a sigmoid's fixed grid) is not its kernel's.
+    wanted = {id(quantizers[name]): (name, want) for name, want in shifts.items()}
+    every = {id(q): q for q in list(quantizers.values()) +
+             [q for _, q, _ in _output_quantizers(model)]}
     changed = 0
-    for name, quantizer in quantizers.items():
-        want = shifts.get(name)
+    for key, quantizer in every.items():
+        name, want = wanted.get(key, (None, None))
         if want is not None and not _supports_shifts(quantizer):
             unmatched.append(name)
+            del shifts[name]
             want = None
-        if getattr(quantizer, "requant_shifts", None) != want and hasattr(quantizer,
-                                                                          "requant_shifts"):
+        if hasattr(quantizer, "requant_shifts") and quantizer.requant_shifts != want:
             quantizer.requant_shifts = want
             changed += 1
     if changed:
         # Keras traced predict/evaluate with the old quantizer attributes: trace again.
         model.predict_function = model.test_function = None
-    return {"layers": sum(1 for name in shifts if name not in unmatched),
-            "unmatched": sorted(set(unmatched))}
+    return {"layers": len(shifts), "unmatched": sorted(set(unmatched))}
+
+
+def _kernel_output_quantizers(model: keras.Model) -> Dict[str, Any]:
+    """{inner layer name: the student quantizer that rounds what the layer's file op writes}.
+
+    A fused activation's quantizer (a ``Conv2D(activation="relu")``'s ReLU rounding, or the
+    pre-activation rounding before a fused sigmoid / softmax) rounds the op's output; else the
+    layer's output quantizer does."""
+    out = {name: quantizer for name, quantizer, _ in _output_quantizers(model)}
+    for layer in model.layers:
+        fused = [getattr(act, "quantizer", None)
+                 for act in getattr(layer, "_quantize_activations", None) or []]
+        fused = [q for q in fused if q is not None]
+        if _is_wrapper(layer) and fused:
+            out[layer.layer.name] = fused[0]
+    return out
 
 
 def _rounding_layer(kernel: Optional[str], output_layer: Optional[str], plain: keras.Model,
