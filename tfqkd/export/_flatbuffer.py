@@ -11,10 +11,13 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-__all__ = ["WEIGHT_OPS", "read", "write", "op_names", "tensor_name", "buffer_values"]
+__all__ = ["WEIGHT_OPS", "INT4", "INT8", "INT16", "INT32", "INT64", "read", "write", "op_names",
+           "tensor_name", "buffer_values"]
 
 # Kernel ops whose second input is a weight tensor.
 WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+# The schema's TensorType values the exporter checks and writes.
+INT4, INT8, INT16, INT32, INT64 = 17, 9, 7, 2, 4
 
 
 def read(content: bytes):

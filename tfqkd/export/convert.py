@@ -27,6 +27,7 @@ import numpy as np
 
 from tfqkd._keras import keras, tf
 from tfqkd.export._common import ExportError, _layer_of
+from tfqkd.export._flatbuffer import INT32 as _INT32
 from tfqkd.export._flatbuffer import WEIGHT_OPS as _WEIGHT_OPS
 from tfqkd.export._flatbuffer import buffer_values as _buffer_values
 from tfqkd.export._flatbuffer import op_names as _op_names
@@ -241,7 +242,7 @@ def _snap_int8_levels(content: bytes, levels_by_layer: Dict[str, np.ndarray]
             if len(op.inputs) > 2 and op.inputs[2] >= 0:
                 b_t = sg.tensors[op.inputs[2]]
                 b_buf = model_obj.buffers[b_t.buffer]
-                if b_t.type == 2 and b_buf.data is not None and len(b_buf.data):  # 2 = INT32
+                if b_t.type == _INT32 and b_buf.data is not None and len(b_buf.data):
                     b_int = _buffer_values(b_buf, np.int32)
                     b_scales = np.asarray(b_t.quantization.scale, np.float64)
                     b_new = np.rint(b_int / ratio) if per_channel else np.rint(b_int / ratio[0])
@@ -263,7 +264,7 @@ def _int32_bias_ops(model_obj) -> Iterator[Tuple[Any, Any, Any, np.ndarray]]:
                 continue
             b_t = sg.tensors[op.inputs[2]]
             buf = model_obj.buffers[b_t.buffer]
-            if b_t.type != 2 or buf.data is None or not len(buf.data):  # 2 = INT32
+            if b_t.type != _INT32 or buf.data is None or not len(buf.data):
                 continue
             yield sg, op, buf, _buffer_values(buf, np.int32)
 
@@ -372,7 +373,7 @@ def _per_channel_dense_weights(content: bytes, plain: keras.Model,
             if len(op.inputs) > 2 and op.inputs[2] >= 0:
                 b_t = sg.tensors[op.inputs[2]]
                 b_buf = model_obj.buffers[b_t.buffer]
-                if b_t.type == 2 and b_buf.data is not None and len(b_buf.data) and \
+                if b_t.type == _INT32 and b_buf.data is not None and len(b_buf.data) and \
                         b_t.quantization is not None and len(b_t.quantization.scale):
                     stored = _buffer_values(b_buf, np.int32)
                     value = stored * np.asarray(b_t.quantization.scale, np.float64)

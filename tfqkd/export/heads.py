@@ -37,6 +37,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from tfqkd._keras import keras
+from tfqkd.export._flatbuffer import INT8 as _INT8
+from tfqkd.export._flatbuffer import INT16 as _INT16
+from tfqkd.export._flatbuffer import INT32 as _INT32
+from tfqkd.export._flatbuffer import INT64 as _INT64
 from tfqkd.export._flatbuffer import buffer_values as _buffer_values
 from tfqkd.export._flatbuffer import op_names as _op_names
 from tfqkd.export._flatbuffer import read as _read_flatbuffer
@@ -47,7 +51,6 @@ from tfqkd.quantizers import RangeQuantizer
 
 __all__: List[str] = []
 
-_INT8, _INT16, _INT32, _INT64 = 9, 7, 2, 4  # the schema's TensorType values
 _LOGIT_OPS = ("FULLY_CONNECTED", "CONV_2D")
 
 

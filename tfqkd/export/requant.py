@@ -33,6 +33,7 @@ import numpy as np
 
 from tfqkd._keras import keras
 from tfqkd.export._common import _layer_of
+from tfqkd.export._flatbuffer import INT4 as _INT4
 from tfqkd.export._flatbuffer import op_names as _op_names
 from tfqkd.export._flatbuffer import read as _read_flatbuffer
 from tfqkd.export._flatbuffer import tensor_name as _tensor_name
@@ -41,8 +42,6 @@ from tfqkd.export.ranges import _output_quantizers
 from tfqkd.qat_weights import _is_wrapper
 from tfqkd.quantizers import ActivationQuantizer, RangeQuantizer
 
-#: TFLite's INT4 tensor type.
-_INT4 = 17
 #: Ops whose INT4 kernels run on LiteRT's built-in kernels in an ``int4`` file.
 _BUILTIN_INT4_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 

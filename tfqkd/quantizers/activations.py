@@ -370,14 +370,20 @@ def _int16_range(lo, hi):
 _MAX_SNAPPED_WINDOW = 12
 
 
+def _nudged_grid(lo: tf.Tensor, hi: tf.Tensor):
+    """``(scale, zero_point, low, high)`` of the 8-bit grid FakeQuant rounds ``[lo, hi]`` on: the
+    range nudged so that 0 is a level (``zero_point`` in 0..255, ``[low, high]`` its span)."""
+    scale = (hi - lo) / 255.0
+    zero_point = tf.clip_by_value(tf.floor(-lo / scale + 0.5), 0.0, 255.0)  # as FakeQuant's nudge
+    return scale, zero_point, -zero_point * scale, (255.0 - zero_point) * scale
+
+
 def _integer_mean_rounding(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, window: int) -> tf.Tensor:
     """8-bit rounding of ``x`` on ``[lo, hi]`` (nudged as FakeQuant nudges it), exact halves of
     int8 units away from zero: the int8 output of an integer average pooling whose input has
     the same grid. The gradient is straight-through inside the range, as FakeQuant's.
     """
-    scale = (hi - lo) / 255.0
-    zero_point = tf.clip_by_value(tf.floor(-lo / scale + 0.5), 0.0, 255.0)  # as FakeQuant's nudge
-    low, high = -zero_point * scale, (255.0 - zero_point) * scale
+    scale, zero_point, low, high = _nudged_grid(lo, hi)
     units = x / scale + (zero_point - 128.0)  # int8 units: a mean of integers
     if window <= _MAX_SNAPPED_WINDOW:
         # The mean of k <= window integers is a multiple of 1/k, hence of 1/lcm(1..window):
@@ -395,9 +401,7 @@ def _requantized_rounding(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
     integer kernel requantizes: :func:`requantized_levels` of ``x / scale`` (the zero point is
     added after the rounding), clamped to the int8 range. Straight-through gradient inside the
     range, as FakeQuant's."""
-    scale = (hi - lo) / 255.0
-    zero_point = tf.clip_by_value(tf.floor(-lo / scale + 0.5), 0.0, 255.0)  # as FakeQuant's nudge
-    low, high = -zero_point * scale, (255.0 - zero_point) * scale
+    scale, zero_point, low, high = _nudged_grid(lo, hi)
     levels = tf.clip_by_value(requantized_levels(x / scale, shifts), -zero_point,
                               255.0 - zero_point)
     return _straight_through(levels * scale, tf.clip_by_value(x, low, high))
