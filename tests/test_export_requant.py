@@ -9,6 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
+from ai_edge_litert.interpreter import Interpreter
 
 from conftest import file_tensor_steps
 from tfqkd import export, quantize_scope
@@ -86,6 +87,18 @@ def test_right_shift_follows_tflites_quantize_multiplier():
     assert right_shift(0.5 - 2.0 ** -40) == 0
 
 
+def _trained(model, seed: int, weight_bits: int = 4, activation_bits: int = 4,
+             per_channel: bool = True):
+    """``model`` quantized and fitted 2 epochs to random targets; with its 64 random images."""
+    q = quantize_model(model, weight_bits=weight_bits, activation_bits=activation_bits,
+                       per_channel=per_channel)
+    rng = np.random.default_rng(seed)
+    data = rng.normal(size=(64, 8, 8, 3)).astype(np.float32)
+    q.compile(keras.optimizers.SGD(0.01), "mse")
+    q.fit(data, rng.normal(size=(64, 4)).astype(np.float32), epochs=2, batch_size=16, verbose=0)
+    return q, data
+
+
 def _a4_student(seed: int):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((8, 8, 3))
@@ -98,13 +111,7 @@ def _a4_student(seed: int):
     x = keras.layers.Conv2D(8, 1, name="project")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(4, name="head")(x)
-    q = quantize_model(keras.Model(inputs, outputs), weight_bits=4, activation_bits=4,
-                       per_channel=True)
-    rng = np.random.default_rng(seed)
-    data = rng.normal(size=(64, 8, 8, 3)).astype(np.float32)
-    q.compile(keras.optimizers.SGD(0.01), "mse")
-    q.fit(data, rng.normal(size=(64, 4)).astype(np.float32), epochs=2, batch_size=16, verbose=0)
-    return q, data
+    return _trained(keras.Model(inputs, outputs), seed)
 
 
 #: (student layer, file op, the op output's layer in the file's tensor name) of the INT4 kernels.
@@ -165,12 +172,7 @@ def test_fused_activations_take_the_shifts_of_their_kernel(tmp_path):
     x = keras.layers.Multiply()([x, gate])
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(4, name="head")(x)
-    q = quantize_model(keras.Model(inputs, outputs), weight_bits=4, activation_bits=8,
-                       per_channel=True)
-    rng = np.random.default_rng(0)
-    data = rng.normal(size=(64, 8, 8, 3)).astype(np.float32)
-    q.compile(keras.optimizers.SGD(0.01), "mse")
-    q.fit(data, rng.normal(size=(64, 4)).astype(np.float32), epochs=2, batch_size=16, verbose=0)
+    q, data = _trained(keras.Model(inputs, outputs), 0, activation_bits=8)
     path = os.path.join(tmp_path, "fused.tflite")
     info = export.export_tflite(q, path, data[:32], mode="int4", align_student=True)
     assert info["aligned_requantization"] == {"layers": 2, "unmatched": []}
@@ -183,3 +185,33 @@ def test_fused_activations_take_the_shifts_of_their_kernel(tmp_path):
                               op["op_name"] == "CONV_2D" and "/conv/" in name)
     # Measured: every value equal, seed 0.
     assert steps.max() < 0.01, (steps.max(), np.mean(steps > 0.01))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_relu_at_4_bits_rounds_on_the_students_grid(mode, seed, tmp_path):
+    """A ``Conv2D(activation="relu")`` at 4-bit activations: the file rounds the conv's output
+    on the student's 4-bit grid ``[0, c]`` (CONV_2D, then a MINIMUM at ``c``), as it does a
+    ReLU layer's. Before, the file calibrated an 8-bit range of its own for a fused ReLU's
+    output: 1 to 8 file steps off the student on 44 % of values (seed 0)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inputs)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(4, name="head")(x)
+    q, data = _trained(keras.Model(inputs, outputs), seed)
+    path = os.path.join(tmp_path, "fused_a4.tflite")
+    export.export_tflite(q, path, data[:32], mode=mode, align_student=True)
+    for layer in ("stem", "conv"):
+        act = q.get_layer(f"quant_{layer}")._quantize_activations[0]  # noqa: SLF001
+        clip = float(act.quantizer.clip_of(act._post_activation_vars))  # noqa: SLF001
+        student = keras.Model(q.inputs, q.get_layer(f"quant_{layer}").output)
+        steps = file_tensor_steps(path, student, data[32:40], lambda op, name, t=layer:
+                                  op["op_name"] == "MINIMUM" and f"/{t}_fq/" in name)
+        assert steps.max() < 0.01, (layer, steps.max(), np.mean(steps > 0.01))
+        # The file's step is the student's 4-bit step, not a calibrated 8-bit one.
+        it = Interpreter(model_path=path)
+        scale = next(d["quantization"][0] for d in it.get_tensor_details()
+                     if f"/{layer}_fq/" in d["name"])
+        np.testing.assert_allclose(scale, clip / 15, rtol=1e-5)

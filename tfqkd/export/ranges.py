@@ -166,11 +166,26 @@ def _round_pooled_means_as_the_file(model: keras.Model,
 
 
 def _output_quantizers(model: keras.Model) -> Iterable[Tuple[str, Any, Any]]:
-    """(inner layer name, output quantizer, its variables) of every wrapped layer with one."""
+    """(inner layer name, the quantizer that rounds its output, its variables) of every wrapped
+    layer with one: its output quantizer, else the quantizer after a fused activation (a
+    ``Conv2D(activation="relu")``'s ReLU rounding), which then rounds the layer's output.
+
+    Without the fused ones, the file calibrated its own 8-bit range for a fused ReLU's output
+    and never took a 4-bit grid: a W4A4 ``Conv2D(activation="relu")`` was up to 8 file steps
+    off its student on 44 % of values (seed 0; its own ``ReLU`` layer: every value equal).
+    """
     for layer in model.layers:
-        if _is_wrapper(layer) and getattr(layer, "_output_quantizers", None):
+        if not _is_wrapper(layer):
+            continue
+        if getattr(layer, "_output_quantizers", None):
             yield (layer.layer.name, layer._output_quantizers[0],  # noqa: SLF001 (tfmot API)
                    getattr(layer, "_output_quantizer_vars", {}))
+            continue
+        for act in getattr(layer, "_quantize_activations", None) or []:
+            post = getattr(act, "_should_post_quantize", lambda: False)()
+            if post and getattr(act, "quantizer", None) is not None and \
+                    getattr(act, "_post_activation_vars", None) is not None:
+                yield layer.layer.name, act.quantizer, act._post_activation_vars  # noqa: SLF001
 
 
 def _student_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, float]]:
