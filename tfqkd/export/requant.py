@@ -42,7 +42,9 @@ from tfqkd.export.ranges import _output_quantizers
 from tfqkd.qat_weights import _is_wrapper
 from tfqkd.quantizers import ActivationQuantizer, RangeQuantizer
 
-#: Ops whose INT4 kernels run on LiteRT's built-in kernels in an ``int4`` file.
+#: Ops whose INT4 kernels run on LiteRT's built-in kernels in an ``int4`` file. Not
+#: FULLY_CONNECTED: XNNPACK runs its INT4 kernel and rounds once (measured 2026-12-07, shifts
+#: 4-6; the built-in kernel alone rounds twice).
 _BUILTIN_INT4_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 
 
