@@ -45,6 +45,7 @@ from tfqkd.export._flatbuffer import buffer_values as _buffer_values
 from tfqkd.export._flatbuffer import op_names as _op_names
 from tfqkd.export._flatbuffer import read as _read_flatbuffer
 from tfqkd.export._flatbuffer import write as _write_flatbuffer
+from tfqkd.export.ranges import _activation_quantizers
 from tfqkd.models.heads import softmax_layer
 from tfqkd.quantize_configs import SIXTEEN_BIT_HEAD_MAX_WEIGHTS, SOFTMAX_HEAD_RANGES
 from tfqkd.quantizers import RangeQuantizer
@@ -58,16 +59,11 @@ def _sixteen_bit_logits(model: keras.Model) -> Tuple[Optional[str], Optional[flo
     """(inner name, step) of the layer with the student's 16-bit logits quantizer
     (``RangeQuantizer(16)``: the head's pre-activation quantizer, or the output quantizer of the
     logits layer of a separate softmax); the step is None before the range has seen data."""
-    for layer in model.layers:
-        quantizers = [(q, getattr(layer, "_output_quantizer_vars", {}))
-                      for q in getattr(layer, "_output_quantizers", None) or []]
-        quantizers += [(act.quantizer, getattr(act, "_pre_activation_vars", {}))
-                       for act in getattr(layer, "_quantize_activations", None) or []
-                       if getattr(act, "_should_pre_quantize", lambda: False)()]
-        for quantizer, qvars in quantizers:
-            if isinstance(quantizer, RangeQuantizer) and quantizer.bits == 16:
-                lo, hi = quantizer.range_of(qvars)
-                return layer.layer.name, (hi / 32767.0 if hi > lo else None)
+    for name, where, quantizer, qvars in _activation_quantizers(model):
+        if where != "post_activation" and isinstance(quantizer, RangeQuantizer) and \
+                quantizer.bits == 16:
+            lo, hi = quantizer.range_of(qvars)
+            return name, (hi / 32767.0 if hi > lo else None)
     return None, None
 
 

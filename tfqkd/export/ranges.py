@@ -165,6 +165,28 @@ def _round_pooled_means_as_the_file(model: keras.Model,
     return count
 
 
+def _activation_quantizers(model: keras.Model) -> Iterable[Tuple[str, str, Any, Any]]:
+    """(inner layer name, where, quantizer, its variables) of every activation quantizer of every
+    wrapped layer, in layer order: ``where`` is ``"pre_activation"`` (before a fused softmax /
+    sigmoid / tanh), ``"post_activation"`` (after a fused ReLU: a ``Conv2D(activation="relu")``)
+    or ``"output"`` (the wrapper's output quantizer, which rounds last). The one walk over
+    tfmot's wrapper attributes that the export's readers filter."""
+    for layer in model.layers:
+        if not _is_wrapper(layer):
+            continue
+        for act in getattr(layer, "_quantize_activations", None) or []:
+            if getattr(act, "quantizer", None) is None:
+                continue
+            for where, should in (("pre_activation", "_should_pre_quantize"),
+                                  ("post_activation", "_should_post_quantize")):
+                qvars = getattr(act, f"_{where}_vars", None)
+                if getattr(act, should, lambda: False)() and qvars is not None:
+                    yield layer.layer.name, where, act.quantizer, qvars
+        for quantizer in getattr(layer, "_output_quantizers", None) or []:
+            yield (layer.layer.name, "output", quantizer,
+                   getattr(layer, "_output_quantizer_vars", {}))
+
+
 def _output_quantizers(model: keras.Model) -> Iterable[Tuple[str, Any, Any]]:
     """(inner layer name, the quantizer that rounds its output, its variables) of every wrapped
     layer with one: its output quantizer, else the quantizer after a fused activation (a
@@ -174,18 +196,12 @@ def _output_quantizers(model: keras.Model) -> Iterable[Tuple[str, Any, Any]]:
     and never took a 4-bit grid: a W4A4 ``Conv2D(activation="relu")`` was up to 8 file steps
     off its student on 44 % of values (seed 0; its own ``ReLU`` layer: every value equal).
     """
-    for layer in model.layers:
-        if not _is_wrapper(layer):
-            continue
-        if getattr(layer, "_output_quantizers", None):
-            yield (layer.layer.name, layer._output_quantizers[0],  # noqa: SLF001 (tfmot API)
-                   getattr(layer, "_output_quantizer_vars", {}))
-            continue
-        for act in getattr(layer, "_quantize_activations", None) or []:
-            post = getattr(act, "_should_post_quantize", lambda: False)()
-            if post and getattr(act, "quantizer", None) is not None and \
-                    getattr(act, "_post_activation_vars", None) is not None:
-                yield layer.layer.name, act.quantizer, act._post_activation_vars  # noqa: SLF001
+    rank = {"output": 0, "post_activation": 1}  # the output quantizer rounds last
+    chosen: Dict[str, Tuple[int, Any, Any]] = {}
+    for name, where, quantizer, qvars in _activation_quantizers(model):
+        if where in rank and (name not in chosen or rank[where] < chosen[name][0]):
+            chosen[name] = (rank[where], quantizer, qvars)
+    return [(name, quantizer, qvars) for name, (_, quantizer, qvars) in chosen.items()]
 
 
 def _student_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, float]]:
@@ -216,13 +232,10 @@ def _student_activation_bits(model: keras.Model) -> Dict[str, int]:
 def _student_pre_activation_ranges(model: keras.Model) -> Dict[str, Tuple[float, float]]:
     """{inner layer name: (min, max)} of the quantizer before a fused softmax / sigmoid / tanh."""
     out = {}
-    for layer in model.layers:
-        for act in getattr(layer, "_quantize_activations", None) or []:
-            if not (_is_wrapper(layer) and getattr(act, "_should_pre_quantize", lambda: False)()):
-                continue
-            r = _usable_range(act.quantizer, getattr(act, "_pre_activation_vars", {}))
-            if r is not None:
-                out[layer.layer.name] = r
+    for name, where, quantizer, qvars in _activation_quantizers(model):
+        r = _usable_range(quantizer, qvars) if where == "pre_activation" else None
+        if r is not None:
+            out[name] = r
     return out
 
 

@@ -38,8 +38,7 @@ from tfqkd.export._flatbuffer import op_names as _op_names
 from tfqkd.export._flatbuffer import read as _read_flatbuffer
 from tfqkd.export._flatbuffer import tensor_name as _tensor_name
 from tfqkd.export.forward import _fold_plan
-from tfqkd.export.ranges import _output_quantizers
-from tfqkd.qat_weights import _is_wrapper
+from tfqkd.export.ranges import _activation_quantizers, _output_quantizers
 from tfqkd.quantizers import ActivationQuantizer, RangeQuantizer
 
 #: Ops whose INT4 kernels run on LiteRT's built-in kernels in an ``int4`` file. Not
@@ -129,12 +128,11 @@ def _kernel_output_quantizers(model: keras.Model) -> Dict[str, Any]:
     pre-activation rounding before a fused sigmoid / softmax) rounds the op's output; else the
     layer's output quantizer does."""
     out = {name: quantizer for name, quantizer, _ in _output_quantizers(model)}
-    for layer in model.layers:
-        fused = [getattr(act, "quantizer", None)
-                 for act in getattr(layer, "_quantize_activations", None) or []]
-        fused = [q for q in fused if q is not None]
-        if _is_wrapper(layer) and fused:
-            out[layer.layer.name] = fused[0]
+    fused = {}
+    for name, where, quantizer, _ in _activation_quantizers(model):
+        if where != "output":
+            fused.setdefault(name, quantizer)
+    out.update(fused)
     return out
 
 
