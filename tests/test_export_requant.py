@@ -187,13 +187,17 @@ def test_fused_activations_take_the_shifts_of_their_kernel(tmp_path):
     assert steps.max() < 0.01, (steps.max(), np.mean(steps > 0.01))
 
 
-def test_int4_fully_connected_runs_on_xnnpack_and_keeps_one_rounding(tmp_path):
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int4_fully_connected_runs_on_xnnpack_and_keeps_one_rounding(per_channel, tmp_path):
     """An int4 file's INT4 FULLY_CONNECTED runs on XNNPACK, which rounds once: the aligned
     student's Dense keeps its single rounding (no shifts), and the file equals it.
 
     Measured (scratch, LiteRT 2.3, x86, seeds 0 and 1, W4A8 and W4A4): under the default
     resolver every INT4 FULLY_CONNECTED output equals one rounding; under the built-in kernels
     alone it equals the double rounding (shifts 4-6), which differs on 0.2-5.3 % of values.
+    A per-channel student's dense kernels are written per channel, INT4 ones too: before, an
+    INT4 kernel was re-rounded onto one grid for all channels, and the second dense layer's
+    output was up to 16 steps off on 93 % of values.
     """
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 8, 3))
@@ -203,10 +207,15 @@ def test_int4_fully_connected_runs_on_xnnpack_and_keeps_one_rounding(tmp_path):
     x = keras.layers.ReLU(name="fc_relu")(x)
     x = keras.layers.Dense(32, name="fc2")(x)
     outputs = keras.layers.Dense(4, name="head")(x)
-    q, data = _trained(keras.Model(inputs, outputs), 0, per_channel=False)
+    q, data = _trained(keras.Model(inputs, outputs), 0, per_channel=per_channel)
     path = os.path.join(tmp_path, "fc.tflite")
     info = export.export_tflite(q, path, data[:32], mode="int4", align_student=True)
     assert info["aligned_requantization"] == {"layers": 0, "unmatched": []}
+    # fc and fc2 (INT4) and the 8-bit head (INT8).
+    assert info["per_channel_dense_kernels"] == (3 if per_channel else 0)
+    entries = export.tflite_weight_levels(path, ["fc", "fc2", "head"])
+    assert sorted(e["dtype"] for e in entries if e["op"] == "FULLY_CONNECTED") == [
+        "int4", "int4", "int8"]
     for layer, op_name, tensor in [("fc_relu", "MINIMUM", "/fc_relu_fq/"),
                                    ("fc2", "FULLY_CONNECTED", "/fc2/")]:
         student = keras.Model(q.inputs, q.get_layer(f"quant_{layer}").output)

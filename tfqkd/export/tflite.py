@@ -244,9 +244,10 @@ def export_tflite(
     content = _shorten_tensor_names(content)
     content, rescaled_biases = _match_bias_scales(content)
     per_channel_dense = 0
-    if fakequant and mode == "int8":
-        # int8 only: an int4 file keeps its layout (tfqkd.budget prices its non-kernel bytes
-        # as the same for every width choice, and a per-channel head would add its scales).
+    if fakequant:
+        # int8 and INT4 kernels alike, so that every dense kernel of a per-channel student has
+        # per-channel scales at any width (tfqkd.budget prices a file's non-kernel bytes as the
+        # same for every width choice).
         content, per_channel_dense = _per_channel_dense_weights(content, plain, kernels)
     if mode == "int8" and method == "ptq" and snap_levels:
         content, snapped = _snap_int8_levels(content, _tflite_layout_levels(plain, kernels))
