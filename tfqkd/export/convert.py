@@ -359,9 +359,9 @@ def _per_channel_dense_weights(content: bytes, plain: keras.Model,
     the student's own integers ``k * n`` (``n = floor(qmax / kmax)``, ``qmax`` 127 or 7) with
     the scales ``step_c / n``, and its int32 bias is restated on the new scales. In an ``int4``
     file a per-channel student's 4-bit dense kernel was otherwise re-rounded onto one 15-level
-    grid for all channels: up to 16 output steps off on 93 % of values (W4A4, seed 0). Only kernels whose
-    file values are exactly the per-tensor rounding of the student's are changed. Returns the
-    new content and the number of kernels changed.
+    grid for all channels: up to 16 output steps off on 93 % of values (W4A4, seed 0). Only
+    kernels whose file values are exactly the per-tensor rounding of the student's are changed.
+    Returns the new content and the number of kernels changed.
     """
     found = {}
     for layer in plain.layers:
