@@ -38,6 +38,7 @@ from tfqkd.export._flatbuffer import tensor_name as _tensor_name
 from tfqkd.export._flatbuffer import write as _write_flatbuffer
 from tfqkd.export.fakequant import _channel_affine
 from tfqkd.export.forward import _fold, _fold_plan
+from tfqkd.export.packed import _pack_bits, _unpack_bits
 from tfqkd.qat_weights import (
     KERNEL_LAYERS,
     QuantizedWeight,
@@ -321,29 +322,26 @@ def _match_bias_scales(content: bytes) -> Tuple[bytes, int]:
 
 
 def _int4_values(buf, count: int) -> np.ndarray:
-    """An INT4 tensor's values: two per byte, the low nibble first, sign-extended.
+    """An INT4 tensor's values: 4-bit two's-complement codes, two per byte, the low nibble
+    first, which is the packed archive's little-endian 4-bit packing (:func:`_unpack_bits`).
 
     Example:
         >>> class Buf: data = np.array([0x7F, 0x09], np.uint8)
         >>> _int4_values(Buf, 3).tolist()
         [-1, 7, -7]
     """
-    raw = np.asarray(buf.data, np.uint8)
-    nibbles = np.stack([raw & 15, raw >> 4], axis=1).reshape(-1)[:count].astype(np.int16)
-    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
+    codes = _unpack_bits(bytes(np.asarray(buf.data, np.uint8)), count, 4).astype(np.int16)
+    return np.where(codes > 7, codes - 16, codes).astype(np.int8)
 
 
 def _int4_bytes(values: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`_int4_values`: values in [-8, 7], two per byte, low nibble first.
+    """The inverse of :func:`_int4_values`: values in [-8, 7] as INT4 tensor bytes.
 
     Example:
         >>> _int4_bytes(np.array([-1, 7, -7])).tolist()
         [127, 9]
     """
-    v = (np.asarray(values, np.int64).reshape(-1) & 15).astype(np.uint8)
-    if v.size % 2:
-        v = np.append(v, np.uint8(0))
-    return (v[0::2] | (v[1::2] << 4)).astype(np.uint8)
+    return np.frombuffer(_pack_bits(np.asarray(values, np.int64) & 15, 4), np.uint8).copy()
 
 
 def _per_channel_dense_weights(content: bytes, plain: keras.Model,
