@@ -186,16 +186,20 @@ def run_two_cpu_script(tmp_path, body: str) -> dict:
     return last_json_line(run_script(script, timeout=300, env=env).stdout)
 
 
-def file_tensor_steps(path, student, x, tensor_filter):
+def file_tensor_steps(path, student, x, tensor_filter, builtin_kernels=False):
     """|file tensor - student tensor| in steps of the file tensor's scale, over images ``x``.
 
     The file tensor is the int8 output of the first op for which ``tensor_filter(op, tensor
-    name)`` holds; ``student`` is a Keras model whose output is the matching tensor.
+    name)`` holds; ``student`` is a Keras model whose output is the matching tensor. The file
+    runs on LiteRT's default kernels (XNNPACK), or with ``builtin_kernels`` on its built-in ones.
     """
     import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    it = Interpreter(model_path=path, experimental_preserve_all_tensors=True)
+    resolver = (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if builtin_kernels
+                else OpResolverType.AUTO)
+    it = Interpreter(model_path=path, experimental_preserve_all_tensors=True,
+                     experimental_op_resolver_type=resolver)
     it.allocate_tensors()
     details = {d["index"]: d for d in it.get_tensor_details()}
     ops = it._get_ops_details()  # noqa: SLF001 (the op graph)

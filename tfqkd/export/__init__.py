@@ -60,7 +60,7 @@ Example:
     ('float', True)
 """
 
-from tfqkd.export._common import MODES, ExportError
+from tfqkd.export._common import MODES, RUNTIMES, ExportError
 from tfqkd.export.forward import forward_model, forward_weights
 from tfqkd.export.packed import load_packed_weights, pack_weights, packed_archive_stats
 from tfqkd.export.tflite import export_tflite
@@ -70,6 +70,7 @@ from tfqkd.quantize_configs import PINNED_OUTPUT_RANGES, activation_name
 
 __all__ = [
     "MODES",
+    "RUNTIMES",
     "ExportError",
     "ParityReport",
     "export_tflite",

@@ -14,7 +14,7 @@ import numpy as np
 
 from tfqkd._keras import tf
 
-__all__ = ["ExportError", "MODES"]
+__all__ = ["ExportError", "MODES", "RUNTIMES", "check_runtime"]
 
 
 #: Export modes understood by :func:`export_tflite`.
@@ -41,10 +41,36 @@ def _check_writable(path: Union[str, os.PathLike]) -> str:
     return path
 
 
-def _open_interpreter(path: str, **kwargs):
-    """A LiteRT interpreter for ``path``, with an error naming the file when it is not a model."""
-    from ai_edge_litert.interpreter import Interpreter
+#: The kernels a file may run on, as ``export_tflite(runtime=...)`` and ``verify_tflite`` take
+#: them: ``"xnnpack"``, LiteRT's default (its XNNPACK delegate takes the int8 kernels and rounds
+#: once; an ``int4`` file's INT4 convolutions fall back to the built-in kernels), or
+#: ``"builtin"``, LiteRT without its default delegates, where every kernel rounds twice.
+RUNTIMES: Tuple[str, ...] = ("xnnpack", "builtin")
 
+
+def check_runtime(runtime: str) -> str:
+    """``runtime`` if it is one of :data:`RUNTIMES`, else a ValueError naming them.
+
+    Example:
+        >>> check_runtime("builtin")
+        'builtin'
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(
+            f"unknown runtime {runtime!r}; choose 'xnnpack' (LiteRT's default, its XNNPACK "
+            "delegate) or 'builtin' (LiteRT's built-in kernels without the default delegates, "
+            "OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES).")
+    return runtime
+
+
+def _open_interpreter(path: str, runtime: str = "xnnpack", **kwargs):
+    """A LiteRT interpreter for ``path`` running on ``runtime``'s kernels (:data:`RUNTIMES`),
+    with an error naming the file when it is not a model."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    if check_runtime(runtime) == "builtin":
+        kwargs["experimental_op_resolver_type"] = \
+            OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no TFLite file at {path!r}; create one with export_tflite().")
     if os.path.getsize(path) == 0:

@@ -22,6 +22,14 @@ rounds the kernel's output in its activation quantizer, which then takes the shi
 :func:`_align_student_requantization` gives each student quantizer that rounds an INT4
 kernel's output the kernel's right shifts (``requant_shifts``, one per output channel), so the
 student rounds as the file does (:func:`tfqkd.quantizers.activations.requantized_levels`).
+
+A file run without XNNPACK (``runtime="builtin"``: LiteRT's
+``OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES``) rounds every CONV_2D, DEPTHWISE_CONV_2D
+and FULLY_CONNECTED twice, int8 kernels too; ``align_student`` then gives all of them their
+shifts. Measured (2026-12-07, LiteRT 2.3, x86; tests/test_export_requant.py): an int8 file of
+a W4A4 student aligned for XNNPACK, run on the built-in kernels, was one step off on 0.5-1.0 %
+of a depthwise layer's outputs and up to 7-13 steps off on 10-16 % of the next 1x1
+convolution's; aligned for the built-in kernels, every value equal.
 """
 
 from __future__ import annotations
@@ -32,12 +40,14 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from tfqkd._keras import keras
-from tfqkd.export._common import _layer_of
+from tfqkd.export._common import _layer_of, check_runtime
 from tfqkd.export._flatbuffer import INT4 as _INT4
+from tfqkd.export._flatbuffer import INT8 as _INT8
+from tfqkd.export._flatbuffer import WEIGHT_OPS
 from tfqkd.export._flatbuffer import op_names as _op_names
 from tfqkd.export._flatbuffer import read as _read_flatbuffer
 from tfqkd.export._flatbuffer import tensor_name as _tensor_name
-from tfqkd.export.forward import _fold_plan
+from tfqkd.export.forward import _consumers, _fold_plan
 from tfqkd.export.ranges import _activation_quantizers, _output_quantizers
 from tfqkd.quantizers import ActivationQuantizer, RangeQuantizer
 
@@ -45,6 +55,22 @@ from tfqkd.quantizers import ActivationQuantizer, RangeQuantizer
 #: FULLY_CONNECTED: XNNPACK runs its INT4 kernel and rounds once (measured 2026-12-07, shifts
 #: 4-6; the built-in kernel alone rounds twice).
 _BUILTIN_INT4_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
+
+def _double_rounding_ops(model_obj, runtime: str):
+    """(input, kernel, output) tensors of each kernel op that rounds twice on ``runtime``: on
+    ``"xnnpack"`` the INT4 convolutions, on ``"builtin"`` every kernel with an int8 output."""
+    names = _op_names(model_obj)
+    for sg in model_obj.subgraphs[:1]:
+        for op in sg.operators:
+            name = names[op.opcodeIndex]
+            if name not in WEIGHT_OPS:
+                continue
+            x, w, out = (sg.tensors[int(op.inputs[0])], sg.tensors[int(op.inputs[1])],
+                         sg.tensors[int(op.outputs[0])])
+            if runtime == "builtin" and w.type in (_INT8, _INT4) and out.type == _INT8:
+                yield x, w, out
+            elif name in _BUILTIN_INT4_OPS and w.type == _INT4:
+                yield x, w, out
 
 
 def right_shift(multiplier: float) -> int:
@@ -67,40 +93,33 @@ def _supports_shifts(quantizer) -> bool:
         quantizer.mean_window is None)
 
 
-def _align_student_requantization(model: keras.Model, plain: keras.Model, content: bytes
-                                  ) -> Dict[str, Any]:
-    """Sets ``requant_shifts`` on the student's quantizers of the file's INT4 kernel outputs.
+def _align_student_requantization(model: keras.Model, plain: keras.Model, content: bytes,
+                                  runtime: str = "xnnpack") -> Dict[str, Any]:
+    """Sets ``requant_shifts`` on the student's quantizers of the outputs of the file's kernels
+    that round twice on ``runtime`` (:func:`_double_rounding_ops`).
 
-    Every other output quantizer loses its shifts, so aligning on an int8 file (which XNNPACK
-    runs, rounding once) undoes an earlier int4 alignment. Returns ``{"layers": number of
-    quantizers given shifts, "unmatched": [kernel layers whose output quantizer was not found
-    or cannot take them]}``.
+    Every other output quantizer loses its shifts, so aligning on an int8 file for XNNPACK
+    (which rounds once) undoes an earlier alignment. Returns ``{"layers": number of quantizers
+    given shifts, "unmatched": [kernel layers whose output quantizer was not found or cannot
+    take them]}``.
     """
     quantizers = _kernel_output_quantizers(model)
     shifts: Dict[str, tuple] = {}
     unmatched: List[str] = []
-    model_obj = _read_flatbuffer(content)
-    names = _op_names(model_obj)
     layer_names = [layer.name for layer in plain.layers]
     plan = _fold_plan(plain)
-    for sg in model_obj.subgraphs[:1]:
-        for op in sg.operators:
-            if names[op.opcodeIndex] not in _BUILTIN_INT4_OPS:
-                continue
-            x, w, out = (sg.tensors[int(op.inputs[0])], sg.tensors[int(op.inputs[1])],
-                         sg.tensors[int(op.outputs[0])])
-            if w.type != _INT4:
-                continue
-            kernel = _layer_of(_tensor_name(w), layer_names)
-            rounding = _rounding_layer(kernel, _layer_of(_tensor_name(out), layer_names),
-                                       plain, plan, quantizers)
-            if rounding is None:
-                unmatched.append(kernel or _tensor_name(w))
-                continue
-            multipliers = (float(x.quantization.scale[0]) *
-                           np.asarray(w.quantization.scale, np.float64) /
-                           float(out.quantization.scale[0]))
-            shifts[rounding] = tuple(right_shift(float(m)) for m in multipliers)
+    consumers = _consumers(plain)
+    for x, w, out in _double_rounding_ops(_read_flatbuffer(content), check_runtime(runtime)):
+        kernel = _layer_of(_tensor_name(w), layer_names)
+        rounding = _rounding_layer(kernel, _layer_of(_tensor_name(out), layer_names),
+                                   plain, plan, consumers, quantizers)
+        if rounding is None:
+            unmatched.append(kernel or _tensor_name(w))
+            continue
+        multipliers = (float(x.quantization.scale[0]) *
+                       np.asarray(w.quantization.scale, np.float64) /
+                       float(out.quantization.scale[0]))
+        shifts[rounding] = tuple(right_shift(float(m)) for m in multipliers)
     # By quantizer: a layer's output quantizer (a sigmoid's fixed grid) is not its kernel's.
     wanted = {id(quantizers[name]): (name, want) for name, want in shifts.items()}
     every = {id(q): q for q in list(quantizers.values()) +
@@ -137,12 +156,18 @@ def _kernel_output_quantizers(model: keras.Model) -> Dict[str, Any]:
 
 
 def _rounding_layer(kernel: Optional[str], output_layer: Optional[str], plain: keras.Model,
-                    plan: Dict[int, Any], quantizers: Dict[str, Any]) -> Optional[str]:
+                    plan: Dict[int, Any], consumers: Dict[int, List[Any]],
+                    quantizers: Dict[str, Any]) -> Optional[str]:
     """The layer whose student output quantizer rounds what the kernel's op writes: the layer
     the op's output tensor is named after (a fused ReLU), else the kernel's folded batch norm,
-    else the kernel."""
+    else the kernel, else the one layer consuming those (a ReLU layer the converter fused into
+    a FULLY_CONNECTED, whose output tensor keeps the MatMul's name)."""
     candidates = [output_layer]
     if kernel is not None:
-        bn = plan.get(id(plain.get_layer(kernel)))
-        candidates += [bn.name if bn is not None else None, kernel]
+        layer = plain.get_layer(kernel)
+        bn = plan.get(id(layer))
+        last = bn if bn is not None else layer
+        after = consumers.get(id(last), [])
+        candidates += [bn.name if bn is not None else None, kernel,
+                       after[0].name if len(after) == 1 else None]
     return next((name for name in candidates if name in quantizers), None)

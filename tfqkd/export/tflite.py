@@ -21,7 +21,8 @@ from typing import Any, Dict, Optional, Union
 
 from tfqkd._io import atomic_write
 from tfqkd._keras import keras
-from tfqkd.export._common import MODES, ExportError, _check_writable, _iter_samples, _layer_of
+from tfqkd.export._common import (MODES, ExportError, _check_writable, _iter_samples, _layer_of,
+                                   check_runtime)
 from tfqkd.export.convert import (
     _align_student_biases,
     _convert,
@@ -65,6 +66,7 @@ def export_tflite(
     snap_levels: bool = True,
     allow_select_tf_ops: bool = False,
     align_student: bool = False,
+    runtime: str = "xnnpack",
     space_to_depth: bool = False,
     softmax_head_bits: Optional[int] = None,
 ) -> Dict[str, Any]:
@@ -107,9 +109,18 @@ def export_tflite(
             scale's range; in an ``int4`` file, whose INT4 convolutions run on LiteRT's
             built-in kernels, give the quantizers of their outputs the kernels' double
             rounding (``requant_shifts``, :mod:`tfqkd.export.requant`; an int8 file, which
-            XNNPACK runs with one rounding, clears them). Without it, values near a rounding
-            tie, and in such groups most values, round differently and the difference spreads
-            through the network.
+            XNNPACK runs with one rounding, clears them, unless ``runtime="builtin"``).
+            Without it, values near a rounding tie, and in such groups most values, round
+            differently and the difference spreads through the network.
+        runtime: The kernels the file will run on, whose rounding ``align_student`` gives the
+            student (``tfqkd.export.RUNTIMES``): ``"xnnpack"`` (default; LiteRT's XNNPACK
+            delegate, one rounding, the INT4 convolutions of an ``int4`` file on built-in
+            kernels) or
+            ``"builtin"`` (LiteRT's built-in kernels without the default delegates, as
+            ``verify_tflite(..., runtime="builtin")`` runs them: every CONV_2D,
+            DEPTHWISE_CONV_2D and FULLY_CONNECTED with an int8 output rounds twice, int8
+            kernels too, and the student takes every one's shifts). Other ops (ADD, MEAN...)
+            are not aligned.
         space_to_depth: ``"int8"`` only: run every 3x3 stride-1 convolution with <= 16 output
             channels on a 2x2 space-to-depth view (``tfqkd.export.layout.space_to_depth_convs``):
             bit-identical outputs, but those kernels take 16x the bytes (ResNet20: 0.47 x
@@ -164,6 +175,7 @@ def export_tflite(
             "e.g. tfqkd.data.load_dataset('cifar10', 'train', augment=False). Without data use "
             "mode='dynamic' (int8 weights, float activations).")
     softmax_head_bits = _check_head_bits(softmax_head_bits)
+    check_runtime(runtime)
     if num_calibration is not None and num_calibration < 1:
         raise ValueError(f"num_calibration must be >= 1 or None, got {num_calibration!r}.")
     if not isinstance(model, keras.Model):
@@ -266,7 +278,8 @@ def export_tflite(
         # The rewrite only tiles biases: align on the compact file's one copy per channel.
         aligned = _align_student_biases(model, plain, int8_head)
         aligned_ranges = _align_student_ranges(model, file_ranges)
-        aligned_requantization = _align_student_requantization(model, plain, content)
+        aligned_requantization = _align_student_requantization(model, plain, content,
+                                                               runtime)
     return {"path": path, "mode": mode, "bytes": len(written), "snapped_channels": snapped,
             "weight_bits": used_bits or {k: v for k, v in bits_by_layer.items() if v},
             "aligned_biases": aligned, "aligned_ranges": aligned_ranges,

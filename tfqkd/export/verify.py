@@ -210,6 +210,7 @@ def verify_tflite(
     max_examples: Optional[int] = None,
     num_threads: Optional[int] = None,
     print_report: bool = False,
+    runtime: str = "xnnpack",
 ) -> ParityReport:
     """Runs ``path`` with LiteRT on ``dataset`` and compares it with ``model`` (a :class:`ParityReport`).
 
@@ -221,6 +222,9 @@ def verify_tflite(
         max_examples: Stop after this many examples.
         num_threads: LiteRT interpreter threads.
         print_report: Also print the report.
+        runtime: The kernels that run the file (``tfqkd.export.RUNTIMES``): ``"xnnpack"``
+            (LiteRT's default) or ``"builtin"`` (its built-in kernels without the default
+            delegates; compare with a student exported with ``runtime="builtin"``).
 
     Example:
         >>> import numpy as np, os, tempfile, tfqkd
@@ -233,7 +237,7 @@ def verify_tflite(
         1.0
     """
     path = os.fspath(path)
-    interpreter = _open_interpreter(path, num_threads=num_threads)
+    interpreter = _open_interpreter(path, runtime, num_threads=num_threads)
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
     current_batch = None
