@@ -144,9 +144,9 @@ def export_tflite(
         ``aligned_ranges`` ``{"tensors", "unaligned", "integer_means"}``, the quantizers moved,
         the names of those that cannot take the file's range, and the average poolings given
         the runtime's rounding of a mean; ``aligned_requantization`` ``{"layers",
-        "unmatched"}``, the quantizers given INT4 kernels' double rounding and the kernel
-        layers whose output quantizer could not take it; ``space_to_depth_convs``: how many
-        convolutions were rewritten; ``rescaled_bias_channels``: int32 bias channels the
+        "unmatched"}``, the quantizers given the double rounding of the kernels that round
+        twice on ``runtime`` and the kernel layers whose output quantizer could not take it;
+        ``space_to_depth_convs``: how many convolutions were rewritten; ``rescaled_bias_channels``: int32 bias channels the
         converter stated on another scale than the runtime adds them on, re-expressed;
         ``per_channel_dense_kernels``: dense kernels of a per-channel student written with its
         per-channel integers and steps, which the converter would only take per tensor;
