@@ -146,8 +146,9 @@ def export_tflite(
         the runtime's rounding of a mean; ``aligned_requantization`` ``{"layers",
         "unmatched"}``, the quantizers given the double rounding of the kernels that round
         twice on ``runtime`` and the kernel layers whose output quantizer could not take it;
-        ``space_to_depth_convs``: how many convolutions were rewritten; ``rescaled_bias_channels``: int32 bias channels the
-        converter stated on another scale than the runtime adds them on, re-expressed;
+        ``space_to_depth_convs``: how many convolutions were rewritten;
+        ``rescaled_bias_channels``: int32 bias channels the converter stated on another scale
+        than the runtime adds them on, re-expressed;
         ``per_channel_dense_kernels``: dense kernels of a per-channel student written with its
         per-channel integers and steps, which the converter would only take per tensor;
         ``softmax_head_bits``: 8 or 16 for a full-integer file with a softmax head, else None).
