@@ -49,12 +49,14 @@ from tfqkd.export._flatbuffer import read as _read_flatbuffer
 from tfqkd.export._flatbuffer import tensor_name as _tensor_name
 from tfqkd.export.forward import _consumers, _fold_plan
 from tfqkd.export.ranges import _activation_quantizers, _output_quantizers
+from tfqkd.quantize_configs import is_quantizable_relu_layer
 from tfqkd.quantizers import ActivationQuantizer, RangeQuantizer
 
 #: Ops whose INT4 kernels run on LiteRT's built-in kernels in an ``int4`` file. Not
 #: FULLY_CONNECTED: XNNPACK runs its INT4 kernel and rounds once (measured 2026-12-07, shifts
 #: 4-6; the built-in kernel alone rounds twice).
 _BUILTIN_INT4_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
+
 
 def _double_rounding_ops(model_obj, runtime: str):
     """(input, kernel, output) tensors of each kernel op that rounds twice on ``runtime``: on
@@ -160,14 +162,16 @@ def _rounding_layer(kernel: Optional[str], output_layer: Optional[str], plain: k
                     quantizers: Dict[str, Any]) -> Optional[str]:
     """The layer whose student output quantizer rounds what the kernel's op writes: the layer
     the op's output tensor is named after (a fused ReLU), else the kernel's folded batch norm,
-    else the kernel, else the one layer consuming those (a ReLU layer the converter fused into
-    a FULLY_CONNECTED, whose output tensor keeps the MatMul's name)."""
+    else the kernel, else the one layer consuming those if it is a ReLU (the converter fuses it
+    into a FULLY_CONNECTED, whose output tensor keeps the MatMul's name). Never another
+    consumer (an ``Add``'s quantizer rounds the sum, not the kernel's output)."""
     candidates = [output_layer]
     if kernel is not None:
         layer = plain.get_layer(kernel)
         bn = plan.get(id(layer))
         last = bn if bn is not None else layer
         after = consumers.get(id(last), [])
+        relu = after[0] if len(after) == 1 and is_quantizable_relu_layer(after[0]) else None
         candidates += [bn.name if bn is not None else None, kernel,
-                       after[0].name if len(after) == 1 else None]
+                       relu.name if relu is not None else None]
     return next((name for name in candidates if name in quantizers), None)

@@ -115,9 +115,8 @@ def export_tflite(
         runtime: The kernels the file will run on, whose rounding ``align_student`` gives the
             student (``tfqkd.export.RUNTIMES``): ``"xnnpack"`` (default; LiteRT's XNNPACK
             delegate, one rounding, the INT4 convolutions of an ``int4`` file on built-in
-            kernels) or
-            ``"builtin"`` (LiteRT's built-in kernels without the default delegates, as
-            ``verify_tflite(..., runtime="builtin")`` runs them: every CONV_2D,
+            kernels) or ``"builtin"`` (LiteRT's built-in kernels without the default
+            delegates, as ``verify_tflite(..., runtime="builtin")`` runs them: every CONV_2D,
             DEPTHWISE_CONV_2D and FULLY_CONNECTED with an int8 output rounds twice, int8
             kernels too, and the student takes every one's shifts). Other ops (ADD, MEAN...)
             are not aligned.
