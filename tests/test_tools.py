@@ -65,6 +65,46 @@ def test_export_and_evaluate_tools(digits_w2_model, tmp_path):
     assert ternary and all(layer["max_levels_per_channel"] <= 3 for layer in ternary)
 
 
+def test_export_tool_aligns_and_verifies_for_the_builtin_kernels(digits_w2_model, tmp_path):
+    """--runtime=builtin: the student takes the rounding of every int8 kernel the file runs on
+    LiteRT's built-in kernels, and --verify runs the file on them (recomputed here)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from recipes import common
+
+    out, aligned = tmp_path / "builtin.tflite", tmp_path / "aligned.h5"
+    # --num_eval above the 360 test digits: every one of them, so the figures do not depend on
+    # the order the tool's seeded shuffle gives them in its process.
+    p = _tool("export_tflite.py", f"--model={digits_w2_model}", f"--output={out}", "--mode=int8",
+              "--dataset=digits", "--num_calibration=200", "--align_student", "--runtime=builtin",
+              f"--aligned_model={aligned}", "--verify", "--num_eval=1000")
+    result = last_json_line(p.stdout)
+    it = Interpreter(model_path=str(out),
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    dtypes = {d["index"]: d["dtype"] for d in it.get_tensor_details()}
+    kernels = [op for op in it._get_ops_details()  # noqa: SLF001 (the op graph)
+               if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+               and dtypes[op["outputs"][0]] == np.int8]
+    assert result["export"]["aligned_requantization"] == {"layers": len(kernels),
+                                                          "unmatched": []}
+    # The report's figures are the file's on the built-in kernels against the aligned student.
+    with tfqkd.quantize_scope():
+        student = keras.models.load_model(aligned, compile=False)
+    x = np.concatenate([b[0].numpy() for b in common.load_evaluation_split(
+        "digits", "test", common.data_kwargs_for_model(student), batch_size=100,
+        num_eval=None)])
+    inp, outp = it.get_input_details()[0], it.get_output_details()[0]
+    it.resize_tensor_input(inp["index"], x.shape)
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], x)
+    it.invoke()
+    logits = it.get_tensor(outp["index"])
+    ref = student(x, training=False).numpy()
+    report = result["report"]
+    assert report["num_examples"] == len(x) == 360
+    assert report["top1_agreement"] == pytest.approx(np.mean(logits.argmax(-1) == ref.argmax(-1)))
+    assert report["max_logit_diff"] == pytest.approx(float(np.abs(logits - ref).max()), abs=1e-6)
+
+
 def test_export_tool_takes_a_recipe_runs_model_folder(tmp_path):
     """docs/export.md shows --model=RUN/model; recipes save RUN/model/model.h5."""
     from recipes import train_teacher

@@ -6,7 +6,9 @@ no augmentation), and the file is written atomically. With ``--verify`` the file
 against the Keras model on the test split and the parity report printed. ``--pack`` additionally
 writes the packed weight archive (true bit-width). ``--align_student`` moves the student's folded
 biases onto the file's int32 grid first (so that ``--verify`` compares the student that computes
-what the file computes), and ``--aligned_model`` saves that student.
+what the file computes), and ``--aligned_model`` saves that student. ``--runtime=builtin`` is
+for a file that will run without XNNPACK: the student takes the built-in kernels' rounding, and
+``--verify`` runs the file on those kernels.
 
 Example:
     python tools/export_tflite.py --model=runs/w2/model --output=w2_int8.tflite \\
@@ -47,6 +49,10 @@ flags.DEFINE_string("pack", None, "Also write the packed weight archive to this 
 flags.DEFINE_bool("align_student", False,
                   "int8 / int4: move the loaded student's folded biases onto the file's int32 "
                   "grid (export_tflite(align_student=True)) before --verify and --pack.")
+flags.DEFINE_enum("runtime", "xnnpack", ["xnnpack", "builtin"],
+                  "Kernels the file will run on (export_tflite(runtime=...)): --align_student "
+                  "gives the student their rounding and --verify runs them ('builtin': LiteRT "
+                  "without XNNPACK).")
 flags.DEFINE_string("aligned_model", None,
                     "With --align_student: save the aligned student here (.h5 or .keras).")
 flags.DEFINE_bool("space_to_depth", False,
@@ -89,7 +95,7 @@ def main(argv):
     info = export.export_tflite(model, FLAGS.output, calibration, mode=FLAGS.mode,
                                 num_calibration=FLAGS.num_calibration, int8_io=FLAGS.int8_io,
                                 method=FLAGS.method, align_student=FLAGS.align_student,
-                                space_to_depth=FLAGS.space_to_depth,
+                                runtime=FLAGS.runtime, space_to_depth=FLAGS.space_to_depth,
                                 softmax_head_bits=(int(FLAGS.softmax_head_bits)
                                                    if FLAGS.softmax_head_bits else None))
     result = {"export": {k: v for k, v in info.items() if k != "weight_bits"}}
@@ -109,7 +115,8 @@ def main(argv):
     if FLAGS.verify:
         test = common.load_evaluation_split(FLAGS.dataset, "test", data_kw, batch_size=100,
                                             num_eval=FLAGS.num_eval)
-        report = export.verify_tflite(FLAGS.output, model, test, max_examples=FLAGS.num_eval)
+        report = export.verify_tflite(FLAGS.output, model, test, max_examples=FLAGS.num_eval,
+                                      runtime=FLAGS.runtime)
         print(report)
         result["report"] = {k: v for k, v in report.to_dict().items() if k != "layers"}
     print(json.dumps(result, default=str))
