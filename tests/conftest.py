@@ -186,6 +186,17 @@ def run_two_cpu_script(tmp_path, body: str) -> dict:
     return last_json_line(run_script(script, timeout=300, env=env).stdout)
 
 
+def tflite_outputs(interpreter, x):
+    """A LiteRT interpreter's first output for the batch ``x``, its input resized to ``x.shape``
+    (``x`` as the file's input takes it: float, or already quantized for an int8 input)."""
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    interpreter.resize_tensor_input(inp["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], x)
+    interpreter.invoke()
+    return interpreter.get_tensor(out["index"])
+
+
 def file_tensor_steps(path, student, x, tensor_filter, builtin_kernels=False):
     """|file tensor - student tensor| in steps of the file tensor's scale, over images ``x``.
 

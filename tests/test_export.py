@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tfqkd
-from conftest import centred_rms_ratio, file_tensor_steps, packed_ternary_bits
+from conftest import centred_rms_ratio, file_tensor_steps, packed_ternary_bits, tflite_outputs
 from tfqkd import export
 from tfqkd._keras import keras, tf
 from tfqkd.quantize import quantize_model, quantized_weights
@@ -137,12 +137,7 @@ def test_relative_output_error(tiny, tmp_path):
     report = export.verify_tflite(f["path"], other, (x, y))
     from ai_edge_litert.interpreter import Interpreter
     it = Interpreter(model_path=f["path"])
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    it.resize_tensor_input(inp["index"], x.shape)
-    it.allocate_tensors()
-    it.set_tensor(inp["index"], x)
-    it.invoke()
-    want = centred_rms_ratio(it.get_tensor(out["index"]), other(x, training=False).numpy())
+    want = centred_rms_ratio(tflite_outputs(it, x), other(x, training=False).numpy())
     assert want > 0.5  # the two models' outputs are unrelated
     np.testing.assert_allclose(report.relative_output_error, want, rtol=1e-3)
 
@@ -689,11 +684,8 @@ def test_resnet20_w2_int8_parity_and_levels(resnet20_w2, tmp_path):
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
     x = next(iter(test))[0].numpy()
-    it.resize_tensor_input(inp["index"], x.shape)
-    it.allocate_tensors()
-    it.set_tensor(inp["index"], export.quantize_input(x, s_in, z_in))
-    it.invoke()
-    logits = (it.get_tensor(out["index"]).astype(np.float32) - z_out) * s_out
+    file_out = tflite_outputs(it, export.quantize_input(x, s_in, z_in))
+    logits = (file_out.astype(np.float32) - z_out) * s_out
     ref = q(x, training=False).numpy()
     agree = logits.argmax(-1) == ref.argmax(-1)
     assert abs(agree.mean() - report.top1_agreement) < 1e-9

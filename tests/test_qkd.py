@@ -14,7 +14,7 @@ import pytest
 import tfqkd
 from tfqkd._keras import keras, tf
 from tfqkd.qkd import CoStudying, read_phase_state, run_qkd
-from conftest import run_two_cpu_script, saved_model_accuracy
+from conftest import run_two_cpu_script, saved_model_accuracy, tflite_outputs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -320,14 +320,9 @@ def test_w4a4_student_runs_three_phases_and_exports_int8(digits, tmp_path):
     interpreter = Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
     inp = interpreter.get_input_details()[0]
-    outp = interpreter.get_output_details()[0]
     x = np.concatenate([batch[0].numpy() for batch in test])  # the 200 test digits
     assert inp["dtype"] == np.float32 and len(x) == 200  # float I/O: the file quantizes itself
-    interpreter.resize_tensor_input(inp["index"], x.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], x)
-    interpreter.invoke()
-    file_logits = interpreter.get_tensor(outp["index"])
+    file_logits = tflite_outputs(interpreter, x)
     keras_logits = student(x, training=False).numpy()
     # 6 steps of training leave many near-ties, which int8 rounding may flip. Measured over 8
     # seeds of this setup (student/teacher init, global seed): agreement 0.835-0.995, max |logit

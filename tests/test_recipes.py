@@ -19,7 +19,7 @@ import pytest
 
 import tfqkd
 from conftest import (last_json_line, run_script, run_test_set, saved_model_accuracy,
-                      subprocess_env)
+                      subprocess_env, tflite_outputs)
 from recipes import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -249,13 +249,9 @@ def test_quickstart_prints_table_and_writes_tflite(tmp_path, capsys):
 
     x, y = run_test_set(tmp_path / "qs" / "q2_kd_cr")
     it = Interpreter(model_path=str(tflite))
-    inp, out_ = it.get_input_details()[0], it.get_output_details()[0]
+    inp = it.get_input_details()[0]
     assert inp["dtype"] == np.float32  # float I/O: the file quantizes its input itself
-    it.resize_tensor_input(inp["index"], x.shape)
-    it.allocate_tensors()
-    it.set_tensor(inp["index"], x)
-    it.invoke()
-    file_pred = it.get_tensor(out_["index"]).argmax(-1)
+    file_pred = tflite_outputs(it, x).argmax(-1)
     keras_pred = common.load_model(str(tmp_path / "qs" / "q2_kd_cr"))(x).numpy().argmax(-1)
     # one image of slack: a near-tie may round either way in a different batching
     assert summary["tflite_keras_agreement"] == pytest.approx(

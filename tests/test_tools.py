@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tfqkd
-from conftest import last_json_line, packed_ternary_bits, run_script
+from conftest import last_json_line, packed_ternary_bits, run_script, tflite_outputs
 from tfqkd._keras import keras
 from tfqkd.quantize import quantize_model, quantized_weights
 
@@ -92,12 +92,7 @@ def test_export_tool_aligns_and_verifies_for_the_builtin_kernels(digits_w2_model
     x = np.concatenate([b[0].numpy() for b in common.load_evaluation_split(
         "digits", "test", common.data_kwargs_for_model(student), batch_size=100,
         num_eval=None)])
-    inp, outp = it.get_input_details()[0], it.get_output_details()[0]
-    it.resize_tensor_input(inp["index"], x.shape)
-    it.allocate_tensors()
-    it.set_tensor(inp["index"], x)
-    it.invoke()
-    logits = it.get_tensor(outp["index"])
+    logits = tflite_outputs(it, x)
     ref = student(x, training=False).numpy()
     report = result["report"]
     assert report["num_examples"] == len(x) == 360
