@@ -210,6 +210,28 @@ def test_default_l2_search_graph_stays_small(shape, axis):
     assert len(graph.get_operations()) <= 200
 
 
+@pytest.mark.parametrize("bits,axis", [(2, None), (8, -1)])
+def test_large_kernels_search_in_a_graph_of_their_own_shape_with_the_same_values(bits, axis):
+    """A kernel of STATIC_SHAPE_MIN_WEIGHTS or more is quantized by a graph function traced at
+    its own shape (where the search can score its candidates a few at a time: 1.3-4x faster on
+    ResNet50's kernels, tools/benchmark_l2_step.py --parts=layer); a smaller one by the function
+    of unknown sizes its rank shares. Either way the values are those of the shared function."""
+    from tfqkd.quantizers import L2_ITERATIONS
+    from tfqkd.quantizers import weights as qw
+
+    rng = np.random.default_rng(bits)
+    shared = tf.function(lambda t: qw._quantize_impl(t, bits, "l2", axis, L2_ITERATIONS),
+                         input_signature=[tf.TensorSpec([None] * 4, tf.float32)], autograph=False)
+    for shape in [(1, 1, 256, 512), (3, 3, 32, 32)]:  # 131,072 and 9,216 weights
+        w = tf.constant(rng.laplace(size=shape).astype(np.float32))
+        got = SymmetricQuantizer(bits, "l2", per_channel=axis is not None)(w, True, {})
+        np.testing.assert_array_equal(got.numpy(), shared(w).numpy())
+        own = [key for key in qw._GRAPH_FUNCTIONS if key[0] == "_quantize_impl"
+               and key[1:3] == (bits, "l2") and key[-1] == shape]
+        assert len(own) == (1 if np.prod(shape) >= qw.STATIC_SHAPE_MIN_WEIGHTS else 0), own
+    assert 9_216 < qw.STATIC_SHAPE_MIN_WEIGHTS <= 131_072
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_gaussian_ratio_table_is_the_gaussian_l2_optimum(bits):
     w = np.random.default_rng(0).normal(0.0, 0.5, size=400_000).astype(np.float32)

@@ -18,6 +18,13 @@ Cost. The three searches are timed as ``tf.function`` s on typical kernels (per 
 output channel), interleaved call by call, and the ratios a/c and b/c are reported per kernel:
 the cost against the filed search itself ("today's cost" in issue 25).
 
+Layer path. A QAT layer runs the search inside the quantizer's graph function
+(``tfqkd.quantizers.weights``): one function per rank with unknown sizes, shared by the layers,
+and one of its own static shape for a kernel of ``STATIC_SHAPE_MIN_WEIGHTS`` or more. The layer
+table times that function against the shared unknown-size one on kernels up to ResNet50's, side
+by side (``shared / layer``: how much faster a layer's search runs than with one shared
+function for every kernel).
+
 Target (issue 25): gap <= 0.1 % at every bit-width, time ratio <= 2 (neither search meets
 both: the default misses the gap at 5-8 bits; the thorough one misses it on rows of 256
 weights at 8 bits and the time on the largest kernels; see docs/quantization.md). The last line
@@ -47,11 +54,18 @@ flags.DEFINE_integer("first_seed", 0, "First draw's seed (e.g. 3 for draws not u
 flags.DEFINE_integer("grid_points", 20_000, "Points of the geometric reference grid.")
 flags.DEFINE_integer("repeats", 7, "Timing rounds per kernel (the median is reported).")
 flags.DEFINE_integer("calls", 20, "Calls per timing round.")
+flags.DEFINE_list("parts", ["accuracy", "timing", "layer"], "Parts to run: accuracy (against "
+                  "the grid), timing (against the filed search), layer (the layers' graph "
+                  "functions).")
 
 #: (kernel shape, step axis) timed: CIFAR ResNet 3x3 convs, a 1x1 expansion, a depthwise, a Dense.
 KERNELS = [((3, 3, 3, 16), None), ((3, 3, 16, 16), None), ((3, 3, 64, 64), None),
            ((3, 3, 64, 64), -1), ((1, 1, 256, 1024), -1), ((3, 3, 96, 1), (2, 3)), ((64, 10), None)]
 DISTRIBUTIONS = ("gaussian", "laplace", "student_t3", "student_t2")
+#: (kernel shape, step axis) of the layer table: a CIFAR ResNet conv, MobileNetV2's 1x1 expansion
+#: and ResNet50's largest 1x1 and 3x3 kernels.
+LAYER_KERNELS = [((3, 3, 64, 64), None), ((1, 1, 256, 1024), -1), ((1, 1, 1024, 2048), None),
+                 ((3, 3, 512, 512), None), ((3, 3, 512, 512), -1)]
 
 
 def _filed(w, bits: int, axis=None):
@@ -186,8 +200,43 @@ def _timing():
     return rows
 
 
-def main(argv):
-    del argv
+def _layer_timing():
+    """ms per call of the layers' weight quantizer (search and rounding): the graph function a
+    layer gets against the shared one of unknown sizes, interleaved call by call."""
+    import numpy as np
+
+    from tfqkd._keras import tf
+    from tfqkd.quantizers import L2_ITERATIONS
+    from tfqkd.quantizers import weights as qw
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for bits in (2, 8):
+        for shape, axis in LAYER_KERNELS:
+            w = tf.constant(rng.laplace(size=shape).astype(np.float32))
+            shared = tf.function(
+                lambda t: qw._quantize_impl(t, bits, "l2", axis, L2_ITERATIONS), autograph=False,
+                input_signature=[tf.TensorSpec([None] * len(shape), tf.float32)])
+            fns = {"layer": lambda: qw._quantize_fn(w, bits, "l2", axis, L2_ITERATIONS),
+                   "shared": lambda: shared(w)}
+            same = bool(np.array_equal(fns["layer"]().numpy(), fns["shared"]().numpy()))
+            calls = max(1, FLAGS.calls * 36_864 // int(np.prod(shape)))
+            times = {name: [] for name in fns}
+            for r in range(FLAGS.repeats):
+                for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fns[name]().numpy()
+                    times[name].append((time.perf_counter() - t0) / calls * 1e3)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            rows.append({"bits": bits, "shape": list(shape), "axis": axis,
+                         "own_shape": int(np.prod(shape)) >= qw.STATIC_SHAPE_MIN_WEIGHTS,
+                         "layer_ms": med["layer"], "shared_ms": med["shared"],
+                         "speedup": med["shared"] / med["layer"], "same_values": same})
+    return rows
+
+
+def _accuracy_part() -> dict:
     acc = _accuracy()
     print("| bits | worst gap, default | worst gap, thorough | worst gap, filed | draws |")
     print("|---|---|---|---|---|")
@@ -197,6 +246,10 @@ def main(argv):
         worst[bits] = {name: max(r[name] for r in sel) for name, _ in _searches()}
         print(f"| {bits} | " + " | ".join(f"{100 * worst[bits][name]:.3f} %" for name, _ in _searches())
               + f" | {len(sel)} |")
+    return {"worst_gap": worst, "accuracy": acc}
+
+
+def _timing_part() -> dict:
     timing = _timing()
     print("\n| bits | kernel | axis | default ms | thorough ms | filed ms | default / filed "
           "| thorough / filed |")
@@ -207,13 +260,33 @@ def main(argv):
               f"| {r['thorough_ratio']:.2f} |")
     ratios = [r["ratio"] for r in timing]
     thorough = [r["thorough_ratio"] for r in timing]
-    print(json.dumps({
-        "worst_gap": worst,
-        "time_ratio": {"median": statistics.median(ratios), "max": max(ratios)},
-        "thorough_time_ratio": {"median": statistics.median(thorough), "max": max(thorough)},
-        "targets": {"gap": 1e-3, "time_ratio": 2.0},
-        "accuracy": acc, "timing": timing,
-    }))
+    return {"time_ratio": {"median": statistics.median(ratios), "max": max(ratios)},
+            "thorough_time_ratio": {"median": statistics.median(thorough), "max": max(thorough)},
+            "timing": timing}
+
+
+def main(argv):
+    del argv
+    unknown = sorted(set(FLAGS.parts) - {"accuracy", "timing", "layer"})
+    if unknown:
+        raise app.UsageError(f"--parts: unknown part(s) {unknown}; choose from accuracy, "
+                             f"timing and layer (comma-separated).")
+    out = {"targets": {"gap": 1e-3, "time_ratio": 2.0}}
+    if "accuracy" in FLAGS.parts:
+        out.update(_accuracy_part())
+    if "timing" in FLAGS.parts:
+        out.update(_timing_part())
+    if "layer" in FLAGS.parts:
+        layer = _layer_timing()
+        print("\n| bits | kernel | axis | own shape | layer ms | shared ms | shared / layer "
+              "| same values |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in layer:
+            print(f"| {r['bits']} | {tuple(r['shape'])} | {r['axis']} | {r['own_shape']} "
+                  f"| {r['layer_ms']:.2f} | {r['shared_ms']:.2f} | {r['speedup']:.2f} "
+                  f"| {r['same_values']} |")
+        out["layer"] = layer
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

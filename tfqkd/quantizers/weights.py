@@ -48,12 +48,24 @@ def _quantize_impl(w: tf.Tensor, bits: int, kind: str, axis, iterations: int) ->
 # runtime graph is the same after TensorFlow inlines the call.
 _GRAPH_FUNCTIONS: Dict[tuple, Any] = {}
 
+#: Kernels of at least this many weights get a graph function of their own static shape. With
+#: unknown sizes the search scores all its candidates in one batched op; at a known large size it
+#: scores them a few at a time (`symmetric._chunk_size`), which stays in cache. Measured per call
+#: (`python tools/benchmark_l2_step.py --parts=layer`, 2 cores, 2026-12-07), own shape against
+#: shared: ResNet50's 3x3x512x512 78-108 ms against 263-322 ms, its 1x1x1024x2048 65-83 against
+#: 243-266, a 1x1x256x1024 per channel 12-13 against 15-22; the same values to the bit. Below
+#: this size the shared function stays: a trace per shape would add graphs for little gain.
+STATIC_SHAPE_MIN_WEIGHTS = 100_000
+
 
 def _graph_function(impl, w: tf.Tensor, bits: int, kind: str, axis, iterations: int):
-    key = (impl.__name__, bits, kind, axis, iterations, w.shape.rank)
+    size = w.shape.num_elements()
+    shape = tuple(w.shape.as_list()) if size is not None and size >= STATIC_SHAPE_MIN_WEIGHTS \
+        else None
+    key = (impl.__name__, bits, kind, axis, iterations, w.shape.rank, shape)
     fn = _GRAPH_FUNCTIONS.get(key)
     if fn is None:
-        spec = tf.TensorSpec([None] * w.shape.rank, tf.float32)
+        spec = tf.TensorSpec(shape or [None] * w.shape.rank, tf.float32)
         fn = tf.function(lambda t: impl(t, bits, kind, axis, iterations), input_signature=[spec],
                          autograph=False)
         _GRAPH_FUNCTIONS[key] = fn
