@@ -220,7 +220,7 @@ def test_large_kernels_search_in_a_graph_of_their_own_shape_with_the_same_values
     from tfqkd.quantizers import weights as qw
 
     rng = np.random.default_rng(bits)
-    shared = tf.function(lambda t: qw._quantize_impl(t, bits, "l2", axis, L2_ITERATIONS),
+    shared = tf.function(lambda t: qw._quantize_impl(t, bits, "l2", axis, L2_ITERATIONS)[0],
                          input_signature=[tf.TensorSpec([None] * 4, tf.float32)], autograph=False)
     for shape in [(1, 1, 256, 512), (3, 3, 32, 32)]:  # 131,072 and 9,216 weights
         w = tf.constant(rng.laplace(size=shape).astype(np.float32))
@@ -230,6 +230,25 @@ def test_large_kernels_search_in_a_graph_of_their_own_shape_with_the_same_values
                and key[1:3] == (bits, "l2") and key[-1] == shape]
         assert len(own) == (1 if np.prod(shape) >= qw.STATIC_SHAPE_MIN_WEIGHTS else 0), own
     assert 9_216 < qw.STATIC_SHAPE_MIN_WEIGHTS <= 131_072
+
+
+@pytest.mark.parametrize("step", ["l2", "std", "learned"])
+@pytest.mark.parametrize("shape", [(3, 3, 8, 4), (1, 1, 256, 512)])
+def test_quantize_with_step_is_the_layer_value_and_its_step(step, shape):
+    """What the exporter reads levels from: one search gives both, equal to the quantizer's
+    forward value in a layer and to compute_step, to the bit (-0.0 included)."""
+    rng = np.random.default_rng(len(step))
+    w = tf.constant(rng.laplace(size=shape).astype(np.float32) * 0.1)
+    q = SymmetricQuantizer(2, step, per_channel=True)
+    weights = {}
+    if step == "learned":
+        weights = {"step": tf.Variable(rng.uniform(0.05, 0.2, size=shape[-1]).astype(np.float32))}
+    value, found = q.quantize_with_step(w, weights)
+    want = q(w, False, weights).numpy()
+    assert value.numpy().tobytes() == want.tobytes()
+    np.testing.assert_array_equal(found.numpy(), q.compute_step(w, weights).numpy())
+    levels = value.numpy() / found.numpy()
+    np.testing.assert_array_equal(levels, np.clip(np.rint(levels), -1, 1))
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])

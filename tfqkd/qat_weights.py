@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 
-from tfqkd._keras import keras, tf
+from tfqkd._keras import keras
 from tfqkd.quantizers import SymmetricQuantizer
 
 __all__ = [
@@ -129,12 +129,12 @@ def _stated_bits(quantizer) -> Optional[int]:
     return None
 
 
-def _stated_levels(quantizer, weight, qvars, value: np.ndarray
+def _stated_levels(quantizer, step, value: np.ndarray
                    ) -> Optional[Tuple[np.ndarray, np.ndarray, bool, Any]]:
     """(levels, step, per_channel, axis) as the quantizer computes them, if exactly ``value``."""
-    if not isinstance(quantizer, SymmetricQuantizer):
+    if not isinstance(quantizer, SymmetricQuantizer) or step is None:
         return None
-    step = np.asarray(quantizer.compute_step(tf.convert_to_tensor(weight), qvars), np.float32)
+    step = np.asarray(step, np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         k = np.rint(value / step)
     if not np.all(np.isfinite(k)) or (k.size and np.abs(k).max() > 127):
@@ -145,13 +145,13 @@ def _stated_levels(quantizer, weight, qvars, value: np.ndarray
     return k.astype(np.int32), step, per_channel, quantizer.axis if per_channel else None
 
 
-def _reading(name: str, value: np.ndarray, quantizer=None, weight=None, qvars=None,
+def _reading(name: str, value: np.ndarray, quantizer=None, step=None,
              levels: bool = True) -> QuantizedWeight:
     bits = _stated_bits(quantizer) if quantizer is not None else None
     if not levels:
         return QuantizedWeight(name, value, quantizer, bits)
     if quantizer is not None:
-        stated = _stated_levels(quantizer, weight, qvars, value)
+        stated = _stated_levels(quantizer, step, value)
         if stated is not None:
             k, step, per_channel, axis = stated
             return QuantizedWeight(name, value, quantizer, bits, k, step, per_channel, axis, True)
@@ -188,9 +188,14 @@ def read_layer_weights(layer, levels: bool = True) -> Dict[str, QuantizedWeight]
     for name, var in variables.items():
         if var.ref() in quantized:
             weight, quantizer, qvars = quantized[var.ref()]
-            q = quantizer(weight, training=False, weights=qvars)
+            step = None
+            if isinstance(quantizer, SymmetricQuantizer):
+                # One search gives the value and its step (the levels' grid).
+                q, step = quantizer.quantize_with_step(weight, qvars)
+            else:
+                q = quantizer(weight, training=False, weights=qvars)
             value = np.asarray(q.numpy() if hasattr(q, "numpy") else q, dtype=np.float32)
-            out[name] = _reading(name, value, quantizer, weight, qvars, levels)
+            out[name] = _reading(name, value, quantizer, step, levels)
         else:
             out[name] = _reading(name, var.numpy(), levels=levels)
     return out

@@ -215,7 +215,7 @@ def _layer_timing():
         for shape, axis in LAYER_KERNELS:
             w = tf.constant(rng.laplace(size=shape).astype(np.float32))
             shared = tf.function(
-                lambda t: qw._quantize_impl(t, bits, "l2", axis, L2_ITERATIONS), autograph=False,
+                lambda t: qw._quantize_impl(t, bits, "l2", axis, L2_ITERATIONS)[0], autograph=False,
                 input_signature=[tf.TensorSpec([None] * len(shape), tf.float32)])
             fns = {"layer": lambda: qw._quantize_fn(w, bits, "l2", axis, L2_ITERATIONS),
                    "shared": lambda: shared(w)}

@@ -38,8 +38,12 @@ def _data_step_impl(w: tf.Tensor, bits: int, kind: str, axis, iterations: int) -
     return l2_optimal_step(w, bits, axis=axis, iterations=iterations)
 
 
-def _quantize_impl(w: tf.Tensor, bits: int, kind: str, axis, iterations: int) -> tf.Tensor:
-    return symmetric_quantize(w, bits, _data_step_impl(w, bits, kind, axis, iterations))
+def _quantize_impl(w: tf.Tensor, bits: int, kind: str, axis, iterations: int
+                   ) -> Tuple[tf.Tensor, tf.Tensor]:
+    """(Q(w), Δ): the step comes along for readers of levels (`quantize_with_step`); a training
+    graph uses Q(w) only, and TensorFlow prunes the rest once it inlines the call."""
+    step = _data_step_impl(w, bits, kind, axis, iterations)
+    return symmetric_quantize(w, bits, step), step
 
 
 # The step search is ~100 small ops per kernel. As graph functions (one trace per bit-width,
@@ -51,10 +55,12 @@ _GRAPH_FUNCTIONS: Dict[tuple, Any] = {}
 #: Kernels of at least this many weights get a graph function of their own static shape. With
 #: unknown sizes the search scores all its candidates in one batched op; at a known large size it
 #: scores them a few at a time (`symmetric._chunk_size`), which stays in cache. Measured per call
-#: (`python tools/benchmark_l2_step.py --parts=layer`, 2 cores, 2026-12-07), own shape against
-#: shared: ResNet50's 3x3x512x512 78-108 ms against 263-322 ms, its 1x1x1024x2048 65-83 against
-#: 243-266, a 1x1x256x1024 per channel 12-13 against 15-22; the same values to the bit. Below
-#: this size the shared function stays: a trace per shape would add graphs for little gain.
+#: (`python tools/benchmark_l2_step.py --parts=layer`, 2 cores, two runs, 2026-12-07), own shape
+#: against shared: ResNet50's 3x3x512x512 75-125 ms against 263-322 ms, its 1x1x1024x2048 65-98
+#: against 243-270, a 1x1x256x1024 per channel 12-13 against 15-22; the same values to the bit.
+#: Below this size the shared function stays: a trace per shape would add graphs for little gain.
+#: (Large kernels in shared functions whose search scores one candidate per op chain were as fast
+#: per call, but ResNet50's first graph-mode KD `fit` took 37-41 s against 25-29 s.)
 STATIC_SHAPE_MIN_WEIGHTS = 100_000
 
 
@@ -77,6 +83,10 @@ def _data_step_fn(w, bits, kind, axis, iterations):
 
 
 def _quantize_fn(w, bits, kind, axis, iterations):
+    return _graph_function(_quantize_impl, w, bits, kind, axis, iterations)[0]
+
+
+def _quantize_with_step_fn(w, bits, kind, axis, iterations):
     return _graph_function(_quantize_impl, w, bits, kind, axis, iterations)
 
 
@@ -191,6 +201,27 @@ class SymmetricQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qua
             initializer=keras.initializers.Zeros(), trainable=True,
         )
         return {"step": var}
+
+    def quantize_with_step(self, w, weights: Optional[Dict[str, tf.Variable]] = None
+                           ) -> Tuple[tf.Tensor, tf.Tensor]:
+        """``(Q(w), Δ)`` in inference mode: the forward value, as the quantizer computes it in a
+        layer, and its step (:meth:`compute_step`), from one search instead of two.
+
+        Example:
+            >>> q, step = SymmetricQuantizer(2, "std").quantize_with_step(tf.constant([1.0, -0.1]))
+            >>> [round(v / float(step)) for v in q.numpy().tolist()]
+            [1, 0]
+        """
+        w = tf.convert_to_tensor(w, tf.float32)
+        if self.step == "learned" and weights and "step" in weights:
+            return self._lsq(w, weights["step"]), self.compute_step(w, weights)
+        q, step = _quantize_with_step_fn(tf.stop_gradient(w), *self._static_args())
+        # As __call__ returns it, to the bit (its straight-through sum turns -0.0 into 0.0).
+        q = _straight_through(tf.ensure_shape(q, w.shape), w)
+        if self._step_axis is None:
+            return q, tf.ensure_shape(step, [])
+        _, kept = _reduction_axes(w.shape.rank, self._step_axis)
+        return q, tf.ensure_shape(step, w.shape[kept[0]:])
 
     @_no_autograph
     def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
