@@ -40,8 +40,8 @@ def _data_step_impl(w: tf.Tensor, bits: int, kind: str, axis, iterations: int) -
 
 def _quantize_impl(w: tf.Tensor, bits: int, kind: str, axis, iterations: int
                    ) -> Tuple[tf.Tensor, tf.Tensor]:
-    """(Q(w), Δ): the step comes along for readers of levels (`quantize_with_step`); a training
-    graph uses Q(w) only, and TensorFlow prunes the rest once it inlines the call."""
+    """(Q(w), Δ): the step comes along for readers of levels (`quantize_with_step`). Q(w) needs
+    it anyway, so a training graph, which uses Q(w) only, computes nothing more."""
     step = _data_step_impl(w, bits, kind, axis, iterations)
     return symmetric_quantize(w, bits, step), step
 
