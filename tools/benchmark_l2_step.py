@@ -171,6 +171,19 @@ def _accuracy():
     return rows
 
 
+def _interleaved_ms(fns, calls: int) -> dict:
+    """``{name: median ms per call}`` of the zero-argument callables ``fns``: ``--repeats`` rounds
+    of ``calls`` calls each, in order and reversed on alternate rounds."""
+    times = {name: [] for name in fns}
+    for r in range(FLAGS.repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fns[name]()
+            times[name].append((time.perf_counter() - t0) / calls * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _timing():
     import numpy as np
 
@@ -183,16 +196,10 @@ def _timing():
             w = tf.constant(rng.laplace(size=shape).astype(np.float32))
             fns = {name: tf.function(lambda w, f=search: f(w, bits, axis=axis))
                    for name, search in _searches()}
-            times = {name: [] for name in fns}
             for fn in fns.values():
                 fn(w)  # trace
-            for r in range(FLAGS.repeats):
-                for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                    t0 = time.perf_counter()
-                    for _ in range(FLAGS.calls):
-                        fns[name](w)
-                    times[name].append((time.perf_counter() - t0) / FLAGS.calls * 1e3)
-            med = {name: statistics.median(t) for name, t in times.items()}
+            med = _interleaved_ms({name: (lambda f=fn: f(w)) for name, fn in fns.items()},
+                                  FLAGS.calls)
             rows.append({"bits": bits, "shape": list(shape), "axis": axis,
                          **{f"{name}_ms": med[name] for name in med},
                          "ratio": med["default"] / med["filed"],
@@ -220,15 +227,8 @@ def _layer_timing():
             fns = {"layer": lambda: qw._quantize_fn(w, bits, "l2", axis, L2_ITERATIONS),
                    "shared": lambda: shared(w)}
             same = bool(np.array_equal(fns["layer"]().numpy(), fns["shared"]().numpy()))
-            calls = max(1, FLAGS.calls * 36_864 // int(np.prod(shape)))
-            times = {name: [] for name in fns}
-            for r in range(FLAGS.repeats):
-                for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                    t0 = time.perf_counter()
-                    for _ in range(calls):
-                        fns[name]().numpy()
-                    times[name].append((time.perf_counter() - t0) / calls * 1e3)
-            med = {name: statistics.median(t) for name, t in times.items()}
+            med = _interleaved_ms({name: (lambda f=fn: f().numpy()) for name, fn in fns.items()},
+                                  max(1, FLAGS.calls * 36_864 // int(np.prod(shape))))
             rows.append({"bits": bits, "shape": list(shape), "axis": axis,
                          "own_shape": int(np.prod(shape)) >= qw.STATIC_SHAPE_MIN_WEIGHTS,
                          "layer_ms": med["layer"], "shared_ms": med["shared"],

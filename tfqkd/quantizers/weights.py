@@ -170,7 +170,10 @@ class SymmetricQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qua
 
     def _data_step(self, w: tf.Tensor) -> tf.Tensor:
         w = tf.stop_gradient(tf.cast(w, tf.float32))
-        step = _data_step_fn(w, *self._static_args())
+        return self._shaped_step(_data_step_fn(w, *self._static_args()), w)
+
+    def _shaped_step(self, step: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+        """``step`` with its static shape: a scalar, or the kept axes of ``w`` per channel."""
         if self._step_axis is None:
             return tf.ensure_shape(step, [])
         _, kept = _reduction_axes(w.shape.rank, self._step_axis)
@@ -218,11 +221,7 @@ class SymmetricQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qua
             return self._lsq(w, weights["step"]), self.compute_step(w, weights)
         q, step = _quantize_with_step_fn(tf.stop_gradient(w), *self._static_args())
         # As __call__ returns it, to the bit (its straight-through sum turns -0.0 into 0.0).
-        q = _straight_through(tf.ensure_shape(q, w.shape), w)
-        if self._step_axis is None:
-            return q, tf.ensure_shape(step, [])
-        _, kept = _reduction_axes(w.shape.rank, self._step_axis)
-        return q, tf.ensure_shape(step, w.shape[kept[0]:])
+        return _straight_through(tf.ensure_shape(q, w.shape), w), self._shaped_step(step, w)
 
     @_no_autograph
     def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
