@@ -57,7 +57,7 @@ _GRAPH_FUNCTIONS: Dict[tuple, Any] = {}
 #: scores them a few at a time (`symmetric._chunk_size`), which stays in cache. Measured per call
 #: (`python tools/benchmark_l2_step.py --parts=layer`, 2 cores, two runs, 2026-12-07), own shape
 #: against shared: ResNet50's 3x3x512x512 75-125 ms against 263-322 ms, its 1x1x1024x2048 65-98
-#: against 243-270, a 1x1x256x1024 per channel 12-13 against 15-22; the same values to the bit
+#: against 243-270, a 1x1x256x1024 per channel 12 against 15-22; the same values to the bit
 #: there (chunks can move a step by summation order: docs/quantization.md).
 #: Below this size the shared function stays: a trace per shape would add graphs for little gain.
 #: (Large kernels in shared functions whose search scores one candidate per op chain were as fast
