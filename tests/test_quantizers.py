@@ -505,3 +505,71 @@ def test_range_quantizer_limits_clip_the_range_it_rounds_on_and_round_trip():
     assert RangeQuantizer.from_config(RangeQuantizer(8).get_config()).limits is None
     with pytest.raises(ValueError, match=r"limits must be None or \(lo, hi\) with lo < 0 < hi"):
         RangeQuantizer(8, limits=(0.0, 8.0))
+
+
+def _every_quantizer_kind():
+    from tfqkd.quantizers import FixedRangeQuantizer
+    from tfqkd.speq import StochasticPrecisionQuantizer
+    return {"weights_l2": SymmetricQuantizer(2), "weights_std_per_channel": SymmetricQuantizer(
+        4, "std", per_channel=True), "relu_ema": ActivationQuantizer(8), "range": RangeQuantizer(8),
+        "fixed_range": FixedRangeQuantizer(8), "speq": StochasticPrecisionQuantizer(
+            2, high_bits=8, probability=0.5)}
+
+
+@pytest.mark.parametrize("kind", sorted(_every_quantizer_kind()))
+def test_keras_signature_graphs_get_the_input_other_graphs_the_quantizer(kind):
+    """Keras runs a layer in a FuncGraph named ``<layer>_scratch_graph`` only for its outputs'
+    shape and dtype; there a quantizer returns its input (one op), elsewhere its whole graph."""
+    quantizer = _every_quantizer_kind()[kind]
+    holder = keras.layers.Layer()
+    shape = (3, 3, 8, 16)
+    variables = quantizer.build(tf.TensorShape(shape), "q", holder)
+    ops = {}
+    for name in ("quant_conv_scratch_graph", "quant_conv_traced"):
+        graph = tf.__internal__.FuncGraph(name)
+        with graph.as_default():
+            x = tf.compat.v1.placeholder(tf.float32, shape)
+            before = len(graph.get_operations())
+            y = quantizer(x, False, variables)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        ops[name] = [op.type for op in graph.get_operations()[before:]]
+    assert ops["quant_conv_scratch_graph"] == ["Identity"]
+    # The quantizer itself: a rounding op (Floor, a FakeQuant, or the call of the weight
+    # quantizer's graph function).
+    assert {"Floor", "FakeQuantWithMinMaxArgs", "FakeQuantWithMinMaxVars",
+            "StatefulPartitionedCall", "PartitionedCall"} & set(ops["quant_conv_traced"]), ops
+
+
+def test_functional_construction_runs_no_step_search_and_values_stay_quantized(monkeypatch):
+    """quantize_model's clones and load_model build every layer on symbolic inputs: no L2 step
+    search runs there (each cost a trace per kernel); the first real call runs one per kernel,
+    and its kernels are on the ternary grid."""
+    import tfqkd
+    from tfqkd.quantize import quantize_model, quantized_weights
+    from tfqkd.quantizers import weights as weights_module
+
+    calls = []
+    real = weights_module._quantize_fn  # noqa: SLF001
+
+    def counting(*args):
+        calls.append(tf.compat.v1.get_default_graph().name if not tf.executing_eagerly()
+                     else "eager")
+        return real(*args)
+
+    monkeypatch.setattr(weights_module, "_quantize_fn", counting)
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)), keras.layers.Conv2D(8, 3, name="a"), keras.layers.ReLU(),
+        keras.layers.Conv2D(8, 3, name="b"), keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4, name="c")])
+    q = quantize_model(model, weight_bits=2, activation_bits=8, first_last_bits=None)
+    assert calls == []
+    q(np.ones((2, 8, 8, 3), np.float32))
+    assert calls == ["eager"] * 3
+    kernels = quantized_weights(q)
+    assert sorted(kernels) == ["a", "b", "c"]
+    assert all(len(np.unique(k)) <= 3 for k in kernels.values())
+    calls.clear()
+    q.compile("sgd", "mse")
+    q.fit(np.ones((2, 8, 8, 3), np.float32), np.zeros((2, 4), np.float32), verbose=0)
+    # fit traces its step once more when the first trace creates the optimizer's variables.
+    assert set(calls) == {"train_function"} and len(calls) in (3, 6), calls

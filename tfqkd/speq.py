@@ -39,6 +39,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple, Union
 from tfqkd._keras import keras, tf
 from tfqkd.distiller import Distiller
 from tfqkd.quantizers import ActivationQuantizer, check_bits
+from tfqkd.quantizers._base import _quantizer_call
 
 __all__ = [
     "StochasticPrecisionQuantizer",
@@ -188,6 +189,7 @@ class StochasticPrecisionQuantizer(ActivationQuantizer):
         """Whether a teacher pass can differ from the student pass at all."""
         return self.probability > 0.0 and self.high_bits != self.bits
 
+    @_quantizer_call
     def __call__(self, inputs, training, weights, **kwargs):
         inputs = tf.convert_to_tensor(inputs)
         low = super().__call__(inputs, training, weights, **kwargs)

@@ -1,10 +1,11 @@
 """Pieces every tfqkd quantizer shares (private): the straight-through estimator, NaN handling,
-the no-AutoGraph decorator, and equality / repr from ``get_config``.
+the decorator of every quantizer's ``__call__``, and equality / repr from ``get_config``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import functools
+from typing import Any, Callable, Dict
 
 from tfqkd._keras import tf
 
@@ -14,6 +15,36 @@ _TINY = 1e-12  # floor on Δ: keeps all-zero tensors (and channels) finite
 # fixed number of rounds, branches on the bit-width). Letting AutoGraph convert them, which
 # Keras does for every layer call, costs ~0.7 s per call and gains nothing.
 _no_autograph = tf.autograph.experimental.do_not_convert
+
+
+def _infers_output_signature() -> bool:
+    """Whether the current graph is one in which Keras runs a layer only for the shape and dtype
+    of its outputs (``Layer._infer_output_signature`` and ``compute_output_shape`` call the layer
+    in a throw-away ``FuncGraph`` named ``<layer>_scratch_graph``)."""
+    graph = tf.compat.v1.get_default_graph()
+    return isinstance(graph, tf.__internal__.FuncGraph) and graph.name.endswith("_scratch_graph")
+
+
+def _quantizer_call(call: Callable) -> Callable:
+    """Decorates a quantizer's ``__call__(inputs, training, weights, **kwargs)``: no AutoGraph
+    (above), and in a graph where Keras only infers output signatures, ``inputs`` itself.
+
+    Every quantizer returns a tensor of its input's shape and dtype, which is all such a graph
+    is run for. Building the quantizer's ops there (the L2 step search of each kernel) is what
+    made a model's functional construction slow: each clone in ``quantize_model`` and each
+    ``load_model`` calls every layer once that way (DenseNet121's ``quantize_model`` 30 s ->
+    20-24 s here, 2026-12-07). A graph that computes values (eager calls, ``tf.function``
+    traces such as ``fit``'s) is never named so.
+    """
+    call = _no_autograph(call)
+
+    @functools.wraps(call)
+    def wrapper(self, inputs, training, weights, **kwargs):
+        if _infers_output_signature():
+            return tf.identity(inputs)
+        return call(self, inputs, training, weights, **kwargs)
+
+    return _no_autograph(wrapper)
 
 
 def _keep_nan(source: tf.Tensor, value: tf.Tensor) -> tf.Tensor:

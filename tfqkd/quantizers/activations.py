@@ -20,7 +20,8 @@ import numpy as np
 import tensorflow_model_optimization as tfmot
 
 from tfqkd._keras import keras, tf
-from tfqkd.quantizers._base import _TINY, ConfigEquality, _no_autograph, _straight_through
+from tfqkd.quantizers._base import (
+    _TINY, ConfigEquality, _quantizer_call, _straight_through)
 from tfqkd.quantizers.symmetric import check_bits
 
 __all__ = ["ActivationQuantizer", "RangeQuantizer", "FixedRangeQuantizer", "CLIP_KINDS",
@@ -161,7 +162,7 @@ class ActivationQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qu
             return tf.where((value > 0.0) | tf.math.is_nan(value), value, self.clip_value)
         return value
 
-    @_no_autograph
+    @_quantizer_call
     def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
         x = tf.convert_to_tensor(inputs)
         if self.clip == "ema" and weights and "clip" in weights:
@@ -296,7 +297,7 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
             aggregation=tf.VariableAggregation.MEAN)
         return {"min_var": make("min"), "max_var": make("max")}
 
-    @_no_autograph
+    @_quantizer_call
     def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
         x = tf.convert_to_tensor(inputs)
         lo_var, hi_var = weights["min_var"], weights["max_var"]
@@ -444,7 +445,7 @@ class FixedRangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qu
     def build(self, tensor_shape, name: str, layer) -> Dict[str, tf.Variable]:
         return {}
 
-    @_no_autograph
+    @_quantizer_call
     def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
         return tf.quantization.fake_quant_with_min_max_args(
             tf.convert_to_tensor(inputs), min=self.min, max=self.max, num_bits=self.bits)

@@ -16,7 +16,7 @@ import tensorflow_model_optimization as tfmot
 
 from tfqkd._keras import keras, tf
 from tfqkd.quantizers._base import (
-    _TINY, ConfigEquality, _keep_nan, _no_autograph, _straight_through)
+    _TINY, ConfigEquality, _keep_nan, _quantizer_call, _straight_through)
 from tfqkd.quantizers.symmetric import (
     L2_ITERATIONS,
     STEP_KINDS,
@@ -223,7 +223,7 @@ class SymmetricQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Qua
         # As __call__ returns it, to the bit (its straight-through sum turns -0.0 into 0.0).
         return _straight_through(tf.ensure_shape(q, w.shape), w), self._shaped_step(step, w)
 
-    @_no_autograph
+    @_quantizer_call
     def __call__(self, inputs, training, weights, **kwargs) -> tf.Tensor:
         w = tf.convert_to_tensor(inputs)
         if self.step == "learned" and weights and "step" in weights:
