@@ -544,7 +544,6 @@ def test_functional_construction_runs_no_step_search_and_values_stay_quantized(m
     """quantize_model's clones and load_model build every layer on symbolic inputs: no L2 step
     search runs there (each cost a trace per kernel); the first real call runs one per kernel,
     and its kernels are on the ternary grid."""
-    import tfqkd
     from tfqkd.quantize import quantize_model, quantized_weights
     from tfqkd.quantizers import weights as weights_module
 

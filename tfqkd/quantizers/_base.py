@@ -36,8 +36,7 @@ def _quantizer_call(call: Callable) -> Callable:
     20-24 s here, 2026-12-07). A graph that computes values (eager calls, ``tf.function``
     traces such as ``fit``'s) is never named so.
     """
-    call = _no_autograph(call)
-
+    # Only the wrapper is marked: AutoGraph never converts what an unconverted function calls.
     @functools.wraps(call)
     def wrapper(self, inputs, training, weights, **kwargs):
         if _infers_output_signature():
