@@ -649,12 +649,20 @@ RESNET20_STEPS = 30
 
 
 def test_resnet20_w2_int8_parity_and_levels(resnet20_w2, tmp_path):
-    """int8 file of a W2A8 ResNet20 (30 QAT steps): ternary levels exact, top-1 agrees on >= 98%,
-    and every image where it does not is a near-tie of the student (top-2 logits <= 1 step apart).
+    """int8 file of a W2A8 ResNet20 (30 QAT steps): ternary levels exact, every logit within 3
+    output steps of the student's, top-1 agrees on >= 97%, and every image where it does not is a
+    near-tie of the student (top-2 logits <= 3 steps apart).
 
-    Agreement over eight training orders (docs/export.md: TF global seed unset, 1..7): 99.8, 99.4,
-    99.2, 100, 99.8, 99.8, 99.6, 98.8% (min 98.8%), so the aggregate bound is 98%; the
-    near-tie property held for every disagreeing image of all eight.
+    Measured over eight training orders each (docs/export.md: TF global seed unset, 1..7), on two
+    CPUs, whose float32 kernels train different students from the same order. AMD EPYC (AVX2):
+    agreement 98.8-100%, every disagreement's margin <= 1 step. Intel Xeon with AVX-512
+    (2026-12-07): agreement 98.2-100%; the largest logit difference 1 step on seven orders and 2
+    on one; margins <= 2 steps, one of 2 (both top logits one step off, in opposite directions).
+    A flip needs the two logits' differences to add up to the margin. The bounds are one step
+    above the largest measured (2 steps) and a point below the least agreement. The file itself
+    is exact there: every CONV_2D, ADD and MEAN output of the unset order's file equals an
+    integer reference to the bit (scratch replay, 16-32 images); the student's float32 rounding
+    near ties is what differs, and its flips compound through the depth.
 
     With ``activation_bits`` the QAT student rounds every tensor the integer file rounds (input,
     ReLU outputs, pre-add conv+BN outputs, pooled features, logits) at the ranges the exporter
@@ -689,16 +697,20 @@ def test_resnet20_w2_int8_parity_and_levels(resnet20_w2, tmp_path):
     ref = q(x, training=False).numpy()
     agree = logits.argmax(-1) == ref.argmax(-1)
     assert abs(agree.mean() - report.top1_agreement) < 1e-9
-    per_image = np.abs(logits - ref).max(axis=-1)
-    print(f"agreement {agree.mean():.4f}; median per-image max |logit diff| "
-          f"{np.median(per_image):.4f} (output step {s_out:.4f})")
-    # Seed-robust: the file can only flip near-ties of the student, whose logits are on the same
-    # int8 grid (exact ties or one output step apart); a wrong export flips confident images too.
+    per_image = np.abs(logits - ref).max(axis=-1) / s_out
+    print(f"agreement {agree.mean():.4f}; per-image max |logit diff| median "
+          f"{np.median(per_image):.2f}, max {per_image.max():.2f} output steps ({s_out:.4f})")
+    # Seed-robust: the student's logits are on the file's int8 grid, and the file differs from
+    # them by rounding flips only (measured at most 2 steps); a wrong export (a bias, a level or
+    # a range off) moves logits by many steps.
+    assert per_image.max() <= 3.01, np.sort(per_image)[-5:]
+    # So the file can flip only near-ties of the student (measured top-2 margins <= 2 steps); a
+    # wrong export flips confident images too.
     top2 = np.sort(ref, axis=-1)[:, -2:]
     margins_in_steps = (top2[:, 1] - top2[:, 0]) / s_out
-    assert np.all(margins_in_steps[~agree] <= 1.01), margins_in_steps[~agree]
-    # The requirement (>= 99% at the measured seed) with the margin of the worst of eight seeds.
-    assert report.top1_agreement >= 0.98
+    assert np.all(margins_in_steps[~agree] <= 3.01), margins_in_steps[~agree]
+    # Below the least of the sixteen measured students (98.2%, the unset order on the Xeon).
+    assert report.top1_agreement >= 0.97
 
 
 def test_resnet20_packed_archive(resnet20_w2, tmp_path):
