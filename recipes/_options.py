@@ -159,7 +159,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 #: Options that may differ between the attempts of one run without invalidating the checkpoint.
 RUNTIME_KEYS = frozenset({
     "output_dir", "distribute", "cpu_devices", "progress", "overwrite", "validation_freq",
-    "export", "data_dir",
+    "export", "export_runtime", "data_dir",
 })
 
 
@@ -438,6 +438,11 @@ QUANT_OPTIONS = [
            "statistics over this many training batches (tfqkd.batch_norm: low-bit weights that "
            "flip late in training leave stale moving statistics); 0: off, the paper's exact "
            "procedure.", "integer"),
+    Option("export_runtime", "xnnpack", "With --export=int8 or int4: the kernels the file will "
+           "run on, whose rounding the student is aligned with and on which the parity is "
+           "measured: xnnpack (LiteRT's default XNNPACK delegate) or builtin (LiteRT's built-in "
+           "kernels without the default delegates, which round every kernel's output twice; "
+           "tfqkd.export.export_tflite(runtime=...)).", "enum", ("xnnpack", "builtin")),
 ]
 
 #: Presets of the recipes that retrain a converged float student (quantize_distill, speq): the

@@ -23,7 +23,7 @@ from recipes._util import log, set_seed, versions
 from tfqkd._keras import keras, tf
 from tfqkd.training import load_model
 
-__all__ = ["write_results", "Run", "start_run", "export_and_verify", "finish_run"]
+__all__ = ["write_results", "Run", "start_run", "export_and_verify", "export_runtime", "finish_run"]
 
 
 def write_results(out: OutputDir, cfg: Config, metrics: Mapping[str, Any],
@@ -103,12 +103,15 @@ def _rerun_finished(cfg: Config, out: OutputDir) -> Dict[str, Any]:
     runtime-only additions not yet done (``--export=MODE``: export, verify, record)."""
     res = out.read_results()
     mode = getattr(cfg, "export", "none") or "none"
-    done = (res.get("export") or {}).get("mode") == mode and os.path.isfile(
-        os.path.join(out.model_dir, f"model_{mode}.tflite"))
+    # Results written before --export_runtime existed were exported for XNNPACK.
+    done = (res.get("export") or {}).get("mode") == mode and \
+        (res.get("parity") or {}).get("runtime", "xnnpack") == export_runtime(cfg) and \
+        os.path.isfile(os.path.join(out.model_dir, f"model_{mode}.tflite"))
     if mode == "none" or done or not out.chief:
         return out.report_complete()
     log(f"{out.root} is already complete (test_accuracy={res.get('test_accuracy')}); "
-        f"--export={mode} was added: exporting the finished model")
+        f"--export={mode} (--export_runtime={export_runtime(cfg)}) was added: exporting the "
+        "finished model")
     run = Run(cfg, out, tf.distribute.get_strategy(), load_data(cfg))
     model = load_model(out.root, what="the finished run's model")
     kept = {k: v for k, v in res.items()
@@ -119,21 +122,31 @@ def _rerun_finished(cfg: Config, out: OutputDir) -> Dict[str, Any]:
                       extra={**kept, "test_accuracy_before_export": before})
 
 
-def export_and_verify(model: keras.Model, out: OutputDir, data: Data, mode: str) -> Dict[str, Any]:
-    """Exports ``model`` to ``model/model_<mode>.tflite`` and verifies it on the test split."""
+def export_runtime(cfg: Config) -> str:
+    """``--export_runtime`` (``"xnnpack"`` for a recipe without the option)."""
+    return getattr(cfg, "export_runtime", None) or "xnnpack"
+
+
+def export_and_verify(model: keras.Model, out: OutputDir, data: Data, mode: str,
+                      runtime: str = "xnnpack") -> Dict[str, Any]:
+    """Exports ``model`` to ``model/model_<mode>.tflite`` and verifies it on the test split, run
+    on ``runtime``'s kernels (``tfqkd.export.RUNTIMES``)."""
     from tfqkd import export as texport
 
     os.makedirs(out.model_dir, exist_ok=True)
     path = os.path.join(out.model_dir, f"model_{mode}.tflite")
     # align_student: the student's folded biases move (by <= ~1e-3 output steps) onto the
-    # file's int32 grid, so the saved student computes what the shipped file computes.
+    # file's int32 grid, and its output quantizers take the rounding of the runtime's kernels,
+    # so the saved student computes what the shipped file computes there.
     info = texport.export_tflite(model, path, representative_data=data.train, mode=mode,
-                                 align_student=mode in ("int8", "int4"))
-    report = texport.verify_tflite(path, model, data.test)
+                                 align_student=mode in ("int8", "int4"), runtime=runtime)
+    report = texport.verify_tflite(path, model, data.test, runtime=runtime)
     rep = report.to_dict()
     rep.pop("layers", None)
-    log(f"TFLite {mode}: {info['bytes']:,} bytes, top-1 {report.tflite_top1:.4f} "
-        f"(Keras {report.keras_top1:.4f}), agreement {report.top1_agreement:.4f}")
+    rep["runtime"] = runtime
+    log(f"TFLite {mode} ({runtime} kernels): {info['bytes']:,} bytes, top-1 "
+        f"{report.tflite_top1:.4f} (Keras {report.keras_top1:.4f}), agreement "
+        f"{report.top1_agreement:.4f}")
     return {"export": dict(info), "parity": rep}
 
 
@@ -155,7 +168,8 @@ def finish_run(run: Run, model: keras.Model, label: str, *,
     run.out.begin(run.cfg)  # no-op when the recipe already began (it should, before training)
     if export_mode != "none" and run.out.chief:
         # Before evaluating and saving: an integer export aligns the student's biases.
-        extra.update(export_and_verify(model, run.out, run.data, export_mode))
+        extra.update(export_and_verify(model, run.out, run.data, export_mode,
+                                       export_runtime(run.cfg)))
     acc = evaluate_accuracy(model, run.data.test)
     # A recipe with a --validation hold-out trained without those images.
     held_out = getattr(run.cfg, "validation", None) or None

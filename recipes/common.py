@@ -130,7 +130,8 @@ from recipes._build import (adapt_teacher, build_model, coefficient_scheduler,  
                             load_or_build_student, load_teachers, make_distiller,
                             make_lr_schedule, make_optimizer, precise_bn, quantize,
                             teacher_paths)
-from recipes._run import Run, export_and_verify, finish_run, start_run, write_results  # noqa: F401
+from recipes._run import (  # noqa: F401
+    Run, export_and_verify, export_runtime, finish_run, start_run, write_results)
 # The shared training helpers, written once in the library.
 from tfqkd.training import load_model  # noqa: F401
 
@@ -150,7 +151,7 @@ __all__ = [
     "make_lr_schedule", "make_optimizer", "compile_classifier", "load_teachers", "make_distiller",
     "compile_distiller", "quantize", "coefficient_scheduler", "precise_bn", "teacher_paths",
     # a run (_run)
-    "Run", "start_run", "finish_run", "write_results", "export_and_verify",
+    "Run", "start_run", "finish_run", "write_results", "export_and_verify", "export_runtime",
     # utilities (_util)
     "log", "quiet_logs", "atomic_write_text", "atomic_write_json", "versions", "set_seed",
 ]

@@ -337,7 +337,8 @@ def run(cfg: common.Config, strategy: tf.distribute.Strategy = None) -> Dict[str
     })
     if cfg.export != "none" and run_.out.chief:
         # Before the packed archive: an integer export aligns the student's biases.
-        extra.update(common.export_and_verify(q, run_.out, data, cfg.export))
+        extra.update(common.export_and_verify(q, run_.out, data, cfg.export,
+                                              common.export_runtime(cfg)))
         if cfg.max_latency_ms is not None:
             from tfqkd.latency import tflite_latency_ms
 

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import subprocess_env
+from conftest import run_test_set, subprocess_env
 from recipes import common, quantize_distill, sweep, train_student, train_teacher
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -198,8 +198,9 @@ def test_run_recorded_with_former_kd_defaults_resumes_with_them(tmp_path, capsys
 
 def test_export_added_to_a_finished_run_is_carried_out(tmp_path):
     out = tmp_path / "q"
+    # W2A8: the student rounds its kernels' outputs, so it can take a runtime's rounding.
     cfg = quantize_distill.make_config("smoke", **DIGITS, output_dir=str(out),
-                                       precise_bn_batches=0)
+                                       precise_bn_batches=0, activation_bits=8)
     first = quantize_distill.run(cfg)
     assert "export" not in first
     tflite = out / "model" / "model_int8.tflite"
@@ -217,6 +218,34 @@ def test_export_added_to_a_finished_run_is_carried_out(tmp_path):
     mtime = tflite.stat().st_mtime_ns
     again = quantize_distill.run(cfg.replace(export="int8"))
     assert again == json.loads((out / "results.json").read_text())
+    assert tflite.stat().st_mtime_ns == mtime
+    # XNNPACK (the default) rounds each kernel's output once, as the student does: no shifts.
+    assert res["parity"]["runtime"] == "xnnpack"
+    assert res["export"]["aligned_requantization"] == {"layers": 0, "unmatched": []}
+
+    # --export_runtime=builtin: exported again, the student given the built-in kernels' double
+    # rounding at every one of its 7 kernels (stem, 5 block convs, classifier) and saved so,
+    # the parity measured on those kernels.
+    builtin = quantize_distill.run(cfg.replace(export="int8", export_runtime="builtin"))
+    assert builtin["flags"]["export_runtime"] == "builtin"
+    assert builtin["parity"]["runtime"] == "builtin"
+    assert builtin["export"]["aligned_requantization"] == {"layers": 7, "unmatched": []}
+    assert tflite.stat().st_mtime_ns != mtime
+    from tfqkd import export
+
+    saved = common.load_model(str(out))
+    shifts = [q.requant_shifts for layer in saved.layers
+              for q in getattr(layer, "_output_quantizers", []) or []
+              if getattr(q, "requant_shifts", None) is not None]
+    assert len(shifts) == 7
+    # Recomputed from the saved student: the recorded parity is on the built-in kernels.
+    x, y = run_test_set(out)
+    report = export.verify_tflite(str(tflite), saved, (x, y), runtime="builtin")
+    assert report.relative_output_error == pytest.approx(
+        builtin["parity"]["relative_output_error"], rel=1e-6)
+    # And again: nothing redone.
+    mtime = tflite.stat().st_mtime_ns
+    assert quantize_distill.run(cfg.replace(export="int8", export_runtime="builtin")) == builtin
     assert tflite.stat().st_mtime_ns == mtime
 
 
