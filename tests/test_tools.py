@@ -67,7 +67,8 @@ def test_export_and_evaluate_tools(digits_w2_model, tmp_path):
 
 def test_export_tool_aligns_and_verifies_for_the_builtin_kernels(digits_w2_model, tmp_path):
     """--runtime=builtin: the student takes the rounding of every int8 kernel the file runs on
-    LiteRT's built-in kernels, and --verify runs the file on them (recomputed here)."""
+    LiteRT's built-in kernels, and of its global pooling's MEAN, and --verify runs the file on
+    them (recomputed here)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
     from recipes import common
 
@@ -81,10 +82,11 @@ def test_export_tool_aligns_and_verifies_for_the_builtin_kernels(digits_w2_model
     it = Interpreter(model_path=str(out),
                      experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     dtypes = {d["index"]: d["dtype"] for d in it.get_tensor_details()}
-    kernels = [op for op in it._get_ops_details()  # noqa: SLF001 (the op graph)
-               if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-               and dtypes[op["outputs"][0]] == np.int8]
-    assert result["export"]["aligned_requantization"] == {"layers": len(kernels),
+    rounding_twice = [op for op in it._get_ops_details()  # noqa: SLF001 (the op graph)
+                      if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED",
+                                           "MEAN") and dtypes[op["outputs"][0]] == np.int8]
+    assert sum(op["op_name"] == "MEAN" for op in rounding_twice) == 1
+    assert result["export"]["aligned_requantization"] == {"layers": len(rounding_twice),
                                                           "unmatched": []}
     # The report's figures are the file's on the built-in kernels against the aligned student.
     with tfqkd.quantize_scope():

@@ -118,8 +118,10 @@ def export_tflite(
             kernels) or ``"builtin"`` (LiteRT's built-in kernels without the default
             delegates, as ``verify_tflite(..., runtime="builtin")`` runs them: every CONV_2D,
             DEPTHWISE_CONV_2D and FULLY_CONNECTED with an int8 output rounds twice, int8
-            kernels too, and the student takes every one's shifts). Other ops (ADD, MEAN...)
-            are not aligned.
+            kernels too, and so does a global pooling's MEAN: the student takes every one's
+            shifts). Other ops are not aligned (an ADD's double rounding is at ~2^-20 of a
+            step; a MEAN that keeps its axes or shares its input's grid is listed as
+            unmatched).
         space_to_depth: ``"int8"`` only: run every 3x3 stride-1 convolution with <= 16 output
             channels on a 2x2 space-to-depth view (``tfqkd.export.layout.space_to_depth_convs``):
             bit-identical outputs, but those kernels take 16x the bytes (ResNet20: 0.47 x

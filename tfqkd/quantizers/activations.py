@@ -65,7 +65,8 @@ def _check_requant_shifts(shifts: Any) -> Optional[Tuple[int, ...]]:
     return values
 
 
-def requantized_levels(units: tf.Tensor, shifts: Tuple[int, ...]) -> tf.Tensor:
+def requantized_levels(units: tf.Tensor, shifts: Tuple[int, ...],
+                       half_away: bool = False) -> tf.Tensor:
     """The integer levels LiteRT's built-in integer kernels give ``units`` when they requantize.
 
     Those kernels apply the multiplier ``s_in * s_w / s_out = M * 2^-shift / 2^31`` (an int32
@@ -78,19 +79,29 @@ def requantized_levels(units: tf.Tensor, shifts: Tuple[int, ...]) -> tf.Tensor:
     up. XNNPACK rounds once, in float; a file whose kernels run on the built-in ones (its INT4
     convolutions, which XNNPACK does not take) needs this rounding in the student.
 
+    ``half_away``: both roundings half away from zero, as TFLite's
+    ``MultiplyByQuantizedMultiplier`` does them (the built-in ``MEAN``): negative values mirror
+    the positive ones, ``-floor(|units| + 1/2 + 2^-(shift + 1))``. The convolutions round half
+    up for either sign.
+
     Args:
         units: The exact output in steps, zero point excluded (``x / scale``).
         shifts: The right shift per channel (last axis), or one for all.
+        half_away: Round negative values as the mirror image of positive ones.
 
     Example:
         >>> requantized_levels(tf.constant([2.47, 2.44, -2.53, 2.5]), (4,)).numpy().tolist()
         [3.0, 2.0, -2.0, 3.0]
+        >>> requantized_levels(tf.constant([-2.47, -2.53]), (4,), half_away=True).numpy().tolist()
+        [-3.0, -3.0]
     """
     shift = np.asarray(shifts, np.float64)
-    nudge = np.where(shift > 0, np.exp2(-shift - 1.0), 0.0)
+    nudge = tf.constant(np.where(shift > 0, np.exp2(-shift - 1.0), 0.0), tf.float64)
     # float64: a nudge of 2^-(shift + 1) must survive next to units of up to 2^8.
     t = tf.cast(units, tf.float64)
-    return tf.cast(tf.floor(t + (0.5 + tf.constant(nudge, tf.float64))), units.dtype)
+    if half_away:
+        return tf.cast(tf.sign(t) * tf.floor(tf.abs(t) + (0.5 + nudge)), units.dtype)
+    return tf.cast(tf.floor(t + (0.5 + nudge)), units.dtype)
 
 
 @keras.utils.register_keras_serializable(package="tfqkd")
@@ -248,7 +259,8 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
     def __init__(self, bits: int = 8, ema_decay: float = 0.99, widen: float = 0.0,
                  mean_window: Optional[int] = None,
                  limits: Optional[Tuple[float, float]] = None,
-                 requant_shifts: Optional[Tuple[int, ...]] = None):
+                 requant_shifts: Optional[Tuple[int, ...]] = None,
+                 requant_half_away: bool = False):
         # 16: the int16 grid of TFLite's 16x8 kernels, symmetric (zero point 0): steps of
         # max(|min|, |max|) / 32767, levels -32768..32767. The logits of a softmax head.
         self.bits = 16 if _is_sixteen(bits) else check_bits(bits, "bits")
@@ -289,6 +301,12 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
             raise ValueError("requant_shifts applies to an 8-bit RangeQuantizer without "
                              f"mean_window (a kernel's output), got bits={self.bits}, "
                              f"mean_window={self.mean_window}.")
+        if not isinstance(requant_half_away, (bool, np.bool_)):
+            raise ValueError(f"requant_half_away must be True or False, got "
+                             f"{requant_half_away!r}.")
+        # Set with requant_shifts by align_student on a global pooling's quantizer for the
+        # built-in kernels, whose MEAN rounds negative sums as the mirror of positive ones.
+        self.requant_half_away = bool(requant_half_away)
 
     def build(self, tensor_shape, name: str, layer) -> Dict[str, tf.Variable]:
         """Creates ``min_var`` / ``max_var`` (non-trainable, 0 = not yet seen data)."""
@@ -324,7 +342,7 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
         if self.mean_window is not None and self.bits == 8:
             q = _integer_mean_rounding(x, lo, hi, self.mean_window)
         elif self.requant_shifts is not None:
-            q = _requantized_rounding(x, lo, hi, self.requant_shifts)
+            q = _requantized_rounding(x, lo, hi, self.requant_shifts, self.requant_half_away)
         else:
             q = tf.quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=self.bits,
                                                              narrow_range=False)
@@ -351,6 +369,8 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
             config["limits"] = list(self.limits)
         if self.requant_shifts is not None:  # likewise
             config["requant_shifts"] = list(self.requant_shifts)
+        if self.requant_half_away:  # likewise
+            config["requant_half_away"] = True
         return config
 
 
@@ -397,13 +417,13 @@ def _integer_mean_rounding(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, window: i
 
 
 def _requantized_rounding(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
-                          shifts: Tuple[int, ...]) -> tf.Tensor:
+                          shifts: Tuple[int, ...], half_away: bool = False) -> tf.Tensor:
     """8-bit rounding of ``x`` on ``[lo, hi]`` (nudged as FakeQuant nudges it) as a built-in
     integer kernel requantizes: :func:`requantized_levels` of ``x / scale`` (the zero point is
     added after the rounding), clamped to the int8 range. Straight-through gradient inside the
     range, as FakeQuant's."""
     scale, zero_point, low, high = _nudged_grid(lo, hi)
-    levels = tf.clip_by_value(requantized_levels(x / scale, shifts), -zero_point,
+    levels = tf.clip_by_value(requantized_levels(x / scale, shifts, half_away), -zero_point,
                               255.0 - zero_point)
     return _straight_through(levels * scale, tf.clip_by_value(x, low, high))
 
