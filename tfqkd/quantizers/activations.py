@@ -229,8 +229,10 @@ class RangeQuantizer(ConfigEquality, tfmot.quantization.keras.quantizers.Quantiz
     tracking the data): the input of a sigmoid or tanh, whose output stops changing beyond them.
     ``bits=16`` rounds on the symmetric int16 grid of TFLite's 16x8 kernels instead: steps of
     ``max(|min|, |max|) / 32767``, zero point 0 (the logits of a 16-bit softmax head).
-    ``requant_shifts`` (8 bits; set by ``align_student`` for an ``int4`` file) rounds as
-    LiteRT's built-in kernels requantize (:func:`requantized_levels`), on the same nudged grid.
+    ``requant_shifts`` (8 bits; set by ``align_student`` for an ``int4`` file, or for a file run
+    on the built-in kernels) rounds as LiteRT's built-in kernels requantize
+    (:func:`requantized_levels`), on the same nudged grid; with ``requant_half_away`` (a global
+    pooling's MEAN there) negative values round as the mirror of positive ones.
 
     Example:
         >>> import numpy as np
