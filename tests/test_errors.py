@@ -252,6 +252,35 @@ def test_export_added_to_a_finished_run_is_carried_out(tmp_path):
     assert tflite.stat().st_mtime_ns == mtime
 
 
+def test_recipe_export_names_what_the_student_cannot_align(tmp_path, capsys):
+    """A squeeze-excite-style pooling (keepdims=True) runs a MEAN whose rounding on the built-in
+    kernels the student does not follow: the recipes' export says so, naming the layer."""
+    import types
+
+    from tfqkd.quantize import quantize_model
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.ReLU(name="r1")(keras.layers.Conv2D(8, 3, padding="same", name="c1")(inputs))
+    x = keras.layers.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
+    x = keras.layers.Flatten()(keras.layers.Conv2D(8, 1, name="c2")(x))
+    q = quantize_model(keras.Model(inputs, keras.layers.Dense(4, name="head")(x)),
+                       weight_bits=4, activation_bits=8)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(64, 8, 8, 3)).astype(np.float32)
+    q.compile(keras.optimizers.SGD(0.01), "mse")
+    q.fit(images, rng.normal(size=(64, 4)).astype(np.float32), epochs=1, verbose=0)
+    data = types.SimpleNamespace(train=images[:32], test=(images[32:], np.zeros(32, "int32")))
+    out = types.SimpleNamespace(model_dir=str(tmp_path))
+    res = common.export_and_verify(q, out, data, "int8", "builtin")
+    assert res["export"]["aligned_requantization"]["unmatched"] == ["se_pool"]
+    assert "could not take the builtin kernels' rounding at se_pool" in capsys.readouterr().out
+    # On XNNPACK (one rounding, as the student) nothing is left out, and nothing is said.
+    res = common.export_and_verify(q, out, data, "int8", "xnnpack")
+    assert res["export"]["aligned_requantization"]["unmatched"] == []
+    assert "could not take" not in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------------------------
 # Option values and lists
 # --------------------------------------------------------------------------------------------
