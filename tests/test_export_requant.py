@@ -336,6 +336,11 @@ def test_int8_file_on_builtin_kernels_equals_a_student_aligned_for_them(seed, tm
     assert report.num_examples == 8
     assert before.relative_output_error > 1e-3, before.relative_output_error
     assert report.relative_output_error < 1e-5, report.relative_output_error
+    pool = q.get_layer("quant_pool")._output_quantizers[0]  # noqa: SLF001 (tfmot API)
+    assert pool.requant_shifts is not None and pool.requant_half_away
+    # Aligned for XNNPACK again (one rounding everywhere): the pooling's rounding is undone too.
+    export.export_tflite(q, on_xnnpack, data[:32], mode="int8", align_student=True)
+    assert pool.requant_shifts is None and not pool.requant_half_away
 
 
 @pytest.mark.parametrize("seed", [0, 1])
