@@ -123,7 +123,9 @@ def _check_file(path, q, xv, yv, max_ratio=0.75):
     over seeds 1-10, up to 0.41 / 0.59 and 0.44 / 0.82: see MAX_RATIO), ResNet50 0.40-0.43 /
     0.42-0.52, ResNet50V2 0.44-0.51 / 0.48-0.53, DenseNet121 0.29-0.35 / 0.30-0.35, NASNet (one
     cell per stage, seeds 0-3, 2026-12-06) 0.18-0.23 / 0.18-0.23; a file of another model is
-    near 1.
+    near 1. On an Intel Xeon with AVX-512 (other float32 rounding, other students; 2026-12-07,
+    seeds 1-2, every family): at most 0.46 where the bound is 0.75 (ResNet50V2 int4) and 0.65
+    where it is 0.95 (MobileNetV3Large int4).
     """
     report = export.verify_tflite(path, q, (xv, yv))
     assert report.num_examples == len(yv)
