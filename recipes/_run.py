@@ -147,10 +147,6 @@ def export_and_verify(model: keras.Model, out: OutputDir, data: Data, mode: str,
     log(f"TFLite {mode} ({runtime} kernels): {info['bytes']:,} bytes, top-1 "
         f"{report.tflite_top1:.4f} (Keras {report.keras_top1:.4f}), agreement "
         f"{report.top1_agreement:.4f}")
-    unmatched = (info.get("aligned_requantization") or {}).get("unmatched")
-    if unmatched:
-        log(f"WARNING: the student could not take the {runtime} kernels' rounding at "
-            f"{', '.join(unmatched)}; the file may differ from it there (docs/export.md)")
     return {"export": dict(info), "parity": rep}
 
 

@@ -145,8 +145,9 @@ def export_tflite(
         ``aligned_ranges`` ``{"tensors", "unaligned", "integer_means"}``, the quantizers moved,
         the names of those that cannot take the file's range, and the average poolings given
         the runtime's rounding of a mean; ``aligned_requantization`` ``{"layers",
-        "unmatched"}``, the quantizers given the double rounding of the kernels that round
-        twice on ``runtime`` and the kernel layers whose output quantizer could not take it;
+        "unmatched"}``, the quantizers given the double rounding of the kernels (and global
+        poolings) that round twice on ``runtime`` and the layers whose output quantizer could
+        not take it, named in a ``UserWarning`` too;
         ``space_to_depth_convs``: how many convolutions were rewritten;
         ``rescaled_bias_channels``: int32 bias channels the converter stated on another scale
         than the runtime adds them on, re-expressed;
@@ -282,6 +283,14 @@ def export_tflite(
         aligned_ranges = _align_student_ranges(model, file_ranges)
         aligned_requantization = _align_student_requantization(model, plain, content,
                                                                runtime)
+        if aligned_requantization["unmatched"]:
+            # Not silent: there the file rounds otherwise than the student (e.g. a keepdims
+            # MEAN on the built-in kernels), and its outputs may drift from the student's.
+            warnings.warn(
+                f"align_student: the student cannot take the {runtime} kernels' rounding at "
+                f"{', '.join(aligned_requantization['unmatched'])}; the file may differ from it "
+                "there (docs/export.md, 'Files run without XNNPACK').", UserWarning,
+                stacklevel=2)
     return {"path": path, "mode": mode, "bytes": len(written), "snapped_channels": snapped,
             "weight_bits": used_bits or {k: v for k, v in bits_by_layer.items() if v},
             "aligned_biases": aligned, "aligned_ranges": aligned_ranges,
