@@ -134,7 +134,8 @@ def _align_student_requantization(model: keras.Model, plain: keras.Model, conten
     layer_names = [layer.name for layer in plain.layers]
     plan = _fold_plan(plain)
     consumers = _consumers(plain)
-    for x, w, out in _double_rounding_ops(_read_flatbuffer(content), check_runtime(runtime)):
+    model_obj = _read_flatbuffer(content)
+    for x, w, out in _double_rounding_ops(model_obj, check_runtime(runtime)):
         kernel = _layer_of(_tensor_name(w), layer_names)
         rounding = _rounding_layer(kernel, _layer_of(_tensor_name(out), layer_names),
                                    plain, plan, consumers, quantizers)
@@ -147,7 +148,7 @@ def _align_student_requantization(model: keras.Model, plain: keras.Model, conten
         shifts[rounding] = tuple(right_shift(float(m)) for m in multipliers)
     half_away = set()
     if runtime == "builtin":
-        means, unmatched_means = _mean_shifts(content, layer_names, quantizers)
+        means, unmatched_means = _mean_shifts(model_obj, layer_names, quantizers)
         shifts.update(means)
         half_away = set(means)
         unmatched += unmatched_means
@@ -175,7 +176,7 @@ def _align_student_requantization(model: keras.Model, plain: keras.Model, conten
     return {"layers": len(shifts), "unmatched": sorted(set(unmatched))}
 
 
-def _mean_shifts(content: bytes, layer_names: List[str], quantizers: Dict[str, Any]):
+def _mean_shifts(model_obj, layer_names: List[str], quantizers: Dict[str, Any]):
     """({pooling layer: (its MEAN's right shift,)}, [MEANs the student cannot follow]) for a
     file run on the built-in kernels (:func:`_builtin_means`). A ``MEAN`` that keeps its axes
     (``keepdims=True``, e.g. MobileNetV3's squeeze-excite pooling) runs another integer kernel,
@@ -183,7 +184,7 @@ def _mean_shifts(content: bytes, layer_names: List[str], quantizers: Dict[str, A
     unless the mean is over one value (a 1x1 map), which rounds nothing."""
     shifts: Dict[str, tuple] = {}
     unmatched: List[str] = []
-    for x, out, keep in _builtin_means(_read_flatbuffer(content)):
+    for x, out, keep in _builtin_means(model_obj):
         layer = _layer_of(_tensor_name(out), layer_names)
         s_in, s_out = float(x.quantization.scale[0]), float(out.quantization.scale[0])
         same_grid = s_in == s_out and int(x.quantization.zeroPoint[0]) == int(
